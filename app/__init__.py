@@ -1,0 +1,1 @@
+"""Gradio demo: dense vs sparse side by side."""

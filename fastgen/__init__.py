@@ -1,0 +1,19 @@
+"""fastgen: sparse attention that makes video diffusion transformers and diffusion LMs generate faster.
+
+>>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
+>>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
+"""
+
+from .api import apply_sparse_attention, remove_sparse_attention
+from .configs import LightForcingConfig, RectifiedSpaAttnConfig, SparseDConfig, WindowDiffusionConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LightForcingConfig",
+    "RectifiedSpaAttnConfig",
+    "SparseDConfig",
+    "WindowDiffusionConfig",
+    "apply_sparse_attention",
+    "remove_sparse_attention",
+]

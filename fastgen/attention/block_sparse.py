@@ -1,0 +1,47 @@
+"""Block-sparse attention: each query block attends only to the key blocks its mask selects."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_block_mask, check_block_size, check_qkv
+from .backends import default_scale, resolve_backend, run_backend
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int = 128,
+    return_lse: bool = False,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention restricted to selected (query block, key block) tiles.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k, v: ``[B, H, Nk, D]``; the last block may be partial.
+        block_mask: bool ``[B, H, ceil(Nq/block_size), ceil(Nk/block_size)]`` (batch may be 1 to
+            broadcast), True where the query block attends to the key block.
+        block_size: tokens per block, a power of two >= 16.
+        return_lse: also return the natural-log log-sum-exp ``[B, H, Nq]`` (fp32).
+        scale: softmax scale (default ``1/sqrt(D)``).
+        backend: ``"triton"``, ``"flex"``, ``"gather"``, ``"torch"`` or None/``"auto"``.
+
+    Returns:
+        ``out`` ``[B, H, Nq, D]`` in q's dtype (and ``lse``). Query blocks with nothing selected give 0.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 300, 64)
+        >>> mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+        >>> out = block_sparse_attention(q, k, v, mask, block_size=128)  # == dense attention
+    """
+    check_qkv(q, k, v)
+    check_block_size(block_size)
+    check_block_mask(block_mask, q, k, block_size)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    name = resolve_backend(backend, q.device)
+    out, lse = run_backend(name, q, k, v, block_mask, block_size, scale, need_lse=return_lse)
+    return (out, lse) if return_lse else out

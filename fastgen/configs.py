@@ -1,0 +1,201 @@
+"""Configuration dataclasses, one per method. Each validates itself in ``__post_init__`` and raises a
+``ValueError`` that names the field, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+def _check_fraction(
+    obj, name: str, *, low: float, high: float, low_open: bool = False, high_open: bool = False
+):
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be a number")
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(
+            f"{type(obj).__name__}.{name}={value!r} is out of range; allowed: {lo}{low}, {high}{hi}"
+        )
+
+
+def _check_int(obj, name: str, *, minimum: int = 0):
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_block_size(obj, name: str = "block_size"):
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(
+            f"{type(obj).__name__}.{name}={value!r} is not allowed; it must be a power of two >= 16"
+        )
+
+
+def _check_choice(obj, name: str, allowed: tuple):
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(
+            f"{type(obj).__name__}.{name}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}"
+        )
+
+
+class _ConfigMixin:
+    def to_dict(self) -> dict:
+        """Plain dict of the fields, with the method name (for manifests and logs)."""
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """Build from a dict, ignoring the ``method`` key; unknown keys raise ``ValueError``."""
+        data = {k: v for k, v in data.items() if k != "method"}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class RectifiedSpaAttnConfig(_ConfigMixin):
+    """Rectified SpaAttn for bidirectional video DiTs (Wan, HunyuanVideo)."""
+
+    sparsity: float = 0.8
+    """Fraction of key blocks dropped per query block, in [0, 1)."""
+    block_size: int = 128
+    """Tokens per block (power of two >= 16)."""
+    dense_layers: int = 1
+    """The first N transformer blocks stay dense."""
+    warmup_steps: int = 5
+    """The first N denoising steps stay dense (about 10-20% of the schedule in the paper)."""
+    form: str = "exact"
+    """``"exact"`` (mixed-resolution online softmax), ``"paper"`` (scaled sparse output + pooled values)
+    or ``"none"`` (plain top-k block-sparse, no rectification)."""
+    mass_threshold: float | None = None
+    """Also keep blocks until this cumulative estimated mass is reached (None: top-k only)."""
+    reorder: bool = True
+    """Reorder video tokens into compact 3D tiles before blocking (exact permutation)."""
+    variance_correction: bool = False
+    """Second-order correction of pooled logits by the per-block key variance."""
+    value_tilt: bool = False
+    """First-order value tilt for compensated blocks."""
+    min_tokens: int = 256
+    """Sequences shorter than this run dense attention."""
+
+    method = "rectified"
+
+    def __post_init__(self):
+        _check_fraction(self, "sparsity", low=0.0, high=1.0, high_open=True)
+        _check_block_size(self)
+        _check_int(self, "dense_layers")
+        _check_int(self, "warmup_steps")
+        _check_choice(self, "form", ("exact", "paper", "none"))
+        if self.mass_threshold is not None:
+            _check_fraction(self, "mass_threshold", low=0.0, high=1.0, low_open=True)
+        _check_int(self, "min_tokens")
+
+
+@dataclass
+class LightForcingConfig(_ConfigMixin):
+    """Light Forcing for autoregressive (chunked, KV-cached) video diffusion."""
+
+    sparsity: float = 0.88
+    """Target average sparsity over the video, in [0, 1)."""
+    sparsity_base: float = 0.98
+    """Asymptotic per-chunk sparsity of Chunk-Aware Growth, in [sparsity, 1)."""
+    block_size: int = 128
+    """Tokens per block (power of two >= 16)."""
+    keep_frames: int = 6
+    """History frames kept per query block at the frame level (sink + near + middle)."""
+    keep_sink: int = 1
+    """First frames always kept (attention sinks)."""
+    keep_near: int = 2
+    """Most recent history frames always kept."""
+
+    method = "light_forcing"
+
+    def __post_init__(self):
+        _check_fraction(self, "sparsity", low=0.0, high=1.0, high_open=True)
+        _check_fraction(self, "sparsity_base", low=0.0, high=1.0, high_open=True)
+        if self.sparsity_base < self.sparsity:
+            raise ValueError(
+                f"LightForcingConfig.sparsity_base={self.sparsity_base!r} must be >= sparsity={self.sparsity!r}"
+            )
+        _check_block_size(self)
+        _check_int(self, "keep_frames", minimum=1)
+        _check_int(self, "keep_sink")
+        _check_int(self, "keep_near")
+        if self.keep_sink + self.keep_near > self.keep_frames:
+            raise ValueError(
+                f"LightForcingConfig.keep_sink + keep_near = {self.keep_sink + self.keep_near} must be <= "
+                f"keep_frames={self.keep_frames}"
+            )
+
+
+@dataclass
+class SparseDConfig(_ConfigMixin):
+    """SparseD for diffusion LMs: head-specific block patterns from a dense warm-up, then reused."""
+
+    skip: float = 0.2
+    """Fraction of all denoising steps run dense before the pattern is fixed, in [0, 1]."""
+    select: float = 0.3
+    """Fraction of key blocks kept per query block afterwards, in (0, 1]."""
+    block_size: int = 128
+    """Tokens per block (power of two >= 16; 32 suits short contexts, 128 long ones)."""
+
+    method = "sparsed"
+
+    def __post_init__(self):
+        _check_fraction(self, "skip", low=0.0, high=1.0)
+        _check_fraction(self, "select", low=0.0, high=1.0, low_open=True)
+        _check_block_size(self)
+
+
+@dataclass
+class WindowDiffusionConfig(_ConfigMixin):
+    """Window-Diffusion for diffusion LMs: windowed active tokens with a periodically refreshed KV cache."""
+
+    window: int = 64
+    """Masked tokens (leftmost) kept in the attention window; the rest are pruned."""
+    active: int = 16
+    """Leftmost masked tokens recomputed each step (plus tokens decoded since the refresh)."""
+    refresh_cycle: int = 32
+    """Steps between dense refreshes of the cache."""
+
+    method = "window_diffusion"
+
+    def __post_init__(self):
+        _check_int(self, "window", minimum=1)
+        _check_int(self, "active", minimum=1)
+        _check_int(self, "refresh_cycle", minimum=1)
+        if self.active > self.window:
+            raise ValueError(f"WindowDiffusionConfig.active={self.active} must be <= window={self.window}")
+
+
+METHOD_CONFIGS = {
+    cls.method: cls
+    for cls in (RectifiedSpaAttnConfig, LightForcingConfig, SparseDConfig, WindowDiffusionConfig)
+}
+"""Config class per method name (used by the CLI, batch manifests and the demo)."""
+
+
+def config_from_dict(data: dict):
+    """Rebuild a config from ``to_dict()`` output."""
+    method = data.get("method")
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[method].from_dict(data)
+
+
+__all__ = [
+    "LightForcingConfig",
+    "METHOD_CONFIGS",
+    "RectifiedSpaAttnConfig",
+    "SparseDConfig",
+    "WindowDiffusionConfig",
+    "config_from_dict",
+]

@@ -1,0 +1,62 @@
+"""Named presets for the embedded default: tiny models built from configs in code, no downloads.
+
+A preset is a dataclass naming its builder (``module:function``, imported lazily so text presets
+never import video code and the reverse) and the kind of output it makes (``video`` or ``text``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named, ready-to-run configuration."""
+
+    name: str
+    """Preset name used by ``load_preset`` and ``--preset``."""
+    kind: str
+    """``"video"`` or ``"text"``."""
+    builder: str
+    """``"module:function"`` returning a ready pipeline; called with keyword options."""
+    description: str
+    """One line for ``--help`` and the demo."""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "tiny-wan",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_wan",
+            "tiny Wan 2.1 T2V (random weights)",
+        ),
+        Preset(
+            "tiny-hunyuan",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_hunyuan",
+            "tiny HunyuanVideo (random weights)",
+        ),
+        Preset(
+            "tiny-llada",
+            "text",
+            "fastgen.pipelines.tiny_lm:build_tiny_llada",
+            "tiny LLaDA-style diffusion LM",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ``ValueError`` lists the allowed names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def load_preset(name: str, **options):
+    """Build the pipeline of preset ``name`` (e.g. ``"tiny-wan"``, ``"tiny-llada"``)."""
+    module, function = get_preset(name).builder.split(":")
+    return getattr(importlib.import_module(module), function)(**options)

@@ -1,0 +1,28 @@
+"""Shared test fixtures: deterministic seeds, a relative-RMSE helper, NaN-filled torch.empty."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_nan_empty(monkeypatch):
+    """Seed every test and make ``torch.empty`` return NaN so reads of uninitialised memory fail."""
+    torch.manual_seed(0)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    yield
