@@ -1,0 +1,546 @@
+"""Rectified SpaAttn: block-sparse self-attention for video DiTs, rectified by an estimate of the
+full attention map (IPAR block estimate + GAPR pooled compensation).
+
+Model-agnostic: it works on ``[B, H, N, D]`` tensors whose last ``num_text_tokens`` tokens are text
+(HunyuanVideo appends text after the video tokens) and whose first ``N - num_text_tokens`` tokens
+are video tokens in raster order ``(frame, height, width)``.
+
+Algorithm (see DESIGN.md, "Rectified SpaAttn"):
+
+1. Video tokens are optionally reordered into compact 3D tiles (``grid`` given, ``reorder=True``),
+   grouped in blocks and mean-pooled (padding excluded): ``q̄_I``, ``k̄_J``, ``v̄_J``, counts ``n_J``.
+2. IPAR estimate per query block ``I``: with ``s_IJ = q̄_I·k̄_J/√d`` and text logits
+   ``s_It = q̄_I·k_t/√d`` (text keys are isolated, never pooled; padded text excluded),
+   ``P_IJ = n_J e^{s_IJ} / (Σ_J' n_J' e^{s_IJ'} + Σ_t e^{s_It})``.
+3. Critical blocks: top-k key blocks per query block by ``P_IJ`` (optionally also until a
+   cumulative mass threshold, the text mass counted first). Text keys are always kept; text
+   queries run dense over every valid key.
+4. GAPR: a dropped block is compensated only when its gain ``|q̄_I·k̄_J|`` beats its pooling error
+   ``|a_I·k̄_J| + |q̄_I·b_J|`` (``a_I``, ``b_J``: mean absolute deviation of the block's queries /
+   keys, d-vectors; the common factor ``n_I n_J`` cancels). A block whose pooling is exact
+   (error 0) is always compensated.
+5. Output of a video query ``i`` in block ``I``:
+
+   - ``form="exact"``: one softmax over a mixed-resolution key set — the selected full key blocks,
+     the text keys and, per compensated block ``J``, one pooled key with logit
+     ``q_i·k̄_J/√d + log n_J`` and value ``v̄_J``. Computed as three partial attentions over
+     disjoint key sets merged exactly through their log-sum-exps (:func:`merge_attention`), so
+     nothing of size N x N is ever built: block-sparse over the video keys, a small dense term
+     over the text keys, and an ``[N, N/block]`` term over the pooled keys.
+   - ``form="paper"``: ``O_i = R_I·SparseAttn_i + Σ_{J comp} P_IJ v̄_J`` with
+     ``R_I = 1 − Σ_{J comp} P_IJ`` (mass conserved); ``SparseAttn`` covers selected + text keys.
+   - ``form="none"``: plain block-sparse attention with the same selection (the baseline).
+
+Optional corrections of the pooled (compensated) terms, off by default:
+
+- ``variance_correction``: for keys ``k = k̄_J + δ`` of block ``J`` with per-dimension variance
+  ``σ²_J`` (diagonal), ``E_j[e^{q·k_j/√d}] = e^{q·k̄_J/√d} E[e^{q·δ/√d}]
+  ≈ e^{q·k̄_J/√d + ½ Σ_d q_d² σ²_{J,d} / d}`` (second-order cumulant expansion; exact for Gaussian
+  keys with independent dimensions). The pooled logit gets ``+ ½ (q²)·σ²_J / d`` — with the
+  query's own ``q_i`` in the exact form (an extra ``[N, N/block]`` matmul) and ``q̄_I`` in the
+  block-level estimate of the paper form. Selection keeps the plain IPAR estimate.
+- ``value_tilt``: to first order in ``δ``, ``Σ_j e^{q·k_j/√d} v_j ≈ n_J e^{q·k̄_J/√d}
+  (v̄_J + C_J q/√d)`` with ``C_J = mean_j (v_j − v̄_J)(k_j − k̄_J)ᵀ`` (the value-key covariance of
+  the block, D x D); the normaliser has no first-order term since ``Σ_j δ_j = 0``. The pooled value
+  becomes ``v̄_J + C_J q̄_I/√d`` per (query block, key block) pair, costing
+  ``(N/block)²·D²`` — about ``D / (2·block²·(1−sparsity))`` of the sparse attention itself.
+
+Padding: ``key_padding_mask`` (True = real) may mark any token. Padded text keys go through the
+dense text term, which masks them. Video key blocks with no valid token are never selected or
+compensated; a partially padded video key block is handled exactly by appending one bias column to
+q (1) and k (0 or −3e4) for the block-sparse call, so padded keys get a logit of about −3e4·scale
+and weight exactly 0 (rare: Wan / HunyuanVideo never pad video tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_block_size, check_key_padding_mask, check_qkv, check_sparsity
+from .backends import log_once, resolve_backend
+from .block_sparse import block_sparse_attention
+from .blocks import (
+    default_tile,
+    inverse_permutation,
+    keep_count,
+    num_blocks,
+    pool_abs_deviation,
+    pool_blocks,
+    select_topk_blocks,
+    tile_permutation,
+)
+
+FORMS = ("exact", "paper", "none")
+_CHUNK_BYTES = 256 << 20  # working-set bound for the chunked dense/pooled terms
+_PAD_LOGIT = -3.0e4  # bias given to padded video keys (finite in every supported dtype)
+
+
+@dataclass
+class BlockStatistics:
+    """Pooled per-block quantities of the (reordered) video tokens, all fp32."""
+
+    pooled_q: torch.Tensor
+    """``[B, H, nb, D]`` mean query of each block (padding excluded)."""
+    pooled_k: torch.Tensor
+    """``[B, H, nb, D]`` mean key of each block."""
+    pooled_v: torch.Tensor
+    """``[B, H, nb, D]`` mean value of each block."""
+    key_counts: torch.Tensor
+    """``[B, nb]`` valid keys per block (``n_J``)."""
+    query_deviation: torch.Tensor
+    """``[B, H, nb, D]`` mean ``|q_i − q̄_I|`` (``a_I``)."""
+    key_deviation: torch.Tensor
+    """``[B, H, nb, D]`` mean ``|k_j − k̄_J|`` (``b_J``)."""
+    key_variance: torch.Tensor | None = None
+    """``[B, H, nb, D]`` per-dimension key variance (variance correction only)."""
+    value_key_covariance: torch.Tensor | None = None
+    """``[B, H, nb, D, D]`` ``mean (v − v̄)(k − k̄)ᵀ`` (value tilt only)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    q, k, v, sparsity, block_size, num_text_tokens, key_padding_mask, grid, form, mass_threshold
+):
+    check_qkv(q, k, v)
+    if q.shape != k.shape:
+        raise ValueError(
+            f"rectified_sparse_attention is self-attention: q {tuple(q.shape)} and k {tuple(k.shape)} "
+            "must have the same shape"
+        )
+    check_sparsity(sparsity)
+    check_block_size(block_size)
+    check_key_padding_mask(key_padding_mask, k)
+    n = q.shape[2]
+    if (
+        isinstance(num_text_tokens, bool)
+        or not isinstance(num_text_tokens, int)
+        or not 0 <= num_text_tokens < n
+    ):
+        raise ValueError(
+            f"num_text_tokens={num_text_tokens!r} is out of range; allowed: integers in [0, {n})"
+        )
+    if grid is not None:
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 3
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+        ):
+            raise ValueError(f"grid={grid!r} must be three positive ints (frames, height, width)")
+        if math.prod(grid) != n - num_text_tokens:
+            raise ValueError(
+                f"grid={tuple(grid)} holds {math.prod(grid)} tokens but there are "
+                f"{n - num_text_tokens} video tokens (N - num_text_tokens); they must match"
+            )
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is not allowed; allowed: {', '.join(map(repr, FORMS))}")
+    if mass_threshold is not None and (
+        isinstance(mass_threshold, bool)
+        or not isinstance(mass_threshold, (int, float))
+        or not 0.0 < mass_threshold <= 1.0
+    ):
+        raise ValueError(f"mass_threshold={mass_threshold!r} is out of range; allowed: None or 0 < x <= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks: statistics, estimate, selection, compensation, partial attentions, merging
+# ---------------------------------------------------------------------------------------------
+
+
+def _blocked(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, H, N, D]`` -> ``[B, H, nb, block, D]`` fp32, zero-padded (and zero where not valid)."""
+    b, h, n, d = x.shape
+    xf = x.float()
+    if valid is not None:
+        xf = xf * valid[:, None, :, None]
+    pad = num_blocks(n, block_size) * block_size - n
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    return xf.view(b, h, -1, block_size, d)
+
+
+def block_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    key_valid: torch.Tensor | None = None,
+    *,
+    with_variance: bool = False,
+    with_covariance: bool = False,
+) -> BlockStatistics:
+    """Pooled queries/keys/values, counts and deviations of each block of video tokens ``[B, H, N, D]``."""
+    pooled_q, _ = pool_blocks(q, block_size, key_valid)
+    pooled_k, key_counts = pool_blocks(k, block_size, key_valid)
+    pooled_v, _ = pool_blocks(v, block_size, key_valid)
+    stats = BlockStatistics(
+        pooled_q=pooled_q,
+        pooled_k=pooled_k,
+        pooled_v=pooled_v,
+        key_counts=key_counts,
+        query_deviation=pool_abs_deviation(q, pooled_q, block_size, key_valid),
+        key_deviation=pool_abs_deviation(k, pooled_k, block_size, key_valid),
+    )
+    if with_variance or with_covariance:
+        denom = key_counts.clamp_min(1.0)[:, None, :, None]
+        kb = _blocked(k, block_size, key_valid)  # [B, H, nb, bs, D]
+        if with_variance:
+            stats.key_variance = (kb.square().sum(3) / denom - pooled_k.square()).clamp_min(0.0)
+        if with_covariance:
+            vb = _blocked(v, block_size, key_valid)
+            second = torch.einsum("bhjtd,bhjte->bhjde", vb, kb) / denom[..., None]
+            stats.value_key_covariance = second - pooled_v[..., :, None] * pooled_k[..., None, :]
+    return stats
+
+
+def _log_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``log n_J`` as ``[B, 1, 1, nb]`` (``-inf`` for empty blocks)."""
+    return torch.log(counts)[:, None, None, :]
+
+
+def block_logits(stats: BlockStatistics, scale: float, *, variance_correction: bool = False) -> torch.Tensor:
+    """Pooled block logits ``s_IJ + log n_J`` ``[B, H, nqb, nkb]`` (``-inf`` for empty key blocks)."""
+    logits = torch.matmul(stats.pooled_q, stats.pooled_k.transpose(-1, -2)) * scale
+    if variance_correction:
+        logits = logits + 0.5 * scale**2 * torch.matmul(
+            stats.pooled_q.square(), stats.key_variance.transpose(-1, -2)
+        )
+    return logits + _log_counts(stats.key_counts)
+
+
+def text_logits(
+    pooled_q: torch.Tensor, text_k: torch.Tensor, text_valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Logits of pooled queries against the isolated text keys ``[B, H, nqb, T]`` (padded: ``-inf``)."""
+    logits = torch.matmul(pooled_q, text_k.float().transpose(-1, -2)) * scale
+    if text_valid is not None:
+        logits = logits.masked_fill(~text_valid[:, None, None, :], float("-inf"))
+    return logits
+
+
+def ipar_estimate(
+    video_logits: torch.Tensor, text_logits_: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPAR: estimated attention mass of each video key block ``P_IJ`` ``[B, H, nqb, nkb]`` and of the
+    text keys together ``[B, H, nqb]``, normalised over both."""
+    norm = torch.logsumexp(torch.cat([video_logits, text_logits_], dim=-1), dim=-1, keepdim=True)
+    probs = torch.exp(video_logits - norm)
+    text_mass = (
+        torch.exp(text_logits_ - norm).sum(-1) if text_logits_.shape[-1] else torch.zeros_like(norm[..., 0])
+    )
+    return probs, text_mass
+
+
+def critical_blocks(
+    probs: torch.Tensor,
+    text_mass: torch.Tensor,
+    valid: torch.Tensor,
+    sparsity: float,
+    mass_threshold: float | None = None,
+) -> torch.Tensor:
+    """Top-k key blocks per query block by estimated mass, plus (optionally) blocks until the
+    cumulative mass — text first — reaches ``mass_threshold``. Bool ``[B, H, nqb, nkb]``."""
+    keep = select_topk_blocks(probs, keep_count(sparsity, probs.shape[-1]), valid)
+    if mass_threshold is not None:
+        sorted_p, order = probs.masked_fill(~valid, 0.0).sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p + text_mass[..., None]
+        keep |= torch.zeros_like(keep).scatter_(-1, order, before < mass_threshold) & valid
+    return keep
+
+
+def gapr_compensated(stats: BlockStatistics, dropped: torch.Tensor) -> torch.Tensor:
+    """GAPR: dropped blocks whose pooled-logit gain beats their pooling error. Bool ``[B, H, nqb, nkb]``."""
+    gain = torch.matmul(stats.pooled_q, stats.pooled_k.transpose(-1, -2)).abs()
+    error = torch.matmul(stats.query_deviation, stats.pooled_k.transpose(-1, -2)).abs()
+    error = error + torch.matmul(stats.pooled_q, stats.key_deviation.transpose(-1, -2)).abs()
+    reliable = (gain > error) | (error <= 0)
+    return dropped & reliable
+
+
+def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the union of disjoint key sets from each set's ``(out, lse)``.
+
+    ``out`` ``[..., D]`` (any float dtype), ``lse`` ``[...]`` natural log (``-inf`` for no keys).
+    Returns fp32 ``(out, lse)``; rows with no key in any part give 0 and ``-inf``.
+    """
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = None
+    for part_out, part_lse in parts:
+        term = part_out.float() * torch.exp(part_lse - finite_lse)[..., None]
+        out = term if out is None else out + term
+    return out, lse
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention in fp32 chunked over queries (for the short text axis): ``(out, lse)``.
+
+    q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]``, key_valid bool ``[B, Nk]`` or None. Nk may be 0.
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out = torch.zeros(b, h, nq, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=q.device)
+    if nk == 0:
+        return out, lse
+    kf, vf = k.float(), v.float()
+    chunk = max(1, _CHUNK_BYTES // max(1, 4 * b * h * nk))
+    for start in range(0, nq, chunk):
+        rows = slice(start, min(nq, start + chunk))
+        scores = torch.matmul(q[:, :, rows].float(), kf.transpose(-1, -2)) * scale
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(
+            scores - torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))[..., None]
+        )
+        out[:, :, rows] = torch.matmul(probs, vf)
+        lse[:, :, rows] = row_lse
+    return out, lse
+
+
+def pooled_key_attention(
+    q: torch.Tensor,
+    stats: BlockStatistics,
+    compensated: torch.Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    variance_correction: bool = False,
+    value_tilt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each video query over the pooled keys of its block's compensated key blocks.
+
+    Key ``J`` has logit ``q_i·k̄_J·scale + log n_J`` (``+ ½ scale² (q_i²)·σ²_J`` with the variance
+    correction) and value ``v̄_J`` (``+ scale·C_J q̄_I`` with the value tilt). Returns fp32
+    ``(out [B, H, N, D], lse [B, H, N])``; cost ``N·nkb·D`` (chunked over query blocks).
+    """
+    b, h, n, d = q.shape
+    q_blocks = _blocked(q, block_size)  # [B, H, nqb, bs, D]
+    nqb, nkb = q_blocks.shape[2], stats.pooled_k.shape[2]
+    log_counts = torch.log(stats.key_counts)[:, None, None, None, :]  # [B, 1, 1, 1, nkb]
+    out = torch.zeros_like(q_blocks)
+    lse = torch.full(q_blocks.shape[:-1], float("-inf"), device=q.device)
+    per_block = 4 * b * h * block_size * nkb * (3 + (d if value_tilt else 0))
+    chunk = max(1, _CHUNK_BYTES // per_block)
+    for start in range(0, nqb, chunk):
+        qb = slice(start, min(nqb, start + chunk))
+        q_chunk = q_blocks[:, :, qb]  # [B, H, c, bs, D]
+        logits = torch.einsum("bhitd,bhjd->bhitj", q_chunk, stats.pooled_k) * scale + log_counts
+        if variance_correction:
+            logits = logits + 0.5 * scale**2 * torch.einsum(
+                "bhitd,bhjd->bhitj", q_chunk.square(), stats.key_variance
+            )
+        logits = logits.masked_fill(~compensated[:, :, qb, None, :], float("-inf"))
+        row_lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(
+            logits - torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))[..., None]
+        )
+        out[:, :, qb] = torch.einsum("bhitj,bhjd->bhitd", probs, stats.pooled_v)
+        if value_tilt:
+            tilt = (
+                torch.einsum("bhjde,bhie->bhijd", stats.value_key_covariance, stats.pooled_q[:, :, qb])
+                * scale
+            )
+            out[:, :, qb] += torch.einsum("bhitj,bhijd->bhitd", probs, tilt)
+        lse[:, :, qb] = row_lse
+    return out.view(b, h, -1, d)[:, :, :n], lse.view(b, h, -1)[:, :, :n]
+
+
+def paper_rectification(
+    sparse_out: torch.Tensor,
+    probs: torch.Tensor,
+    stats: BlockStatistics,
+    compensated: torch.Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    value_tilt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper form ``R_I·SparseAttn_i + Σ_{J comp} P_IJ v̄_J``; returns fp32 output ``[B, H, N, D]`` and
+    the retained mass ``R_I`` ``[B, H, nqb]`` (``R_I + Σ_{J comp} P_IJ = 1``)."""
+    comp_probs = probs * compensated
+    retained = 1.0 - comp_probs.sum(-1)
+    pooled_term = torch.matmul(comp_probs, stats.pooled_v)  # [B, H, nqb, D]
+    if value_tilt:
+        tilt = torch.einsum("bhjde,bhie->bhijd", stats.value_key_covariance, stats.pooled_q) * scale
+        pooled_term = pooled_term + torch.einsum("bhij,bhijd->bhid", comp_probs, tilt)
+    n = sparse_out.shape[2]
+    rows = lambda x: x.repeat_interleave(block_size, dim=2)[:, :, :n]  # noqa: E731
+    return rows(retained)[..., None] * sparse_out.float() + rows(pooled_term), retained
+
+
+def video_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_valid: torch.Tensor | None,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of video queries over the selected video key blocks, padded keys
+    excluded exactly (bias column, see the module docstring). Returns ``(out, lse)``."""
+    if key_valid is not None and not bool(key_valid.all()):
+        bias = torch.where(key_valid, 0.0, _PAD_LOGIT).to(k.dtype)[:, None, :, None].expand(*k.shape[:3], 1)
+        q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
+        k = torch.cat([k, bias], dim=-1)
+        v = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)
+        if resolve_backend(backend, q.device) == "triton":
+            log_once(
+                "fastgen: rectified attention with padded video keys uses the flex backend (odd head_dim)"
+            )
+            backend = "flex"
+        out, lse = block_sparse_attention(
+            q, k, v, block_mask, block_size, return_lse=True, scale=scale, backend=backend
+        )
+        return out[..., :-1], lse
+    return block_sparse_attention(
+        q, k, v, block_mask, block_size, return_lse=True, scale=scale, backend=backend
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
+
+
+def rectified_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sparsity: float,
+    block_size: int = 128,
+    num_text_tokens: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    grid: tuple[int, int, int] | None = None,
+    return_stats: bool = False,
+    form: str = "exact",
+    mass_threshold: float | None = None,
+    variance_correction: bool = False,
+    value_tilt: bool = False,
+    reorder: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text).
+
+    Args:
+        q, k, v: ``[B, H, N, D]``; the last ``num_text_tokens`` tokens are text.
+        sparsity: fraction of video key blocks dropped per video query block, in [0, 1).
+        block_size: tokens per block (power of two >= 16).
+        num_text_tokens: trailing text tokens, in [0, N); their keys are always kept and their
+            queries attend densely.
+        key_padding_mask: optional bool ``[B, N]``, True for real tokens (e.g. padded text = False).
+        grid: ``(frames, height, width)`` of the video tokens (product ``N - num_text_tokens``);
+            with ``reorder`` it groups video tokens into compact 3D tiles before blocking.
+        return_stats: also return a dict with ``density``, ``compensated_fraction``,
+            ``head_density`` ``[H]`` and ``block_mask`` (bool ``[B, H, nqb, nkb]``, video blocks in
+            the reordered order).
+        form: ``"exact"``, ``"paper"`` or ``"none"`` (see the module docstring).
+        mass_threshold: also keep blocks until this estimated cumulative mass (None: top-k only).
+        variance_correction: second-order key-variance correction of pooled logits.
+        value_tilt: first-order value-key covariance correction of pooled values.
+        reorder: reorder video tokens into 3D tiles when ``grid`` is given.
+        backend: block-sparse backend (see :func:`block_sparse_attention`).
+
+    Returns:
+        ``out`` ``[B, H, N, D]`` in q's dtype, and the stats dict when ``return_stats``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 4 * 16 * 16 + 20, 64)
+        >>> out = rectified_sparse_attention(q, k, v, sparsity=0.8, block_size=64,
+        ...                                  num_text_tokens=20, grid=(4, 16, 16))
+    """
+    _check_arguments(
+        q, k, v, sparsity, block_size, num_text_tokens, key_padding_mask, grid, form, mass_threshold
+    )
+    n, d = q.shape[2], q.shape[3]
+    n_video = n - num_text_tokens
+    scale = 1.0 / math.sqrt(d)
+
+    qv, kv, vv = q[:, :, :n_video], k[:, :, :n_video], v[:, :, :n_video]
+    qt, kt, vt = q[:, :, n_video:], k[:, :, n_video:], v[:, :, n_video:]
+    video_valid = None if key_padding_mask is None else key_padding_mask[:, :n_video]
+    text_valid = None if key_padding_mask is None else key_padding_mask[:, n_video:]
+    perm = None
+    if grid is not None and reorder:
+        perm = tile_permutation(tuple(grid), default_tile(block_size), device=q.device)
+        qv, kv, vv = qv[:, :, perm], kv[:, :, perm], vv[:, :, perm]
+        video_valid = None if video_valid is None else video_valid[:, perm]
+
+    rectify = form != "none"
+    stats = block_statistics(
+        qv,
+        kv,
+        vv,
+        block_size,
+        video_valid,
+        with_variance=rectify and variance_correction,
+        with_covariance=rectify and value_tilt,
+    )
+    valid_blocks = (stats.key_counts > 0)[:, None, None, :]  # [B, 1, 1, nkb]
+    text_part_logits = text_logits(stats.pooled_q, kt, text_valid, scale)
+    probs, text_mass = ipar_estimate(block_logits(stats, scale), text_part_logits)
+    critical = critical_blocks(probs, text_mass, valid_blocks, sparsity, mass_threshold)
+    dropped = valid_blocks & ~critical
+    compensated = gapr_compensated(stats, dropped) if rectify else torch.zeros_like(dropped)
+
+    sparse = video_sparse_attention(qv, kv, vv, critical, block_size, scale, video_valid, backend)
+    text_part = attention_with_lse(qv, kt, vt, text_valid, scale)
+    if form == "exact":
+        pooled = pooled_key_attention(
+            qv,
+            stats,
+            compensated,
+            block_size,
+            scale,
+            variance_correction=variance_correction,
+            value_tilt=value_tilt,
+        )
+        video_out, _ = merge_attention([sparse, text_part, pooled])
+    elif form == "paper":
+        sparse_out, _ = merge_attention([sparse, text_part])
+        if variance_correction:
+            probs, _ = ipar_estimate(block_logits(stats, scale, variance_correction=True), text_part_logits)
+        video_out, _ = paper_rectification(
+            sparse_out, probs, stats, compensated, block_size, scale, value_tilt=value_tilt
+        )
+    else:
+        video_out, _ = merge_attention([sparse, text_part])
+
+    if perm is not None:
+        video_out = video_out[:, :, inverse_permutation(perm)]
+    outputs = [video_out.to(q.dtype)]
+    if num_text_tokens:
+        text_out, _ = attention_with_lse(qt, k, v, key_padding_mask, scale)
+        outputs.append(text_out.to(q.dtype))
+    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    if not return_stats:
+        return out
+    return out, _summary(critical, dropped, compensated, valid_blocks, num_text_tokens)
+
+
+def _summary(critical, dropped, compensated, valid_blocks, num_text_tokens) -> dict:
+    """Density / compensation statistics over the video (query block, key block) tiles."""
+    valid = valid_blocks.expand_as(critical)
+    n_dropped = int(dropped.sum())
+    per_head_valid = valid.sum(dim=(0, 2, 3)).clamp_min(1)
+    return {
+        "density": float(critical.sum()) / max(1, int(valid.sum())),
+        "compensated_fraction": float(compensated.sum()) / n_dropped if n_dropped else 0.0,
+        "head_density": critical.sum(dim=(0, 2, 3)).float() / per_head_valid,
+        "block_mask": critical,
+        "compensated_mask": compensated,
+        "num_text_tokens": num_text_tokens,
+    }

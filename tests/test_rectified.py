@@ -1,0 +1,350 @@
+"""Rectified SpaAttn (fastgen.attention.rectified) against dense attention and its own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgen.attention import (
+    default_tile,
+    dense_attention,
+    inverse_permutation,
+    rectified_sparse_attention,
+    tile_permutation,
+)
+from fastgen.attention.rectified import (
+    block_logits,
+    block_statistics,
+    ipar_estimate,
+    merge_attention,
+    paper_rectification,
+    text_logits,
+)
+from tests.helpers import rel_rmse
+
+FORMS = ["exact", "paper", "none"]
+RECTIFIED = ["exact", "paper"]
+
+
+def qkv(b, h, n, d, dtype=torch.float32):
+    return tuple(torch.randn(b, h, n, d, dtype=dtype) for _ in range(3))
+
+
+def text_mask(b, n, padded_rows):
+    """Key padding mask with the last ``p`` tokens of batch row ``i`` padded, ``p = padded_rows[i]``."""
+    mask = torch.ones(b, n, dtype=torch.bool)
+    for row, p in enumerate(padded_rows):
+        if p:
+            mask[row, n - p :] = False
+    return mask
+
+
+def block_constant(b, h, n_blocks, block, d, scale=1.0):
+    """``[B, H, n_blocks*block, D]`` with one random vector repeated inside each block."""
+    x = torch.randn(b, h, n_blocks, 1, d) * scale
+    return x.expand(b, h, n_blocks, block, d).reshape(b, h, n_blocks * block, d)
+
+
+# ---------------------------------------------------------------- sparsity 0 == dense
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("grid", [None, (3, 5, 7)])
+def test_sparsity_zero_equals_dense_with_text_and_padding(form, grid):
+    b, h, d, text = 2, 2, 32, 11
+    n = 3 * 5 * 7 + text  # video part not a multiple of the block
+    q, k, v = qkv(b, h, n, d)
+    mask = text_mask(b, n, [0, 4])
+    out = rectified_sparse_attention(
+        q,
+        k,
+        v,
+        sparsity=0.0,
+        block_size=16,
+        num_text_tokens=text,
+        key_padding_mask=mask,
+        grid=grid,
+        form=form,
+    )
+    assert out.shape == q.shape
+    assert rel_rmse(out, dense_attention(q, k, v, key_padding_mask=mask)) < 1e-5
+
+
+def test_sparsity_zero_no_text_equals_dense():
+    q, k, v = qkv(1, 3, 100, 16)
+    out = rectified_sparse_attention(q, k, v, sparsity=0.0, block_size=32)
+    assert rel_rmse(out, dense_attention(q, k, v)) < 1e-5
+
+
+# ---------------------------------------------------------------- block-constant oracle
+
+
+@pytest.mark.parametrize("form", RECTIFIED)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_block_constant_qk_is_exact_for_any_sparsity(form, sparsity):
+    b, h, nb, bs, d = 2, 2, 8, 16, 32
+    q = block_constant(b, h, nb, bs, d)
+    k = block_constant(b, h, nb, bs, d)
+    v = torch.randn(b, h, nb * bs, d)
+    out, stats = rectified_sparse_attention(
+        q, k, v, sparsity=sparsity, block_size=bs, form=form, return_stats=True
+    )
+    assert stats["density"] < 1.0
+    assert stats["compensated_fraction"] == 1.0
+    assert rel_rmse(out, dense_attention(q, k, v)) < 1e-5
+    # the baseline does lose something on the same inputs
+    plain = rectified_sparse_attention(q, k, v, sparsity=sparsity, block_size=bs, form="none")
+    assert rel_rmse(plain, dense_attention(q, k, v)) > 1e-3
+
+
+@pytest.mark.parametrize("form", RECTIFIED)
+def test_block_constant_with_text_and_padding_is_exact(form):
+    b, h, nb, bs, d, text = 2, 2, 6, 16, 16, 9
+    q = torch.cat([block_constant(b, h, nb, bs, d), torch.randn(b, h, text, d)], dim=2)
+    k = torch.cat([block_constant(b, h, nb, bs, d), torch.randn(b, h, text, d)], dim=2)
+    v = torch.randn(b, h, nb * bs + text, d)
+    mask = text_mask(b, nb * bs + text, [3, 0])
+    out = rectified_sparse_attention(
+        q, k, v, sparsity=0.7, block_size=bs, num_text_tokens=text, key_padding_mask=mask, form=form
+    )
+    assert rel_rmse(out, dense_attention(q, k, v, key_padding_mask=mask)) < 1e-5
+
+
+def test_exact_form_needs_only_constant_keys():
+    # the exact form uses each query's own logit with the pooled key: constant keys per block suffice
+    b, h, nb, bs, d = 1, 2, 6, 16, 16
+    q = torch.randn(b, h, nb * bs, d)
+    k = block_constant(b, h, nb, bs, d)
+    v = torch.randn(b, h, nb * bs, d)
+    out, stats = rectified_sparse_attention(
+        q, k, v, sparsity=0.6, block_size=bs, form="exact", return_stats=True
+    )
+    # GAPR rejects some blocks (query deviation), the rest is exact: error far below plain top-k
+    plain = rectified_sparse_attention(q, k, v, sparsity=0.6, block_size=bs, form="none")
+    ref = dense_attention(q, k, v)
+    assert rel_rmse(out, ref) <= rel_rmse(plain, ref)
+
+
+# ---------------------------------------------------------------- paper form: mass conservation
+
+
+def test_paper_form_conserves_mass_constant_values():
+    b, h, n, d, text = 2, 2, 150, 16, 10
+    q, k, _ = qkv(b, h, n, d)
+    q, k = q * 2, k * 2  # peaky attention, far from uniform
+    v = torch.full((b, h, n, d), 0.7)
+    mask = text_mask(b, n, [0, 5])
+    for sparsity in (0.5, 0.9):
+        out = rectified_sparse_attention(
+            q,
+            k,
+            v,
+            sparsity=sparsity,
+            block_size=16,
+            num_text_tokens=text,
+            key_padding_mask=mask,
+            form="paper",
+        )
+        assert torch.allclose(out, torch.full_like(out, 0.7), atol=1e-5)
+
+
+def test_paper_rectification_retained_plus_compensated_is_one():
+    q, k, v = qkv(1, 2, 96, 16)
+    stats = block_statistics(q[:, :, :80], k[:, :, :80], v[:, :, :80], 16)
+    probs, text_mass = ipar_estimate(
+        block_logits(stats, 0.25), text_logits(stats.pooled_q, k[:, :, 80:], None, 0.25)
+    )
+    torch.testing.assert_close(probs.sum(-1) + text_mass, torch.ones_like(text_mass))
+    compensated = torch.rand(probs.shape) < 0.5
+    _, retained = paper_rectification(v[:, :, :80], probs, stats, compensated, 16, 0.25)
+    torch.testing.assert_close(retained + (probs * compensated).sum(-1), torch.ones_like(retained))
+
+
+# ---------------------------------------------------------------- reordering
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reordering_is_a_permutation(form):
+    b, h, d, grid, text = 1, 2, 16, (4, 6, 8), 5
+    n = 4 * 6 * 8 + text
+    q, k, v = qkv(b, h, n, d)
+    kwargs = dict(block_size=16, num_text_tokens=text, form=form)
+    tiled = rectified_sparse_attention(q, k, v, sparsity=0.0, grid=grid, **kwargs)
+    raster = rectified_sparse_attention(q, k, v, sparsity=0.0, grid=grid, reorder=False, **kwargs)
+    assert rel_rmse(tiled, raster) < 1e-5
+    # at sparsity > 0 the output stays in the caller's token order: permuting the video tokens of
+    # the input by the tile order and running without reordering gives the same (permuted) output
+    perm = tile_permutation(grid, default_tile(16))
+    full = torch.cat([perm, torch.arange(n - text, n)])
+    sparse = rectified_sparse_attention(q, k, v, sparsity=0.5, grid=grid, **kwargs)
+    pre = rectified_sparse_attention(q[:, :, full], k[:, :, full], v[:, :, full], sparsity=0.5, **kwargs)
+    inv = torch.cat([inverse_permutation(perm), torch.arange(n - text, n)])
+    assert rel_rmse(sparse, pre[:, :, inv]) < 1e-5
+
+
+# ---------------------------------------------------------------- text tokens and padding
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_text_queries_are_dense(form):
+    b, h, n, d, text = 2, 2, 130, 16, 14
+    q, k, v = qkv(b, h, n, d)
+    mask = text_mask(b, n, [2, 6])
+    out = rectified_sparse_attention(
+        q, k, v, sparsity=0.9, block_size=16, num_text_tokens=text, key_padding_mask=mask, form=form
+    )
+    ref = dense_attention(q, k, v, key_padding_mask=mask)
+    assert rel_rmse(out[:, :, -text:], ref[:, :, -text:]) < 1e-5
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_padded_text_keys_are_ignored(form):
+    b, h, n, d, text = 2, 2, 140, 16, 12
+    q, k, v = qkv(b, h, n, d)
+    mask = text_mask(b, n, [5, 0])
+    kwargs = dict(sparsity=0.75, block_size=16, num_text_tokens=text, key_padding_mask=mask, form=form)
+    out = rectified_sparse_attention(q, k, v, **kwargs)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, -5:] = 50.0  # garbage that would dominate every softmax if it leaked
+    v2[0, :, -5:] = 1e3
+    out2 = rectified_sparse_attention(q, k2, v2, **kwargs)
+    assert torch.allclose(out[:, :, :-5], out2[:, :, :-5], atol=1e-5)
+
+
+@pytest.mark.parametrize("form", RECTIFIED)
+def test_padded_video_keys_are_ignored(form):
+    b, h, n, d = 2, 2, 100, 16
+    q, k, v = qkv(b, h, n, d)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 20:27] = False  # partial block
+    mask[1, 32:48] = False  # a whole block
+    out = rectified_sparse_attention(q, k, v, sparsity=0.0, block_size=16, key_padding_mask=mask, form=form)
+    assert rel_rmse(out, dense_attention(q, k, v, key_padding_mask=mask)) < 1e-5
+    k2 = k.clone()
+    k2[1, :, 20:27] = 40.0
+    out2 = rectified_sparse_attention(q, k2, v, sparsity=0.5, block_size=16, key_padding_mask=mask, form=form)
+    out1 = rectified_sparse_attention(q, k, v, sparsity=0.5, block_size=16, key_padding_mask=mask, form=form)
+    assert torch.isfinite(out2).all()
+    assert rel_rmse(out2[1], out1[1]) < 1e-5
+
+
+# ---------------------------------------------------------------- dtypes, shapes, corrections
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bf16_batch2_ragged(form):
+    b, h, n, d, text = 2, 2, 203, 32, 7
+    q, k, v = qkv(b, h, n, d, torch.bfloat16)
+    out = rectified_sparse_attention(q, k, v, sparsity=0.0, block_size=32, num_text_tokens=text, form=form)
+    assert out.dtype == torch.bfloat16
+    assert rel_rmse(out, dense_attention(q.float(), k.float(), v.float())) < 2e-2
+    sparse = rectified_sparse_attention(q, k, v, sparsity=0.6, block_size=32, num_text_tokens=text, form=form)
+    fp32 = rectified_sparse_attention(
+        q.float(), k.float(), v.float(), sparsity=0.6, block_size=32, num_text_tokens=text, form=form
+    )
+    assert rel_rmse(sparse, fp32) < 3e-2
+
+
+@pytest.mark.parametrize("form", RECTIFIED)
+@pytest.mark.parametrize("option", ["variance_correction", "value_tilt"])
+def test_corrections_keep_oracles(form, option):
+    # zero key variance / covariance inside blocks: the corrections vanish and the output stays exact
+    b, h, nb, bs, d = 1, 2, 6, 16, 16
+    q = block_constant(b, h, nb, bs, d)
+    k = block_constant(b, h, nb, bs, d)
+    v = torch.randn(b, h, nb * bs, d)
+    out = rectified_sparse_attention(q, k, v, sparsity=0.7, block_size=bs, form=form, **{option: True})
+    assert rel_rmse(out, dense_attention(q, k, v)) < 1e-5
+    q, k, v = qkv(1, 2, 90, 16)
+    out = rectified_sparse_attention(q, k, v, sparsity=0.0, block_size=16, form=form, **{option: True})
+    assert rel_rmse(out, dense_attention(q, k, v)) < 1e-5
+
+
+def test_variance_correction_is_exact_for_gaussian_identity_like_keys():
+    # keys spread inside a block: the pooled term with the correction matches the block's
+    # exact log-sum-exp better than without it (second-order cumulant term)
+    b, h, nb, bs, d = 1, 1, 8, 64, 16
+    q = block_constant(b, h, nb, bs, d, scale=1.5)
+    k = block_constant(b, h, nb, bs, d, scale=1.5) + 0.5 * torch.randn(b, h, nb * bs, d)
+    v = torch.randn(b, h, nb * bs, d)
+    ref = dense_attention(q, k, v)
+    plain = rectified_sparse_attention(q, k, v, sparsity=0.75, block_size=bs, form="exact")
+    corrected = rectified_sparse_attention(
+        q, k, v, sparsity=0.75, block_size=bs, form="exact", variance_correction=True
+    )
+    assert rel_rmse(corrected, ref) < rel_rmse(plain, ref)
+
+
+def test_mass_threshold_only_adds_blocks():
+    q, k, v = qkv(1, 2, 128, 16)
+    _, base = rectified_sparse_attention(q, k, v, sparsity=0.8, block_size=16, return_stats=True)
+    _, more = rectified_sparse_attention(
+        q, k, v, sparsity=0.8, block_size=16, mass_threshold=0.9, return_stats=True
+    )
+    assert bool((base["block_mask"] <= more["block_mask"]).all())
+    assert more["density"] >= base["density"]
+
+
+def test_merge_attention_matches_joint_softmax():
+    q, k, v = qkv(1, 2, 10, 8)
+    parts = [dense_attention(q, k[:, :, a:z], v[:, :, a:z], return_lse=True) for a, z in ((0, 4), (4, 10))]
+    out, lse = merge_attention(parts)
+    ref, ref_lse = dense_attention(q, k, v, return_lse=True)
+    assert rel_rmse(out, ref) < 1e-6
+    torch.testing.assert_close(lse, ref_lse)
+    empty = (torch.zeros_like(ref), torch.full_like(ref_lse, float("-inf")))
+    out2, _ = merge_attention([parts[0], parts[1], empty])
+    assert rel_rmse(out2, ref) < 1e-6
+    out3, lse3 = merge_attention([empty, empty])
+    assert torch.all(out3 == 0) and torch.all(lse3 == float("-inf"))
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_stats_fields():
+    b, h, d, text = 2, 3, 16, 6
+    n = 100 + text
+    q, k, v = qkv(b, h, n, d)
+    out, stats = rectified_sparse_attention(
+        q, k, v, sparsity=0.75, block_size=16, num_text_tokens=text, return_stats=True
+    )
+    nb = 7  # ceil(100 / 16)
+    assert stats["block_mask"].shape == (b, h, nb, nb) and stats["block_mask"].dtype == torch.bool
+    assert stats["head_density"].shape == (h,)
+    assert 0.0 < stats["density"] < 1.0
+    assert 0.0 <= stats["compensated_fraction"] <= 1.0
+    assert torch.allclose(stats["head_density"].mean(), torch.tensor(stats["density"]), atol=1e-6)
+    per_row = stats["block_mask"].sum(-1)
+    assert torch.all(per_row == 2)  # keep_count(0.75, 7) = ceil(1.75) = 2
+    _, dense_stats = rectified_sparse_attention(q, k, v, sparsity=0.0, block_size=16, return_stats=True)
+    assert dense_stats["density"] == 1.0 and dense_stats["compensated_fraction"] == 0.0
+    _, none_stats = rectified_sparse_attention(
+        q, k, v, sparsity=0.75, block_size=16, form="none", return_stats=True
+    )
+    assert none_stats["compensated_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=-0.1), "sparsity"),
+        (dict(sparsity=0.5, block_size=48), "block_size"),
+        (dict(sparsity=0.5, block_size=8), "block_size"),
+        (dict(sparsity=0.5, num_text_tokens=64), "num_text_tokens"),
+        (dict(sparsity=0.5, num_text_tokens=-1), "num_text_tokens"),
+        (dict(sparsity=0.5, grid=(2, 4, 4)), "grid"),
+        (dict(sparsity=0.5, grid=(2, 4)), "grid"),
+        (dict(sparsity=0.5, form="fast"), "form"),
+        (dict(sparsity=0.5, mass_threshold=0.0), "mass_threshold"),
+        (dict(sparsity=0.5, key_padding_mask=torch.ones(1, 63, dtype=torch.bool)), "key_padding_mask"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    q, k, v = qkv(1, 1, 64, 16)
+    with pytest.raises(ValueError, match=name):
+        rectified_sparse_attention(q, k, v, **{"block_size": 16, **kwargs})
