@@ -1,0 +1,234 @@
+"""Text generation for the CLI and the demo: load a diffusion-LM pipeline (preset or checkpoint), run it
+dense or with SparseD, time it, and compare with dense.
+
+``fastgen generate --preset tiny-llada --method sparsed --prompt "..." --compare-dense --out out.txt``
+lands in :func:`generate_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import time
+
+import torch
+
+from .diffusion_lm import DiffusionLMPipeline
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("sparsed", "dense")
+"""Methods the text runner offers."""
+
+DEFAULT_PRESET = "tiny-llada"
+"""Preset used when neither a preset nor a model is named."""
+
+SHORT_CONTEXT = 2048
+"""Sequences up to this many tokens get SparseD blocks of 32 by default (128 beyond)."""
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = ("float32", "bfloat16", "float16")
+    if dtype not in allowed:
+        raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(allowed)}")
+    return getattr(torch, dtype)
+
+
+def load_text_pipeline(
+    preset: str | None = None,
+    model: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+) -> DiffusionLMPipeline:
+    """A ready :class:`DiffusionLMPipeline` from a text preset (default ``tiny-llada``) or a checkpoint."""
+    if preset is not None and model is not None:
+        raise ValueError(f"pass preset={preset!r} or model={model!r}, not both")
+    dtype = _dtype(dtype)
+    if model is not None:
+        from .lm_loaders import load_diffusion_lm
+
+        lm, tokenizer, mask_token_id = load_diffusion_lm(
+            model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        return DiffusionLMPipeline(lm, tokenizer=tokenizer, mask_token_id=mask_token_id)
+    from .presets import get_preset, load_preset
+
+    preset = preset or DEFAULT_PRESET
+    if get_preset(preset).kind != "text":
+        raise ValueError(f"preset={preset!r} makes video; text presets: tiny-llada")
+    return load_preset(preset, device=device, dtype=dtype)
+
+
+def sparsed_available() -> bool:
+    """Whether the SparseD attention function for transformers LMs is installed."""
+    return importlib.util.find_spec("fastgen.processors.transformers_lm") is not None
+
+
+def default_sparsed_config(sequence_length: int, **fields):
+    """``SparseDConfig`` with block 32 for short sequences (``<= SHORT_CONTEXT``), the class default beyond;
+    ``fields`` set to ``None`` are left at their defaults."""
+    from fastgen.configs import SparseDConfig
+
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "block_size" not in fields and sequence_length <= SHORT_CONTEXT:
+        fields["block_size"] = 32
+    return SparseDConfig(**fields)
+
+
+def _sparse_stats(model) -> dict:
+    """Summary of the adapter's statistics: mean ``density`` and per-layer densities (no tensors)."""
+    name = getattr(model, "_fastgen_adapter", None)
+    stats = getattr(importlib.import_module(name), "stats", None) if name is not None else None
+    if stats is None:
+        return {}
+    raw = stats(model)
+    if isinstance(raw, dict):
+        return {k: v for k, v in raw.items() if not isinstance(v, torch.Tensor)}
+    layers = [{k: v for k, v in row.items() if not isinstance(v, torch.Tensor)} for row in raw or []]
+    densities = [row["density"] for row in layers if "density" in row]
+    summary = {"density": sum(densities) / len(densities)} if densities else {}
+    return {**summary, "layers": layers}
+
+
+def generate_text(
+    pipe: DiffusionLMPipeline,
+    *,
+    prompt: str,
+    seed: int = 0,
+    steps: int | None = None,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
+    method: str = "sparsed",
+    config=None,
+    progress: bool = True,
+) -> dict:
+    """Generate for one prompt and time it.
+
+    Returns a dict: ``text``, ``tokens`` (generated ids), ``seconds``, ``tokens_per_s``, ``stats`` (the
+    sparse method's statistics; ``{}`` for dense), ``method`` (what actually ran) and ``config`` (the
+    generation settings and the method config as a dict).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed for text; allowed: {', '.join(METHODS)}")
+    gen_length = 128 if gen_length is None else gen_length
+    block_length = min(32, gen_length) if block_length is None else block_length
+    steps = gen_length if steps is None else steps
+    settings = dict(
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        temperature=0.0 if temperature is None else temperature,
+        cfg_scale=0.0 if cfg_scale is None else cfg_scale,
+    )
+    if method == "sparsed" and not sparsed_available():
+        logger.warning("SparseD (fastgen.processors.transformers_lm) is not installed yet; running dense")
+        method = "dense"
+    if method == "sparsed" and config is None:
+        prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
+        config = default_sparsed_config(prompt_tokens + gen_length)
+    import fastgen
+
+    model = pipe.model
+    applied_here = method == "sparsed" and getattr(model, "_fastgen_adapter", None) is None
+    try:
+        if applied_here:
+            fastgen.apply_sparse_attention(model, config)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        start = time.perf_counter()
+        out = pipe(prompt=prompt, generator=seed, progress=progress, **settings)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        seconds = time.perf_counter() - start
+        stats = _sparse_stats(model) if method == "sparsed" else {}
+    finally:
+        if applied_here:
+            fastgen.remove_sparse_attention(model)
+    tokens = out.sequences[0, out.prompt_length :].tolist()
+    return {
+        "text": out.texts[0] if out.texts else "",
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": len(tokens) / seconds if seconds > 0 else float("inf"),
+        "stats": stats,
+        "method": method,
+        "config": {
+            **settings,
+            "seed": seed,
+            "steps_run": out.steps_run,
+            "method": config.to_dict() if method == "sparsed" else {"method": "dense"},
+        },
+    }
+
+
+def generate_from_args(args: argparse.Namespace) -> int:
+    """``fastgen generate`` for text: print the text and tokens/s (and speedup + token agreement vs dense
+    with ``--compare-dense``); ``--out`` is written atomically. Returns the exit status."""
+    from fastgen.io import write_text
+    from fastgen.metrics import token_agreement
+
+    method = args.method or "sparsed"
+    if method not in METHODS:
+        raise ValueError(f"--method={method!r} is not allowed for text; allowed: {', '.join(METHODS)}")
+    pipe = load_text_pipeline(
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+    )
+    common = dict(
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        temperature=args.temperature,
+        cfg_scale=args.cfg_scale,
+        progress=not getattr(args, "quiet", False),
+    )
+    config = None
+    if method == "sparsed":
+        prompt_tokens = len(pipe.tokenizer(args.prompt)["input_ids"]) if pipe.tokenizer is not None else 0
+        config = default_sparsed_config(
+            prompt_tokens + (args.gen_length or 128),
+            skip=args.skip,
+            select=args.select,
+            block_size=args.block_size,
+        )
+    if args.compare_dense:
+        # one short untimed call first, so neither timed run pays the one-time costs
+        warm = min(32, args.gen_length or 128)
+        pipe(prompt=args.prompt, gen_length=warm, steps=1, block_length=warm, progress=False)
+    result = generate_text(pipe, method=method, config=config, **common)
+    # the CLI's output goes to stdout
+    print(result["text"])
+    print(f"[{result['method']}] {result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.3f} s)")
+    if "density" in result["stats"]:
+        print(f"[{result['method']}] attention density: {result['stats']['density']:.3f}")
+    if args.compare_dense:
+        dense = generate_text(pipe, method="dense", **common)
+        speedup = dense["seconds"] / result["seconds"] if result["seconds"] > 0 else float("inf")
+        agreement = token_agreement(result["tokens"], dense["tokens"])
+        print(f"[dense] {dense['tokens_per_s']:.1f} tokens/s ({dense['seconds']:.3f} s)")
+        print(f"speedup vs dense: {speedup:.2f}x  token agreement: {agreement:.3f}")
+    if args.out:
+        write_text(args.out, result["text"])
+        logger.info("wrote %s", args.out)
+    return 0
+
+
+__all__ = [
+    "METHODS",
+    "default_sparsed_config",
+    "generate_from_args",
+    "generate_text",
+    "load_text_pipeline",
+    "sparsed_available",
+]

@@ -1,0 +1,88 @@
+"""Tests of the text runner: ``generate_text`` and ``fastgen generate`` for the tiny-llada preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastgen.pipelines.text_runner import default_sparsed_config, generate_text, load_text_pipeline
+
+from fastgen.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_text_pipeline(preset="tiny-llada", device="cpu", dtype="float32")
+
+
+def test_generate_text_dense_returns_all_keys(pipe):
+    result = generate_text(
+        pipe, prompt="Hello", seed=1, gen_length=16, steps=4, block_length=8, method="dense"
+    )
+    assert set(result) >= {"text", "tokens", "seconds", "tokens_per_s", "stats", "config", "method"}
+    assert len(result["tokens"]) == 16 and result["tokens_per_s"] > 0
+    assert result["config"]["steps"] == 4 and result["config"]["method"] == {"method": "dense"}
+    again = generate_text(
+        pipe, prompt="Hello", seed=1, gen_length=16, steps=4, block_length=8, method="dense"
+    )
+    assert again["tokens"] == result["tokens"]
+
+
+def test_generate_text_sparsed_matches_dense_length(pipe):
+    result = generate_text(pipe, prompt="Hello", gen_length=16, steps=4, block_length=8, method="sparsed")
+    assert len(result["tokens"]) == 16
+    assert result["method"] in ("sparsed", "dense")
+    assert getattr(pipe.model, "_fastgen_adapter", None) is None
+
+
+def test_bad_method_and_preset(pipe):
+    with pytest.raises(ValueError, match="method"):
+        generate_text(pipe, prompt="a", method="rectified")
+    with pytest.raises(ValueError, match="preset"):
+        load_text_pipeline(preset="tiny-wan")
+    with pytest.raises(ValueError, match="dtype"):
+        load_text_pipeline(dtype="float64")
+
+
+def test_default_sparsed_config_block_size():
+    assert default_sparsed_config(100).block_size == 32
+    assert default_sparsed_config(100_000).block_size == 128
+    assert default_sparsed_config(100, block_size=64, select=0.5).select == 0.5
+
+
+def test_cli_generate_compare_dense_and_out(tmp_path, capsys):
+    out = tmp_path / "nested" / "out.txt"
+    argv = [
+        "generate", "--preset", "tiny-llada", "--method", "sparsed", "--prompt", "Once upon",
+        "--gen-length", "16", "--steps", "4", "--block-length", "8", "--device", "cpu",
+        "--compare-dense", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "speedup vs dense" in printed and "token agreement" in printed
+    text = out.read_text(encoding="utf-8")
+    assert printed.startswith(text)
+    assert not list(out.parent.glob(".*partial*"))
+    if "[dense]" in printed.splitlines()[1]:  # SparseD not installed: dense vs dense agree exactly
+        assert "token agreement: 1.000" in printed
+
+
+def test_cli_rejects_video_method(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(
+            [
+                "generate",
+                "--preset",
+                "tiny-llada",
+                "--method",
+                "rectified",
+                "--prompt",
+                "x",
+                "--device",
+                "cpu",
+            ]
+        )
+    assert err.value.code == 2 and "method" in capsys.readouterr().err
+
+
+def test_tiny_pipeline_is_float32_on_cpu(pipe):
+    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
