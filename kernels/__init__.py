@@ -1,0 +1,12 @@
+"""Triton kernels of fastgen (installed as ``fastgen.kernels``).
+
+Importing this package never imports Triton and never fails: ``HAS_TRITON`` says whether
+Triton is installed, ``block_mask_to_indices`` is plain torch, and
+``block_sparse_attention_triton`` imports Triton on its first call (raising a
+``RuntimeError`` that names the fallback when Triton is missing). The torch /
+FlexAttention fallbacks live in ``fastgen/attention/backends.py``.
+"""
+
+from .block_sparse_attn import HAS_TRITON, block_mask_to_indices, block_sparse_attention_triton
+
+__all__ = ["HAS_TRITON", "block_mask_to_indices", "block_sparse_attention_triton"]
