@@ -1,0 +1,296 @@
+"""Tests of the Gradio demo: handlers, a real ``gradio_client`` against the launched app, a headless browser."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'fastgen[app]')")
+
+from fastgen.app.demo import DemoLimits, build_demo, draw_block_mask  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fakes with the runners' interface
+
+
+def _mask(heads=2, nq=5, nk=5):
+    rng = np.random.default_rng(0)
+    return rng.random((heads, nq, nk)) < 0.4
+
+
+def fake_video_generate(pipe, *, prompt, seed=0, method="rectified", config=None, progress=True, **params):
+    """Seeded frames of the requested size; the sparse run is slightly off and records block masks."""
+    frames = np.random.default_rng(seed).integers(
+        0, 250, size=(params["frames"], params["height"], params["width"], 3)
+    )
+    stats = []
+    if method != "dense":
+        frames = frames + 2
+        stats = [
+            {"layer": i, "density": 0.4, "compensated_fraction": 0.5, "block_mask": _mask()} for i in (1, 2)
+        ]
+    return {"frames": frames.astype(np.uint8), "seconds": 1.0 if method == "dense" else 0.4, "fps": 8,
+            "stats": stats, "config": {}}  # fmt: skip
+
+
+def fake_text_generate(pipe, *, prompt, seed=0, method="sparsed", config=None, progress=True, **params):
+    """Seeded tokens; the sparse run changes one token and reports stats as a dict with layers."""
+    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, 50, size=params["gen_length"])]
+    stats = {}
+    if method != "dense":
+        tokens[0] += 1
+        stats = {"density": 0.3, "layers": [{"layer": 0, "density": 0.3, "block_mask": _mask(3, 4, 4)}]}
+    seconds = 2.0 if method == "dense" else 1.0
+    return {"text": " ".join(map(str, tokens)), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": len(tokens) / seconds, "stats": stats, "config": {}}  # fmt: skip
+
+
+def _value(output):
+    """The value of an output that the app returns as a component update."""
+    return output["value"] if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def _path(video):
+    """The file of a video output (a path, or a dict with ``video`` depending on the gradio version)."""
+    return video["video"] if isinstance(video, dict) else video
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(demo):
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    return demo.local_url
+
+
+@pytest.fixture(scope="module")
+def fake_app():
+    loads = []
+    demo = build_demo(
+        video_loader=lambda: loads.append("video") or "video-pipe",
+        text_loader=lambda: loads.append("text") or "text-pipe",
+        video_generate=fake_video_generate,
+        text_generate=fake_text_generate,
+        limits=DemoLimits(max_frames=17, max_side=256, max_steps=8, max_gen_length=64),
+    )
+    url = _launch(demo)
+    yield demo, url, loads
+    demo.close()
+
+
+VIDEO_ARGS = dict(prompt="a cat", negative_prompt="", sparsity=0.8, block_size=128, dense_layers=1,
+                  warmup_steps=1, form="exact", steps=2, seed=3, height=32, width=48, frames=3)  # fmt: skip
+TEXT_ARGS = dict(prompt="hello", skip=0.2, select=0.3, block_size=32, steps=4, gen_length=8, block_length=8,
+                 temperature=0.0, seed=5)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_draw_block_mask_writes_png(tmp_path):
+    stats = [{"layer": 4, "density": 0.25, "block_mask": _mask()}]
+    path = draw_block_mask(stats, "4", 1, str(tmp_path / "m.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # no mask recorded (dense run, or a runner that keeps no tensors): a placeholder picture, no error
+    assert os.path.getsize(draw_block_mask([], None, 0, str(tmp_path / "empty.png"))) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# a real client against the launched app
+
+
+def test_client_video_tab_returns_both_videos_metrics_and_mask(fake_app):
+    from gradio_client import Client
+
+    demo, url, loads = fake_app
+    client = Client(url, verbose=False)
+    out = client.predict(*VIDEO_ARGS.values(), api_name="/generate_video")
+    dense_video, sparse_video, table, metrics, mask, layer, head = out
+    for video in (dense_video, sparse_video):
+        path = _path(video)
+        assert os.path.getsize(path) > 0 and path.endswith(".mp4")
+    assert metrics["speedup"] == pytest.approx(2.5)
+    assert 30 < metrics["psnr"] < 60 and 0 < metrics["ssim"] <= 1
+    assert metrics["density"] == pytest.approx(0.4) and metrics["seed"] == 3
+    assert metrics["config"]["method"] == "rectified" and metrics["config"]["sparsity"] == 0.8
+    assert "speedup" in table and "PSNR" in table
+    assert os.path.getsize(mask) > 0 and _value(layer) == "1" and _value(head) == 0
+    assert layer["choices"] == [["1", "1"], ["2", "2"]]
+    # every request writes its own files; the pipeline was loaded once, lazily
+    before = set(os.listdir(demo.fastgen_backend.folders.root))
+    client.predict(*VIDEO_ARGS.values(), api_name="/generate_video")
+    after = set(os.listdir(demo.fastgen_backend.folders.root))
+    assert len(after - before) == 1
+    assert sorted(os.listdir(os.path.join(demo.fastgen_backend.folders.root, *(after - before)))) == [
+        "dense.mp4",
+        "mask.png",
+        "rectified.mp4",
+    ]
+    assert loads.count("video") == 1
+
+
+def test_client_text_tab_returns_both_texts_and_metrics(fake_app):
+    from gradio_client import Client
+
+    demo, url, loads = fake_app
+    client = Client(url, verbose=False)
+    dense, sparse, table, metrics, mask, layer, head = client.predict(
+        *TEXT_ARGS.values(), api_name="/generate_text"
+    )
+    assert len(dense.split()) == 8 and dense != sparse
+    assert metrics["token_agreement"] == pytest.approx(7 / 8)
+    assert metrics["speedup"] == pytest.approx(2.0) and metrics["sparse_tokens_per_s"] == pytest.approx(8.0)
+    assert metrics["config"] == {"method": "sparsed", "skip": 0.2, "select": 0.3, "block_size": 32}
+    assert "token agreement" in table and os.path.getsize(mask) > 0 and _value(layer) == "0"
+
+
+@pytest.mark.parametrize(
+    ("api", "change", "message"),
+    [  # sliders are bounded by gradio itself, the rest by the handlers
+        ("/generate_video", {"frames": 1000}, "Value 1000 is greater than maximum value 17"),
+        ("/generate_video", {"height": 4096}, "Value 4096 is greater than maximum value 256"),
+        ("/generate_video", {"steps": 0}, "Value 0 is less than minimum value 1"),
+        ("/generate_video", {"seed": -1}, "Value -1 is less than minimum value 0"),
+        ("/generate_video", {"prompt": "   "}, "prompt is empty"),
+        ("/generate_video", {"warmup_steps": 50}, r"warm-up steps=50 is out of range; allowed: 0\.\.8"),
+        (
+            "/generate_video",
+            {"block_size": 48},
+            r"48 is not in the list of choices: \[16, 32, 64, 128, 256\]",
+        ),
+        ("/generate_text", {"gen_length": 100000}, "Value 100000 is greater than maximum value 64"),
+        ("/generate_text", {"block_length": 50}, r"block length=50 is out of range; allowed: 1\.\.8"),
+        ("/generate_text", {"prompt": "x" * 5000}, "prompt has 5000 characters; allowed: at most 2000"),
+    ],
+)
+def test_out_of_range_inputs_are_clear_errors(fake_app, api, change, message):
+    from gradio_client import Client
+
+    demo, url, _ = fake_app
+    args = {**(VIDEO_ARGS if api == "/generate_video" else TEXT_ARGS), **change}
+    with pytest.raises(Exception, match=message):
+        Client(url, verbose=False).predict(*args.values(), api_name=api)
+
+
+def test_handlers_check_bounds_without_the_ui(fake_app):
+    demo, _, _ = fake_app
+    backend = demo.fastgen_backend
+    with pytest.raises(gr.Error, match=r"frames=1000 is out of range; allowed: 1\.\.17"):
+        backend.run_video(*{**VIDEO_ARGS, "frames": 1000}.values())
+    with pytest.raises(gr.Error, match="steps=2.5 must be a whole number"):
+        backend.run_text(*{**TEXT_ARGS, "steps": 2.5}.values())
+    with pytest.raises(gr.Error, match="sparsity=1.5 is out of range"):
+        backend.run_video(*{**VIDEO_ARGS, "sparsity": 1.5}.values())
+    with pytest.raises(gr.Error, match="block_size=48 is not allowed; it must be a power of two"):
+        backend.run_video(*{**VIDEO_ARGS, "block_size": 48}.values())
+
+
+def _real_runner(name: str) -> bool:
+    return importlib.util.find_spec(f"fastgen.pipelines.{name}") is not None
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_client_text_tab_with_tiny_llada():
+    from gradio_client import Client
+
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_preset="tiny-llada")
+    url = _launch(demo)
+    try:
+        out = Client(url, verbose=False).predict(*{**TEXT_ARGS, "gen_length": 16, "block_length": 16}.values(),
+                                                 api_name="/generate_text")  # fmt: skip
+        dense, sparse, table, metrics, mask, layer, head = out
+        assert isinstance(dense, str) and isinstance(sparse, str)
+        assert 0.0 <= metrics["token_agreement"] <= 1.0
+        assert metrics["dense_tokens_per_s"] > 0 and metrics["sparse_tokens_per_s"] > 0
+        assert os.path.getsize(mask) > 0
+    finally:
+        demo.close()
+
+
+@pytest.mark.skipif(
+    not _real_runner("video_runner"), reason="fastgen.pipelines.video_runner is not there yet"
+)
+def test_client_video_tab_with_tiny_wan():
+    from gradio_client import Client
+
+    demo = build_demo(text_loader=lambda: None, text_generate=fake_text_generate, video_preset="tiny-wan")
+    url = _launch(demo)
+    try:
+        args = {**VIDEO_ARGS, "height": 64, "width": 64, "frames": 5, "steps": 2}
+        dense, sparse, table, metrics, mask, layer, head = Client(url, verbose=False).predict(
+            *args.values(), api_name="/generate_video"
+        )
+        assert os.path.getsize(_path(dense)) > 0 and os.path.getsize(_path(sparse)) > 0
+        assert metrics["ssim"] > 0 and metrics["speedup"] > 0
+    finally:
+        demo.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a headless browser clicks Generate
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright (the Python package) is not installed: pip install playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium at /usr/bin/chromium: apt-get install -y chromium")
+    return sync_playwright
+
+
+def test_browser_clicks_generate_and_sees_results(fake_app, tmp_path):
+    sync_playwright = _browser_or_skip()
+    demo, url, _ = fake_app
+    save = os.environ.get("FASTGEN_SAVE_SCREENSHOT") == "1"
+    if save and _real_runner("video_runner") and _real_runner("text_runner"):
+        # the README screenshot shows the real tiny presets, not the fakes
+        demo = build_demo()
+        url = _launch(demo)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            # gradio pages keep connections open (and may try web fonts), so never "networkidle"
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#video-generate", timeout=60_000)
+            page.click("#video-generate")
+            page.wait_for_selector("#video-metrics :text('speedup')", timeout=180_000)
+            page.wait_for_selector("#video-sparse video", timeout=60_000)
+            page.wait_for_selector("#video-mask img", timeout=60_000)
+            assert "PSNR" in page.inner_text("#video-metrics")
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert os.path.getsize(shot) > 10_000
+            if save:
+                page.screenshot(path=os.path.join(REPO, "samples", "demo_screenshot.png"), full_page=True)
+            # the Text tab too
+            page.get_by_role("tab", name="Text (SparseD)").click()
+            page.click("#text-generate")
+            page.wait_for_selector("#text-metrics :text('token agreement')", timeout=180_000)
+            if save:
+                page.screenshot(
+                    path=os.path.join(REPO, "samples", "demo_screenshot_text.png"), full_page=True
+                )
+        finally:
+            browser.close()
+            if demo is not fake_app[0]:
+                demo.close()
