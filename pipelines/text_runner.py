@@ -80,7 +80,8 @@ def default_sparsed_config(sequence_length: int, **fields):
 
 
 def _sparse_stats(model) -> dict:
-    """Summary of the adapter's statistics: mean ``density`` and per-layer densities (no tensors)."""
+    """The adapter's statistics: mean ``density`` and the per-layer rows (``block_mask`` of batch row 0
+    kept as a CPU bool tensor, for pictures of what the sparse attention kept)."""
     name = getattr(model, "_fastgen_adapter", None)
     stats = getattr(importlib.import_module(name), "stats", None) if name is not None else None
     if stats is None:
@@ -88,7 +89,7 @@ def _sparse_stats(model) -> dict:
     raw = stats(model)
     if isinstance(raw, dict):
         return {k: v for k, v in raw.items() if not isinstance(v, torch.Tensor)}
-    layers = [{k: v for k, v in row.items() if not isinstance(v, torch.Tensor)} for row in raw or []]
+    layers = [dict(row) for row in raw or []]
     densities = [row["density"] for row in layers if "density" in row]
     summary = {"density": sum(densities) / len(densities)} if densities else {}
     return {**summary, "layers": layers}
