@@ -1,0 +1,257 @@
+"""Denoising-step tracking for diffusers transformers (used by the sparse-attention processors).
+
+Sparse methods keep the first denoising steps dense, so an attention processor needs to know which
+step a call belongs to. A :class:`StepTracker` is attached to a transformer with a diffusers
+``ModelHook`` (``diffusers.hooks.HookRegistry``); the hook reads the ``timestep`` argument of every
+forward call:
+
+- a new step begins when the timestep value changes, so classifier-free guidance run as two calls
+  per step (same timestep twice) or as one batched call counts as ONE step;
+- a new generation begins when the timestep goes back up (or after :func:`reset_step_tracking`),
+  which resets the step counter and the state of the processors.
+
+The hook also records the latent video grid ``(frames, height, width)`` after patchify, read from
+the shape of ``hidden_states`` and the model's patch size.
+
+State lives on the tracker instance. While a tracked forward runs, the tracker is also reachable
+through :func:`active_tracker` (a ``contextvars`` variable scoped to that call), which is how
+processors set by hand with ``transformer.set_attn_processor(...)`` find it.
+
+Example (Wan 2.2 has two transformers; one shared tracker counts steps across both):
+    >>> from fastgen import RectifiedSpaAttnConfig
+    >>> from fastgen.hooks import apply_to_pipeline
+    >>> apply_to_pipeline(pipe, RectifiedSpaAttnConfig(sparsity=0.8))
+    >>> video = pipe(prompt="a red fox in snow", num_inference_steps=40).frames[0]
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HOOK_NAME = "fastgen_step_tracker"
+
+_ACTIVE: contextvars.ContextVar[StepTracker | None] = contextvars.ContextVar(
+    "fastgen_active_step_tracker", default=None
+)
+
+GridFn = Callable[[torch.nn.Module, torch.Tensor], "tuple[int, int, int] | None"]
+
+
+def active_tracker() -> StepTracker | None:
+    """The tracker of the tracked forward call running now (None outside one)."""
+    return _ACTIVE.get()
+
+
+class StepTracker:
+    """Counts denoising steps of one generation from the timesteps a transformer is called with."""
+
+    def __init__(self) -> None:
+        self.step: int = -1
+        """Index of the current denoising step in this generation (-1 before the first call)."""
+        self.generation: int = 0
+        """Number of generations started (bumped when the timestep goes back up or on reset)."""
+        self.calls: int = 0
+        """Forward calls seen in this generation (CFG in two calls gives two per step)."""
+        self.grid: tuple[int, int, int] | None = None
+        """Latent token grid ``(frames, height, width)`` of the current call, after patchify."""
+        self.last_timestep: float | None = None
+        """Timestep value of the current step."""
+        self._listeners: list[Callable[[], None]] = []
+
+    def observe(self, timestep: float | None, grid: tuple[int, int, int] | None = None) -> None:
+        """Record one forward call at ``timestep`` (largest value of the timestep tensor)."""
+        self.grid = grid
+        if timestep is None:  # no timestep given: every call is its own step
+            self.step += 1
+        elif self.last_timestep is None:
+            self.step = 0
+        elif timestep > self.last_timestep:
+            self._new_generation()
+            self.step = 0
+        elif timestep != self.last_timestep:
+            self.step += 1
+        self.last_timestep = timestep
+        self.calls += 1
+
+    def reset(self) -> None:
+        """Start a new generation: step counter back to the beginning, processors notified."""
+        self._new_generation()
+        self.step = -1
+        self.last_timestep = None
+        self.grid = None
+
+    def add_reset_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` whenever a new generation starts (processors reset their state there)."""
+        if fn not in self._listeners:
+            self._listeners.append(fn)
+
+    def remove_reset_listener(self, fn: Callable[[], None]) -> None:
+        """Stop notifying ``fn``."""
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self.calls = 0
+        for fn in list(self._listeners):
+            fn()
+
+    def __repr__(self) -> str:
+        return f"StepTracker(step={self.step}, generation={self.generation}, grid={self.grid})"
+
+
+def _timestep_value(timestep) -> float | None:
+    """One number per call: the largest timestep (Wan 2.2 TI2V gives per-token timesteps with 0s)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.detach().max()) if timestep.numel() else None
+    return float(timestep)
+
+
+def video_grid(model: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int] | None:
+    """Token grid after patchify of a ``[B, C, F, H, W]`` latent for Wan / HunyuanVideo configs."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:
+        return None
+    config = getattr(model, "config", None)
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, (tuple, list)) and len(patch) == 3:
+        pt, ph, pw = patch
+    elif isinstance(patch, int):
+        pt, ph, pw = getattr(config, "patch_size_t", 1) or 1, patch, patch
+    else:
+        return None
+    _, _, f, h, w = hidden_states.shape
+    return f // pt, h // ph, w // pw
+
+
+def _diffusers_model_hook_base():
+    from diffusers.hooks import ModelHook
+
+    return ModelHook
+
+
+class _StepTrackingHook(_diffusers_model_hook_base()):
+    """diffusers ``ModelHook`` that feeds each forward call's timestep and grid to a tracker."""
+
+    def __init__(self, tracker: StepTracker, grid_fn: GridFn = video_grid) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.grid_fn = grid_fn
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.tracker.observe(_timestep_value(timestep), self.grid_fn(module, hidden_states))
+        token = _ACTIVE.set(self.tracker)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+
+def register_step_tracker(
+    model: torch.nn.Module, tracker: StepTracker | None = None, grid_fn: GridFn = video_grid
+) -> StepTracker:
+    """Attach a step tracker to ``model`` (idempotent) and return it.
+
+    Pass ``tracker`` to share one tracker between models (Wan 2.2's two transformers). If ``model``
+    already has a tracker it is returned unchanged (``tracker`` must then be None or that one).
+    """
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    existing = registry.get_hook(HOOK_NAME)
+    if existing is not None:
+        if tracker is not None and tracker is not existing.tracker:
+            raise ValueError("register_step_tracker: model already has a different step tracker")
+        return existing.tracker
+    tracker = tracker if tracker is not None else StepTracker()
+    registry.register_hook(_StepTrackingHook(tracker, grid_fn), HOOK_NAME)
+    return tracker
+
+
+def get_step_tracker(model: torch.nn.Module) -> StepTracker | None:
+    """The tracker attached to ``model`` (None if none)."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook.tracker if hook is not None else None
+
+
+def remove_step_tracker(model: torch.nn.Module) -> None:
+    """Detach the step tracker from ``model`` (a no-op if none)."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+def reset_step_tracking(model: torch.nn.Module) -> None:
+    """Start a new generation now: reset the tracker of ``model`` and every fastgen processor on it.
+
+    Needed only when a generation is interrupted midway or processors were set by hand without a
+    tracker; otherwise a new generation is detected when the timestep goes back up.
+    """
+    tracker = get_step_tracker(model)
+    if tracker is not None:
+        tracker.reset()
+    processors = getattr(model, "attn_processors", {}) or {}
+    seen = set()
+    for proc in processors.values():
+        if id(proc) not in seen and callable(getattr(proc, "reset", None)):
+            seen.add(id(proc))
+            proc.reset()
+
+
+def pipeline_transformers(pipe) -> list[torch.nn.Module]:
+    """The denoising transformers of a diffusers pipeline: ``transformer`` and ``transformer_2`` if present."""
+    models = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+    return [m for m in models if isinstance(m, torch.nn.Module)]
+
+
+def apply_to_pipeline(pipe, config):
+    """Apply ``config`` to every transformer of ``pipe`` (Wan 2.2: ``transformer`` and ``transformer_2``).
+
+    Both transformers share one step tracker, so ``warmup_steps`` counts the steps of the whole
+    generation, whichever expert runs them. Returns the pipeline.
+    """
+    from fastgen.api import apply_sparse_attention
+
+    models = pipeline_transformers(pipe)
+    if not models:
+        raise ValueError(f"pipe={type(pipe).__name__} has no `transformer` or `transformer_2` to accelerate")
+    trackers = [get_step_tracker(m) for m in models]
+    shared = next((t for t in trackers if t is not None), None) or StepTracker()
+    for model in models:
+        register_step_tracker(model, shared)
+        apply_sparse_attention(model, config)
+    return pipe
+
+
+def remove_from_pipeline(pipe):
+    """Undo :func:`apply_to_pipeline`: original processors back and step trackers detached."""
+    from fastgen.api import remove_sparse_attention
+
+    for model in pipeline_transformers(pipe):
+        remove_sparse_attention(model)
+        remove_step_tracker(model)
+    return pipe
+
+
+__all__ = [
+    "StepTracker",
+    "active_tracker",
+    "apply_to_pipeline",
+    "get_step_tracker",
+    "pipeline_transformers",
+    "register_step_tracker",
+    "remove_from_pipeline",
+    "remove_step_tracker",
+    "reset_step_tracking",
+    "video_grid",
+]

@@ -1,0 +1,281 @@
+"""Shared machinery of the Rectified SpaAttn attention processors (Wan, HunyuanVideo).
+
+A :class:`RectifiedProcessorBase` decides, per call, whether self-attention runs sparse
+(``rectified_sparse_attention``) or dense (diffusers' ``dispatch_attention_fn``, so
+``set_attention_backend`` keeps working), keeps the statistics of its last sparse call and resets
+them between generations. Model adapters subclass it and only build q/k/v.
+
+Where the layer index and the step come from:
+
+- installed by ``apply`` (via ``fastgen.apply_sparse_attention``): one processor per attention layer,
+  constructed with its layer index and the model's :class:`~fastgen.hooks.StepTracker`;
+- set by hand (``transformer.set_attn_processor(WanRectifiedProcessor(config))``, one instance on
+  every layer): the layer index of an attention module is the order in which the instance first
+  sees it (= block order); the step comes from the model's tracker while a tracked forward runs
+  (``fastgen.hooks.register_step_tracker(transformer)``). Without a tracker the processor counts
+  forward passes itself (a pass begins when the first layer is called again): CFG run as two calls
+  then counts as two steps, and ``fastgen.hooks.reset_step_tracking(transformer)`` must be called
+  between generations for the dense warm-up to run again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastgen.configs import RectifiedSpaAttnConfig
+from fastgen.hooks import StepTracker, active_tracker
+
+logger = logging.getLogger(__name__)
+
+MIN_HEAD_DIM = 16
+"""Smallest head_dim the sparse kernels serve."""
+MAX_HEAD_DIM = 256
+"""Largest head_dim the sparse kernels serve."""
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    """Whether the sparse kernels serve this head_dim (multiple of 8 in [16, 256])."""
+    return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+
+def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
+    """``fastgen.attention.rectified_sparse_attention`` on ``[B, H, N, D]`` tensors, returning ``(out, stats)``."""
+    from fastgen.attention.rectified import rectified_sparse_attention
+
+    return rectified_sparse_attention(q, k, v, return_stats=True, **kwargs)
+
+
+def grid_from_rope_table(table: torch.Tensor) -> tuple[int, int, int] | None:
+    """Recover the raster ``(frames, height, width)`` token grid from a 3D-RoPE cos table ``[N, D]``.
+
+    Both Wan and HunyuanVideo lay the table out as frame, height, width channel groups, each starting
+    with frequency 1 (``cos(position)``, distinct for distinct integer positions). The frame part
+    changes every ``height*width`` tokens and the height part every ``width`` tokens.
+    """
+    n = table.shape[0]
+    if n == 0:
+        return None
+    changed = table != table[:1]
+    first = torch.where(
+        changed.any(0), changed.float().argmax(0), torch.full_like(changed[0], n, dtype=torch.long)
+    )
+    periods = sorted({int(p) for p in first.tolist()})
+    hw = int(first[0])
+    between = [p for p in periods if 1 < p < hw]
+    w = between[0] if between else hw
+    if n % hw or hw % w:
+        return None
+    return n // hw, hw // w, w
+
+
+def check_config(config) -> RectifiedSpaAttnConfig:
+    """``config`` itself if it is a :class:`RectifiedSpaAttnConfig`, else a ``ValueError``."""
+    if not isinstance(config, RectifiedSpaAttnConfig):
+        raise ValueError(
+            f"config={type(config).__name__} is not supported by the Rectified SpaAttn processors; "
+            "allowed: RectifiedSpaAttnConfig"
+        )
+    return config
+
+
+def key_padding_from_attention_mask(
+    mask: torch.Tensor | None, batch: int, n_keys: int
+) -> torch.Tensor | None:
+    """Bool ``[B, Nk]`` (True = real key) from a diffusers key mask, or None if it is not a pure key mask.
+
+    Accepts bool or additive-float masks of shape ``[B, Nk]``, ``[B, 1, Nk]`` or ``[B, 1, 1, Nk]``.
+    Raises ``LookupError`` for masks that vary per query or per head (the caller then runs dense).
+    """
+    if mask is None:
+        return None
+    m = mask
+    while m.ndim > 2:
+        if m.shape[1] != 1:
+            raise LookupError(f"attention_mask of shape {tuple(mask.shape)} is not a key padding mask")
+        m = m.squeeze(1)
+    if m.ndim != 2 or m.shape[-1] != n_keys or m.shape[0] not in (1, batch):
+        raise LookupError(f"attention_mask of shape {tuple(mask.shape)} does not match {n_keys} keys")
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
+    return m.expand(batch, -1)
+
+
+class RectifiedProcessorBase:
+    """Per-layer sparse/dense decision, statistics and reset; subclasses build q/k/v for one model."""
+
+    def __init__(
+        self,
+        config: RectifiedSpaAttnConfig | None = None,
+        *,
+        layer: int | None = None,
+        tracker: StepTracker | None = None,
+    ) -> None:
+        self.config = check_config(config if config is not None else RectifiedSpaAttnConfig())
+        """The method's settings."""
+        self.layer = layer
+        """Layer index (None when set by hand: assigned per attention module on first sight)."""
+        self.tracker = tracker
+        """Step tracker of the model (None: the active tracker of a tracked call, else own counting)."""
+        self._attention_backend = None  # diffusers' set_attention_backend writes here
+        self._parallel_config = None
+        self._layer_of: dict[int, int] = {}
+        self._own_forwards = -1
+        self._last: dict[int, dict] = {}
+        self._logged: set[str] = set()
+        self._listening: StepTracker | None = None
+        if tracker is not None:
+            self._listen(tracker)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget per-generation state (statistics, own forward counter)."""
+        self._last.clear()
+        self._own_forwards = -1
+
+    def _listen(self, tracker: StepTracker) -> None:
+        if self._listening is not tracker:
+            if self._listening is not None:
+                self._listening.remove_reset_listener(self.reset)
+            tracker.add_reset_listener(self.reset)
+            self._listening = tracker
+
+    def detach(self) -> None:
+        """Stop listening to the tracker (called when the processor is removed)."""
+        if self._listening is not None:
+            self._listening.remove_reset_listener(self.reset)
+            self._listening = None
+
+    def _log_once(self, message: str, level: int = logging.INFO) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.log(level, message)
+
+    def _layer_index(self, attn: torch.nn.Module) -> int:
+        if self.layer is not None:
+            return self.layer
+        key = id(attn)
+        if key not in self._layer_of:
+            self._layer_of[key] = len(self._layer_of)
+        return self._layer_of[key]
+
+    def _step_and_grid(self, layer: int) -> tuple[int, tuple[int, int, int] | None]:
+        tracker = self.tracker or active_tracker()
+        if tracker is not None:
+            self._listen(tracker)
+            return max(tracker.step, 0), tracker.grid
+        if layer == 0:  # first layer called again: a new forward pass
+            self._own_forwards += 1
+            if self._own_forwards == 0:
+                self._log_once(
+                    "fastgen: processor has no step tracker; counting forward passes as steps "
+                    "(call fastgen.hooks.register_step_tracker(transformer) for timestep-based counting)"
+                )
+        return max(self._own_forwards, 0), None
+
+    # -------------------------------------------------------------- decision
+    def sparse_reason(self, layer: int, step: int, n_tokens: int, head_dim: int) -> str | None:
+        """Why this call runs dense (None: it runs sparse)."""
+        cfg = self.config
+        if layer < cfg.dense_layers:
+            return "dense layer"
+        if step < cfg.warmup_steps:
+            return "warm-up step"
+        if n_tokens < cfg.min_tokens:
+            return f"sequence of {n_tokens} tokens is shorter than min_tokens={cfg.min_tokens}"
+        if not head_dim_supported(head_dim):
+            return f"head_dim={head_dim} is unsupported (allowed: multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])"
+        return None
+
+    def fallback(self, reason: str) -> None:
+        """Log a dense fallback that the user did not ask for (once per reason)."""
+        if reason not in ("dense layer", "warm-up step"):
+            self._log_once(f"fastgen: {type(self).__name__} runs dense attention: {reason}")
+
+    # ----------------------------------------------------------------- compute
+    def dense(self, query, key, value, attn_mask=None, parallel_config=None) -> torch.Tensor:
+        """diffusers' dispatched attention on ``[B, N, H, D]`` tensors (honours ``set_attention_backend``)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=parallel_config,
+        )
+
+    def sparse(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        num_text_tokens: int = 0,
+        key_padding_mask: torch.Tensor | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """Rectified sparse self-attention on ``[B, N, H, D]`` tensors; records the layer's statistics."""
+        cfg = self.config
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out, stats = rectified_attention(
+            q,
+            k,
+            v,
+            sparsity=cfg.sparsity,
+            block_size=cfg.block_size,
+            num_text_tokens=num_text_tokens,
+            key_padding_mask=key_padding_mask,
+            grid=grid,
+            form=cfg.form,
+            mass_threshold=cfg.mass_threshold,
+            variance_correction=cfg.variance_correction,
+            value_tilt=cfg.value_tilt,
+            reorder=cfg.reorder and grid is not None,
+            selection=cfg.selection,
+            pool_splits=cfg.pool_splits,
+            isolated_keys=cfg.isolated_keys,
+            compensation_splits=cfg.compensation_splits,
+            gapr=cfg.gapr,
+        )
+        self._last[layer] = stats
+        return out.transpose(1, 2)
+
+    def layer_stats(self) -> list[dict]:
+        """Statistics of the last sparse call of each layer this processor serves (block mask of batch 0, on CPU)."""
+        rows = []
+        for layer in sorted(self._last):
+            stats = self._last[layer]
+            mask = stats.get("block_mask")
+            rows.append(
+                {
+                    "layer": layer,
+                    "density": _as_float(stats.get("density")),
+                    "compensated_fraction": _as_float(stats.get("compensated_fraction")),
+                    "block_mask": mask[0].detach().to("cpu", torch.bool) if mask is not None else None,
+                }
+            )
+        return rows
+
+
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.float().mean())
+    return float(value)
+
+
+def collect_stats(model: torch.nn.Module) -> list[dict]:
+    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer."""
+    rows, seen = [], set()
+    for proc in getattr(model, "attn_processors", {}).values():
+        if isinstance(proc, RectifiedProcessorBase) and id(proc) not in seen:
+            seen.add(id(proc))
+            rows.extend(proc.layer_stats())
+    return sorted(rows, key=lambda r: r["layer"])

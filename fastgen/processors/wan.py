@@ -1,0 +1,195 @@
+"""Rectified SpaAttn for diffusers' ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V and I2V).
+
+Self-attention (``attn1`` of every block) runs ``rectified_sparse_attention`` over the video tokens
+with their latent grid ``(frames/p_t, height/p_h, width/p_w)``; cross-attention (``attn2``) and the
+I2V image-context attention stay on diffusers' ``dispatch_attention_fn``, so
+``transformer.set_attention_backend(...)`` keeps applying there. The processor is our own class
+(no diffusers class is patched); it reproduces ``WanAttnProcessor``'s projections, QK-norm and RoPE.
+
+Example:
+    >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
+    >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
+    >>> video = pipe(prompt="a corgi running on a beach", num_inference_steps=40).frames[0]
+    >>> fastgen.processors.wan.stats(pipe.transformer)[3]["density"]
+    >>> remove_sparse_attention(pipe.transformer)  # original processors back, output identical
+
+Set by hand (one instance on every attention layer; see ``fastgen.processors.common`` for how the
+layer index and the step are found then):
+    >>> transformer.set_attn_processor(WanRectifiedProcessor(RectifiedSpaAttnConfig()))
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastgen.configs import RectifiedSpaAttnConfig
+from fastgen.hooks import get_step_tracker, register_step_tracker, remove_step_tracker
+
+from .common import RectifiedProcessorBase, check_config, collect_stats, grid_from_rope_table
+
+logger = logging.getLogger(__name__)
+
+WAN_TEXT_CONTEXT = 512
+"""Text tokens of Wan's encoder context; I2V image tokens come before them (as in diffusers)."""
+
+_STATE_ATTR = "_fastgen_wan_rectified"
+
+
+def _projections(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    source = hidden_states if context is None else context
+    if getattr(attn, "fused_projections", False):
+        if context is None and hasattr(attn, "to_qkv"):
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        if context is not None and hasattr(attn, "to_kv"):
+            key, value = attn.to_kv(source).chunk(2, dim=-1)
+            return attn.to_q(hidden_states), key, value
+    return attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
+
+
+def _image_projections(attn, image_context: torch.Tensor):
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_kv"):
+        return attn.to_added_kv(image_context).chunk(2, dim=-1)
+    return attn.add_k_proj(image_context), attn.add_v_proj(image_context)
+
+
+def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved-pair RoPE on ``[B, N, H, D]`` (same arithmetic as diffusers)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def grid_from_rotary(freqs_cos: torch.Tensor, head_dim: int) -> tuple[int, int, int] | None:
+    """Recover the ``(frames, height, width)`` token grid from Wan's RoPE table ``[1, N, 1, D]`` (None if unclear)."""
+    if freqs_cos.ndim != 4 or freqs_cos.shape[-1] != head_dim:
+        return None
+    return grid_from_rope_table(freqs_cos[0, :, 0, :])
+
+
+class WanRectifiedProcessor(RectifiedProcessorBase):
+    """Attention processor for ``WanAttention``: rectified sparse self-attention, dense cross-attention."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Same contract as diffusers' ``WanAttnProcessor.__call__``."""
+        image_context = None
+        if attn.add_k_proj is not None and encoder_hidden_states is not None:
+            image_len = encoder_hidden_states.shape[1] - WAN_TEXT_CONTEXT
+            image_context = encoder_hidden_states[:, :image_len]
+            encoder_hidden_states = encoder_hidden_states[:, image_len:]
+
+        query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_wan_rotary(query, *rotary_emb)
+            key = apply_wan_rotary(key, *rotary_emb)
+
+        image_out = None
+        if image_context is not None:
+            key_img, value_img = _image_projections(attn, image_context)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            image_out = self.dense(query, key_img, value_img).flatten(2, 3).type_as(query)
+
+        if encoder_hidden_states is None and attention_mask is None:
+            out = self._self_attention(attn, query, key, value, rotary_emb)
+        else:
+            parallel = self._parallel_config if encoder_hidden_states is None else None
+            out = self.dense(query, key, value, attention_mask, parallel)
+        out = out.flatten(2, 3).type_as(query)
+        if image_out is not None:
+            out = out + image_out
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def _self_attention(self, attn, query, key, value, rotary_emb) -> torch.Tensor:
+        layer = self._layer_index(attn)
+        step, grid = self._step_and_grid(layer)
+        n_tokens, head_dim = query.shape[1], query.shape[-1]
+        reason = self.sparse_reason(layer, step, n_tokens, head_dim)
+        if reason is None and self._parallel_config is not None:
+            reason = "context parallelism is enabled"
+        if reason is not None:
+            self.fallback(reason)
+            return self.dense(query, key, value, None, self._parallel_config)
+        if grid is None and rotary_emb is not None:
+            grid = grid_from_rotary(rotary_emb[0], head_dim)
+        if grid is not None and grid[0] * grid[1] * grid[2] != n_tokens:
+            grid = None
+        return self.sparse(layer, query, key, value, grid=grid)
+
+
+# ---------------------------------------------------------------------------------- adapter API
+
+
+def _is_wan(model) -> bool:
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(model, WanTransformer3DModel)
+
+
+def supports(model, config) -> bool:
+    """True for a diffusers ``WanTransformer3DModel`` with a :class:`RectifiedSpaAttnConfig`."""
+    return isinstance(config, RectifiedSpaAttnConfig) and _is_wan(model)
+
+
+def apply(model, config: RectifiedSpaAttnConfig) -> None:
+    """Install one :class:`WanRectifiedProcessor` per block's ``attn1`` (layer = block index).
+
+    The original processors are saved on the model instance so :func:`remove` restores them
+    exactly; a step tracker is attached unless the model already has one (``apply_to_pipeline``).
+    """
+    config = check_config(config)
+    if not _is_wan(model):
+        raise ValueError(f"model={type(model).__name__} is not a WanTransformer3DModel")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        remove(model)
+    owns_tracker = get_step_tracker(model) is None
+    tracker = register_step_tracker(model)
+    saved = dict(model.attn_processors)
+    new = dict(saved)
+    for i in range(len(model.blocks)):
+        name = f"blocks.{i}.attn1.processor"
+        proc = WanRectifiedProcessor(config, layer=i, tracker=tracker)
+        proc._attention_backend = getattr(saved[name], "_attention_backend", None)
+        proc._parallel_config = getattr(saved[name], "_parallel_config", None)
+        new[name] = proc
+    model.set_attn_processor(new)
+    setattr(model, _STATE_ATTR, {"saved": saved, "owns_tracker": owns_tracker})
+
+
+def remove(model) -> None:
+    """Restore the processors saved by :func:`apply` (exactly those objects) and detach the tracker."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return
+    for proc in model.attn_processors.values():
+        if isinstance(proc, RectifiedProcessorBase):
+            proc.detach()
+    model.set_attn_processor(dict(state["saved"]))
+    if state["owns_tracker"]:
+        remove_step_tracker(model)
+    setattr(model, _STATE_ATTR, None)
+
+
+def stats(model) -> list[dict]:
+    """Per-layer statistics of the last sparse call: ``layer``, ``density``, ``compensated_fraction``,
+    ``block_mask`` (batch 0, CPU bool ``[H, nqb, nkb]``). Dense-only layers are absent."""
+    return collect_stats(model)
+
+
+__all__ = ["WanRectifiedProcessor", "apply", "grid_from_rotary", "remove", "stats", "supports"]

@@ -1,0 +1,112 @@
+"""Tiny video pipelines end to end: sparse vs dense generation, the CLI runner, atomic mp4, checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from fastgen.pipelines.video_runner import generate_from_args, generate_video, load_video_pipeline
+
+from fastgen import RectifiedSpaAttnConfig
+from fastgen.cli import build_parser
+from fastgen.hooks import get_step_tracker
+
+SMALL = {"steps": 2, "height": 64, "width": 64, "frames": 5}  # latent 2 x 8 x 8 = 128 tokens (patch 1)
+
+
+@pytest.fixture(scope="module")
+def wan_pipe():
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    return build_tiny_wan(num_layers=2)
+
+
+def small_config(**kw):
+    base = {"sparsity": 0.0, "block_size": 16, "dense_layers": 0, "warmup_steps": 0, "min_tokens": 64}
+    base.update(kw)
+    return RectifiedSpaAttnConfig(**base)
+
+
+def test_sparsity_zero_pipeline_matches_dense(wan_pipe):
+    dense = generate_video(wan_pipe, prompt="a fox", method="dense", progress=False, **SMALL)
+    sparse = generate_video(
+        wan_pipe, prompt="a fox", method="rectified", config=small_config(), progress=False, **SMALL
+    )
+    assert dense["frames"].dtype == np.uint8 and dense["frames"].shape == (5, 64, 64, 3)
+    assert np.abs(dense["frames"].astype(int) - sparse["frames"].astype(int)).max() <= 1
+    assert [r["layer"] for r in sparse["stats"]] == [0, 1]
+    assert sparse["config"]["sparsity"] == 0.0 and dense["config"] == {"method": "dense"}
+    assert get_step_tracker(wan_pipe.transformer) is None  # removed after the call
+
+
+def test_sparse_pipeline_is_close_and_deterministic(wan_pipe):
+    config = small_config(sparsity=0.75, warmup_steps=1)
+    a = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
+    b = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
+    assert np.array_equal(a["frames"], b["frames"])
+    assert all(r["density"] < 1.0 for r in a["stats"])
+
+
+def test_bad_method_and_preset():
+    with pytest.raises(ValueError, match="method"):
+        generate_video(object(), prompt="x", method="magic")
+    with pytest.raises(ValueError, match="preset"):
+        load_video_pipeline("no-such-preset")
+    with pytest.raises(ValueError, match="video preset"):
+        load_video_pipeline("tiny-llada")
+
+
+def _args(tmp_path, *extra):
+    return build_parser().parse_args(
+        ["generate", "--preset", "tiny-wan", "--prompt", "a boat", "--steps", "2", "--height", "64"]
+        + ["--width", "64", "--frames", "5", "--block-size", "16", "--out", str(tmp_path / "v.mp4"), *extra]
+    )
+
+
+def test_generate_from_args_writes_mp4_and_compares(tmp_path, capsys, monkeypatch):
+    from fastgen.pipelines import video_runner
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.io import read_video
+
+    monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
+    assert generate_from_args(_args(tmp_path, "--compare-dense", "--sparsity", "0.5")) == 0
+    frames = read_video(tmp_path / "v.mp4")
+    assert frames.shape == (5, 64, 64, 3)
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "PSNR" in printed
+    assert os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+    from fastgen.pipelines import video_runner
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    def broken_write(path, frames, **kw):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
+    monkeypatch.setattr(imageio, "mimwrite", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        generate_from_args(_args(tmp_path, "--method", "dense"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_checkpoint_round_trip(tmp_path, wan_pipe):
+    from fastgen.pipelines.video_loaders import load_video_checkpoint
+
+    wan_pipe.save_pretrained(tmp_path / "ckpt")
+    loaded = load_video_pipeline(model=str(tmp_path / "ckpt"), device="cpu", dtype="float32")
+    assert type(loaded).__name__ == "WanPipeline"
+    for name, p in wan_pipe.transformer.state_dict().items():
+        assert torch.equal(p, loaded.transformer.state_dict()[name]), name
+    assert loaded.tokenizer("ab").input_ids == wan_pipe.tokenizer("ab").input_ids
+    with pytest.raises(ValueError, match="model_index.json"):
+        load_video_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="dtype"):
+        load_video_pipeline(model=str(tmp_path / "ckpt"), dtype="int8")
