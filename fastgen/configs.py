@@ -83,6 +83,16 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
     """Second-order correction of pooled logits by the per-block key variance."""
     value_tilt: bool = False
     """First-order value tilt for compensated blocks."""
+    selection: str = "subblock"
+    """Critical-block estimate: ``"subblock"`` (multi-resolution IPAR) or ``"pooled"`` (the paper's)."""
+    pool_splits: int = 4
+    """Sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size)."""
+    isolated_keys: float = 1.0
+    """Exact form: outlier keys per key block attended exactly instead of pooled (0 disables)."""
+    compensation_splits: int = 1
+    """Exact form: pooled keys per compensated block (power of two <= block_size)."""
+    gapr: bool = True
+    """Compensate only dropped blocks that pass GAPR (False: every dropped block)."""
     min_tokens: int = 256
     """Sequences shorter than this run dense attention."""
 
@@ -96,6 +106,24 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
         _check_choice(self, "form", ("exact", "paper", "none"))
         if self.mass_threshold is not None:
             _check_fraction(self, "mass_threshold", low=0.0, high=1.0, low_open=True)
+        _check_choice(self, "selection", ("subblock", "pooled"))
+        for name in ("pool_splits", "compensation_splits"):
+            _check_int(self, name, minimum=1)
+            value = getattr(self, name)
+            if value & (value - 1) or value > self.block_size:
+                raise ValueError(
+                    f"RectifiedSpaAttnConfig.{name}={value!r} is not allowed; "
+                    f"allowed: a power of two in [1, block_size={self.block_size}]"
+                )
+        if (
+            isinstance(self.isolated_keys, bool)
+            or not isinstance(self.isolated_keys, (int, float))
+            or self.isolated_keys < 0
+        ):
+            raise ValueError(
+                f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is out of range; allowed: a number >= 0"
+            )
+        _check_choice(self, "gapr", (True, False))
         _check_int(self, "min_tokens")
 
 

@@ -348,3 +348,113 @@ def test_bad_arguments_raise(kwargs, name):
     q, k, v = qkv(1, 1, 64, 16)
     with pytest.raises(ValueError, match=name):
         rectified_sparse_attention(q, k, v, **{"block_size": 16, **kwargs})
+
+
+# ---------------------------------------------------------------- multi-resolution options
+
+
+def test_subblock_estimate_equals_pooled_for_constant_blocks():
+    from fastgen.attention.rectified import subblock_estimate
+
+    b, h, nb, bs, d, text = 2, 2, 5, 16, 16, 7
+    q = block_constant(b, h, nb, bs, d)
+    k = block_constant(b, h, nb, bs, d)
+    kt = torch.randn(b, h, text, d)
+    text_valid = text_mask(b, text, [0, 3])
+    stats = block_statistics(q, k, k, bs)
+    pooled, pooled_text = ipar_estimate(
+        block_logits(stats, 0.25), text_logits(stats.pooled_q, kt, text_valid, 0.25)
+    )
+    fn = lambda pq: text_logits(pq, kt, text_valid, 0.25)  # noqa: E731
+    for splits in (2, 4, 16):
+        probs, text_mass = subblock_estimate(q, k, bs, splits, None, fn)
+        torch.testing.assert_close(probs, pooled)
+        torch.testing.assert_close(text_mass, pooled_text)
+
+
+def test_subblock_estimate_is_normalised_with_ragged_padding():
+    from fastgen.attention.rectified import subblock_estimate
+
+    q, k, _ = qkv(2, 2, 90, 16)  # 90 = 5 blocks of 16 + a partial one
+    mask = text_mask(2, 90, [0, 13])
+    kt = torch.randn(2, 2, 5, 16)
+    probs, text_mass = subblock_estimate(q, k, 16, 4, mask, lambda pq: text_logits(pq, kt, None, 0.25))
+    assert probs.shape == (2, 2, 6, 6)
+    total = probs.sum(-1) + text_mass
+    torch.testing.assert_close(total[0], torch.ones_like(total[0]))
+    torch.testing.assert_close(total[1, :, :5], torch.ones_like(total[1, :, :5]))
+    assert torch.all(probs[1, :, :, -1] == 0)  # the last block of row 1 is fully padded
+
+
+@pytest.mark.parametrize("selection", ["pooled", "subblock"])
+@pytest.mark.parametrize("isolated_keys", [0.0, 1.5])
+def test_compensation_at_token_resolution_is_exact(selection, isolated_keys):
+    # one pooled key per token: every dropped block is compensated exactly, for any selection
+    b, h, d, text, bs = 2, 2, 16, 6, 16
+    n = 100 + text
+    q, k, v = qkv(b, h, n, d)
+    mask = text_mask(b, n, [0, 2])
+    mask[1, 20:25] = False  # padded video keys too
+    out = rectified_sparse_attention(
+        q,
+        k,
+        v,
+        sparsity=0.8,
+        block_size=bs,
+        num_text_tokens=text,
+        key_padding_mask=mask,
+        selection=selection,
+        isolated_keys=isolated_keys,
+        compensation_splits=bs,
+        gapr=False,
+    )
+    assert rel_rmse(out, dense_attention(q, k, v, key_padding_mask=mask)) < 1e-5
+
+
+def test_isolated_keys_make_outlier_blocks_exact():
+    # keys constant inside each block except a few outliers (sinks): isolating them leaves pooled
+    # keys that are exact, so the output is dense; without isolation the outliers are lost
+    b, h, nb, bs, d = 1, 2, 8, 16, 16
+    q = block_constant(b, h, nb, bs, d)
+    k = block_constant(b, h, nb, bs, d)
+    v = torch.randn(b, h, nb * bs, d)
+    k[:, :, [5, 40, 77, 100]] += 6.0 * torch.randn(1, h, 4, d)
+    ref = dense_attention(q, k, v)
+    kwargs = dict(sparsity=0.75, block_size=bs, gapr=False, selection="pooled")
+    out = rectified_sparse_attention(q, k, v, isolated_keys=0.5, **kwargs)  # 4 isolated keys
+    plain = rectified_sparse_attention(q, k, v, isolated_keys=0.0, **kwargs)
+    assert rel_rmse(out, ref) < 1e-5
+    assert rel_rmse(plain, ref) > 1e-3
+
+
+@pytest.mark.parametrize("compensation_splits", [1, 4])
+def test_new_options_sparsity_zero_bf16_batch2(compensation_splits):
+    b, h, n, d, text = 2, 2, 203, 32, 7
+    q, k, v = qkv(b, h, n, d, torch.bfloat16)
+    mask = text_mask(b, n, [0, 3])
+    kwargs = dict(
+        block_size=32, num_text_tokens=text, key_padding_mask=mask, compensation_splits=compensation_splits
+    )
+    out = rectified_sparse_attention(q, k, v, sparsity=0.0, **kwargs)
+    assert out.dtype == torch.bfloat16
+    ref = dense_attention(q.float(), k.float(), v.float(), key_padding_mask=mask)
+    assert rel_rmse(out, ref) < 2e-2
+    sparse = rectified_sparse_attention(q, k, v, sparsity=0.6, **kwargs)
+    fp32 = rectified_sparse_attention(q.float(), k.float(), v.float(), sparsity=0.6, **kwargs)
+    assert rel_rmse(sparse, fp32) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(selection="max"), "selection"),
+        (dict(pool_splits=3), "pool_splits"),
+        (dict(pool_splits=32), "pool_splits"),
+        (dict(compensation_splits=0), "compensation_splits"),
+        (dict(isolated_keys=-1.0), "isolated_keys"),
+    ],
+)
+def test_bad_resolution_arguments_raise(kwargs, name):
+    q, k, v = qkv(1, 1, 64, 16)
+    with pytest.raises(ValueError, match=name):
+        rectified_sparse_attention(q, k, v, sparsity=0.5, block_size=16, **kwargs)

@@ -31,6 +31,16 @@ Algorithm (see DESIGN.md, "Rectified SpaAttn"):
      ``R_I = 1 − Σ_{J comp} P_IJ`` (mass conserved); ``SparseAttn`` covers selected + text keys.
    - ``form="none"``: plain block-sparse attention with the same selection (the baseline).
 
+Multi-resolution options (our additions, on by default; ``selection="pooled", isolated_keys=0`` gives
+the paper's estimate and pooled keys back):
+
+- ``selection="subblock"``: the IPAR estimate computed between sub-blocks of ``block_size //
+  pool_splits`` tokens and aggregated per block (:func:`subblock_estimate`), which sees peaky mass
+  that one pooled key hides.
+- ``isolated_keys``: the keys farthest from their block's mean (sinks, outliers) are isolated like
+  text keys: attended exactly where their block is dropped, excluded from the pooled keys.
+- ``compensation_splits``: several sub-block pooled keys per compensated block (exact form).
+
 Optional corrections of the pooled (compensated) terms, off by default:
 
 - ``variance_correction``: for keys ``k = k̄_J + δ`` of block ``J`` with per-dimension variance
@@ -75,6 +85,7 @@ from .blocks import (
 )
 
 FORMS = ("exact", "paper", "none")
+SELECTIONS = ("pooled", "subblock")
 _CHUNK_BYTES = 256 << 20  # working-set bound for the chunked dense/pooled terms
 _PAD_LOGIT = -3.0e4  # bias given to padded video keys (finite in every supported dtype)
 
@@ -147,6 +158,30 @@ def _check_arguments(
         or not 0.0 < mass_threshold <= 1.0
     ):
         raise ValueError(f"mass_threshold={mass_threshold!r} is out of range; allowed: None or 0 < x <= 1")
+
+
+def _check_resolution(selection, pool_splits, isolated_keys, compensation_splits, block_size):
+    if selection not in SELECTIONS:
+        raise ValueError(
+            f"selection={selection!r} is not allowed; allowed: {', '.join(map(repr, SELECTIONS))}"
+        )
+    for name, value in (("pool_splits", pool_splits), ("compensation_splits", compensation_splits)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < 1
+            or value & (value - 1)
+            or value > block_size
+        ):
+            raise ValueError(
+                f"{name}={value!r} is not allowed; allowed: a power of two in [1, block_size={block_size}]"
+            )
+    if (
+        isinstance(isolated_keys, bool)
+        or not isinstance(isolated_keys, (int, float))
+        or not 0 <= isolated_keys
+    ):
+        raise ValueError(f"isolated_keys={isolated_keys!r} is out of range; allowed: a number >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +299,147 @@ def gapr_compensated(stats: BlockStatistics, dropped: torch.Tensor) -> torch.Ten
     return dropped & reliable
 
 
+def _pool_subblocks(
+    x: torch.Tensor, sub: int, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each run of ``sub`` tokens (any ``sub >= 1``), padding excluded: fp32 ``[B, H, ns, D]``
+    and valid counts ``[B, ns]``."""
+    b, n = x.shape[0], x.shape[2]
+    ones = torch.ones(b, n, device=x.device) if valid is None else valid.float()
+    counts = _blocked(ones[:, None, :, None], sub).sum((1, 3, 4))  # [B, ns]
+    pooled = _blocked(x, sub, valid).sum(3) / counts.clamp_min(1.0)[:, None, :, None]
+    return pooled, counts
+
+
+def subblock_estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    splits: int,
+    key_valid: torch.Tensor | None,
+    text_logits_fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-resolution IPAR: the estimate of :func:`ipar_estimate` computed between query and key
+    sub-blocks of ``block_size // splits`` tokens (each query sub-block normalised on its own), then
+    summed over the key sub-blocks of each key block and averaged over the query sub-blocks of each
+    query block (weighted by valid tokens). Sees peaky mass that one pooled key per block hides;
+    cost ``(N·splits/block)²·D``. Returns ``P_IJ`` ``[B, H, nqb, nkb]`` and the text mass ``[B, H, nqb]``;
+    equals the pooled estimate when q and k are constant inside each block.
+
+    ``text_logits_fn(pooled_q)`` gives the text logits of pooled queries ``[B, H, n, T]``.
+    """
+    b, h, n, _ = q.shape
+    sub = block_size // splits
+    nb = num_blocks(n, block_size)
+    pooled_q, counts = _pool_subblocks(q, sub, key_valid)  # [B, H, ns, D], [B, ns]
+    pooled_k, _ = _pool_subblocks(k, sub, key_valid)
+    logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    probs, text_mass = ipar_estimate(logits + _log_counts(counts), text_logits_fn(pooled_q))
+    pad = nb * splits - counts.shape[-1]
+    probs = torch.nn.functional.pad(probs, (0, pad, 0, pad)).view(b, h, nb, splits, nb, splits).sum(-1)
+    weights = torch.nn.functional.pad(counts, (0, pad)).view(b, 1, nb, splits)
+    total = weights.sum(-1).clamp_min(1.0)
+    block_probs = (probs * weights[..., None]).sum(3) / total[..., None]
+    block_text = (torch.nn.functional.pad(text_mass, (0, pad)).view(b, h, nb, splits) * weights).sum(
+        -1
+    ) / total
+    return block_probs, block_text
+
+
+def isolated_outlier_keys(
+    k: torch.Tensor, pooled_k: torch.Tensor, block_size: int, count: int, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Indices ``[B, H, count]`` of the video keys farthest from their block's pooled key
+    (``‖k_j − k̄_J‖``, padding never chosen): outliers such as attention sinks, which a pooled key
+    misrepresents. They are isolated like the text keys: attended exactly, never pooled."""
+    n = k.shape[2]
+    deviation = (k.float() - pooled_k.repeat_interleave(block_size, dim=2)[:, :, :n]).norm(dim=-1)
+    if key_valid is not None:
+        deviation = deviation.masked_fill(~key_valid[:, None, :], float("-inf"))
+    return deviation.topk(count, dim=-1).indices
+
+
+def compensation_statistics(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stats: BlockStatistics,
+    block_size: int,
+    splits: int,
+    key_valid: torch.Tensor | None,
+    isolated: torch.Tensor | None,
+    *,
+    with_variance: bool = False,
+    with_covariance: bool = False,
+) -> BlockStatistics:
+    """Pooled keys/values used to compensate dropped blocks in the exact form: ``splits`` sub-block
+    keys per block (weights ``n_sub``, multi-resolution compensation) and the isolated keys
+    (``isolated`` ``[B, H, r]`` indices, or None) excluded from the pools. ``pooled_k``, ``pooled_v``,
+    ``key_counts`` (now per head, ``[B, H, nb·splits]``) and the optional corrections are at the
+    sub-block resolution; the query-side fields are those of ``stats``."""
+    b, h, n, d = k.shape
+    sub = block_size // splits
+    valid = torch.ones(b, h, n, dtype=torch.bool, device=k.device)
+    if key_valid is not None:
+        valid &= key_valid[:, None, :]
+    if isolated is not None:
+        valid.scatter_(-1, isolated, False)
+    weight = valid.float()[..., None]
+    kb = _blocked(k.float() * weight, sub)  # [B, H, ns, sub, D]
+    vb = _blocked(v.float() * weight, sub)
+    counts = _blocked(weight, sub).sum((3, 4))  # [B, H, ns]
+    denom = counts.clamp_min(1.0)[..., None]
+    pooled_k, pooled_v = kb.sum(3) / denom, vb.sum(3) / denom
+    comp = BlockStatistics(
+        pooled_q=stats.pooled_q,
+        pooled_k=pooled_k,
+        pooled_v=pooled_v,
+        key_counts=counts,
+        query_deviation=stats.query_deviation,
+        key_deviation=stats.key_deviation,
+    )
+    if with_variance:
+        comp.key_variance = (kb.square().sum(3) / denom - pooled_k.square()).clamp_min(0.0)
+    if with_covariance:
+        second = torch.einsum("bhjtd,bhjte->bhjde", vb, kb) / denom[..., None]
+        comp.value_key_covariance = second - pooled_v[..., :, None] * pooled_k[..., None, :]
+    return comp
+
+
+def with_isolated_keys(
+    comp: BlockStatistics,
+    comp_mask: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    isolated: torch.Tensor,
+    critical: torch.Tensor,
+    block_size: int,
+) -> tuple[BlockStatistics, torch.Tensor]:
+    """Append the isolated keys ``[B, H, r]`` to the compensation key set as keys of weight 1 with their
+    own values, visible to a query block only where their key block was not selected (a selected block
+    already holds them exactly). Returns the extended statistics and mask ``[B, H, nqb, nsub + r]``."""
+    d = k.shape[-1]
+    gather = isolated[..., None].expand(-1, -1, -1, d)
+    iso_k, iso_v = torch.gather(k.float(), 2, gather), torch.gather(v.float(), 2, gather)
+    owner = (isolated // block_size)[:, :, None, :].expand(-1, -1, critical.shape[2], -1)
+    visible = ~torch.gather(critical, -1, owner)  # [B, H, nqb, r]
+    zeros = torch.zeros_like(iso_k)
+    extended = BlockStatistics(
+        pooled_q=comp.pooled_q,
+        pooled_k=torch.cat([comp.pooled_k, iso_k], dim=2),
+        pooled_v=torch.cat([comp.pooled_v, iso_v], dim=2),
+        key_counts=torch.cat([comp.key_counts, torch.ones_like(isolated, dtype=torch.float32)], dim=-1),
+        query_deviation=comp.query_deviation,
+        key_deviation=comp.key_deviation,
+    )
+    if comp.key_variance is not None:
+        extended.key_variance = torch.cat([comp.key_variance, zeros], dim=2)
+    if comp.value_key_covariance is not None:
+        extended.value_key_covariance = torch.cat(
+            [comp.value_key_covariance, zeros[..., None].expand(-1, -1, -1, -1, d)], dim=2
+        )
+    return extended, torch.cat([comp_mask, visible], dim=-1)
+
+
 def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over the union of disjoint key sets from each set's ``(out, lse)``.
 
@@ -327,7 +503,8 @@ def pooled_key_attention(
     b, h, n, d = q.shape
     q_blocks = _blocked(q, block_size)  # [B, H, nqb, bs, D]
     nqb, nkb = q_blocks.shape[2], stats.pooled_k.shape[2]
-    log_counts = torch.log(stats.key_counts)[:, None, None, None, :]  # [B, 1, 1, 1, nkb]
+    counts = stats.key_counts  # [B, nkb] or per head [B, H, nkb]
+    log_counts = torch.log(counts if counts.ndim == 3 else counts[:, None])[:, :, None, None, :]
     out = torch.zeros_like(q_blocks)
     lse = torch.full(q_blocks.shape[:-1], float("-inf"), device=q.device)
     per_block = 4 * b * h * block_size * nkb * (3 + (d if value_tilt else 0))
@@ -410,6 +587,63 @@ def video_sparse_attention(
     )
 
 
+def fused_exact_applies(q: torch.Tensor, key_valid: torch.Tensor | None, backend: str | None) -> bool:
+    """True when the exact form runs as one Triton pass: the block-sparse backend resolves to
+    ``"triton"``, the head dim is one the kernel supports and no video key is padded."""
+    if q.shape[-1] not in (16, 32, 64, 128) or resolve_backend(backend, q.device) != "triton":
+        return False
+    return key_valid is None or bool(key_valid.all())
+
+
+def fused_exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    text_valid: torch.Tensor | None,
+    stats: BlockStatistics,
+    critical: torch.Tensor,
+    compensated: torch.Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    variance_correction: bool = False,
+    value_tilt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact form of the video queries ``(out [B, H, N, D] in q's dtype, lse [B, H, N])`` in one Triton pass
+    (``fastgen.kernels.rectified_exact_attention_triton``): the same softmax as merging
+    :func:`video_sparse_attention`, the text term and :func:`pooled_key_attention`.
+    The value tilt materialises ``[B, H, nqb, nkb, D]`` pooled values."""
+    from fastgen.kernels import block_mask_to_indices, rectified_exact_attention_triton
+
+    batch = q.shape[0]
+    indices, counts = block_mask_to_indices(critical.expand(batch, -1, -1, -1))
+    pooled_indices, pooled_counts = block_mask_to_indices(compensated.expand(batch, -1, -1, -1))
+    pooled_v = stats.pooled_v
+    if value_tilt:
+        tilt = torch.einsum("bhjde,bhie->bhijd", stats.value_key_covariance, stats.pooled_q) * scale
+        pooled_v = pooled_v[:, :, None] + tilt
+    return rectified_exact_attention_triton(
+        q,
+        k,
+        v,
+        indices,
+        counts,
+        stats.pooled_k,
+        pooled_v,
+        pooled_indices,
+        pooled_counts,
+        torch.log(stats.key_counts),
+        block_size,
+        scale,
+        pooled_key_variance=stats.key_variance if variance_correction else None,
+        text_k=text_k,
+        text_v=text_v,
+        text_valid=text_valid,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +666,11 @@ def rectified_sparse_attention(
     value_tilt: bool = False,
     reorder: bool = True,
     backend: str | None = None,
+    selection: str = "subblock",
+    pool_splits: int = 4,
+    isolated_keys: float = 1.0,
+    compensation_splits: int = 1,
+    gapr: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text).
 
@@ -453,6 +692,16 @@ def rectified_sparse_attention(
         value_tilt: first-order value-key covariance correction of pooled values.
         reorder: reorder video tokens into 3D tiles when ``grid`` is given.
         backend: block-sparse backend (see :func:`block_sparse_attention`).
+        selection: estimate that picks the critical blocks: ``"pooled"`` (the paper's IPAR, one
+            pooled query/key per block) or ``"subblock"`` (:func:`subblock_estimate`).
+        pool_splits: sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size).
+        isolated_keys: exact form only: outlier keys isolated per key block on average
+            (:func:`isolated_outlier_keys`; 0 disables); they are attended exactly wherever their
+            block is dropped and excluded from the pooled keys.
+        compensation_splits: exact form only: pooled keys per compensated block (sub-blocks of
+            ``block_size // compensation_splits`` tokens, power of two <= block_size).
+        gapr: compensate only the dropped blocks that pass GAPR (:func:`gapr_compensated`);
+            False compensates every dropped block.
 
     Returns:
         ``out`` ``[B, H, N, D]`` in q's dtype, and the stats dict when ``return_stats``.
@@ -465,6 +714,7 @@ def rectified_sparse_attention(
     _check_arguments(
         q, k, v, sparsity, block_size, num_text_tokens, key_padding_mask, grid, form, mass_threshold
     )
+    _check_resolution(selection, pool_splits, isolated_keys, compensation_splits, block_size)
     n, d = q.shape[2], q.shape[3]
     n_video = n - num_text_tokens
     scale = 1.0 / math.sqrt(d)
@@ -491,18 +741,110 @@ def rectified_sparse_attention(
     )
     valid_blocks = (stats.key_counts > 0)[:, None, None, :]  # [B, 1, 1, nkb]
     text_part_logits = text_logits(stats.pooled_q, kt, text_valid, scale)
-    probs, text_mass = ipar_estimate(block_logits(stats, scale), text_part_logits)
+    if selection == "subblock" and pool_splits > 1:
+        probs, text_mass = subblock_estimate(
+            qv, kv, block_size, pool_splits, video_valid, lambda pq: text_logits(pq, kt, text_valid, scale)
+        )
+    else:
+        probs, text_mass = ipar_estimate(block_logits(stats, scale), text_part_logits)
     critical = critical_blocks(probs, text_mass, valid_blocks, sparsity, mass_threshold)
     dropped = valid_blocks & ~critical
-    compensated = gapr_compensated(stats, dropped) if rectify else torch.zeros_like(dropped)
+    compensated = gapr_compensated(stats, dropped) if gapr else dropped
+    if not rectify:
+        compensated = torch.zeros_like(dropped)
 
-    sparse = video_sparse_attention(qv, kv, vv, critical, block_size, scale, video_valid, backend)
-    text_part = attention_with_lse(qv, kt, vt, text_valid, scale)
-    if form == "exact":
+    isolated = None
+    if form == "exact" and isolated_keys > 0:
+        count = round(isolated_keys * valid_blocks.shape[-1])
+        if video_valid is not None:
+            count = min(count, int(video_valid.sum(-1).min()))
+        if count > 0:
+            isolated = isolated_outlier_keys(kv, stats.pooled_k, block_size, count, video_valid)
+    multi_resolution = isolated is not None or compensation_splits > 1
+    fused_exact = (
+        form == "exact" and compensation_splits == 1 and fused_exact_applies(qv, video_valid, backend)
+    )
+    if not fused_exact:
+        sparse = video_sparse_attention(qv, kv, vv, critical, block_size, scale, video_valid, backend)
+        text_part = attention_with_lse(qv, kt, vt, text_valid, scale)
+    if fused_exact:  # one Triton pass over the selected, text and pooled keys
+        comp_stats = stats
+        if isolated is not None:  # pools without the isolated keys; those are merged below by LSE
+            comp_stats = compensation_statistics(
+                kv,
+                vv,
+                stats,
+                block_size,
+                1,
+                video_valid,
+                isolated,
+                with_variance=variance_correction,
+                with_covariance=value_tilt,
+            )
+        video_out, video_lse = fused_exact_attention(
+            qv,
+            kv,
+            vv,
+            kt,
+            vt,
+            text_valid,
+            comp_stats,
+            critical,
+            compensated,
+            block_size,
+            scale,
+            variance_correction=variance_correction,
+            value_tilt=value_tilt,
+        )
+        if isolated is not None:
+            r = isolated.shape[-1]
+            iso_stats, iso_mask = with_isolated_keys(
+                comp_stats, compensated, kv, vv, isolated, critical, block_size
+            )
+            iso_stats.pooled_k, iso_stats.pooled_v = (
+                iso_stats.pooled_k[:, :, -r:],
+                iso_stats.pooled_v[:, :, -r:],
+            )
+            iso_stats.key_counts = iso_stats.key_counts[..., -r:]
+            iso_stats.key_variance = (
+                None if iso_stats.key_variance is None else iso_stats.key_variance[:, :, -r:]
+            )
+            if iso_stats.value_key_covariance is not None:
+                iso_stats.value_key_covariance = iso_stats.value_key_covariance[:, :, -r:]
+            isolated_part = pooled_key_attention(
+                qv,
+                iso_stats,
+                iso_mask[..., -r:],
+                block_size,
+                scale,
+                variance_correction=variance_correction,
+                value_tilt=value_tilt,
+            )
+            video_out, _ = merge_attention([(video_out.float(), video_lse), isolated_part])
+    elif form == "exact":
+        comp_stats, comp_mask = stats, compensated
+        if multi_resolution:
+            comp_stats = compensation_statistics(
+                kv,
+                vv,
+                stats,
+                block_size,
+                compensation_splits,
+                video_valid,
+                isolated,
+                with_variance=variance_correction,
+                with_covariance=value_tilt,
+            )
+            comp_mask = compensated.repeat_interleave(compensation_splits, dim=-1)
+            comp_mask = comp_mask[..., : comp_stats.pooled_k.shape[2]]
+            if isolated is not None:
+                comp_stats, comp_mask = with_isolated_keys(
+                    comp_stats, comp_mask, kv, vv, isolated, critical, block_size
+                )
         pooled = pooled_key_attention(
             qv,
-            stats,
-            compensated,
+            comp_stats,
+            comp_mask,
             block_size,
             scale,
             variance_correction=variance_correction,

@@ -21,15 +21,34 @@ from fastgen.attention.rectified import rectified_sparse_attention
 logger = logging.getLogger(__name__)
 
 VARIANTS: dict[str, dict] = {
-    "topk": {"form": "none"},
-    "paper": {"form": "paper"},
-    "exact": {"form": "exact"},
-    "exact+var": {"form": "exact", "variance_correction": True},
-    "exact+tilt": {"form": "exact", "value_tilt": True},
-    "exact+var+tilt": {"form": "exact", "variance_correction": True, "value_tilt": True},
-    "paper+var+tilt": {"form": "paper", "variance_correction": True, "value_tilt": True},
+    "topk": {"form": "none", "selection": "pooled"},
+    "topk-subblock": {"form": "none", "selection": "subblock"},
+    "paper": {"form": "paper", "selection": "pooled"},
+    "exact-pooled": {"form": "exact", "selection": "pooled", "isolated_keys": 0.0},
+    "exact-subblock": {"form": "exact", "selection": "subblock", "isolated_keys": 0.0},
+    "exact-isolated": {"form": "exact", "selection": "pooled"},
+    "default": {},
+    "default+split16": {"pool_splits": 16},
+    "default+iso2": {"isolated_keys": 2.0},
+    "default+comp4": {"compensation_splits": 4},
+    "exact-pooled+var": {
+        "form": "exact",
+        "selection": "pooled",
+        "isolated_keys": 0.0,
+        "variance_correction": True,
+    },
+    "exact-pooled+tilt": {"form": "exact", "selection": "pooled", "isolated_keys": 0.0, "value_tilt": True},
+    "default+var": {"variance_correction": True},
+    "paper+var+tilt": {
+        "form": "paper",
+        "selection": "pooled",
+        "variance_correction": True,
+        "value_tilt": True,
+    },
 }
-"""Named option sets of :func:`rectified_sparse_attention` compared by the benchmark."""
+"""Named option sets of :func:`rectified_sparse_attention` compared by the benchmark. ``topk`` (the
+baseline every ratio divides by) is plain block-sparse attention with the paper's pooled estimate;
+``paper`` is the paper's method as published; ``default`` is the function's defaults."""
 
 HEAD_KINDS = ("spatial", "temporal", "mixed")
 
@@ -244,6 +263,75 @@ def run_fidelity(
     return rows
 
 
+def measure_cost(
+    grid: tuple[int, int, int] = (8, 32, 32),
+    heads: int = 4,
+    head_dim: int = 64,
+    block_size: int = 64,
+    sparsity: float = 0.8,
+    text_tokens: int = 32,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Time of each rectification stage as a fraction of the block-sparse attention itself, measured in
+    one run on the shared workload (median of ``repeats``): ``selection_pooled`` (block statistics +
+    IPAR + top-k), ``selection_subblock`` (:func:`subblock_estimate`), ``compensation_pooled`` (one
+    pooled key per compensated block) and ``compensation_isolated`` (outlier keys found, pools rebuilt
+    without them, pooled + isolated keys attended)."""
+    import time
+
+    from fastgen.attention import rectified as r
+    from fastgen.bench.workloads import video_workload
+
+    work = video_workload(grid, heads, head_dim, num_text_tokens=text_tokens, seed=0)
+    n_video = work.q.shape[2] - text_tokens
+    qv, kv, vv = (x[:, :, :n_video].contiguous() for x in (work.q, work.k, work.v))
+    kt = work.k[:, :, n_video:]
+    scale = 1.0 / math.sqrt(head_dim)
+    stats = r.block_statistics(qv, kv, vv, block_size)
+    valid = (stats.key_counts > 0)[:, None, None, :]
+    probs, text_mass = r.ipar_estimate(
+        r.block_logits(stats, scale), r.text_logits(stats.pooled_q, kt, None, scale)
+    )
+    critical = r.critical_blocks(probs, text_mass, valid, sparsity)
+    compensated = r.gapr_compensated(stats, valid & ~critical)
+
+    def pooled_selection():
+        st = r.block_statistics(qv, kv, vv, block_size)
+        p, t = r.ipar_estimate(r.block_logits(st, scale), r.text_logits(st.pooled_q, kt, None, scale))
+        return r.critical_blocks(p, t, valid, sparsity)
+
+    def subblock_selection():
+        p, t = r.subblock_estimate(qv, kv, block_size, 4, None, lambda pq: r.text_logits(pq, kt, None, scale))
+        return r.critical_blocks(p, t, valid, sparsity)
+
+    def isolated_compensation():
+        iso = r.isolated_outlier_keys(kv, stats.pooled_k, block_size, valid.shape[-1], None)
+        comp = r.compensation_statistics(kv, vv, stats, block_size, 1, None, iso)
+        comp, mask = r.with_isolated_keys(comp, compensated, kv, vv, iso, critical, block_size)
+        return r.pooled_key_attention(qv, comp, mask, block_size, scale)
+
+    stages = {
+        "sparse_attention": lambda: r.video_sparse_attention(
+            qv, kv, vv, critical, block_size, scale, None, None
+        ),
+        "selection_pooled": pooled_selection,
+        "selection_subblock": subblock_selection,
+        "compensation_pooled": lambda: r.pooled_key_attention(qv, stats, compensated, block_size, scale),
+        "compensation_isolated": isolated_compensation,
+    }
+    times = {}
+    for name, fn in stages.items():
+        fn()  # warm-up (compilation, caches)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        times[name] = sorted(samples)[len(samples) // 2]
+    base = times["sparse_attention"]
+    return {name: t / base for name, t in times.items()}
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table of :func:`run_fidelity` rows."""
     lines = [
@@ -275,7 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=["local", "shared"], default="local", help="workload generator")
     p.add_argument("--no-reorder", action="store_true", help="keep raster order (no 3D tiles)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    p.add_argument(
+        "--cost",
+        action="store_true",
+        help="time the rectification stages against the sparse attention instead",
+    )
     args = p.parse_args(argv)
+    if args.cost:
+        costs = measure_cost(tuple(args.grid), args.heads, args.head_dim, args.block_size, args.sparsity[0])
+        sys.stdout.write(
+            "\n".join(f"{name}: {ratio:.3f} x sparse attention" for name, ratio in costs.items()) + "\n"
+        )
+        return 0
     rows = run_fidelity(
         sparsities=tuple(args.sparsity),
         variants=tuple(args.variants),
