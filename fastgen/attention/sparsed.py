@@ -1,0 +1,413 @@
+"""SparseD (sparse attention for diffusion language models): head-specific block patterns.
+
+SparseD runs the first denoising steps densely; at the last dense step it measures, per layer, head
+and batch row, how much attention each (query block, key block) tile receives, keeps the most
+important key blocks per query block, and reuses that fixed pattern for every later step.
+
+This module is model-agnostic and works on SDPA-layout tensors ``[B, H, N, D]``:
+
+- :func:`sparsed_block_importance` - mean attention probability per tile, streamed over query
+  blocks so no ``N x N`` map is ever held.
+- :func:`sparsed_select` - top ``select`` fraction of key blocks per query block, with separate
+  budgets for prompt keys and generated-region keys.
+- :func:`compute_sparsed_pattern` - both of the above, returning a :class:`SparseDPattern`.
+- :func:`sparsed_attention` - block-sparse attention under a pattern that honours a key padding
+  mask exactly (partially padded key blocks are handled by an LSE merge).
+- :func:`save_patterns` / :func:`load_patterns` - patterns to and from safetensors, for inspection.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_block_mask, check_block_size, check_key_padding_mask, check_qkv
+from .backends import default_scale
+from .block_sparse import block_sparse_attention
+from .blocks import block_token_counts, num_blocks
+
+# score elements one streamed chunk may span (query rows x keys x batch x heads)
+_STREAM_ELEMENTS = 64 << 20
+
+
+@dataclass
+class SparseDPattern:
+    """A fixed SparseD block pattern of one attention layer."""
+
+    block_mask: torch.Tensor
+    """bool ``[B, H, nqb, nkb]``: True where the query block attends to the key block."""
+    block_size: int
+    """Tokens per block."""
+    num_tokens: int
+    """Sequence length the pattern was computed for (query and key length)."""
+
+    @property
+    def density(self) -> float:
+        """Fraction of all (query block, key block) tiles that are computed."""
+        return float(self.block_mask.float().mean().item()) if self.block_mask.numel() else 0.0
+
+    def matches(self, batch: int, heads: int, num_tokens: int) -> bool:
+        """Whether the pattern applies to an attention call of this batch, head count and length."""
+        b, h = self.block_mask.shape[:2]
+        return b == batch and h == heads and self.num_tokens == num_tokens
+
+
+def _check_select(select: float) -> None:
+    if isinstance(select, bool) or not isinstance(select, (int, float)) or not 0.0 < float(select) <= 1.0:
+        raise ValueError(f"select={select!r} is out of range; allowed: 0 < select <= 1")
+
+
+def _query_chunk_blocks(batch: int, heads: int, num_keys: int, block_size: int) -> int:
+    """Query blocks per streamed chunk so that one chunk of fp32 scores stays within the budget."""
+    per_block = max(1, batch * heads * block_size * num_keys)
+    return max(1, _STREAM_ELEMENTS // per_block)
+
+
+def sparsed_block_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    query_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean attention probability per (query block, key block) tile, streamed over query blocks.
+
+    The softmax runs over all valid keys of each query (padded keys get probability 0). For a tile
+    ``(I, J)`` the importance is the attention mass of the valid queries of ``I`` on block ``J``
+    divided by ``(valid queries in I) * block_size``: for a full tile that is the mean probability
+    of the tile; for a partially padded key block it ranks by the mass the block holds.
+
+    The mass of query ``i`` on key block ``J`` is ``sum_j p_ij [j in J]``: attention with a one-hot
+    block-indicator matrix as values. It is computed that way, with the fused SDPA kernel, so the
+    cost is one attention pass (no ``N x N`` map; query blocks are also processed in chunks).
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``.
+        block_size: tokens per block (power of two >= 16); the last block may be partial.
+        key_padding_mask: optional bool ``[B, Nk]``, True for real keys.
+        scale: softmax scale (default ``1/sqrt(D)``).
+        query_padding_mask: optional bool ``[B, Nq]``, True for real queries; padded query rows are
+            left out of the means.
+
+    Returns:
+        ``[B, H, ceil(Nq/block_size), ceil(Nk/block_size)]`` fp32; tiles with no valid query or key are 0.
+    """
+    check_qkv(q, k, k)
+    check_block_size(block_size)
+    check_key_padding_mask(key_padding_mask, k)
+    if query_padding_mask is not None:
+        check_key_padding_mask(query_padding_mask, q)  # same rules: bool [B, Nq]
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    nqb, nkb = num_blocks(nq, block_size), num_blocks(nk, block_size)
+    key_bias = None
+    if key_padding_mask is not None:
+        key_bias = torch.zeros(b, 1, 1, nk, dtype=q.dtype, device=q.device)
+        key_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    key_block = torch.arange(nk, device=q.device) // block_size
+    mass = torch.zeros(b, h, nqb * block_size, nkb, dtype=torch.float32, device=q.device)
+    chunk = _query_chunk_blocks(b, h, nk, block_size) * block_size
+    for first_col in range(0, nkb, d):  # d key blocks per pass: the indicator fills the value width
+        width = min(d, nkb - first_col)
+        indicator = torch.nn.functional.one_hot((key_block - first_col).clamp(-1, d) + 1, d + 2)[:, 1 : d + 1]
+        indicator = indicator.to(q.dtype).expand(b, h, nk, d)  # [B, H, Nk, D]
+        for first in range(0, nq, chunk):
+            rows = slice(first, min(nq, first + chunk))
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, rows], k, indicator, attn_mask=key_bias, scale=scale
+            )  # [B, H, n, D]: mass of each query on `width` key blocks
+            mass[:, :, rows, first_col : first_col + width] = out[..., :width].float()
+    mass = mass.nan_to_num_(0.0)  # rows without a valid key
+    if query_padding_mask is not None:
+        mass[:, :, :nq].mul_(query_padding_mask[:, None, :, None])
+    importance = mass.view(b, h, nqb, block_size, nkb).sum(3)
+    query_counts = block_token_counts(nq, block_size, query_padding_mask, device=q.device)
+    denom = query_counts[None, None, :, None] if query_counts.dim() == 1 else query_counts[:, None, :, None]
+    return importance / (denom.clamp_min(1.0) * block_size)
+
+
+def key_block_validity(key_padding_mask: torch.Tensor | None, num_tokens: int, block_size: int, batch: int):
+    """Valid keys per key block ``[B, nkb]`` (fp32) and whether each block has any valid key (bool)."""
+    counts = block_token_counts(num_tokens, block_size, key_padding_mask)
+    if counts.dim() == 1:
+        counts = counts.expand(batch, -1)
+    return counts, counts > 0
+
+
+def prompt_block_mask(
+    prompt_end: int | torch.Tensor, num_tokens: int, block_size: int, batch: int, device=None
+) -> torch.Tensor:
+    """Bool ``[B, nkb]``: True for key blocks that start before ``prompt_end`` (the prompt region).
+
+    ``prompt_end`` is the index of the first generated token in the (padded) sequence, an int for
+    every row or a ``[B]`` integer tensor. A block straddling the boundary counts as prompt.
+    """
+    starts = torch.arange(num_blocks(num_tokens, block_size), device=device) * block_size
+    if isinstance(prompt_end, torch.Tensor):
+        if prompt_end.dim() != 1 or prompt_end.shape[0] != batch:
+            raise ValueError(f"prompt_end has shape {tuple(prompt_end.shape)}; expected ({batch},)")
+        return starts[None, :] < prompt_end.to(starts.device)[:, None]
+    if isinstance(prompt_end, bool) or not isinstance(prompt_end, int) or not 0 <= prompt_end <= num_tokens:
+        raise ValueError(f"prompt_end={prompt_end!r} is out of range; allowed: integer in [0, {num_tokens}]")
+    return (starts < prompt_end)[None, :].expand(batch, -1)
+
+
+def sparsed_select(
+    importance: torch.Tensor,
+    select: float,
+    *,
+    key_valid_blocks: torch.Tensor | None = None,
+    prompt_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep the top ``select`` fraction of key blocks per query block (SparseD's selection).
+
+    Prompt key blocks and generated-region key blocks have separate budgets: each region keeps
+    ``ceil(select * its valid blocks)`` blocks (at least one when it has any), ranked by importance.
+    Invalid (fully padded) key blocks are never kept.
+
+    Args:
+        importance: ``[B, H, nqb, nkb]`` tile scores (higher = more important).
+        select: fraction of key blocks kept, in (0, 1]; 1 keeps every valid block.
+        key_valid_blocks: optional bool ``[B, nkb]``, False for key blocks with no valid key.
+        prompt_blocks: optional bool ``[B, nkb]``, True for prompt blocks; None = one budget for all.
+
+    Returns:
+        bool block mask ``[B, H, nqb, nkb]``.
+    """
+    _check_select(select)
+    if importance.dim() != 4:
+        raise ValueError(f"importance must be [batch, heads, nqb, nkb], got shape {tuple(importance.shape)}")
+    b, _, _, nkb = importance.shape
+    valid = (
+        torch.ones(b, nkb, dtype=torch.bool, device=importance.device)
+        if key_valid_blocks is None
+        else key_valid_blocks.to(importance.device, torch.bool)
+    )
+    for name, mask in (("key_valid_blocks", key_valid_blocks), ("prompt_blocks", prompt_blocks)):
+        if mask is not None and tuple(mask.shape) != (b, nkb):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected ({b}, {nkb})")
+    if prompt_blocks is None:
+        regions = [valid]
+    else:
+        prompt = prompt_blocks.to(importance.device, torch.bool)
+        regions = [valid & prompt, valid & ~prompt]
+    scores = importance.float()
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    positions = torch.arange(nkb, device=importance.device).expand_as(scores)
+    for region in regions:
+        in_region = region[:, None, None, :]  # [B, 1, 1, nkb]
+        available = region.sum(-1)  # [B]
+        budget = torch.ceil(available.float() * float(select) - 1e-6).clamp_min(1).long()
+        budget = torch.where(available > 0, budget, torch.zeros_like(budget))
+        order = scores.masked_fill(~in_region, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, positions)
+        keep |= (rank < budget[:, None, None, None]) & in_region
+    return keep
+
+
+def compute_sparsed_pattern(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    select: float,
+    block_size: int,
+    key_padding_mask: torch.Tensor | None = None,
+    prompt_end: int | torch.Tensor | None = None,
+    scale: float | None = None,
+) -> SparseDPattern:
+    """Importance and selection in one call: the pattern a layer reuses after the dense warm-up.
+
+    q and k are ``[B, H, N, D]`` of the same length (self-attention); ``key_padding_mask`` bool
+    ``[B, N]`` marks real tokens (also used for the queries); ``prompt_end`` splits prompt and
+    generated keys for the separate budgets (None = one budget).
+    """
+    _check_select(select)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"SparseD patterns need self-attention: q has {q.shape[2]} tokens, k has {k.shape[2]}"
+        )
+    n, b = k.shape[2], k.shape[0]
+    importance = sparsed_block_importance(
+        q, k, block_size, key_padding_mask, scale, query_padding_mask=key_padding_mask
+    )
+    _, valid_blocks = key_block_validity(key_padding_mask, n, block_size, b)
+    prompt = None
+    if prompt_end is not None:
+        prompt = prompt_block_mask(prompt_end, n, block_size, b, device=q.device)
+    mask = sparsed_select(
+        importance, select, key_valid_blocks=valid_blocks.to(q.device), prompt_blocks=prompt
+    )
+    return SparseDPattern(block_mask=mask, block_size=block_size, num_tokens=n)
+
+
+def _partial_block_attention(q, k, v, block_mask, block_size, key_padding_mask, partial, scale):
+    """Exact attention of every query over the valid keys of the partially padded key blocks its
+    query block selected. Returns ``(out fp32 [B, H, Nq, D], lse fp32 [B, H, Nq])``."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    device = q.device
+    per_row = partial.sum(-1)  # [B]
+    slots = int(per_row.max().item())
+    # the partial block ids of each row, first `per_row[b]` entries valid
+    order = torch.argsort((~partial).to(torch.int8), dim=-1, stable=True)[:, :slots]  # [B, P]
+    slot_ok = torch.arange(slots, device=device)[None, :] < per_row[:, None]  # [B, P]
+    tokens = order[..., None] * block_size + torch.arange(block_size, device=device)  # [B, P, bs]
+    tokens = tokens.view(b, slots * block_size)
+    in_range = tokens < nk
+    tokens = tokens.clamp_max(nk - 1)
+    token_ok = torch.gather(key_padding_mask, 1, tokens) & in_range & slot_ok.repeat_interleave(block_size, 1)
+    index = tokens[:, None, :, None].expand(b, h, -1, d)
+    k_part = torch.gather(k, 2, index).float()  # [B, H, P*bs, D]
+    v_part = torch.gather(v, 2, index).float()
+    nqb = block_mask.shape[2]
+    chosen = torch.gather(block_mask.expand(b, h, -1, -1), 3, order[:, None, None, :].expand(b, h, nqb, -1))
+    chosen = chosen.repeat_interleave(block_size, dim=3) & token_ok[:, None, None, :]  # [B, H, nqb, P*bs]
+    out = torch.zeros(b, h, nq, d, dtype=torch.float32, device=device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=device)
+    chunk = _query_chunk_blocks(b, h, slots * block_size, block_size)
+    for first in range(0, nqb, chunk):
+        last = min(nqb, first + chunk)
+        rows = slice(first * block_size, min(nq, last * block_size))
+        scores = torch.matmul(q[:, :, rows].float(), k_part.transpose(-1, -2)).mul_(scale)
+        allowed = chosen[:, :, first:last].repeat_interleave(block_size, dim=2)[:, :, : scores.shape[2]]
+        scores = scores.masked_fill_(~allowed, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - row_lse[..., None].clamp_min(torch.finfo(torch.float32).min))
+        out[:, :, rows] = torch.matmul(probs, v_part)
+        lse[:, :, rows] = row_lse
+    return out, lse
+
+
+def sparsed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention under a SparseD pattern, exact with respect to key padding.
+
+    Fully valid key blocks go through :func:`fastgen.attention.block_sparse_attention` (any
+    backend). Fully padded key blocks are dropped. Partially padded key blocks (e.g. the block where
+    a left-padded prompt starts) are attended over their valid keys only, by a small exact pass whose
+    result is merged with the block-sparse result through their log-sum-exps. With every valid block
+    selected this equals dense attention with the key padding mask.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` (q may differ in length from k/v).
+        block_mask: bool ``[B or 1, H, ceil(Nq/block_size), ceil(Nk/block_size)]``.
+        block_size: tokens per block.
+        key_padding_mask: optional bool ``[B, Nk]``, True for real keys.
+        scale: softmax scale (default ``1/sqrt(D)``).
+        backend: block-sparse backend name (None = automatic).
+
+    Returns:
+        ``[B, H, Nq, D]`` in q's dtype. Query rows whose blocks select no valid key give 0.
+    """
+    check_qkv(q, k, v)
+    check_block_size(block_size)
+    check_block_mask(block_mask, q, k, block_size)
+    check_key_padding_mask(key_padding_mask, k)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if key_padding_mask is None or bool(key_padding_mask.all()):
+        return block_sparse_attention(q, k, v, block_mask, block_size, scale=scale, backend=backend)
+    b, nk = q.shape[0], k.shape[2]
+    counts, _ = key_block_validity(key_padding_mask, nk, block_size, b)
+    full_size = block_token_counts(nk, block_size, device=q.device)  # [nkb]
+    full = counts == full_size[None, :]
+    partial = (counts > 0) & ~full
+    full_mask = block_mask & full[:, None, None, :]
+    selected_partial = partial[:, None, None, :] & block_mask
+    if not bool(selected_partial.any()):
+        return block_sparse_attention(q, k, v, full_mask, block_size, scale=scale, backend=backend)
+    out_full, lse_full = block_sparse_attention(
+        q, k, v, full_mask, block_size, return_lse=True, scale=scale, backend=backend
+    )
+    out_part, lse_part = _partial_block_attention(
+        q, k, v, block_mask, block_size, key_padding_mask, partial, scale
+    )
+    lse = torch.logaddexp(lse_full, lse_part)
+    safe = lse.clamp_min(torch.finfo(torch.float32).min)[..., None]
+    w_full = torch.exp(lse_full[..., None] - safe)
+    w_part = torch.exp(lse_part[..., None] - safe)
+    out = w_full * out_full.float() + w_part * out_part
+    return out.nan_to_num_(0.0).to(q.dtype)
+
+
+def save_patterns(path: str | os.PathLike, patterns: dict, block_size: int | None = None) -> None:
+    """Write per-layer block masks to a safetensors file (atomically), for inspection.
+
+    ``patterns`` maps layer index -> bool block mask ``[B, H, nqb, nkb]`` or :class:`SparseDPattern`.
+    Tensors are stored as ``layer.<i>.block_mask``; the block size goes into the metadata.
+    """
+    from safetensors.torch import save_file
+
+    tensors, metadata = {}, {}
+    for layer, pattern in patterns.items():
+        if isinstance(pattern, SparseDPattern):
+            metadata.setdefault("block_size", str(pattern.block_size))
+            pattern = pattern.block_mask
+        if not isinstance(pattern, torch.Tensor) or pattern.dtype != torch.bool:
+            raise ValueError(f"patterns[{layer!r}] must be a bool tensor or SparseDPattern")
+        tensors[f"layer.{int(layer)}.block_mask"] = pattern.detach().cpu().contiguous()
+    if block_size is not None:
+        metadata["block_size"] = str(int(block_size))
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata or None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_patterns(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """Read the block masks written by :func:`save_patterns`: layer index -> bool ``[B, H, nqb, nkb]``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.fspath(path))
+    patterns = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "layer" or parts[2] != "block_mask":
+            raise ValueError(f"{path}: unexpected tensor {name!r}; expected 'layer.<i>.block_mask'")
+        patterns[int(parts[1])] = tensor.to(torch.bool)
+    return dict(sorted(patterns.items()))
+
+
+def dense_step_count(skip: float, total_steps: int) -> int:
+    """Number of dense warm-up steps: ``round(skip * total_steps)``, at least 1 (the pattern is computed
+    at the last dense step), at most ``total_steps``."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
+    if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0.0 <= skip <= 1.0:
+        raise ValueError(f"skip={skip!r} is out of range; allowed: [0, 1]")
+    return min(total_steps, max(1, math.floor(skip * total_steps + 0.5)))
+
+
+__all__ = [
+    "SparseDPattern",
+    "compute_sparsed_pattern",
+    "dense_step_count",
+    "key_block_validity",
+    "load_patterns",
+    "prompt_block_mask",
+    "save_patterns",
+    "sparsed_attention",
+    "sparsed_block_importance",
+    "sparsed_select",
+]

@@ -1,0 +1,348 @@
+"""SparseD on transformers diffusion LMs (Llama, Qwen2, ... any model using ``ALL_ATTENTION_FUNCTIONS``).
+
+The adapter registers one transformers attention function, ``"fastgen_sparsed"``, and switches the
+model to it. Per-model state (config, current step, per-layer patterns) lives on a
+:class:`SparseDState` attached to the model and to each of its attention modules; nothing is kept on
+classes or globally, so several models can carry different configs.
+
+Step protocol (the diffusion-LM pipeline drives it; all three are no-ops on a model without SparseD):
+
+- :func:`begin_generation` ``(model, total_steps, prompt_length=None)`` resets the patterns;
+- :func:`set_step` ``(model, step)`` before each denoising forward (0-based over the whole
+  generation, across semi-autoregressive blocks);
+- :func:`end_generation` ``(model)`` at the end.
+
+The first ``dense_step_count(skip, total_steps) = max(1, round(skip * total_steps))`` steps run
+transformers' own SDPA function (bit-identical to the unmodified model); at the last of them each
+layer also computes its pattern (per batch row and head, so both CFG branches get their own). Later
+steps run :func:`fastgen.attention.sparsed.sparsed_attention` with that pattern. ``skip=0`` still
+needs one dense step to compute the pattern; ``skip=1`` is fully dense. Forwards outside a generation
+(no ``begin_generation``/``set_step``) are dense.
+
+Masks: the sparse path serves the masks a diffusion LM uses - none on a non-causal module
+(bidirectional), or a 4D bool / additive mask that is a key padding mask for every real query (the
+pipeline's padding-aware full mask; rows of padded queries may hold anything). Padded keys are
+never selected and partially padded key blocks are handled exactly. Any other mask (causal, sliding
+window, biases), a missing mask on a causal module (SDPA would run it causally), a KV cache, or
+dropout falls back to SDPA, logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgen.attention.backends import log_once
+from fastgen.attention.sparsed import (
+    SparseDPattern,
+    compute_sparsed_pattern,
+    dense_step_count,
+    sparsed_attention,
+)
+from fastgen.configs import SparseDConfig
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "fastgen_sparsed"
+"""Name under which the SparseD attention function is registered with transformers."""
+
+_STATE_ATTR = "_fastgen_sparsed"
+
+
+@dataclass
+class SparseDState:
+    """SparseD state of one model: config, step counters and the per-layer patterns."""
+
+    config: SparseDConfig
+    """The method's configuration."""
+    saved_implementation: str | dict | None
+    """``config._attn_implementation`` before :func:`apply`, restored by :func:`remove`."""
+    total_steps: int | None = None
+    """Denoising steps of the current generation (None outside a generation)."""
+    step: int | None = None
+    """Current 0-based step (None outside a generation)."""
+    prompt_length: int | torch.Tensor | None = None
+    """Index of the first generated token (int or ``[B]``); splits the prompt/generated budgets."""
+    patterns: dict[int, SparseDPattern] = field(default_factory=dict)
+    """Pattern per layer index, computed at the last dense step."""
+    sparse_calls: int = 0
+    """Attention calls served sparsely in this generation."""
+    _mask_cache: tuple | None = None
+
+    def phase(self) -> str:
+        """``"dense"``, ``"pattern"`` (dense, and compute the pattern) or ``"sparse"`` for the current step."""
+        if self.total_steps is None or self.step is None:
+            return "dense"
+        n_dense = dense_step_count(self.config.skip, self.total_steps)
+        if n_dense >= self.total_steps:
+            return "dense"
+        if self.step < n_dense - 1:
+            return "dense"
+        return "pattern" if self.step == n_dense - 1 else "sparse"
+
+    def key_padding(self, attention_mask: torch.Tensor, num_tokens: int):
+        """``(ok, key_padding_mask)`` for a 4D mask; cached per mask tensor (one check per forward)."""
+        cache = self._mask_cache
+        if cache is not None and cache[0] is attention_mask and cache[1] == attention_mask._version:
+            return cache[2]
+        result = key_padding_from_mask(attention_mask, num_tokens)
+        self._mask_cache = (attention_mask, attention_mask._version, result)
+        return result
+
+
+def key_padding_from_mask(attention_mask: torch.Tensor, num_tokens: int):
+    """Read a 4D mask ``[B, 1, N, N]`` (bool keep-mask or additive float) as a key padding mask.
+
+    Returns ``(True, key_padding_mask [B, N] bool)`` when every real query row keeps exactly the real
+    keys (a query counts as real when its key is kept), else ``(False, None)``.
+    """
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        return False, None
+    if tuple(attention_mask.shape[-2:]) != (num_tokens, num_tokens):
+        return False, None
+    mask = attention_mask[:, 0]
+    if mask.stride(1) == 0:  # an expanded [B, 1, 1, N] row: every query sees the same keys
+        mask = mask[:, :1]
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask == 0
+        dropped = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((keep | dropped).all()):
+            return False, None  # an additive bias, not a mask
+    if keep.shape[1] == 1:
+        key_valid = keep[:, 0]
+    else:
+        reference_row = keep.sum(-1).argmax(-1)  # [B]: the row keeping the most keys
+        key_valid = keep[torch.arange(keep.shape[0], device=keep.device), reference_row]  # [B, N]
+        real_rows_agree = (keep == key_valid[:, None, :]) | ~key_valid[:, :, None]
+        if not bool(real_rows_agree.all()):
+            return False, None
+    if not bool(key_valid.any(-1).all()):
+        return False, None
+    return True, key_valid
+
+
+def sparsed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: SDPA on dense steps, SparseD's fixed pattern afterwards.
+
+    Takes q ``[B, H, N, D]`` and k/v ``[B, H_kv, N, D]`` (GQA heads are repeated) and returns
+    ``(attn_output [B, N, H, D], None)`` like transformers' SDPA function.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    def dense():
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    state: SparseDState | None = getattr(module, _STATE_ATTR, None)
+    phase = state.phase() if state is not None else "dense"
+    if phase == "dense":
+        return dense()
+    reason = _unsupported_reason(module, query, key, attention_mask, dropout, kwargs)
+    key_padding_mask = None
+    if reason is None and attention_mask is not None:
+        ok, key_padding_mask = state.key_padding(attention_mask, key.shape[2])
+        if not ok:
+            reason = "the attention mask is not a key padding mask"
+    if reason is not None:
+        log_once(f"fastgen SparseD: dense attention ({reason})", logging.INFO)
+        return dense()
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    layer = module.layer_idx
+    groups = getattr(module, "num_key_value_groups", 1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if phase == "pattern":
+        state.patterns[layer] = compute_sparsed_pattern(
+            query,
+            repeat_kv(key, groups),
+            select=state.config.select,
+            block_size=state.config.block_size,
+            key_padding_mask=key_padding_mask,
+            prompt_end=state.prompt_length,
+            scale=scale,
+        )
+        return dense()
+    pattern = state.patterns.get(layer)
+    if pattern is None or not pattern.matches(query.shape[0], query.shape[1], query.shape[2]):
+        log_once("fastgen SparseD: dense attention (no pattern for this layer and shape)", logging.INFO)
+        return dense()
+    out = sparsed_attention(
+        query,
+        repeat_kv(key, groups),
+        repeat_kv(value, groups),
+        pattern.block_mask,
+        pattern.block_size,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+    )
+    state.sparse_calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _unsupported_reason(module, query, key, attention_mask, dropout, kwargs) -> str | None:
+    """Why the sparse path cannot serve this call (None when it can)."""
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        return "the attention module has no layer_idx"
+    if dropout:
+        return "attention dropout is active"
+    if query.shape[2] != key.shape[2]:
+        return "query and key lengths differ (KV cache)"
+    for name in ("position_bias", "softcap", "sliding_window", "s_aux"):
+        if kwargs.get(name) is not None:
+            return f"{name} is set"
+    if attention_mask is None:
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        if is_causal and query.shape[2] > 1:
+            return "no mask on a causal module (SDPA would run it causally)"
+    elif not isinstance(attention_mask, torch.Tensor):
+        return f"unsupported mask type {type(attention_mask).__name__}"
+    return None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sparsed_attention_forward)
+    # masks for 2D inputs are built as for SDPA, so dense steps match the unmodified model
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _state(model: torch.nn.Module) -> SparseDState | None:
+    return getattr(model, _STATE_ATTR, None)
+
+
+def supports(model: torch.nn.Module, config) -> bool:
+    """True for a transformers ``PreTrainedModel`` with a :class:`SparseDConfig`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel) and isinstance(config, SparseDConfig)
+
+
+def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
+    """Switch ``model`` to the SparseD attention function and attach a fresh state."""
+    if not supports(model, config):
+        raise ValueError(
+            f"SparseD needs a transformers PreTrainedModel and a SparseDConfig, got {type(model).__name__} "
+            f"and {type(config).__name__}"
+        )
+    if _state(model) is not None:
+        remove(model)
+    _register()
+    state = SparseDState(config=config, saved_implementation=model.config._attn_implementation)
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        model.set_attn_implementation(state.saved_implementation)
+        raise ValueError(
+            f"model {type(model).__name__} cannot switch its attention implementation "
+            "(it does not use transformers' AttentionInterface)"
+        )
+    setattr(model, _STATE_ATTR, state)
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            setattr(module, _STATE_ATTR, state)
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Restore the attention implementation the model had before :func:`apply` and drop the state."""
+    state = _state(model)
+    if state is None:
+        return
+    model.set_attn_implementation(state.saved_implementation)
+    for module in model.modules():
+        if module.__dict__.get(_STATE_ATTR) is not None:
+            delattr(module, _STATE_ATTR)
+
+
+def stats(model: torch.nn.Module) -> list[dict]:
+    """Per-layer statistics: ``layer``, ``density`` (fraction of tiles computed; 1.0 while dense) and,
+    once a pattern exists, ``block_mask`` of batch row 0 as a CPU bool ``[H, nqb, nkb]``."""
+    state = _state(model)
+    if state is None:
+        return []
+    layers = sorted(
+        {m.layer_idx for m in model.modules() if getattr(m, _STATE_ATTR, None) is state and m is not model}
+    )
+    rows = []
+    for layer in layers:
+        pattern = state.patterns.get(layer)
+        row = {"layer": layer, "density": 1.0 if pattern is None else pattern.density}
+        if pattern is not None:
+            row["block_mask"] = pattern.block_mask[0].detach().cpu()
+        rows.append(row)
+    return rows
+
+
+def begin_generation(
+    model: torch.nn.Module, total_steps: int, prompt_length: int | torch.Tensor | None = None
+) -> None:
+    """Start a generation of ``total_steps`` denoising steps: patterns are reset.
+
+    ``prompt_length`` is the index of the first generated token in the (left-padded) sequence, an
+    int or a ``[B]`` tensor; with it prompt and generated keys get separate budgets, without it
+    one budget covers all keys.
+    """
+    state = _state(model)
+    if state is None:
+        return
+    dense_step_count(state.config.skip, total_steps)  # validates total_steps
+    state.total_steps = total_steps
+    state.step = None
+    state.prompt_length = prompt_length
+    state.patterns = {}
+    state.sparse_calls = 0
+    state._mask_cache = None
+
+
+def set_step(model: torch.nn.Module, step: int) -> None:
+    """Set the 0-based denoising step of the next forward (counted over the whole generation)."""
+    state = _state(model)
+    if state is None:
+        return
+    if state.total_steps is None:
+        raise ValueError("set_step called before begin_generation")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < state.total_steps:
+        raise ValueError(f"step={step!r} is out of range; allowed: integer in [0, {state.total_steps})")
+    state.step = step
+
+
+def end_generation(model: torch.nn.Module) -> None:
+    """End the generation: later forwards are dense; the patterns stay readable through :func:`stats`."""
+    state = _state(model)
+    if state is None:
+        return
+    state.total_steps = None
+    state.step = None
+    state._mask_cache = None
+
+
+__all__ = [
+    "IMPLEMENTATION",
+    "SparseDState",
+    "apply",
+    "begin_generation",
+    "end_generation",
+    "key_padding_from_mask",
+    "remove",
+    "set_step",
+    "sparsed_attention_forward",
+    "stats",
+    "supports",
+]
