@@ -183,16 +183,24 @@ def run_sparsed_bench(
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m fastgen.bench.sparsed [--small] [--json PATH]``; prints a JSON report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt-length", type=int, default=8192)
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--block-length", type=int, default=64)
-    p.add_argument("--skip", type=float, default=0.2)
-    p.add_argument("--select", type=float, default=0.3)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--op-lengths", type=int, nargs="*", default=[16384, 32768])
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--prompt-length", type=int, default=8192, help="prompt tokens (default 8192)")
+    p.add_argument("--gen-length", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps (default 16)")
+    p.add_argument(
+        "--block-length", type=int, default=64, help="semi-autoregressive block length (default 64)"
+    )
+    p.add_argument(
+        "--skip", type=float, default=0.2, help="SparseD: fraction of steps run dense (default 0.2)"
+    )
+    p.add_argument(
+        "--select", type=float, default=0.3, help="SparseD: fraction of key blocks kept (default 0.3)"
+    )
+    p.add_argument("--block-size", type=int, default=128, help="attention block size (default 128)")
+    p.add_argument(
+        "--op-lengths", type=int, nargs="*", default=[16384, 32768], help="lengths for the op-only comparison"
+    )
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
     p.add_argument(
         "--backend", default=None, help="block-sparse backend (torch, gather, flex, triton; default auto)"
     )
