@@ -279,3 +279,41 @@ def collect_stats(model: torch.nn.Module) -> list[dict]:
             seen.add(id(proc))
             rows.extend(proc.layer_stats())
     return sorted(rows, key=lambda r: r["layer"])
+
+
+def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
+    """Attach the step tracker and set the processors ``build(tracker)`` returns (attention-processor
+    name -> new processor) on ``model``, keeping every other processor. The originals and whether the
+    tracker was attached here are saved on the model instance under ``state_attr`` so
+    :func:`restore_processors` puts back exactly those objects."""
+    from fastgen.hooks import get_step_tracker, register_step_tracker
+
+    restore_processors(model, state_attr)
+    owns_tracker = get_step_tracker(model) is None
+    processors = build(register_step_tracker(model))
+    saved = dict(model.attn_processors)
+    new = dict(saved)
+    for name, proc in processors.items():
+        # keep what diffusers' set_attention_backend / context parallelism wrote on the original
+        proc._attention_backend = getattr(saved[name], "_attention_backend", None)
+        proc._parallel_config = getattr(saved[name], "_parallel_config", None)
+        new[name] = proc
+    model.set_attn_processor(new)
+    setattr(model, state_attr, {"saved": saved, "owns_tracker": owns_tracker})
+
+
+def restore_processors(model: torch.nn.Module, state_attr: str) -> None:
+    """Undo :func:`install_processors`: the saved processor objects come back and a step tracker
+    attached by the install is removed."""
+    from fastgen.hooks import remove_step_tracker
+
+    state = getattr(model, state_attr, None)
+    if state is None:
+        return
+    for proc in model.attn_processors.values():
+        if isinstance(proc, RectifiedProcessorBase):
+            proc.detach()
+    model.set_attn_processor(dict(state["saved"]))
+    if state["owns_tracker"]:
+        remove_step_tracker(model)
+    setattr(model, state_attr, None)

@@ -24,14 +24,15 @@ import logging
 import torch
 
 from fastgen.configs import RectifiedSpaAttnConfig
-from fastgen.hooks import get_step_tracker, register_step_tracker, remove_step_tracker
 
 from .common import (
     RectifiedProcessorBase,
     check_config,
     collect_stats,
     grid_from_rope_table,
+    install_processors,
     key_padding_from_attention_mask,
+    restore_processors,
 )
 
 logger = logging.getLogger(__name__)
@@ -172,33 +173,19 @@ def apply(model, config: RectifiedSpaAttnConfig) -> None:
     config = check_config(config)
     if not _is_hunyuan(model):
         raise ValueError(f"model={type(model).__name__} is not a HunyuanVideoTransformer3DModel")
-    if getattr(model, _STATE_ATTR, None) is not None:
-        remove(model)
-    owns_tracker = get_step_tracker(model) is None
-    tracker = register_step_tracker(model)
-    saved = dict(model.attn_processors)
-    new = dict(saved)
-    for layer, name in enumerate(_target_names(model)):
-        proc = HunyuanVideoRectifiedProcessor(config, layer=layer, tracker=tracker)
-        proc._attention_backend = getattr(saved[name], "_attention_backend", None)
-        proc._parallel_config = getattr(saved[name], "_parallel_config", None)
-        new[name] = proc
-    model.set_attn_processor(new)
-    setattr(model, _STATE_ATTR, {"saved": saved, "owns_tracker": owns_tracker})
+    install_processors(
+        model,
+        _STATE_ATTR,
+        lambda tracker: {
+            name: HunyuanVideoRectifiedProcessor(config, layer=layer, tracker=tracker)
+            for layer, name in enumerate(_target_names(model))
+        },
+    )
 
 
 def remove(model) -> None:
     """Restore the processors saved by :func:`apply` and detach the tracker it attached."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return
-    for proc in model.attn_processors.values():
-        if isinstance(proc, RectifiedProcessorBase):
-            proc.detach()
-    model.set_attn_processor(dict(state["saved"]))
-    if state["owns_tracker"]:
-        remove_step_tracker(model)
-    setattr(model, _STATE_ATTR, None)
+    restore_processors(model, _STATE_ATTR)
 
 
 def stats(model) -> list[dict]:

@@ -25,9 +25,15 @@ import logging
 import torch
 
 from fastgen.configs import RectifiedSpaAttnConfig
-from fastgen.hooks import get_step_tracker, register_step_tracker, remove_step_tracker
 
-from .common import RectifiedProcessorBase, check_config, collect_stats, grid_from_rope_table
+from .common import (
+    RectifiedProcessorBase,
+    check_config,
+    collect_stats,
+    grid_from_rope_table,
+    install_processors,
+    restore_processors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,34 +162,19 @@ def apply(model, config: RectifiedSpaAttnConfig) -> None:
     config = check_config(config)
     if not _is_wan(model):
         raise ValueError(f"model={type(model).__name__} is not a WanTransformer3DModel")
-    if getattr(model, _STATE_ATTR, None) is not None:
-        remove(model)
-    owns_tracker = get_step_tracker(model) is None
-    tracker = register_step_tracker(model)
-    saved = dict(model.attn_processors)
-    new = dict(saved)
-    for i in range(len(model.blocks)):
-        name = f"blocks.{i}.attn1.processor"
-        proc = WanRectifiedProcessor(config, layer=i, tracker=tracker)
-        proc._attention_backend = getattr(saved[name], "_attention_backend", None)
-        proc._parallel_config = getattr(saved[name], "_parallel_config", None)
-        new[name] = proc
-    model.set_attn_processor(new)
-    setattr(model, _STATE_ATTR, {"saved": saved, "owns_tracker": owns_tracker})
+    install_processors(
+        model,
+        _STATE_ATTR,
+        lambda tracker: {
+            f"blocks.{i}.attn1.processor": WanRectifiedProcessor(config, layer=i, tracker=tracker)
+            for i in range(len(model.blocks))
+        },
+    )
 
 
 def remove(model) -> None:
     """Restore the processors saved by :func:`apply` (exactly those objects) and detach the tracker."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return
-    for proc in model.attn_processors.values():
-        if isinstance(proc, RectifiedProcessorBase):
-            proc.detach()
-    model.set_attn_processor(dict(state["saved"]))
-    if state["owns_tracker"]:
-        remove_step_tracker(model)
-    setattr(model, _STATE_ATTR, None)
+    restore_processors(model, _STATE_ATTR)
 
 
 def stats(model) -> list[dict]:
