@@ -233,3 +233,87 @@ def test_bad_backend_and_padding_mask():
         dense_attention(q, k, v, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="sparsity"):
         keep_count(1.0, 4)
+
+
+# ---------------------------------------------------------------- gather: extra keys, padded k/v, scatter
+
+
+def _extra_reference(q, k, v, m, bs, kv_length, extra_k, extra_v, extra_bias):
+    """Dense fp32 softmax over the selected keys (before ``kv_length``) plus the extra keys with bias."""
+    nq, nk = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5
+    token_mask = token_mask_from_blocks(m, nq, nk, bs).clone()
+    token_mask[..., kv_length:] = False
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~token_mask, float("-inf"))
+    p_extra = extra_bias.shape[-1]
+    e = (q.float() @ extra_k[:, :, :p_extra].float().transpose(-1, -2)) * scale
+    e = e + extra_bias.repeat_interleave(bs, dim=2)[:, :, :nq]
+    s = torch.cat([s, e], dim=-1)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(-1e30))
+    out = p @ torch.cat([v.float(), extra_v[:, :, :p_extra].float()], dim=2)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,h,n,kv_length,d,bs,p_extra", [(1, 2, 64, 50, 16, 16, 7), (2, 3, 96, 96, 32, 32, 40)]
+)
+def test_gather_extra_keys_and_padded_kv(dtype, b, h, n, kv_length, d, bs, p_extra):
+    from fastgen.attention.gather import extended_key_buffer, gather_block_sparse_attention
+
+    q, k, v = qkv(b, h, n, n, d, dtype=dtype)
+    nb = n // bs
+    m = random_block_mask(b, h, nb, nb, empty_row=True)
+    extra_bias = torch.randn(b, h, nb, p_extra)
+    extra_bias[..., ::3] = float("-inf")
+    extra_bias[0, 0, 1] = float("-inf")  # with the empty row above: a query block with no key at all
+    # joined buffer (no copy) and separate tensors (copied) must agree
+    (kj, ek), (vj, ev) = (extended_key_buffer(b, h, n, p_extra, d, bs, dtype, q.device) for _ in range(2))
+    kj.copy_(k), vj.copy_(v)
+    ek.normal_(), ev.normal_()
+    ref, ref_lse = _extra_reference(q, k, v, m, bs, kv_length, ek, ev, extra_bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for keys, values, ek_, ev_ in [
+        (kj, vj, ek, ev),
+        (k, v, ek[:, :, :p_extra].clone(), ev[:, :, :p_extra].clone()),
+    ]:
+        out, lse = gather_block_sparse_attention(
+            q,
+            keys,
+            values,
+            m,
+            bs,
+            d**-0.5,
+            kv_length=kv_length,
+            extra_k=ek_,
+            extra_v=ev_,
+            extra_bias=extra_bias,
+        )
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert rel_rmse(out, ref) < tol
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-4 if dtype == torch.float32 else 5e-2)
+        assert torch.all(out[0, 0, bs : 2 * bs] == 0)
+
+
+def test_gather_scatter_out_writes_rows_in_place():
+    from fastgen.attention.gather import gather_block_sparse_attention
+
+    b, h, n, d, bs = 2, 2, 80, 16, 32  # partial last query block: its padding rows go to a sink row
+    q, k, v = qkv(b, h, n, n, d)
+    m = random_block_mask(b, h, 3, 3)
+    perm = torch.randperm(n)
+    padded = torch.cat([perm, perm.new_zeros(3 * bs - n)])  # permuted, padded to whole blocks
+    qp, kp, vp = q[:, :, padded], k[:, :, padded], v[:, :, padded]
+    dest = torch.full((b * h * n + 1, d), float("nan"))
+    rows = torch.arange(b * h)[:, None] * n + padded[None, :]
+    rows[:, n:] = b * h * n
+    out, lse = gather_block_sparse_attention(
+        qp, kp, vp, m, bs, d**-0.5, kv_length=n, scatter_out=(dest, rows.view(-1))
+    )
+    assert lse is None and out is dest
+    expected = block_sparse_attention(qp[:, :, :n], kp[:, :, :n], vp[:, :, :n], m, bs, backend="torch")
+    assert rel_rmse(dest[:-1].view(b, h, n, d)[:, :, perm], expected) < 1e-5

@@ -458,3 +458,34 @@ def test_bad_resolution_arguments_raise(kwargs, name):
     q, k, v = qkv(1, 1, 64, 16)
     with pytest.raises(ValueError, match=name):
         rectified_sparse_attention(q, k, v, sparsity=0.5, block_size=16, **kwargs)
+
+
+# ---------------------------------------------------------------- CPU one-pass path vs the general path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"selection": "pooled", "isolated_keys": 0},
+        {"gapr": False, "isolated_keys": 2.0},
+        {"form": "none"},
+        {"mass_threshold": 0.5, "reorder": False},
+    ],
+)
+@pytest.mark.parametrize("b,h,grid,text,bs", [(1, 2, (3, 8, 10), 0, 32), (2, 3, (2, 7, 9), 9, 16)])
+def test_gather_one_pass_matches_general_path(dtype, options, b, h, grid, text, bs):
+    n = grid[0] * grid[1] * grid[2] + text  # video part not a block multiple
+    q, k, v = qkv(b, h, n, 32, dtype)
+    k[:, :, 5] *= 6  # an outlier key to isolate
+    mask = text_mask(b, n, [0, 3][:b]) if text else None
+    args = dict(
+        sparsity=0.6, block_size=bs, num_text_tokens=text, grid=grid, key_padding_mask=mask, return_stats=True
+    )
+    out, stats = rectified_sparse_attention(q, k, v, backend="gather", **args, **options)
+    ref, ref_stats = rectified_sparse_attention(q, k, v, backend="torch", **args, **options)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(stats["block_mask"], ref_stats["block_mask"])
+    assert torch.equal(stats["compensated_mask"], ref_stats["compensated_mask"])
+    assert rel_rmse(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -27,6 +27,10 @@ Algorithm (see DESIGN.md, "Rectified SpaAttn"):
      disjoint key sets merged exactly through their log-sum-exps (:func:`merge_attention`), so
      nothing of size N x N is ever built: block-sparse over the video keys, a small dense term
      over the text keys, and an ``[N, N/block]`` term over the pooled keys.
+     On the CPU gather backend (no corrections, one pooled key per block, no padded video key) the
+     three key sets go through one kernel pass instead (:func:`gather_exact_attention`): q/k/v are
+     reordered and padded once, all pooled statistics come from one set of sums, and the pooled /
+     text / isolated keys ride along with the gathered key blocks as extra keys with a per-block bias.
    - ``form="paper"``: ``O_i = R_I·SparseAttn_i + Σ_{J comp} P_IJ v̄_J`` with
      ``R_I = 1 − Σ_{J comp} P_IJ`` (mass conserved); ``SparseAttn`` covers selected + text keys.
    - ``form="none"``: plain block-sparse attention with the same selection (the baseline).
@@ -328,12 +332,26 @@ def subblock_estimate(
 
     ``text_logits_fn(pooled_q)`` gives the text logits of pooled queries ``[B, H, n, T]``.
     """
-    b, h, n, _ = q.shape
     sub = block_size // splits
-    nb = num_blocks(n, block_size)
     pooled_q, counts = _pool_subblocks(q, sub, key_valid)  # [B, H, ns, D], [B, ns]
     pooled_k, _ = _pool_subblocks(k, sub, key_valid)
-    logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return _subblock_block_mass(
+        pooled_q, pooled_k, counts, num_blocks(q.shape[2], block_size), splits, text_logits_fn
+    )
+
+
+def _subblock_block_mass(
+    pooled_q: torch.Tensor,
+    pooled_k: torch.Tensor,
+    counts: torch.Tensor,
+    nb: int,
+    splits: int,
+    text_logits_fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-level estimate of :func:`subblock_estimate` from pooled sub-blocks ``[B, H, ns, D]``
+    and their valid counts ``[B, ns]``."""
+    b, h = pooled_q.shape[:2]
+    logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * (1.0 / math.sqrt(pooled_q.shape[-1]))
     probs, text_mass = ipar_estimate(logits + _log_counts(counts), text_logits_fn(pooled_q))
     pad = nb * splits - counts.shape[-1]
     probs = torch.nn.functional.pad(probs, (0, pad, 0, pad)).view(b, h, nb, splits, nb, splits).sum(-1)
@@ -644,6 +662,218 @@ def fused_exact_attention(
     )
 
 
+def _padded_video(
+    x: torch.Tensor, token_index: torch.Tensor, n_video: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Video tokens of ``x`` ``[B, H, N, D]`` in the order ``token_index`` (length a block multiple,
+    positions past ``n_video`` are padding), as one contiguous gather (into ``out`` when given);
+    padding rows are zero."""
+    out = (
+        torch.index_select(x, 2, token_index, out=out) if out is not None else x.index_select(2, token_index)
+    )
+    out[:, :, n_video:] = 0
+    return out
+
+
+def _centred_statistics(
+    x: torch.Tensor, pooled: torch.Tensor, last: int, deviation: bool, distance: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per block of ``x`` ``[B, H, nb*bs, D]`` (zero-padded after the ``last`` valid tokens of the
+    last block): the mean ``|x_i − x̄|`` ``[B, H, nb, D]`` and the distances ``‖x_i − x̄‖``
+    ``[B, H, nb, bs]`` (padding: 0), a few heads at a time so the centred values stay in cache."""
+    b, h, nb, d = pooled.shape
+    bs = x.shape[2] // nb
+    blocks = x.view(b * h, nb, bs, d)
+    means = pooled.reshape(b * h, nb, 1, d)
+    counts = torch.full((nb, 1), float(bs), device=x.device)
+    counts[-1] = last
+    mean_abs = torch.empty(b * h, nb, d, device=x.device) if deviation else None
+    norms = torch.empty(b * h, nb, bs, device=x.device) if distance else None
+    step = max(1, (8 << 20) // (nb * bs * d * 4))
+    centred = torch.empty(min(step, b * h), nb, bs, d, device=x.device)
+    for start in range(0, b * h, step):
+        rows = slice(start, min(b * h, start + step))
+        c = torch.sub(blocks[rows], means[rows], out=centred[: rows.stop - start])
+        c[:, -1, last:] = 0
+        if distance:
+            torch.linalg.vector_norm(c, dim=-1, out=norms[rows])
+        if deviation:
+            torch.sum(c.abs_(), dim=2, out=mean_abs[rows])
+    if deviation:
+        mean_abs = mean_abs.div_(counts).view(b, h, nb, d)
+    return mean_abs, norms
+
+
+def gather_exact_applies(
+    q: torch.Tensor,
+    video_valid: torch.Tensor | None,
+    backend: str | None,
+    form: str,
+    compensation_splits: int,
+    variance_correction: bool,
+    value_tilt: bool,
+) -> bool:
+    """True when the CPU one-pass path serves the call: the block-sparse backend resolves to
+    ``"gather"``, the form is ``"exact"`` or ``"none"`` without the pooled-term corrections or
+    multi-resolution compensation, and no video key is padded."""
+    if form not in ("exact", "none") or variance_correction or value_tilt or compensation_splits != 1:
+        return False
+    if resolve_backend(backend, q.device) != "gather":
+        return False
+    return video_valid is None or bool(video_valid.all())
+
+
+def gather_exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_video: int,
+    perm: torch.Tensor | None,
+    text_valid: torch.Tensor | None,
+    *,
+    sparsity: float,
+    block_size: int,
+    scale: float,
+    form: str,
+    mass_threshold: float | None,
+    selection: str,
+    pool_splits: int,
+    isolated_keys: float,
+    gapr: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Video-query output of the exact (or ``"none"``) form in one gather-kernel pass (CPU).
+
+    The video tokens of q/k/v ``[B, H, N, D]`` are reordered (``perm``) and padded to a block multiple
+    by one gather each; all pooled statistics come from one set of block / sub-block sums; the text
+    keys, the compensated pooled keys (logit ``+ log n_J``) and the visible isolated keys join the
+    selected key blocks as extra keys of the same softmax (:func:`gather_block_sparse_attention`), so
+    no partial attention is merged. Same result as the general path up to round-off.
+
+    Returns ``(out [B, H, N, D] in q's dtype with the video rows written (text rows left for the
+    caller), critical, dropped, compensated, valid_blocks)``.
+    """
+    from .gather import extended_key_buffer, gather_block_sparse_attention
+
+    b, h, _, d = q.shape
+    bs = block_size
+    nb = num_blocks(n_video, bs)
+    n_pad = nb * bs
+    device = q.device
+    rectify = form != "none"
+    count = min(n_video, round(isolated_keys * nb)) if rectify and isolated_keys > 0 else 0
+    kt, vt = k[:, :, n_video:], v[:, :, n_video:]
+    n_text = kt.shape[2]
+    n_extra = n_text + (nb + count if rectify else 0)  # text, pooled and isolated keys
+    order = torch.arange(n_video, device=device) if perm is None else perm
+    token_index = torch.cat([order, order.new_zeros(n_pad - n_video)])
+    qp = _padded_video(q, token_index, n_video)  # [B, H, nb*bs, D]
+    if n_extra:  # k/v and their extra keys share one buffer (no copy in the gather)
+        (kp, extra_k), (vp, extra_v) = (
+            extended_key_buffer(b, h, n_pad, n_extra, d, bs, k.dtype, device) for _ in range(2)
+        )
+        extra_k[:, :, n_extra:] = 0
+        extra_v[:, :, n_extra:] = 0
+        extra_k[:, :, :n_text] = kt
+        extra_v[:, :, :n_text] = vt
+    else:
+        kp = vp = None
+    kp, vp = _padded_video(k, token_index, n_video, kp), _padded_video(v, token_index, n_video, vp)
+
+    # one set of sums: sub-blocks (selection) -> blocks (pooled q/k/v)
+    splits = pool_splits if selection == "subblock" and pool_splits > 1 else 1
+    sub = bs // splits
+    positions = torch.arange(nb * splits, device=device) * sub
+    sub_counts = (n_video - positions).clamp(0, sub).float()  # [nb*splits]
+    block_counts = sub_counts.view(nb, splits).sum(-1)  # [nb]
+    q_sub = qp.view(b, h, nb * splits, sub, d).sum(3, dtype=torch.float32)
+    k_sub = kp.view(b, h, nb * splits, sub, d).sum(3, dtype=torch.float32)
+    denom = block_counts.clamp_min(1.0)[:, None]
+    pooled_q = q_sub.view(b, h, nb, splits, d).sum(3) / denom
+    k_sums = k_sub.view(b, h, nb, splits, d).sum(3)
+    pooled_k = k_sums / denom
+    key_counts = block_counts.expand(b, nb)
+    text_part_logits = text_logits(pooled_q, kt, text_valid, scale)
+    valid_blocks = (key_counts > 0)[:, None, None, :]
+    if splits > 1:
+        ns = num_blocks(n_video, sub)
+        sub_denom = sub_counts.clamp_min(1.0)[:, None]
+        probs, text_mass = _subblock_block_mass(
+            (q_sub / sub_denom)[:, :, :ns],
+            (k_sub / sub_denom)[:, :, :ns],
+            sub_counts[:ns].expand(b, ns),
+            nb,
+            splits,
+            lambda pq: text_logits(pq, kt, text_valid, scale),
+        )
+    else:
+        logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale + _log_counts(key_counts)
+        probs, text_mass = ipar_estimate(logits, text_part_logits)
+    critical = critical_blocks(probs, text_mass, valid_blocks, sparsity, mass_threshold)
+    dropped = valid_blocks & ~critical
+    compensated = torch.zeros_like(dropped)
+
+    extra_bias = []
+    if n_text:
+        bias = torch.zeros(b, 1, 1, n_text, device=device)
+        if text_valid is not None:
+            bias = bias.masked_fill(~text_valid[:, None, None, :], float("-inf"))
+        extra_bias.append(bias)
+    if rectify:
+        last = n_video - (nb - 1) * bs  # valid tokens of the last block
+        key_deviation = query_deviation = None
+        if gapr or count:
+            key_deviation, distance = _centred_statistics(kp, pooled_k, last, gapr, count > 0)
+            if count:
+                distance = distance.view(b, h, n_pad)
+                distance[:, :, n_video:] = float("-inf")
+                isolated = distance.topk(count, dim=-1).indices  # [B, H, r]
+        if gapr:
+            query_deviation, _ = _centred_statistics(qp, pooled_q, last, True, False)
+            stats = BlockStatistics(
+                pooled_q, pooled_k, pooled_k, key_counts, query_deviation, key_deviation
+            )  # pooled_v is not used by GAPR
+            compensated = gapr_compensated(stats, dropped)
+        else:
+            compensated = dropped
+        v_sums = vp.view(b, h, nb, bs, d).sum(3, dtype=torch.float32)
+        comp_counts = block_counts.expand(b, h, nb)
+        if count:  # isolated keys leave their block's pool and become keys of their own
+            owner = isolated // bs  # [B, H, r]
+            gather_rows = isolated[..., None].expand(-1, -1, -1, d)
+            iso_k = torch.gather(kp, 2, gather_rows)
+            iso_v = torch.gather(vp, 2, gather_rows)
+            k_sums = k_sums.scatter_add(2, owner[..., None].expand(-1, -1, -1, d), -iso_k.float())
+            v_sums = v_sums.scatter_add(2, owner[..., None].expand(-1, -1, -1, d), -iso_v.float())
+            comp_counts = comp_counts.scatter_add(2, owner, -torch.ones_like(owner, dtype=torch.float32))
+        comp_denom = comp_counts.clamp_min(1.0)[..., None]
+        torch.div(k_sums, comp_denom, out=extra_k[:, :, n_text : n_text + nb])
+        torch.div(v_sums, comp_denom, out=extra_v[:, :, n_text : n_text + nb])
+        log_counts = torch.log(comp_counts)[:, :, None, :]  # -inf for empty pools
+        extra_bias.append(log_counts.masked_fill(~compensated, float("-inf")))
+        if count:
+            owner_rows = owner[:, :, None, :].expand(-1, -1, nb, -1)
+            visible = ~torch.gather(critical.expand(b, -1, -1, -1), -1, owner_rows)  # [B, H, nqb, r]
+            extra_k[:, :, n_text + nb : n_extra] = iso_k
+            extra_v[:, :, n_text + nb : n_extra] = iso_v
+            extra_bias.append(torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf")))
+    extras = {}
+    if n_extra:
+        extras = dict(
+            extra_k=extra_k,
+            extra_v=extra_v,
+            extra_bias=torch.cat([x.expand(b, h, nb, -1) for x in extra_bias], dim=-1),
+        )
+    # the kernel writes each query row straight to its raster position in the full output
+    n = q.shape[2]
+    out = torch.empty(b * h * n + 1, d, dtype=q.dtype, device=device)  # last row: sink for padding
+    rows = torch.arange(b * h, device=device)[:, None] * n + token_index[None, :]
+    rows[:, n_video:] = b * h * n
+    gather_block_sparse_attention(
+        qp, kp, vp, critical, bs, scale, kv_length=n_video, scatter_out=(out, rows.view(-1)), **extras
+    )
+    return out[:-1].view(b, h, n, d), critical, dropped, compensated, valid_blocks
+
+
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
@@ -720,12 +950,44 @@ def rectified_sparse_attention(
     scale = 1.0 / math.sqrt(d)
 
     qv, kv, vv = q[:, :, :n_video], k[:, :, :n_video], v[:, :, :n_video]
-    qt, kt, vt = q[:, :, n_video:], k[:, :, n_video:], v[:, :, n_video:]
+    kt, vt = k[:, :, n_video:], v[:, :, n_video:]
     video_valid = None if key_padding_mask is None else key_padding_mask[:, :n_video]
     text_valid = None if key_padding_mask is None else key_padding_mask[:, n_video:]
     perm = None
     if grid is not None and reorder:
         perm = tile_permutation(tuple(grid), default_tile(block_size), device=q.device)
+    if gather_exact_applies(
+        q, video_valid, backend, form, compensation_splits, variance_correction, value_tilt
+    ):
+        video_out, critical, dropped, compensated, valid_blocks = gather_exact_attention(
+            q,
+            k,
+            v,
+            n_video,
+            perm,
+            text_valid,
+            sparsity=sparsity,
+            block_size=block_size,
+            scale=scale,
+            form=form,
+            mass_threshold=mass_threshold,
+            selection=selection,
+            pool_splits=pool_splits,
+            isolated_keys=isolated_keys,
+            gapr=gapr,
+        )
+        return _finish(
+            q,
+            k,
+            v,
+            video_out,
+            key_padding_mask,
+            num_text_tokens,
+            scale,
+            return_stats,
+            (critical, dropped, compensated, valid_blocks),
+        )
+    if perm is not None:
         qv, kv, vv = qv[:, :, perm], kv[:, :, perm], vv[:, :, perm]
         video_valid = None if video_valid is None else video_valid[:, perm]
 
@@ -863,14 +1125,37 @@ def rectified_sparse_attention(
 
     if perm is not None:
         video_out = video_out[:, :, inverse_permutation(perm)]
-    outputs = [video_out.to(q.dtype)]
-    if num_text_tokens:
-        text_out, _ = attention_with_lse(qt, k, v, key_padding_mask, scale)
-        outputs.append(text_out.to(q.dtype))
-    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return _finish(
+        q,
+        k,
+        v,
+        video_out,
+        key_padding_mask,
+        num_text_tokens,
+        scale,
+        return_stats,
+        (critical, dropped, compensated, valid_blocks),
+    )
+
+
+def _finish(q, k, v, video_out, key_padding_mask, num_text_tokens, scale, return_stats, masks):
+    """Add the text queries' dense output to the video output (or write it into ``video_out`` when
+    that already spans all N tokens); add the stats when asked."""
+    n = q.shape[2]
+    if video_out.shape[2] == n and video_out.dtype == q.dtype:
+        out = video_out
+        if num_text_tokens:
+            text_out, _ = attention_with_lse(q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale)
+            out[:, :, n - num_text_tokens :] = text_out
+    else:
+        outputs = [video_out.to(q.dtype)]
+        if num_text_tokens:
+            text_out, _ = attention_with_lse(q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale)
+            outputs.append(text_out.to(q.dtype))
+        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     if not return_stats:
         return out
-    return out, _summary(critical, dropped, compensated, valid_blocks, num_text_tokens)
+    return out, _summary(*masks, num_text_tokens)
 
 
 def _summary(critical, dropped, compensated, valid_blocks, num_text_tokens) -> dict:
