@@ -252,7 +252,7 @@ def load_diffusion_lm(
     name_or_path: str,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
 ):
     """Load a LLaDA or Dream checkpoint (hub id or local folder) as ``(model, tokenizer, mask_token_id)``.
@@ -264,6 +264,11 @@ def load_diffusion_lm(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    elif isinstance(dtype, str):
+        allowed = ("float32", "bfloat16", "float16")
+        if dtype not in allowed:
+            raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(allowed)}")
+        dtype = getattr(torch, dtype)
     folder = _resolve_folder(name_or_path, trust_remote_code)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):

@@ -181,3 +181,10 @@ def test_family_detection_and_errors(tmp_path):
     (tmp_path / "seq" / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="block_type"):
         load_diffusion_lm(str(tmp_path / "seq"), device="cpu")
+
+
+def test_string_dtype_is_checked(tmp_path):
+    from fastgen.pipelines.lm_loaders import load_diffusion_lm
+
+    with pytest.raises(ValueError, match="dtype='float64' is not allowed"):
+        load_diffusion_lm(str(tmp_path), device="cpu", dtype="float64")
