@@ -2,12 +2,11 @@
 dense or with SparseD, time it, and compare with dense.
 
 ``fastgen generate --preset tiny-llada --method sparsed --prompt "..." --compare-dense --out out.txt``
-lands in :func:`generate_from_args`.
+lands in :func:`fastgen.runner.generate_text_from_args`, which uses the functions here.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import time
@@ -168,67 +167,9 @@ def generate_text(
     }
 
 
-def generate_from_args(args: argparse.Namespace) -> int:
-    """``fastgen generate`` for text: print the text and tokens/s (and speedup + token agreement vs dense
-    with ``--compare-dense``); ``--out`` is written atomically. Returns the exit status."""
-    from fastgen.io import write_text
-    from fastgen.metrics import token_agreement
-
-    method = args.method or "sparsed"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for text; allowed: {', '.join(METHODS)}")
-    pipe = load_text_pipeline(
-        preset=args.preset,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-    )
-    common = dict(
-        prompt=args.prompt,
-        seed=args.seed,
-        steps=args.steps,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        cfg_scale=args.cfg_scale,
-        progress=not getattr(args, "quiet", False),
-    )
-    config = None
-    if method == "sparsed":
-        prompt_tokens = len(pipe.tokenizer(args.prompt)["input_ids"]) if pipe.tokenizer is not None else 0
-        config = default_sparsed_config(
-            prompt_tokens + (args.gen_length or 128),
-            skip=args.skip,
-            select=args.select,
-            block_size=args.block_size,
-        )
-    if args.compare_dense:
-        # one short untimed call first, so neither timed run pays the one-time costs
-        warm = min(32, args.gen_length or 128)
-        pipe(prompt=args.prompt, gen_length=warm, steps=1, block_length=warm, progress=False)
-    result = generate_text(pipe, method=method, config=config, **common)
-    # the CLI's output goes to stdout
-    print(result["text"])
-    print(f"[{result['method']}] {result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.3f} s)")
-    if "density" in result["stats"]:
-        print(f"[{result['method']}] attention density: {result['stats']['density']:.3f}")
-    if args.compare_dense:
-        dense = generate_text(pipe, method="dense", **common)
-        speedup = dense["seconds"] / result["seconds"] if result["seconds"] > 0 else float("inf")
-        agreement = token_agreement(result["tokens"], dense["tokens"])
-        print(f"[dense] {dense['tokens_per_s']:.1f} tokens/s ({dense['seconds']:.3f} s)")
-        print(f"speedup vs dense: {speedup:.2f}x  token agreement: {agreement:.3f}")
-    if args.out:
-        write_text(args.out, result["text"])
-        logger.info("wrote %s", args.out)
-    return 0
-
-
 __all__ = [
     "METHODS",
     "default_sparsed_config",
-    "generate_from_args",
     "generate_text",
     "load_text_pipeline",
     "sparsed_available",

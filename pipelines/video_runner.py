@@ -1,5 +1,5 @@
-"""Video generation for the CLI and the demo: load a pipeline, generate with or without Rectified
-SpaAttn, write the mp4 atomically, optionally compare with dense attention.
+"""Video generation for the CLI, batch and the demo: load a pipeline and generate with or without
+Rectified SpaAttn (``fastgen.runner.generate_video_from_args`` writes the mp4 and compares with dense).
 
 Example:
     >>> from fastgen.pipelines.video_runner import load_video_pipeline, generate_video
@@ -169,50 +169,10 @@ def config_from_args(args: argparse.Namespace) -> RectifiedSpaAttnConfig:
     return RectifiedSpaAttnConfig(**{k: v for k, v in options.items() if v is not None})
 
 
-def generate_from_args(args: argparse.Namespace) -> int:
-    """``fastgen generate`` for video: generate, write ``--out`` (mp4, atomic), report; returns the exit status."""
-    from fastgen.io import write_video
-    from fastgen.metrics import psnr, ssim
-
-    method = args.method or "rectified"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
-    config = config_from_args(args) if method == "rectified" else None
-    pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
-    common = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "height": args.height,
-        "width": args.width,
-        "frames": args.frames,
-        "guidance_scale": args.guidance_scale,
-    }
-    result = generate_video(pipe, method=method, config=config, **common)
-    out = args.out or "output.mp4"
-    write_video(out, result["frames"], fps=result["fps"])
-    # CLI output (this function is the command's entry point, not library code)
-    t, h, w, _ = result["frames"].shape
-    print(f"wrote {out}: {t} frames {h}x{w} in {result['seconds']:.2f}s ({method})")
-    if result["stats"]:
-        density = np.mean([row["density"] for row in result["stats"]])
-        print(f"sparse layers: {len(result['stats'])}, mean density {density:.3f}")
-    if getattr(args, "compare_dense", False) and method != "dense":
-        dense = generate_video(pipe, method="dense", **common)
-        print(
-            f"dense: {dense['seconds']:.2f}s; speedup {dense['seconds'] / result['seconds']:.2f}x; "
-            f"PSNR {psnr(result['frames'], dense['frames']):.2f} dB; "
-            f"SSIM {ssim(result['frames'], dense['frames']):.4f}"
-        )
-    return 0
-
-
 __all__ = [
     "FAMILY_DEFAULTS",
     "METHODS",
     "config_from_args",
-    "generate_from_args",
     "generate_video",
     "load_video_pipeline",
     "pipeline_family",
