@@ -593,7 +593,7 @@ def runner_from_args(
 ) -> BatchRunner:
     """Build a :class:`BatchRunner` from ``fastgen batch`` arguments (``load``/``generate`` injectable)."""
     if kind is None:
-        from fastgen.runner import model_kind
+        from fastgen.cli_generate import model_kind
 
         kind = model_kind(args)
     method = _resolve_method(args, kind)

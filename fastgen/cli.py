@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "generate":
-            from fastgen.runner import run_generate
+            from fastgen.cli_generate import run_generate
 
             return run_generate(args)
         if args.command == "batch":

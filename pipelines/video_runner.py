@@ -1,5 +1,5 @@
 """Video generation for the CLI, batch and the demo: load a pipeline and generate with or without
-Rectified SpaAttn (``fastgen.runner.generate_video_from_args`` writes the mp4 and compares with dense).
+Rectified SpaAttn (``fastgen.cli_generate.generate_video_from_args`` writes the mp4 and compares with dense).
 
 Example:
     >>> from fastgen.pipelines.video_runner import load_video_pipeline, generate_video

@@ -11,8 +11,8 @@ from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
 
 from fastgen import RectifiedSpaAttnConfig
 from fastgen.cli import build_parser
+from fastgen.cli_generate import generate_video_from_args as generate_from_args
 from fastgen.hooks import get_step_tracker
-from fastgen.runner import generate_video_from_args as generate_from_args
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "frames": 5}  # latent 2 x 8 x 8 = 128 tokens (patch 1)
 
