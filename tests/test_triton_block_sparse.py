@@ -31,16 +31,11 @@ if os.environ.get("TRITON_INTERPRET") == "1" and type(tl.zeros).__name__ == "JIT
 
 from fastgen.kernels import block_sparse_attn as bsa  # noqa: E402
 
+from tests.helpers import rel_rmse as relative_rmse  # noqa: E402
+
 _KERNEL_FILE = pathlib.Path(bsa.__file__)
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """rmse(actual - expected) / rmse(expected), computed in fp64."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    scale = expected.double().pow(2).mean().sqrt().clamp_min(1e-30)
-    return float(diff / scale)
 
 
 def reference_block_sparse_attention(q, k, v, block_mask, block_size, sm_scale=None):

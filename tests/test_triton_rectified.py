@@ -34,16 +34,10 @@ from fastgen.kernels import rectified_attn as ra  # noqa: E402
 
 from fastgen.attention import rectified  # noqa: E402
 from fastgen.attention.rectified import rectified_sparse_attention  # noqa: E402
+from tests.helpers import rel_rmse as relative_rmse  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1.5e-2}
-
-
-def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """rmse(actual - expected) / rmse(expected), computed in fp64."""
-    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    scale = expected.double().pow(2).mean().sqrt().clamp_min(1e-30)
-    return float(diff / scale)
 
 
 def _rows(block_mask: torch.Tensor, block_size: int, q_len: int) -> torch.Tensor:

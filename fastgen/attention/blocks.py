@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fastgen.kernels import block_mask_to_indices  # noqa: F401 - plain torch, shared with the kernels
+
 from ._checks import check_block_size, check_sparsity
 
 
@@ -162,12 +164,3 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
-
-
-def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected key blocks as an index table: ``indices`` int32 ``[B, H, nq, max_k]`` (ascending,
-    valid entries first) and ``counts`` int32 ``[B, H, nq]``."""
-    counts = block_mask.sum(-1, dtype=torch.int32)
-    max_k = max(1, int(counts.max().item()) if counts.numel() else 1)
-    order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :max_k]
-    return order.to(torch.int32).contiguous(), counts.contiguous()
