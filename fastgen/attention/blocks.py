@@ -20,7 +20,8 @@ def num_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def _pad_to_blocks(x: torch.Tensor, block_size: int, dim: int) -> torch.Tensor:
+def pad_to_blocks(x: torch.Tensor, block_size: int, dim: int = 2) -> torch.Tensor:
+    """``x`` zero-padded along ``dim`` to a multiple of ``block_size`` (``x`` itself when it already is)."""
     pad = num_blocks(x.shape[dim], block_size) * block_size - x.shape[dim]
     if pad == 0:
         return x
@@ -41,7 +42,7 @@ def block_token_counts(
         counts = torch.full((num_blocks(n, block_size),), float(block_size), device=device)
         counts[-1] = n - (counts.numel() - 1) * block_size
         return counts
-    padded = _pad_to_blocks(valid_mask.float(), block_size, dim=1)
+    padded = pad_to_blocks(valid_mask.float(), block_size, dim=1)
     return padded.view(valid_mask.shape[0], -1, block_size).sum(-1)
 
 
@@ -66,7 +67,7 @@ def pool_blocks(
     else:
         xf = xf * valid_mask[:, None, :, None]
         counts = block_token_counts(n, block_size, valid_mask)
-    sums = _pad_to_blocks(xf, block_size, dim=2).view(b, h, -1, block_size, d).sum(3)
+    sums = pad_to_blocks(xf, block_size, dim=2).view(b, h, -1, block_size, d).sum(3)
     pooled = sums / counts.clamp_min(1.0)[:, None, :, None]
     return pooled, counts
 
@@ -83,7 +84,7 @@ def pool_abs_deviation(
     else:
         centred = centred * valid_mask[:, None, :, None]
         counts = block_token_counts(n, block_size, valid_mask)
-    sums = _pad_to_blocks(centred, block_size, dim=2).view(b, h, nb, block_size, d).sum(3)
+    sums = pad_to_blocks(centred, block_size, dim=2).view(b, h, nb, block_size, d).sum(3)
     return sums / counts.clamp_min(1.0)[:, None, :, None]
 
 

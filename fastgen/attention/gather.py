@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from .blocks import block_mask_to_indices, num_blocks
+from .blocks import block_mask_to_indices, num_blocks, pad_to_blocks
 
 
 def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, input_bytes: int) -> int:
@@ -119,10 +119,7 @@ def gather_block_sparse_attention(
     device = q.device
 
     def blocks_of(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        pad = n_blocks * bs - x.shape[2]
-        if pad:  # only for lengths that are not a multiple of the block size
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(b * h * n_blocks, bs, d)
+        return pad_to_blocks(x, bs).reshape(b * h * n_blocks, bs, d)
 
     q_blocks = blocks_of(q, nqb)  # [R, bs, D]
     k_blocks, v_blocks = blocks_of(k, nkb), blocks_of(v, nkb)  # [B*H*nkb, bs, D]

@@ -82,6 +82,7 @@ from .blocks import (
     inverse_permutation,
     keep_count,
     num_blocks,
+    pad_to_blocks,
     pool_abs_deviation,
     pool_blocks,
     select_topk_blocks,
@@ -199,9 +200,7 @@ def _blocked(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None
     xf = x.float()
     if valid is not None:
         xf = xf * valid[:, None, :, None]
-    pad = num_blocks(n, block_size) * block_size - n
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    xf = pad_to_blocks(xf, block_size)
     return xf.view(b, h, -1, block_size, d)
 
 
