@@ -365,10 +365,16 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
         raise ValueError(f"block_mask must be [B, H, NQB, NKB], got shape {tuple(block_mask.shape)}")
     selected = block_mask.to(torch.bool)
     counts = selected.sum(dim=-1, dtype=torch.int32)
-    order = torch.sort(selected.to(torch.uint8), dim=-1, descending=True, stable=True).indices
     max_count = max(int(counts.max()) if counts.numel() else 0, 1)
-    indices = order[..., :max_count].to(torch.int32)
-    if indices.shape[-1] < max_count:  # no key blocks at all (NKB == 0)
-        pad = indices.new_zeros(*indices.shape[:-1], max_count - indices.shape[-1])
-        indices = torch.cat([indices, pad], dim=-1)
-    return indices.contiguous(), counts
+    nkb = selected.shape[-1]
+    rows = selected.reshape(-1, nkb)
+    indices = torch.zeros(rows.shape[0], max_count, dtype=torch.int32, device=block_mask.device)
+    take = min(max_count, nkb)
+    step = rows.shape[0]  # one sort on the GPU; on the CPU in pieces, so the int64 sort indices
+    if not block_mask.is_cuda:  # stay ~256 KiB (the CPU path's peak memory must stay at SDPA's)
+        step = max(1, 32768 // max(nkb, 1))
+    for start in range(0, rows.shape[0], step):
+        piece = rows[start : start + step].to(torch.uint8)
+        order = torch.sort(piece, dim=-1, descending=True, stable=True).indices
+        indices[start : start + step, :take] = order[:, :take]
+    return indices.view(*selected.shape[:-1], max_count), counts

@@ -31,3 +31,17 @@ def _seed_and_nan_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     yield
+
+
+@pytest.fixture(params=["native", "slabs"])
+def cpu_engine(request, monkeypatch):
+    """Run a CPU fast-path test twice: on the native kernel (fp32) and on PyTorch's flash kernel
+    over gathered slabs (``FASTGEN_CPU_KERNEL=0``, and what every other dtype uses)."""
+    if request.param == "slabs":
+        monkeypatch.setenv("FASTGEN_CPU_KERNEL", "0")
+    else:
+        from fastgen.kernels.cpu_attn import cpu_kernel_unavailable
+
+        why = cpu_kernel_unavailable()
+        assert why is None, f"the native CPU kernel must build on the test machine: {why}"
+    return request.param

@@ -141,7 +141,7 @@ def random_block_mask(b, h, nqb, nkb, p=0.5, empty_row=True):
     "b,h,nq,nk,d,bs",
     [(1, 1, 64, 64, 16, 16), (2, 3, 100, 100, 32, 32), (2, 2, 77, 130, 64, 32), (1, 2, 150, 90, 128, 64)],
 )
-def test_block_sparse_matches_reference_fp32(backend, b, h, nq, nk, d, bs):
+def test_block_sparse_matches_reference_fp32(cpu_engine, backend, b, h, nq, nk, d, bs):
     q, k, v = qkv(b, h, nq, nk, d)
     nqb, nkb = -(-nq // bs), -(-nk // bs)
     m = random_block_mask(b, h, nqb, nkb)
@@ -158,7 +158,7 @@ def test_block_sparse_matches_reference_fp32(backend, b, h, nq, nk, d, bs):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_full_mask_equals_dense(backend):
+def test_full_mask_equals_dense(cpu_engine, backend):
     q, k, v = qkv(2, 2, 100, 100, 32)
     m = torch.ones(2, 2, 4, 4, dtype=torch.bool)
     assert rel_rmse(block_sparse_attention(q, k, v, m, 32, backend=backend), dense_attention(q, k, v)) < 1e-5
@@ -192,6 +192,29 @@ def test_unavailable_backend_falls_back_with_a_log_line(caplog):
     if not _interpret():
         assert any("falling back" in r.message for r in caplog.records)
     assert rel_rmse(out, dense_attention(q, k, v)) < 1e-5
+
+
+def test_native_cpu_kernel_build_failure_falls_back_with_a_log_line(monkeypatch, caplog, tmp_path):
+    from fastgen.kernels import cpu_attn
+
+    monkeypatch.setattr(cpu_attn, "_SOURCE", tmp_path / "missing.cpp")
+    cpu_attn._build.cache_clear()
+    backends_mod._logged.clear()
+    try:
+        assert "missing" in cpu_attn.cpu_kernel_unavailable()
+        q, k, v = qkv(2, 2, 70, 70, 16)
+        m = random_block_mask(2, 2, 5, 5, empty_row=False)
+        with caplog.at_level(logging.WARNING, logger="fastgen.attention.backends"):
+            out = block_sparse_attention(q, k, v, m, 16, backend="gather")
+        assert any("native CPU block-sparse kernel unavailable" in r.message for r in caplog.records)
+        ref, _ = masked_reference(q, k, v, token_mask_from_blocks(m, 70, 70, 16))
+        assert rel_rmse(out, ref) < 1e-5
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_attn.block_sparse_attention_cpu(
+                q[0], k[0], v[0], m.new_zeros(2, 1).long(), m.new_ones(2).long(), 1.0
+            )
+    finally:
+        cpu_attn._build.cache_clear()  # the next call loads the real library again
 
 
 def _interpret():
@@ -260,7 +283,7 @@ def _extra_reference(q, k, v, m, bs, kv_length, extra_k, extra_v, extra_bias):
 @pytest.mark.parametrize(
     "b,h,n,kv_length,d,bs,p_extra", [(1, 2, 64, 50, 16, 16, 7), (2, 3, 96, 96, 32, 32, 40)]
 )
-def test_gather_extra_keys_and_padded_kv(dtype, b, h, n, kv_length, d, bs, p_extra):
+def test_gather_extra_keys_and_padded_kv(cpu_engine, dtype, b, h, n, kv_length, d, bs, p_extra):
     from fastgen.attention.gather import extended_key_buffer, gather_block_sparse_attention
 
     q, k, v = qkv(b, h, n, n, d, dtype=dtype)
@@ -299,7 +322,7 @@ def test_gather_extra_keys_and_padded_kv(dtype, b, h, n, kv_length, d, bs, p_ext
         assert torch.all(out[0, 0, bs : 2 * bs] == 0)
 
 
-def test_gather_scatter_out_writes_rows_in_place():
+def test_gather_scatter_out_writes_rows_in_place(cpu_engine):
     from fastgen.attention.gather import gather_block_sparse_attention
 
     b, h, n, d, bs = 2, 2, 80, 16, 32  # partial last query block: its padding rows go to a sink row

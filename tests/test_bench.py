@@ -162,7 +162,7 @@ def test_bench_pass_through_suite(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gather_many_small_chunks_matches_reference(monkeypatch, dtype):
+def test_gather_many_small_chunks_matches_reference(cpu_engine, monkeypatch, dtype):
     """A tiny slab budget forces one query block per chunk; ragged selections must stay exact."""
     monkeypatch.setenv("FASTGEN_GATHER_CHUNK_MB", "0.0001")
     b, h, n, d, bs = 2, 3, 150, 16, 32

@@ -24,7 +24,7 @@ from .blocks import block_mask_to_indices
 
 logger = logging.getLogger(__name__)
 
-BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], tuple]
+BackendFn = Callable[..., tuple]  # (q, k, v, block_mask, block_size, scale, need_lse=True) -> (out, lse)
 
 _BACKENDS: dict[str, BackendFn] = {}
 _AVAILABLE: dict[str, Callable[[torch.device], str | None]] = {}
@@ -105,7 +105,7 @@ def run_backend(
     need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Call backend ``name``; returns ``(out, lse)``."""
-    out, lse = _BACKENDS[name](q, k, v, block_mask, block_size, scale)
+    out, lse = _BACKENDS[name](q, k, v, block_mask, block_size, scale, need_lse=need_lse)
     if isinstance(lse, _LazyLSE):
         lse = lse.materialise() if need_lse else None
     return out, lse
@@ -117,7 +117,7 @@ def run_backend(
 
 
 @register_backend("torch", lambda device: None)
-def torch_block_sparse(q, k, v, block_mask, block_size, scale):
+def torch_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
     """Plain PyTorch reference (fp32 math)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -155,7 +155,7 @@ def _triton_unavailable(device: torch.device) -> str | None:
 
 
 @register_backend("triton", _triton_unavailable)
-def triton_block_sparse(q, k, v, block_mask, block_size, scale):
+def triton_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
     """Triton kernel over an index table of selected key blocks."""
     from fastgen.kernels import block_sparse_attention_triton
 
@@ -201,7 +201,7 @@ def flex_block_mask(block_mask: torch.Tensor, block_size: int, q_len: int, kv_le
 
 
 @register_backend("flex", _flex_unavailable)
-def flex_block_sparse(q, k, v, block_mask, block_size, scale):
+def flex_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
     """Compiled FlexAttention with a BlockMask built from the block indices.
 
     Inductor's CPU FlexAttention is inference-only and cannot return the LSE; the LSE is then
@@ -234,11 +234,11 @@ class _LazyLSE:
 
 
 @register_backend("gather", lambda device: None if device.type == "cpu" else "the gather path is CPU-only")
-def gather_block_sparse(q, k, v, block_mask, block_size, scale):
+def gather_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
     """Gather selected key blocks per query block into a dense slab and run fused SDPA on it."""
     from .gather import gather_block_sparse_attention
 
-    return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale)
+    return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale, return_lse=need_lse)
 
 
 def default_scale(head_dim: int) -> float:

@@ -39,6 +39,7 @@ import os
 
 import torch
 
+from .backends import log_once
 from .blocks import block_mask_to_indices, num_blocks, pad_to_blocks
 
 
@@ -49,6 +50,64 @@ def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, i
     keys = max_k * block_size
     per_row = 2 * keys * head_dim * element_size
     return max(1, int(budget // per_row))
+
+
+def native_kernel_serves(*tensors: torch.Tensor) -> bool:
+    """Whether the native CPU kernel (fp32 only) serves a call on these tensors; logs once when
+    fp32 CPU tensors cannot use it."""
+    if not all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors):
+        return False
+    from fastgen.kernels.cpu_attn import cpu_kernel_unavailable
+
+    why = cpu_kernel_unavailable()
+    if why is not None:
+        log_once(
+            f"fastgen: native CPU block-sparse kernel unavailable ({why}); using PyTorch's flash kernel on gathered blocks"
+        )
+        return False
+    return True
+
+
+def _native_attention(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    flat_idx: torch.Tensor,
+    counts: torch.Tensor,
+    extra_bias: torch.Tensor | None,
+    nk: int,
+    nkb: int,
+    real_blocks: int,
+    scale: float,
+    scatter_out: tuple[torch.Tensor, torch.Tensor] | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The native kernel on the block-major tensors :func:`gather_block_sparse_attention` built:
+    key blocks are read in place, slots past a query block's count are skipped (not masked), a
+    partial or cut-off key block is shortened, extra-key slots take ``extra_bias``. Returns
+    ``(out [R, bs, D], lse [R, bs] or None)``, or ``(dest, None)`` with ``scatter_out``."""
+    from fastgen.kernels.cpu_attn import block_sparse_attention_cpu
+
+    bs = q_blocks.shape[1]
+    block_len = None
+    if nk != nkb * bs:  # partial last key block, or keys cut at kv_length
+        lens = (nk - torch.arange(nkb) * bs).clamp(0, bs).to(torch.int32)
+        block_len = torch.full((k_blocks.shape[0],), bs, dtype=torch.int32)  # extra blocks: whole
+        block_len[:real_blocks] = lens.repeat(real_blocks // nkb)
+    dest, dest_rows = scatter_out if scatter_out is not None else (None, None)
+    return block_sparse_attention_cpu(
+        q_blocks,
+        k_blocks,
+        v_blocks,
+        flat_idx,
+        counts.long(),
+        scale,
+        block_len=block_len,
+        bias=extra_bias,
+        out=dest,
+        out_rows=dest_rows,
+        return_lse=return_lse and scatter_out is None,
+    )
 
 
 def extended_key_buffer(
@@ -97,6 +156,7 @@ def gather_block_sparse_attention(
     extra_v: torch.Tensor | None = None,
     extra_bias: torch.Tensor | None = None,
     scatter_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention by gathering selected key blocks; returns ``(out, lse)``.
 
@@ -107,7 +167,11 @@ def gather_block_sparse_attention(
     query block (``-inf`` hides one) — pooled and text keys of rectified attention.
     ``scatter_out = (dest [M, D], rows [B*H*nqb*bs] long)``: query row ``i`` (queries padded to whole
     blocks) is written to ``dest[rows[i]]`` straight from the kernel (an un-permute for free); then
-    ``(dest, None)`` is returned and no LSE is kept.
+    ``(dest, None)`` is returned and no LSE is kept. ``return_lse=False`` may skip the LSE (None).
+
+    fp32 on the CPU runs the native kernel (:mod:`fastgen.kernels.cpu_attn`) on the block views
+    built here, without gathering; other dtypes (or no compiler) use PyTorch's flash kernel on
+    gathered slabs.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2] if kv_length is None else int(kv_length)
@@ -139,6 +203,26 @@ def gather_block_sparse_attention(
             extra_bias, (0, extra_blocks * bs - n_extra), value=float("-inf")
         )
     slots = max_k + extra_blocks
+    if native_kernel_serves(q, k, v):
+        real_blocks = b * h * nkb
+        out, lse = _native_attention(
+            q_blocks,
+            k_blocks,
+            v_blocks,
+            flat_idx,
+            counts_flat,
+            extra_bias if extra_blocks else None,
+            nk,
+            nkb,
+            real_blocks,
+            scale,
+            scatter_out,
+            return_lse,
+        )
+        if scatter_out is not None:
+            return out, None
+        out = out.view(b, h, nqb * bs, d)[:, :, :nq]
+        return out, None if lse is None else lse.view(b, h, nqb * bs)[:, :, :nq]
     keys = slots * bs
     ragged = bool((counts_flat != max_k).any()) or nk % bs != 0 or nk != k.shape[2]
     key_bias = None

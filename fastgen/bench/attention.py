@@ -342,8 +342,12 @@ def run_attention_bench(
 
 def _config_of(w: Workload, block_size: int, backend: str | None, repeats: int) -> dict:
     from fastgen.attention.backends import resolve_backend
+    from fastgen.attention.gather import native_kernel_serves
 
     b, h, n, d = w.shape
+    name = resolve_backend(backend, w.q.device)
+    if name == "gather":  # which engine the CPU fast path runs
+        name += " (native kernel)" if native_kernel_serves(w.q) else " (PyTorch flash kernel on slabs)"
     return {
         "workload": w.kind,
         "batch": b,
@@ -356,7 +360,7 @@ def _config_of(w: Workload, block_size: int, backend: str | None, repeats: int) 
         "dtype": str(w.q.dtype).replace("torch.", ""),
         "device": str(w.q.device),
         "block_size": block_size,
-        "backend": resolve_backend(backend, w.q.device),
+        "backend": name,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "load_average": _load_average(),

@@ -1,0 +1,112 @@
+"""Block-sparse attention on the CPU as a native (C++) kernel, built on first use.
+
+``csrc/block_sparse_cpu.cpp`` is a FlashAttention-2 style forward for fp32: one work item is a
+whole query block (128 rows), which walks its selected key blocks in chunks of four with an online
+softmax; the two products run as single-threaded MKL ``sgemm`` calls straight on the key/value
+blocks in place (no gathered copy), the work items spread over torch's intra-op threads. PyTorch's
+own CPU flash kernel, given one 128-row query block per batch entry, splits it into 32-row pieces
+and runs ~20% slower; FlexAttention's CPU template walks 128x128 tiles and is slower still.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, both of
+which compiled FlexAttention on the CPU needs too) for the instruction set torch itself uses, once
+per machine: the library lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``). It links
+against the MKL ``sgemm_`` that PyTorch's x86 builds export. :func:`cpu_kernel_unavailable` says
+why it cannot be used (no compiler, no MKL, ``FASTGEN_CPU_KERNEL=0``); callers then take the
+PyTorch path and log it once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["block_sparse_attention_cpu", "cpu_kernel_unavailable"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
+
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+@functools.cache
+def _build() -> str | None:
+    """Compile and load the extension once per process; the reason it failed, or None."""
+    if not _SOURCE.is_file():
+        return f"kernel source {_SOURCE} is missing"
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = "AVX512" if capability.startswith("AVX512") else capability
+    flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]
+    if isa in _ISA_FLAGS:
+        flags.append(f"-DCPU_CAPABILITY={isa}")
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=f"fastgen_cpu_{isa.lower()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as err:  # compiler, ninja or the MKL symbol missing: the caller falls back
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"could not build the native CPU kernel: {first_line}"
+    return None
+
+
+def cpu_kernel_unavailable() -> str | None:
+    """None when the native CPU kernel can run, else the reason (built on the first call)."""
+    if os.environ.get("FASTGEN_CPU_KERNEL", "1") == "0":
+        return "disabled by FASTGEN_CPU_KERNEL=0"
+    return _build()
+
+
+def block_sparse_attention_cpu(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+    *,
+    block_len: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the native kernel on block-major fp32 tensors; returns ``(out, lse)``.
+
+    ``q_blocks [R, bs, D]`` (R query blocks), ``k_blocks``/``v_blocks [T, bs, D]``, ``indices [R, S]``
+    int64 rows of ``k_blocks`` per query block of which the first ``counts[r]`` are used, plus the
+    last ``bias.shape[1] // bs`` slots always (extra keys, with the additive fp32 logit ``bias``
+    ``[R, Sb*bs]``); ``block_len [T]`` int32 valid keys per key block (default all). ``out``
+    ``[R, bs, D]`` by default, or ``[M, D]`` with ``out_rows [R*bs]`` int64 giving each query row's
+    destination row. Query rows that see no key get zeros and LSE ``-inf``.
+    """
+    why = cpu_kernel_unavailable()
+    if why is not None:
+        raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
+    r, bs, d = q_blocks.shape
+    if out is None:
+        out = torch.empty(r, bs, d, dtype=torch.float32)
+    lse = torch.empty(r, bs, dtype=torch.float32) if return_lse else None
+    torch.ops.fastgen_cpu.block_sparse_fwd(
+        q_blocks.contiguous(),
+        k_blocks.contiguous(),
+        v_blocks.contiguous(),
+        indices.contiguous(),
+        counts.contiguous(),
+        block_len,
+        bias,
+        float(scale),
+        out,
+        out_rows,
+        lse,
+    )
+    return out, lse

@@ -1,0 +1,187 @@
+// Block-sparse attention forward for the CPU, FlashAttention-2 style: one work item is a query
+// block (all its rows at once), walking its list of selected key blocks in chunks of up to
+// kChunk blocks with an fp32 online softmax. The products run as single-threaded BLAS calls
+// straight on the key/value blocks in place (no gathered copy); work items are spread over the
+// intra-op threads. Registered as torch.ops.fastgen_cpu.block_sparse_fwd; built and
+// called by kernels/cpu_attn.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 4;  // key blocks per softmax update
+using Vec = at::vec::Vectorized<float>;
+
+// MKL's Fortran sgemm, exported by PyTorch's x86 CPU build (column-major, LP64).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+inline void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = 'N';
+  const int mi = m, ni = n, ki = k, lda_i = lda, ldb_i = ldb, ldc_i = ldc;
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &lda_i, b, &ldb_i, &beta, c, &ldc_i);
+}
+
+// q [R, bs, D]; k, v [T, bs, D]; idx [R, S] (key-block rows of k/v per query block, the first
+// counts[r] valid); block_len [T] (valid keys per key block) or empty; bias [R, Sb*bs] additive
+// logits for the last Sb slots or empty; out [R, bs, D] or, with out_rows [R*bs], dest [M, D]
+// with query row i written to dest[out_rows[i]]; lse [R, bs] or empty.
+void block_sparse_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+    const at::Tensor& counts, const std::optional<at::Tensor>& block_len,
+    const std::optional<at::Tensor>& bias, double scale, at::Tensor& out,
+    const std::optional<at::Tensor>& out_rows, const std::optional<at::Tensor>& lse) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "block_sparse_fwd: float32 tensors expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && idx.is_contiguous() &&
+                  out.is_contiguous(),
+              "block_sparse_fwd: contiguous tensors expected");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && counts.scalar_type() == at::kLong,
+              "block_sparse_fwd: int64 idx/counts expected");
+  const int64_t R = q.size(0), bs = q.size(1), D = q.size(2), S = idx.size(1);
+  const int64_t T = k.size(0);
+  TORCH_CHECK(k.size(1) == bs && k.size(2) == D && v.sizes() == k.sizes(), "block_sparse_fwd: k/v shape");
+  TORCH_CHECK(idx.size(0) == R && counts.numel() == R, "block_sparse_fwd: idx/counts shape");
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  const int32_t* lenp = nullptr;
+  if (block_len.has_value() && block_len->defined()) {
+    TORCH_CHECK(block_len->scalar_type() == at::kInt && block_len->numel() == T && block_len->is_contiguous(),
+                "block_sparse_fwd: block_len must be int32 [T]");
+    lenp = block_len->data_ptr<int32_t>();
+  }
+  const float* bp = nullptr;
+  int64_t bias_slots = 0;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 2 && bias->size(0) == R &&
+                    bias->size(1) % bs == 0 && bias->is_contiguous(),
+                "block_sparse_fwd: bias must be float32 [R, Sb*bs]");
+    bias_slots = bias->size(1) / bs;
+    TORCH_CHECK(bias_slots <= S, "block_sparse_fwd: bias covers more slots than idx has");
+    bp = bias->data_ptr<float>();
+  }
+  const int64_t first_bias_slot = S - bias_slots;
+  const int64_t* rowp = nullptr;
+  if (out_rows.has_value() && out_rows->defined()) {
+    TORCH_CHECK(out_rows->scalar_type() == at::kLong && out_rows->numel() == R * bs && out.dim() == 2 &&
+                    out.size(1) == D,
+                "block_sparse_fwd: out_rows int64 [R*bs] with out [M, D]");
+    rowp = out_rows->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(out.numel() == R * bs * D, "block_sparse_fwd: out must be [R, bs, D]");
+  }
+  float* op = out.data_ptr<float>();
+  float* lp = nullptr;
+  if (lse.has_value() && lse->defined()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() == R * bs && lse->is_contiguous(),
+                "block_sparse_fwd: lse must be float32 [R, bs]");
+    lp = lse->data_ptr<float>();
+  }
+  const float sc = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t width = kChunk * bs;
+
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(bs * width), acc(bs * D), m(bs), l(bs);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* qr = qp + r * bs * D;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t n_slots = std::min<int64_t>(cp[r], S);
+      // slots past counts[r] are skipped, but bias slots (extra keys) always count
+      std::vector<int64_t> slots;
+      slots.reserve(S);
+      for (int64_t s = 0; s < S; ++s)
+        if (s < n_slots || s >= first_bias_slot) slots.push_back(s);
+      for (size_t c0 = 0; c0 < slots.size(); c0 += kChunk) {
+        const int64_t nc = std::min<int64_t>(kChunk, slots.size() - c0);
+        const int64_t cols = nc * bs;
+        int64_t lens[kChunk];
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t s = slots[c0 + j];
+          const int64_t blk = ip[r * S + s];
+          const int64_t len = lenp ? lenp[blk] : bs;
+          lens[j] = len;
+          if (len > 0) {
+            // S[:, j*bs : j*bs+len] = Q · K_blkᵀ   (row-major [bs, width])
+            gemm(true, len, bs, D, sc,
+                                      kp + blk * bs * D, D, qr, D, 0.f, s_buf.data() + j * bs, width);
+          }
+        }
+        for (int64_t i = 0; i < bs; ++i) {
+          float* row = s_buf.data() + i * width;
+          for (int64_t j = 0; j < nc; ++j) {
+            const int64_t s = slots[c0 + j];
+            float* seg = row + j * bs;
+            if (lens[j] < bs) std::fill(seg + lens[j], seg + bs, neg_inf);
+            if (bp && s >= first_bias_slot) {
+              const float* brow = bp + r * bias_slots * bs + (s - first_bias_slot) * bs;
+              at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, seg, seg, brow, bs);
+            }
+          }
+          const float mx = at::vec::reduce_all<float>(
+              [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, cols);
+          const float m_new = std::max(m[i], mx);
+          if (m_new == neg_inf) {  // nothing visible yet in this row
+            std::fill(row, row + cols, 0.f);
+            continue;
+          }
+          const Vec vmax(m_new);
+          at::vec::map<float>([vmax](Vec x) { return (x - vmax).exp_u20(); }, row, row, cols);
+          const float sum = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row, cols);
+          const float alpha = m[i] == neg_inf ? 0.f : std::exp(m[i] - m_new);
+          l[i] = l[i] * alpha + sum;
+          m[i] = m_new;
+          if (alpha != 1.f) {
+            float* a = acc.data() + i * D;
+            const Vec va(alpha);
+            at::vec::map<float>([va](Vec x) { return x * va; }, a, a, D);
+          }
+        }
+        for (int64_t j = 0; j < nc; ++j) {
+          if (lens[j] == 0) continue;
+          const int64_t blk = ip[r * S + slots[c0 + j]];
+          // acc += P[:, j*bs : j*bs+len] · V_blk[:len]
+          gemm(false, D, bs, lens[j], 1.f,
+                                    vp + blk * bs * D, D, s_buf.data() + j * bs, width, 1.f, acc.data(), D);
+        }
+      }
+      for (int64_t i = 0; i < bs; ++i) {
+        float* dst = rowp ? op + rowp[r * bs + i] * D : op + (r * bs + i) * D;
+        const float* a = acc.data() + i * D;
+        if (l[i] > 0.f) {
+          const Vec inv(1.f / l[i]);
+          at::vec::map<float>([inv](Vec x) { return x * inv; }, dst, a, D);
+        } else {
+          std::fill(dst, dst + D, 0.f);
+        }
+        if (lp) lp[r * bs + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : neg_inf;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastgen_cpu, lib) {
+  lib.def(
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor counts, Tensor? block_len, "
+      "Tensor? bias, float scale, Tensor(a!) out, Tensor? out_rows, Tensor(b!)? lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastgen_cpu, CPU, lib) { lib.impl("block_sparse_fwd", &block_sparse_fwd); }
