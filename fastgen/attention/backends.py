@@ -1,4 +1,5 @@
-"""Backends for block-sparse attention: Triton (CUDA), FlexAttention (CPU fast path), plain PyTorch.
+"""Backends for block-sparse attention: Triton (CUDA), gather (the CPU fast path: a native kernel
+for fp32), FlexAttention, plain PyTorch.
 
 Every backend takes q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]`` and a bool ``block_mask``
 ``[B or 1, H, ceil(Nq/bs), ceil(Nk/bs)]`` and returns ``(out, lse)`` with ``lse`` the natural-log
@@ -6,7 +7,7 @@ log-sum-exp ``[B, H, Nq]`` fp32. Query rows with no selected key block give zero
 
 The backend is chosen per call: an explicit ``backend=`` argument, else :func:`set_default_backend`,
 else the ``FASTGEN_ATTENTION_BACKEND`` environment variable, else automatically (Triton on CUDA,
-FlexAttention on CPU, the PyTorch reference otherwise). A fallback away from the requested or
+gather on CPU, the PyTorch reference otherwise). A fallback away from the requested or
 automatic choice is logged once per reason, never silent.
 """
 
@@ -229,13 +230,14 @@ class _LazyLSE:
 
 
 # --------------------------------------------------------------------------------------------
-# Gather (CPU fast path): per query block, gather its selected K/V blocks and run SDPA on them.
+# Gather (CPU fast path): the native kernel on the selected key blocks (fp32), else PyTorch's
+# flash kernel on gathered slabs (fastgen/attention/gather.py).
 # --------------------------------------------------------------------------------------------
 
 
 @register_backend("gather", lambda device: None if device.type == "cpu" else "the gather path is CPU-only")
 def gather_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Gather selected key blocks per query block into a dense slab and run fused SDPA on it."""
+    """Selected key blocks per query block only: native CPU kernel for fp32, else fused SDPA on slabs."""
     from .gather import gather_block_sparse_attention
 
     return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale, return_lse=need_lse)

@@ -1,36 +1,26 @@
-"""CPU fast path for block-sparse attention: gather each query block's selected K/V blocks into a
-contiguous slab and run PyTorch's fused CPU flash-attention kernel on all the slabs of a chunk.
+"""CPU fast path for block-sparse attention: every query block attends to its selected key blocks
+only, with two engines behind one function, :func:`gather_block_sparse_attention`.
 
-Per chunk of query blocks (rows of ``B*H*nqb``), with ``L = max_k * block_size`` gathered keys:
-``K_g, V_g = index_select(K blocks)`` ``[c, 1, L, D]`` into slabs allocated once per call and reused,
-then one ``_scaled_dot_product_flash_attention_for_cpu`` call with the ``c`` query blocks as its
-batch. Work is proportional to the selected blocks only; memory is bounded by the slab budget
-(``FASTGEN_GATHER_CHUNK_MB``, default 16 MiB, never more than the size of q), so nothing ``N x N``
-is ever allocated. Query blocks selecting fewer than ``max_k`` blocks (and a partial last key
-block) are masked with an additive ``-inf`` bias.
+- **Native kernel** (fp32, the default on the CPU): :mod:`fastgen.kernels.cpu_attn`, a C++
+  FlashAttention-2 style forward built on first use. A whole 128-row query block is one work item;
+  its key blocks are read in place through an index table (nothing gathered up front), slots past
+  a query block's count are skipped rather than masked, and peak memory is the output (no LSE
+  unless asked). ``fastgen bench attention --target`` (12 x 14,080 x 128 fp32, 15% density,
+  2 cores): 5.8-6.1x over SDPA, 0.89-0.94 of the ideal 1/density, peak memory at SDPA's.
+- **Slabs** (other dtypes, or when the kernel cannot be built; logged once): per chunk of query
+  blocks, ``index_select`` their selected K/V blocks into contiguous slabs ``[c, 1, L, D]`` and run
+  PyTorch's fused ``_scaled_dot_product_flash_attention_for_cpu`` with the ``c`` query blocks as its
+  batch; query blocks selecting fewer than ``max_k`` blocks and partial key blocks are masked with
+  an additive ``-inf`` bias. The slab budget (``FASTGEN_GATHER_CHUNK_MB``, default 16 MiB) bounds
+  memory above the output. This reached 0.66-0.70 of the ideal: PyTorch's kernel splits a 128-row
+  query into 32-row pieces (its split depends on the query length: 107 GFLOP/s at 128 queries vs
+  135 at 768), which is what the native kernel's whole-block work items avoid.
 
-What was measured on a shared, heavily loaded 2-core CPU (``fastgen bench attention --target``,
-12 x 14,080 x 128 fp32, 15% density): ~3.5x over SDPA (0.53 of the ideal 1/density), about the same
-as compiled FlexAttention. The gather copies cost ~10% of the sparse time; the rest is the kernel.
-Replacing the fused kernel by batched MKL products (``S = q Kᵀ``, in-place softmax, ``P V``) was
-as fast on a quiet machine and much slower under load, because every small op is a fork/join of
-the OpenMP team while one fused call per chunk is a single one; so each chunk is one kernel call.
-Peak memory is the output plus the slab budget: above SDPA's (about the output alone) by that
-budget; FlexAttention needs no slabs.
-
-Why the kernel reaches ~0.8 of the ideal and not 1: PyTorch's CPU flash kernel picks its query split
-from the query length (32 rows below 192 queries, 64 below 768, else 256). A 128-query block runs with
-32-row splits; measured at 2,176 gathered keys in one run, 107 GFLOP/s at 128 queries vs 124 at 256
-and 135 at 768 (dense SDPA at 14k tokens: ~130). Stacking query blocks to lengthen the query axis
-needs the union of their key blocks: for neighbouring blocks of the video workload the union of a
-pair is 1.4x one selection (2.1x for four), more extra work than the split gains back, so each query
-block keeps its own call slot.
-
-Rectified attention (exact form) adds its text, pooled and isolated keys as ``extra_k`` with a
-per-query-block ``extra_bias``, so the whole mixed-resolution softmax is one pass of this kernel;
-:func:`extended_key_buffer` lets the caller place them right after k/v (no copy), ``kv_length``
-masks a tail the caller padded once, and ``scatter_out`` writes each query row straight to its
-final (un-permuted) place.
+Nothing ``N x N`` is allocated by either. Rectified attention (exact form) adds its text, pooled
+and isolated keys as ``extra_k`` with a per-query-block ``extra_bias``, so the whole
+mixed-resolution softmax is one pass; :func:`extended_key_buffer` lets the caller place them
+right after k/v (no copy), ``kv_length`` masks a tail the caller padded once, and ``scatter_out``
+writes each query row straight to its final (un-permuted) place.
 """
 
 from __future__ import annotations
