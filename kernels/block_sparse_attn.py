@@ -371,8 +371,8 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     indices = torch.zeros(rows.shape[0], max_count, dtype=torch.int32, device=block_mask.device)
     take = min(max_count, nkb)
     step = rows.shape[0]  # one sort on the GPU; on the CPU in pieces, so the int64 sort indices
-    if not block_mask.is_cuda:  # stay ~256 KiB (the CPU path's peak memory must stay at SDPA's)
-        step = max(1, 32768 // max(nkb, 1))
+    if not block_mask.is_cuda:  # stay ~64 KiB (the CPU path's peak memory must stay at SDPA's)
+        step = max(1, 8192 // max(nkb, 1))
     for start in range(0, rows.shape[0], step):
         piece = rows[start : start + step].to(torch.uint8)
         order = torch.sort(piece, dim=-1, descending=True, stable=True).indices

@@ -83,7 +83,7 @@ def block_sparse_attention_cpu(
     """Run the native kernel on block-major fp32 tensors; returns ``(out, lse)``.
 
     ``q_blocks [R, bs, D]`` (R query blocks), ``k_blocks``/``v_blocks [T, bs, D]``, ``indices [R, S]``
-    int64 rows of ``k_blocks`` per query block of which the first ``counts[r]`` are used, plus the
+    int32 rows of ``k_blocks`` per query block of which the first ``counts[r]`` (int32) are used, plus the
     last ``bias.shape[1] // bs`` slots always (extra keys, with the additive fp32 logit ``bias``
     ``[R, Sb*bs]``); ``block_len [T]`` int32 valid keys per key block (default all). ``out``
     ``[R, bs, D]`` by default, or ``[M, D]`` with ``out_rows [R*bs]`` int64 giving each query row's

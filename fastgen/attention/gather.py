@@ -90,7 +90,7 @@ def _native_attention(
         k_blocks,
         v_blocks,
         flat_idx,
-        counts.long(),
+        counts,
         scale,
         block_len=block_len,
         bias=extra_bias,
@@ -177,7 +177,10 @@ def gather_block_sparse_attention(
 
     q_blocks = blocks_of(q, nqb)  # [R, bs, D]
     k_blocks, v_blocks = blocks_of(k, nkb), blocks_of(v, nkb)  # [B*H*nkb, bs, D]
-    flat_idx = indices.view(rows, max_k).long() + (torch.arange(rows, device=device) // nqb * nkb)[:, None]
+    base = (
+        torch.arange(rows, dtype=torch.int32, device=device) // nqb * nkb
+    )  # first key block of the row's head
+    flat_idx = indices.view(rows, max_k) + base[:, None]  # int32 rows of k_blocks
     counts_flat = counts.view(rows)
     extra_blocks = 0
     if extra_k is not None:  # extra keys become whole blocks after k's, padded with -inf bias
@@ -185,8 +188,8 @@ def gather_block_sparse_attention(
         extra_blocks = num_blocks(extra_k.shape[2], bs)
         k_blocks = _joined_blocks(k_blocks, extra_k, extra_blocks, bs)
         v_blocks = _joined_blocks(v_blocks, extra_v, extra_blocks, bs)
-        first = b * h * nkb + torch.arange(rows, device=device) // nqb * extra_blocks
-        extra_idx = first[:, None] + torch.arange(extra_blocks, device=device)
+        first = b * h * nkb + torch.arange(rows, dtype=torch.int32, device=device) // nqb * extra_blocks
+        extra_idx = first[:, None] + torch.arange(extra_blocks, dtype=torch.int32, device=device)
         flat_idx = torch.cat([flat_idx, extra_idx], dim=1)
         extra_bias = extra_bias.float().expand(b, h, nqb, n_extra).reshape(rows, n_extra)
         extra_bias = torch.nn.functional.pad(

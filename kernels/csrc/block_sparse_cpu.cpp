@@ -18,7 +18,7 @@
 
 namespace {
 
-constexpr int64_t kChunk = 4;  // key blocks per softmax update  // key blocks per softmax update
+constexpr int64_t kChunk = 4;  // key blocks per softmax update
 using Vec = at::vec::Vectorized<float>;
 
 // MKL's Fortran sgemm, exported by PyTorch's x86 CPU build (column-major, LP64).
@@ -40,8 +40,8 @@ inline void load_block(const float* src, int64_t blk, int64_t len, int64_t bs, i
   if (len < bs) std::fill(dst + len * D, dst + bs * D, 0.f);
 }
 
-// q [R, bs, D]; k, v [T, bs, D]; idx [R, S] (key-block rows of k/v per query block, the first
-// counts[r] valid); block_len [T] (valid keys per key block) or empty; bias [R, Sb*bs] additive
+// q [R, bs, D]; k, v [T, bs, D]; idx int32 [R, S] (key-block rows of k/v per query block, the first
+// counts[r] (int32 [R]) valid); block_len [T] (valid keys per key block) or empty; bias [R, Sb*bs] additive
 // logits for the last Sb slots or empty; out [R, bs, D] or, with out_rows [R*bs], dest [M, D]
 // with query row i written to dest[out_rows[i]]; lse [R, bs] or empty.
 void block_sparse_fwd(
@@ -55,8 +55,8 @@ void block_sparse_fwd(
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && idx.is_contiguous() &&
                   out.is_contiguous(),
               "block_sparse_fwd: contiguous tensors expected");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && counts.scalar_type() == at::kLong,
-              "block_sparse_fwd: int64 idx/counts expected");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && counts.scalar_type() == at::kInt && counts.is_contiguous(),
+              "block_sparse_fwd: int32 idx/counts expected");
   const int64_t R = q.size(0), bs = q.size(1), D = q.size(2), S = idx.size(1);
   const int64_t T = k.size(0);
   TORCH_CHECK(k.size(1) == bs && k.size(2) == D && v.sizes() == k.sizes(), "block_sparse_fwd: k/v shape");
@@ -64,8 +64,8 @@ void block_sparse_fwd(
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const int64_t* cp = counts.data_ptr<int64_t>();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int32_t* cp = counts.data_ptr<int32_t>();
   const int32_t* lenp = nullptr;
   if (block_len.has_value() && block_len->defined()) {
     TORCH_CHECK(block_len->scalar_type() == at::kInt && block_len->numel() == T && block_len->is_contiguous(),
