@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["block_sparse_attention_cpu", "cpu_kernel_unavailable"]
+__all__ = ["block_mass_cpu", "block_sparse_attention_cpu", "cpu_kernel_unavailable"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 
@@ -110,3 +110,40 @@ def block_sparse_attention_cpu(
         lse,
     )
     return out, lse
+
+
+def block_mass_cpu(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    nqb: int,
+    nkb: int,
+    scale: float,
+    *,
+    key_bias: torch.Tensor | None = None,
+    q_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention mass of each query block on each key block of its head, ``[R, nkb]`` fp32.
+
+    ``q_blocks [R, bs, D]`` with ``R = B*H*nqb``, ``k_blocks [B*H*nkb, bs, D]``; the softmax of each
+    query runs over all keys of its head plus ``key_bias`` (fp32 ``[B or 1, nkb*bs]``, 0 or ``-inf``;
+    it must hide padded tail keys); ``q_weight [R*bs]`` fp32 weights each query row's mass (0 for
+    padding). One ``Q Kᵀ`` pass, no ``N x N`` storage (SparseD's importance).
+    """
+    why = cpu_kernel_unavailable()
+    if why is not None:
+        raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
+    r = q_blocks.shape[0]
+    rows_per_batch = r if key_bias is None or key_bias.shape[0] == 1 else r // key_bias.shape[0]
+    out = torch.empty(r, nkb, dtype=torch.float32)
+    torch.ops.fastgen_cpu.block_mass(
+        q_blocks.contiguous(),
+        k_blocks.contiguous(),
+        nqb,
+        nkb,
+        rows_per_batch,
+        None if key_bias is None else key_bias.float().contiguous(),
+        None if q_weight is None else q_weight.float().contiguous(),
+        float(scale),
+        out,
+    )
+    return out

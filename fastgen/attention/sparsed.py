@@ -28,7 +28,8 @@ import torch
 from ._checks import check_block_mask, check_block_size, check_key_padding_mask, check_qkv
 from .backends import default_scale
 from .block_sparse import block_sparse_attention
-from .blocks import block_token_counts, num_blocks
+from .blocks import block_token_counts, num_blocks, pad_to_blocks
+from .gather import native_kernel_serves
 
 # score elements one streamed chunk may span (query rows x keys x batch x heads)
 _STREAM_ELEMENTS = 64 << 20
@@ -104,6 +105,50 @@ def sparsed_block_importance(
     if query_padding_mask is not None:
         check_key_padding_mask(query_padding_mask, q)  # same rules: bool [B, Nq]
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    nq = q.shape[2]
+    if native_kernel_serves(q, k):
+        mass = _native_block_mass(q, k, block_size, key_padding_mask, query_padding_mask, scale)
+    else:
+        mass = _indicator_block_mass(q, k, block_size, key_padding_mask, query_padding_mask, scale)
+    query_counts = block_token_counts(nq, block_size, query_padding_mask, device=q.device)
+    denom = query_counts[None, None, :, None] if query_counts.dim() == 1 else query_counts[:, None, :, None]
+    return mass / (denom.clamp_min(1.0) * block_size)
+
+
+def _native_block_mass(q, k, block_size, key_padding_mask, query_padding_mask, scale) -> torch.Tensor:
+    """``[B, H, nqb, nkb]`` attention mass of the valid queries of each block, by the native CPU kernel."""
+    from fastgen.kernels.cpu_attn import block_mass_cpu
+
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    nqb, nkb = num_blocks(nq, block_size), num_blocks(nk, block_size)
+    key_valid = pad_to_blocks(
+        torch.ones(1, nk, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.cpu(),
+        block_size,
+        1,
+    )
+    key_bias = None
+    if not bool(key_valid.all()):  # padded keys and the tail of a partial last block
+        key_bias = torch.zeros(key_valid.shape).masked_fill_(~key_valid, float("-inf"))
+    q_weight = None
+    if query_padding_mask is not None or nq % block_size:
+        rows = torch.ones(1, nq) if query_padding_mask is None else query_padding_mask.float()
+        q_weight = pad_to_blocks(rows, block_size, 1)[:, None, :].expand(b, h, -1).reshape(-1)
+    mass = block_mass_cpu(
+        pad_to_blocks(q, block_size).reshape(b * h * nqb, block_size, d),
+        pad_to_blocks(k, block_size).reshape(b * h * nkb, block_size, d),
+        nqb,
+        nkb,
+        scale,
+        key_bias=key_bias,
+        q_weight=q_weight,
+    )
+    return mass.view(b, h, nqb, nkb)
+
+
+def _indicator_block_mass(q, k, block_size, key_padding_mask, query_padding_mask, scale) -> torch.Tensor:
+    """``[B, H, nqb, nkb]`` attention mass of the valid queries of each block, by SDPA with one-hot
+    block indicators as values (``D`` key blocks per pass)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     nqb, nkb = num_blocks(nq, block_size), num_blocks(nk, block_size)
@@ -127,10 +172,7 @@ def sparsed_block_importance(
     mass = mass.nan_to_num_(0.0)  # rows without a valid key
     if query_padding_mask is not None:
         mass[:, :, :nq].mul_(query_padding_mask[:, None, :, None])
-    importance = mass.view(b, h, nqb, block_size, nkb).sum(3)
-    query_counts = block_token_counts(nq, block_size, query_padding_mask, device=q.device)
-    denom = query_counts[None, None, :, None] if query_counts.dim() == 1 else query_counts[:, None, :, None]
-    return importance / (denom.clamp_min(1.0) * block_size)
+    return mass.view(b, h, nqb, block_size, nkb).sum(3)
 
 
 def key_block_validity(key_padding_mask: torch.Tensor | None, num_tokens: int, block_size: int, batch: int):

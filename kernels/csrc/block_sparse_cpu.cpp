@@ -186,12 +186,107 @@ void block_sparse_fwd(
   });
 }
 
+
+// SparseD's block importance in one QKᵀ pass: for query block r (of head r / nqb), the attention
+// mass its rows put on each key block of the same head, under a softmax over all keys,
+// out[r, J] = Σ_i w_i Σ_{j∈J} p_ij. Keys are k [T, bs, D] with the nkb blocks of head h at rows
+// h*nkb...; key_bias [B, nkb*bs] (0 or -inf, batch of row r = r / rows_per_batch) or empty;
+// w = q_weight [R*bs] (1 real query, 0 padding) or empty. Per row, each chunk's block sums are
+// kept relative to the running max at that chunk and rescaled once the final max and sum are
+// known, so nothing N x N is stored and no value product is needed.
+void block_mass(const at::Tensor& q, const at::Tensor& k, int64_t nqb, int64_t nkb, int64_t rows_per_batch,
+                const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& q_weight,
+                double scale, at::Tensor& out) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "block_mass: float32 tensors expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && out.is_contiguous(), "block_mass: contiguous tensors expected");
+  const int64_t R = q.size(0), bs = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.size(1) == bs && k.size(2) == D && k.size(0) * nqb == R * nkb, "block_mass: k shape");
+  TORCH_CHECK(out.numel() == R * nkb, "block_mass: out must be [R, nkb]");
+  const float* kb = nullptr;
+  if (key_bias.has_value() && key_bias->defined()) {
+    TORCH_CHECK(key_bias->scalar_type() == at::kFloat && key_bias->is_contiguous() && key_bias->size(-1) == nkb * bs,
+                "block_mass: key_bias must be float32 [B, nkb*bs]");
+    kb = key_bias->data_ptr<float>();
+  }
+  const float* wp = nullptr;
+  if (q_weight.has_value() && q_weight->defined()) {
+    TORCH_CHECK(q_weight->scalar_type() == at::kFloat && q_weight->numel() == R * bs, "block_mass: q_weight [R*bs]");
+    wp = q_weight->data_ptr<float>();
+  }
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t width = kChunk * bs;
+  const int64_t n_chunks = (nkb + kChunk - 1) / kChunk;
+
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(bs * width), k_buf(width * D), m(bs), l(bs), mass(bs * nkb), m_ref(bs * n_chunks);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* qr = qp + r * bs * D;
+      const float* bias = kb ? kb + (r / rows_per_batch) * nkb * bs : nullptr;
+      const int64_t first_block = (r / nqb) * nkb;
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t b0 = c * kChunk, nc = std::min(kChunk, nkb - b0), cols = nc * bs;
+        for (int64_t j = 0; j < nc; ++j) load_block(kp, first_block + b0 + j, bs, bs, D, k_buf.data() + j * bs * D);
+        gemm(true, cols, bs, D, sc, k_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
+        for (int64_t i = 0; i < bs; ++i) {
+          float* row = s_buf.data() + i * width;
+          if (bias) at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, row, row, bias + b0 * bs, cols);
+          const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, cols);
+          const float m_new = std::max(m[i], mx);
+          m_ref[i * n_chunks + c] = m_new;
+          float* row_mass = mass.data() + i * nkb + b0;
+          if (m_new == neg_inf) {
+            std::fill(row_mass, row_mass + nc, 0.f);
+            continue;
+          }
+          const Vec vmax(m_new);
+          float total = 0.f;
+          for (int64_t j = 0; j < nc; ++j) {
+            Vec vsum(0.f);
+            for (int64_t x = j * bs; x < (j + 1) * bs; x += Vec::size())
+              vsum = vsum + (Vec::loadu(row + x) - vmax).exp_u20();
+            row_mass[j] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vsum);
+            total += row_mass[j];
+          }
+          l[i] = l[i] * (m[i] == neg_inf ? 0.f : std::exp(m[i] - m_new)) + total;
+          m[i] = m_new;
+        }
+      }
+      float* dst = op + r * nkb;
+      std::fill(dst, dst + nkb, 0.f);
+      for (int64_t i = 0; i < bs; ++i) {
+        const float w = wp ? wp[r * bs + i] : 1.f;
+        if (w == 0.f || l[i] <= 0.f) continue;
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const float ref = m_ref[i * n_chunks + c];
+          if (ref == neg_inf) continue;
+          const float factor = w * std::exp(ref - m[i]) / l[i];
+          const int64_t b0 = c * kChunk, nc = std::min(kChunk, nkb - b0);
+          for (int64_t j = 0; j < nc; ++j) dst[b0 + j] += factor * mass[i * nkb + b0 + j];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastgen_cpu, lib) {
   lib.def(
       "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor counts, Tensor? block_len, "
       "Tensor? bias, float scale, Tensor(a!) out, Tensor? out_rows, Tensor(b!)? lse) -> ()");
+  lib.def(
+      "block_mass(Tensor q, Tensor k, int nqb, int nkb, int rows_per_batch, Tensor? key_bias, Tensor? q_weight, "
+      "float scale, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastgen_cpu, CPU, lib) { lib.impl("block_sparse_fwd", &block_sparse_fwd); }
+TORCH_LIBRARY_IMPL(fastgen_cpu, CPU, lib) {
+  lib.impl("block_sparse_fwd", &block_sparse_fwd);
+  lib.impl("block_mass", &block_mass);
+}
