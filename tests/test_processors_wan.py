@@ -228,3 +228,22 @@ def test_apply_to_pipeline_shares_tracker_between_two_transformers():
     remove_from_pipeline(pipe)
     assert get_step_tracker(pipe.transformer) is None and get_step_tracker(pipe.transformer_2) is None
     assert not isinstance(pipe.transformer.blocks[0].attn1.processor, WanRectifiedProcessor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_diffusers_arithmetic(dtype):
+    from fastgen.processors.wan import apply_wan_rotary
+
+    x = torch.randn(2, 30, 3, 16).to(dtype)
+    angles = torch.rand(1, 30, 1, 8) * 6
+    cos = torch.cos(angles).repeat_interleave(2, -1)
+    sin = torch.sin(angles).repeat_interleave(2, -1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    expected = torch.empty_like(x, dtype=torch.float32)
+    expected[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+    expected[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+    out = apply_wan_rotary(x, cos, sin)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.allclose(
+        out.float(), expected.to(dtype).float(), atol=1e-6 if dtype == torch.float32 else 1e-2
+    )
