@@ -3,7 +3,8 @@
 // kChunk blocks with an fp32 online softmax. Each chunk's key blocks, then its value blocks, are
 // copied into a small per-thread buffer (it stays in cache) so both products are one
 // single-threaded BLAS call each (measured ~8% faster than one call per block in place); work items are spread over
-// the intra-op threads. Registered as torch.ops.fastgen_cpu.block_sparse_fwd; built and
+// the intra-op threads. Extra keys (the bias slots: Rectified SpaAttn's text, pooled and
+// isolated keys) are packed per query block, keeping only those its bias does not hide. Registered as torch.ops.fastgen_cpu.block_sparse_fwd; built and
 // called by kernels/cpu_attn.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 namespace {
 
 constexpr int64_t kChunk = 4;  // key blocks per softmax update
+constexpr int64_t kPad = 16;   // packed extra-key columns are padded to this (any vector width divides it)
 using Vec = at::vec::Vectorized<float>;
 
 // MKL's Fortran sgemm, exported by PyTorch's x86 CPU build (column-major, LP64).
@@ -104,71 +106,102 @@ void block_sparse_fwd(
   const int64_t width = kChunk * bs;
 
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(bs * width), acc(bs * D), m(bs), l(bs), kv_buf(width * D);
+    std::vector<float> s_buf(bs * width), acc(bs * D), m(bs), l(bs), kv_buf(width * D), col_bias(width);
+    std::vector<int64_t> extra_rows;
+    std::vector<float> extra_bias;
+
+    // Online-softmax update with S[:, :cols] (scaled logits, plus col_bias per column if given):
+    // p = exp(s - m_new) in place, row sums, acc rescaled; the caller then adds P · V.
+    auto softmax_update = [&](int64_t cols, const float* bias_cols) {
+      for (int64_t i = 0; i < bs; ++i) {
+        float* row = s_buf.data() + i * width;
+        if (bias_cols) at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, row, row, bias_cols, cols);
+        const float mx =
+            at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, cols);
+        const float m_new = std::max(m[i], mx);
+        if (m_new == neg_inf) {  // nothing visible yet in this row
+          std::fill(row, row + cols, 0.f);
+          continue;
+        }
+        // exp and its row sum in one pass (cols is a multiple of the vector width)
+        const Vec vmax(m_new);
+        Vec vsum(0.f);
+        for (int64_t x = 0; x < cols; x += Vec::size()) {
+          const Vec e = (Vec::loadu(row + x) - vmax).exp_u20();
+          e.store(row + x);
+          vsum = vsum + e;
+        }
+        const float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vsum);
+        const float alpha = m[i] == neg_inf ? 0.f : std::exp(m[i] - m_new);
+        l[i] = l[i] * alpha + sum;
+        m[i] = m_new;
+        if (alpha != 1.f) {
+          float* a = acc.data() + i * D;
+          const Vec va(alpha);
+          at::vec::map<float>([va](Vec x) { return x * va; }, a, a, D);
+        }
+      }
+    };
+
     for (int64_t r = begin; r < end; ++r) {
       const float* qr = qp + r * bs * D;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), 0.f);
-      const int64_t n_slots = std::min<int64_t>(cp[r], S);
-      // slots past counts[r] are skipped, but bias slots (extra keys) always count
-      std::vector<int64_t> slots;
-      slots.reserve(S);
-      for (int64_t s = 0; s < S; ++s)
-        if (s < n_slots || s >= first_bias_slot) slots.push_back(s);
-      for (size_t c0 = 0; c0 < slots.size(); c0 += kChunk) {
-        const int64_t nc = std::min<int64_t>(kChunk, slots.size() - c0);
+      // selected key blocks (slots past counts[r] are skipped), kChunk blocks at a time
+      const int64_t n_slots = std::min<int64_t>(cp[r], first_bias_slot);
+      for (int64_t c0 = 0; c0 < n_slots; c0 += kChunk) {
+        const int64_t nc = std::min<int64_t>(kChunk, n_slots - c0);
         const int64_t cols = nc * bs;
         int64_t lens[kChunk];
+        bool partial = false;
         for (int64_t j = 0; j < nc; ++j) {
-          const int64_t s = slots[c0 + j];
-          const int64_t blk = ip[r * S + s];
-          const int64_t len = lenp ? lenp[blk] : bs;
-          lens[j] = len;
-          load_block(kp, blk, len, bs, D, kv_buf.data() + j * bs * D);
+          const int64_t blk = ip[r * S + c0 + j];
+          lens[j] = lenp ? lenp[blk] : bs;
+          partial = partial || lens[j] < bs;
+          load_block(kp, blk, lens[j], bs, D, kv_buf.data() + j * bs * D);
         }
         // S[:, :cols] = scale · Q · Kᵀ  (row-major [bs, width])
         gemm(true, cols, bs, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
-        for (int64_t i = 0; i < bs; ++i) {
-          float* row = s_buf.data() + i * width;
-          for (int64_t j = 0; j < nc; ++j) {
-            const int64_t s = slots[c0 + j];
-            float* seg = row + j * bs;
-            if (lens[j] < bs) std::fill(seg + lens[j], seg + bs, neg_inf);
-            if (bp && s >= first_bias_slot) {
-              const float* brow = bp + r * bias_slots * bs + (s - first_bias_slot) * bs;
-              at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, seg, seg, brow, bs);
-            }
-          }
-          const float mx = at::vec::reduce_all<float>(
-              [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, cols);
-          const float m_new = std::max(m[i], mx);
-          if (m_new == neg_inf) {  // nothing visible yet in this row
-            std::fill(row, row + cols, 0.f);
-            continue;
-          }
-          // p = exp(s - m_new) in place and its row sum, in one pass (cols is a multiple of bs,
-          // itself a multiple of the vector width)
-          const Vec vmax(m_new);
-          Vec vsum(0.f);
-          for (int64_t x = 0; x < cols; x += Vec::size()) {
-            const Vec e = (Vec::loadu(row + x) - vmax).exp_u20();
-            e.store(row + x);
-            vsum = vsum + e;
-          }
-          const float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vsum);
-          const float alpha = m[i] == neg_inf ? 0.f : std::exp(m[i] - m_new);
-          l[i] = l[i] * alpha + sum;
-          m[i] = m_new;
-          if (alpha != 1.f) {
-            float* a = acc.data() + i * D;
-            const Vec va(alpha);
-            at::vec::map<float>([va](Vec x) { return x * va; }, a, a, D);
-          }
-        }
+        for (int64_t i = 0; partial && i < bs; ++i)  // padded keys of a partial block: -inf
+          for (int64_t j = 0; j < nc; ++j)
+            std::fill(s_buf.data() + i * width + j * bs + lens[j], s_buf.data() + i * width + (j + 1) * bs, neg_inf);
+        softmax_update(cols, nullptr);
         // acc += P[:, :cols] · V  (the value blocks reuse the key buffer)
         for (int64_t j = 0; j < nc; ++j)
-          load_block(vp, ip[r * S + slots[c0 + j]], lens[j], bs, D, kv_buf.data() + j * bs * D);
+          load_block(vp, ip[r * S + c0 + j], lens[j], bs, D, kv_buf.data() + j * bs * D);
+        gemm(false, D, bs, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
+      }
+      // extra keys (bias slots): only those this query block sees (finite bias), packed densely
+      extra_rows.clear();
+      extra_bias.clear();
+      for (int64_t s = first_bias_slot; s < S; ++s) {
+        const int64_t blk = ip[r * S + s];
+        const int64_t len = lenp ? lenp[blk] : bs;
+        const float* brow = bp + r * bias_slots * bs + (s - first_bias_slot) * bs;
+        for (int64_t t = 0; t < len; ++t) {
+          if (brow[t] != neg_inf) {
+            extra_rows.push_back(blk * bs + t);
+            extra_bias.push_back(brow[t]);
+          }
+        }
+      }
+      const int64_t n_extra = extra_rows.size();
+      for (int64_t e0 = 0; e0 < n_extra; e0 += width) {
+        const int64_t cnt = std::min(width, n_extra - e0);
+        const int64_t cols = (cnt + kPad - 1) / kPad * kPad;  // padding columns: zero keys, -inf
+        for (int64_t c = 0; c < cols; ++c) {
+          float* dst = kv_buf.data() + c * D;
+          if (c < cnt)
+            std::copy(kp + extra_rows[e0 + c] * D, kp + (extra_rows[e0 + c] + 1) * D, dst);
+          else
+            std::fill(dst, dst + D, 0.f);
+          col_bias[c] = c < cnt ? extra_bias[e0 + c] : neg_inf;
+        }
+        gemm(true, cols, bs, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
+        softmax_update(cols, col_bias.data());
+        for (int64_t c = 0; c < cnt; ++c)
+          std::copy(vp + extra_rows[e0 + c] * D, vp + (extra_rows[e0 + c] + 1) * D, kv_buf.data() + c * D);
         gemm(false, D, bs, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
       }
       for (int64_t i = 0; i < bs; ++i) {
