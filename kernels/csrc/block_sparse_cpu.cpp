@@ -2,10 +2,11 @@
 // block (all its rows at once), walking its list of selected key blocks in chunks of up to
 // kChunk blocks with an fp32 online softmax. Each chunk's key blocks, then its value blocks, are
 // copied into a small per-thread buffer (it stays in cache) so both products are one
-// single-threaded BLAS call each (measured ~8% faster than one call per block in place); work items are spread over
-// the intra-op threads. Extra keys (the bias slots: Rectified SpaAttn's text, pooled and
-// isolated keys) are packed per query block, keeping only those its bias does not hide. Registered as torch.ops.fastgen_cpu.block_sparse_fwd; built and
-// called by kernels/cpu_attn.py.
+// single-threaded BLAS call each (measured ~8% faster than one call per block in place); work
+// items are spread over the intra-op threads. Extra keys (the bias slots: Rectified SpaAttn's
+// text, pooled and isolated keys) are packed per query block, keeping only those its bias does
+// not hide. Also SparseD's block importance (block_mass). Registered as torch.ops.fastgen_cpu.*;
+// built and called by kernels/cpu_attn.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
