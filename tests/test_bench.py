@@ -175,3 +175,16 @@ def test_gather_many_small_chunks_matches_reference(cpu_engine, monkeypatch, dty
     assert torch.all(out[0, 0, 32:64] == 0) and torch.all(torch.isinf(lse[0, 0, 32:64]))
     finite = torch.isfinite(ref_lse)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3 if dtype == torch.float32 else 5e-2)
+
+
+def test_transformer_bench_runs_dense_and_sparse_in_turn():
+    from fastgen.bench.transformer import run_transformer_bench
+
+    result = run_transformer_bench(
+        grid=(2, 8, 16), heads=2, head_dim=32, layers=1, sparsity=0.5, block_size=16, repeats=2
+    )
+    assert result["tokens"] == 256 and result["density"] < 1.0  # the sparse path really ran
+    assert result["speedup"] > 0 and result["median_speedup"] > 0
+    assert 0 < result["attention_share_of_dense"] <= 1
+    assert result["ideal_speedup"] >= 1.0
+    assert result["rel_l2_error"] < 0.5

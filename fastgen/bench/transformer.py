@@ -2,7 +2,9 @@
 
 One forward pass of a 2-block Wan transformer with 12 heads x head_dim 128 over a latent grid of
 9 x 30 x 52 = 14,040 video tokens (patch 1x2x2), dense vs Rectified SpaAttn (``dense_layers=0,
-warmup_steps=0``), in the same run, fp32, ``torch.no_grad``, best of ``repeats`` after one warm-up.
+warmup_steps=0``), in the same run, fp32, ``torch.no_grad``: after a warm-up, ``repeats`` rounds in
+which dense, sparse and SDPA take turns (so load changes on a shared machine hit all three); the
+best of each is kept and the median of the per-round ratios is reported too.
 Reports the speed ratio, the fraction of the ideal speedup, and the relative L2 error of the
 output. The ideal is Amdahl's: the share of the dense forward spent in self-attention (SDPA timed
 on the same shape, once per layer) sped up by 1 / kept block fraction, the rest unchanged. The latent is smooth
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 
 import torch
@@ -54,25 +57,15 @@ def _inputs(grid: tuple[int, int, int], text_tokens: int, text_dim: int):
     return latent, torch.tensor([700.0]), text
 
 
-def _best_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up (compilation, caches)
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def _sdpa_seconds(heads: int, tokens: int, head_dim: int, device: torch.device) -> float:
-    """Best-of-one (after a warm-up) time of SDPA on one layer's self-attention shape."""
-    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device) for _ in range(3))
-    with torch.no_grad():
-        return _best_time(lambda: F.scaled_dot_product_attention(q, k, v), 1)[0]
+def _timed(fn) -> tuple[float, torch.Tensor]:
+    """Wall-clock seconds of one call (synchronised on CUDA) and its result."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
 
 
 def run_transformer_bench(
@@ -83,7 +76,7 @@ def run_transformer_bench(
     sparsity: float = 0.85,
     block_size: int = 128,
     form: str = "exact",
-    repeats: int = 2,
+    repeats: int = 3,
     text_tokens: int = 512,
     device: str | None = None,
 ) -> dict:
@@ -102,20 +95,37 @@ def run_transformer_bench(
                 hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False
             )[0]
 
-    dense_s, dense_out = _best_time(forward, repeats)
     config = RectifiedSpaAttnConfig(
         sparsity=sparsity, block_size=block_size, dense_layers=0, warmup_steps=0, form=form, min_tokens=0
     )
-    apply_sparse_attention(model, config)
-    try:
-        sparse_s, sparse_out = _best_time(forward, repeats)
-        rows = collect_stats(model)
-    finally:
-        remove_sparse_attention(model)
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=device) for _ in range(3))
+
+    def sdpa():  # what the dense forward spends in one layer's self-attention
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def sparse_forward():
+        apply_sparse_attention(model, config)
+        try:
+            return forward(), collect_stats(model)
+        finally:
+            remove_sparse_attention(model)
+
+    forward(), sparse_forward(), sdpa()  # warm-up (caches, the native kernel's build)
+    # dense, sparse and SDPA take turns, so a change of load on the machine hits all of them
+    dense_t, sparse_t, sdpa_t = [], [], []
+    for _ in range(repeats):
+        t, dense_out = _timed(forward)
+        dense_t.append(t)
+        t, (sparse_out, rows) = _timed(sparse_forward)
+        sparse_t.append(t)
+        sdpa_t.append(_timed(sdpa)[0])
+    dense_s, sparse_s = min(dense_t), min(sparse_t)
     density = sum(r["density"] for r in rows) / len(rows) if rows else 1.0  # no sparse call: dense
     speedup = dense_s / sparse_s
-    # what the dense forward spends in self-attention: SDPA on the same shape, once per layer
-    share = min(1.0, layers * _sdpa_seconds(heads, grid[0] * grid[1] * grid[2], head_dim, device) / dense_s)
+    median_speedup = statistics.median(d / s for d, s in zip(dense_t, sparse_t))
+    share = min(1.0, layers * min(sdpa_t) / dense_s)
     ideal = 1.0 / ((1.0 - share) + share * density)  # attention at 1/density, the rest unchanged
     rel_l2 = float((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm())
     return {
@@ -132,6 +142,7 @@ def run_transformer_bench(
         "dense_seconds": dense_s,
         "sparse_seconds": sparse_s,
         "speedup": speedup,
+        "median_speedup": median_speedup,
         "density": density,
         "compensated_fraction": sum(r["compensated_fraction"] for r in rows) / max(1, len(rows)),
         "attention_share_of_dense": share,
@@ -147,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.85, help="fraction of key blocks dropped")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block")
     p.add_argument("--form", default="exact", help="exact | paper | none")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up (best is kept)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed rounds of dense, sparse and SDPA in turn, after a warm-up (best is kept)",
+    )
     p.add_argument("--grid", type=int, nargs=3, default=(9, 30, 52), help="latent token grid f h w")
     p.add_argument("--device", default=None, help="cpu | cuda")
     args = p.parse_args(argv)
