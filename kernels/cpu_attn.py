@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ __all__ = ["block_mass_cpu", "block_sparse_attention_cpu", "cpu_kernel_unavailab
 
 _SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 
+_BUILD_LOCK = threading.Lock()  # one build/load per process, even with concurrent first calls
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
@@ -63,7 +65,8 @@ def cpu_kernel_unavailable() -> str | None:
     """None when the native CPU kernel can run, else the reason (built on the first call)."""
     if os.environ.get("FASTGEN_CPU_KERNEL", "1") == "0":
         return "disabled by FASTGEN_CPU_KERNEL=0"
-    return _build()
+    with _BUILD_LOCK:
+        return _build()
 
 
 def block_sparse_attention_cpu(

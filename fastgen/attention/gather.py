@@ -3,10 +3,10 @@ only, with two engines behind one function, :func:`gather_block_sparse_attention
 
 - **Native kernel** (fp32, the default on the CPU): :mod:`fastgen.kernels.cpu_attn`, a C++
   FlashAttention-2 style forward built on first use. A whole 128-row query block is one work item;
-  its key blocks are read in place through an index table (nothing gathered up front), slots past
+  its key blocks are found through an index table (nothing gathered up front), slots past
   a query block's count are skipped rather than masked, and peak memory is the output (no LSE
   unless asked). ``fastgen bench attention --target`` (12 x 14,080 x 128 fp32, 15% density,
-  2 cores): 5.8-6.1x over SDPA, 0.89-0.94 of the ideal 1/density, peak memory at SDPA's.
+  2 cores): 5.8-6.3x over SDPA, 0.89-0.98 of the ideal 1/density, peak memory at SDPA's.
 - **Slabs** (other dtypes, or when the kernel cannot be built; logged once): per chunk of query
   blocks, ``index_select`` their selected K/V blocks into contiguous slabs ``[c, 1, L, D]`` and run
   PyTorch's fused ``_scaled_dot_product_flash_attention_for_cpu`` with the ``c`` query blocks as its
