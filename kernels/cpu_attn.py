@@ -18,13 +18,17 @@ PyTorch path and log it once.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["block_mass_cpu", "block_sparse_attention_cpu", "cpu_kernel_unavailable"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["block_mass_cpu", "block_sparse_attention_cpu", "cpu_kernel_unavailable", "warm_up_cpu_kernel"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 
@@ -150,3 +154,16 @@ def block_mass_cpu(
         out,
     )
     return out
+
+
+def warm_up_cpu_kernel() -> str | None:
+    """Build (or load) the native kernel now, outside any timed region: a first build on a machine
+    takes ~15-60 s. Returns :func:`cpu_kernel_unavailable`'s answer; logs how long a build took."""
+    start = time.perf_counter()
+    why = cpu_kernel_unavailable()
+    seconds = time.perf_counter() - start
+    if why is None and seconds > 2.0:
+        logger.warning(
+            "fastgen: built the native CPU attention kernel in %.0f s (cached for later runs)", seconds
+        )
+    return why

@@ -12,6 +12,7 @@ import logging
 import time
 
 import torch
+from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
 
 from .diffusion_lm import DiffusionLMPipeline
 
@@ -136,6 +137,8 @@ def generate_text(
 
     model = pipe.model
     applied_here = method == "sparsed" and getattr(model, "_fastgen_adapter", None) is None
+    if method == "sparsed" and pipe.device.type == "cpu":  # a first kernel build is not timed
+        warm_up_cpu_kernel()
     try:
         if applied_here:
             fastgen.apply_sparse_attention(model, config)

@@ -86,3 +86,31 @@ def test_cli_rejects_video_method(capsys):
 
 def test_tiny_pipeline_is_float32_on_cpu(pipe):
     assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
+
+
+def test_kernel_build_happens_before_the_timed_call(pipe, monkeypatch):
+    """A first build of the native CPU kernel (15-60 s) must not be counted in ``seconds``."""
+    import fastgen.pipelines.text_runner as text_runner
+
+    order = []
+    monkeypatch.setattr(text_runner, "warm_up_cpu_kernel", lambda: order.append("warm-up"))
+    real_call = type(pipe).__call__
+    monkeypatch.setattr(
+        type(pipe), "__call__", lambda self, **kw: order.append("call") or real_call(self, **kw)
+    )
+    generate_text(pipe, prompt="Hello", gen_length=16, steps=4, block_length=8, method="sparsed")
+    assert order[:2] == ["warm-up", "call"]
+
+
+def test_warm_up_logs_a_slow_build(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from fastgen.kernels import cpu_attn
+
+    clock = iter([0.0, 30.0])
+    monkeypatch.setattr(cpu_attn, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(cpu_attn, "cpu_kernel_unavailable", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="fastgen.kernels.cpu_attn"):
+        assert cpu_attn.warm_up_cpu_kernel() is None
+    assert "built the native CPU attention kernel in 30 s" in caplog.text
