@@ -74,47 +74,59 @@ def cpu_kernel_unavailable() -> str | None:
 
 
 def block_sparse_attention_cpu(
-    q_blocks: torch.Tensor,
-    k_blocks: torch.Tensor,
-    v_blocks: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     indices: torch.Tensor,
     counts: torch.Tensor,
     scale: float,
     *,
+    block_size: int | None = None,
     block_len: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
     return_lse: bool = True,
+    k_start: torch.Tensor | None = None,
+    q_start: torch.Tensor | None = None,
+    q_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the native kernel on block-major fp32 tensors; returns ``(out, lse)``.
+    """Run the native kernel on fp32 tensors; returns ``(out, lse)``.
 
-    ``q_blocks [R, bs, D]`` (R query blocks), ``k_blocks``/``v_blocks [T, bs, D]``, ``indices [R, S]``
-    int32 rows of ``k_blocks`` per query block of which the first ``counts[r]`` (int32) are used, plus the
-    last ``bias.shape[1] // bs`` slots always (extra keys, with the additive fp32 logit ``bias``
-    ``[R, Sb*bs]``); ``block_len [T]`` int32 valid keys per key block (default all). ``out``
-    ``[R, bs, D]`` by default, or ``[M, D]`` with ``out_rows [R*bs]`` int64 giving each query row's
-    destination row. Query rows that see no key get zeros and LSE ``-inf``.
+    Block-major: ``q [R, bs, D]`` (R query blocks), ``k``/``v [T, bs, D]``. Rows: ``q [M, D]`` with
+    ``q_start`` int64 / ``q_len`` int32 ``[R]`` (first row and number of rows of each query block)
+    and ``k``/``v [M', D]`` with ``k_start [T]`` int64 (first row of each key block) — unpadded
+    inputs whose blocks do not tile them evenly; ``block_size`` is then required. ``indices [R, S]``
+    int32 key blocks per query block of which the first ``counts[r]`` (int32) are used, plus the last
+    ``bias.shape[1] // bs`` slots always (extra keys, with the additive fp32 logit ``bias``
+    ``[R, Sb*bs]``; only the keys a query block sees are computed); ``block_len [T]`` int32 valid
+    keys per key block (default all). ``out`` has q's shape by default, or is ``[M, D]`` with
+    ``out_rows [R*bs]`` int64 giving each query row's destination row; ``lse`` has q's shape without
+    its last dim. Query rows that see no key get zeros and LSE ``-inf``.
     """
     why = cpu_kernel_unavailable()
     if why is not None:
         raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
-    r, bs, d = q_blocks.shape
+    bs = int(block_size) if block_size is not None else q.shape[1]
     if out is None:
-        out = torch.empty(r, bs, d, dtype=torch.float32)
-    lse = torch.empty(r, bs, dtype=torch.float32) if return_lse else None
+        out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32) if return_lse else None
     torch.ops.fastgen_cpu.block_sparse_fwd(
-        q_blocks.contiguous(),
-        k_blocks.contiguous(),
-        v_blocks.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
         indices.contiguous(),
         counts.contiguous(),
+        bs,
         block_len,
         bias,
         float(scale),
         out,
         out_rows,
         lse,
+        k_start,
+        q_start,
+        q_len,
     )
     return out, lse
 

@@ -92,12 +92,58 @@ def _native_attention(
         flat_idx,
         counts,
         scale,
+        block_size=bs,
         block_len=block_len,
         bias=extra_bias,
         out=dest,
         out_rows=dest_rows,
         return_lse=return_lse and scatter_out is None,
     )
+
+
+def _native_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    bs: int,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The native kernel on q/k/v as they are (``[B*H*N, D]`` rows, no padding to whole blocks):
+    each query / key block is given by its first row and its length, so a partial last block is
+    just a shorter one. ``indices``/``counts`` as from :func:`block_mask_to_indices`."""
+    from fastgen.kernels.cpu_attn import block_sparse_attention_cpu
+
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    nqb, nkb = num_blocks(nq, bs), num_blocks(nk, bs)
+    heads = torch.arange(b * h, dtype=torch.int64)[:, None]
+
+    def starts_and_lengths(n: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.arange(n_blocks, dtype=torch.int64) * bs
+        starts = (heads * n + offsets).reshape(-1)
+        return starts, (n - offsets).clamp_max(bs).to(torch.int32).repeat(b * h)
+
+    q_start, q_len = starts_and_lengths(nq, nqb)
+    k_start, k_len = starts_and_lengths(nk, nkb)
+    base = torch.arange(b * h * nqb, dtype=torch.int32) // nqb * nkb  # first key block of the row's head
+    out, lse = block_sparse_attention_cpu(
+        q.reshape(b * h * nq, d),
+        k.reshape(b * h * nk, d),
+        v.reshape(b * h * nk, d),
+        indices.view(b * h * nqb, -1) + base[:, None],
+        counts.view(-1),
+        scale,
+        block_size=bs,
+        block_len=k_len,
+        return_lse=return_lse,
+        k_start=k_start,
+        q_start=q_start,
+        q_len=q_len,
+    )
+    return out.view(b, h, nq, d), None if lse is None else lse.view(b, h, nq)
 
 
 def extended_key_buffer(
@@ -168,6 +214,8 @@ def gather_block_sparse_attention(
     bs = block_size
     nqb, nkb = num_blocks(nq, bs), num_blocks(k.shape[2], bs)
     indices, counts = block_mask_to_indices(block_mask.expand(b, -1, -1, -1))
+    if extra_k is None and scatter_out is None and kv_length is None and native_kernel_serves(q, k, v):
+        return _native_rows(q, k, v, indices, counts, bs, scale, return_lse)
     max_k = indices.shape[-1]
     rows = b * h * nqb
     device = q.device

@@ -36,22 +36,25 @@ inline void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, con
   sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &lda_i, b, &ldb_i, &beta, c, &ldc_i);
 }
 
-// Copies the first len rows of block blk of src [T, bs, D] to dst [bs, D], zeros after them
+// Copies len rows of src (rows of D floats) from row `row` on to dst [bs, D], zeros after them
 // (padded keys: their logits are set to -inf, so p = 0 meets a finite 0 value).
-inline void load_block(const float* src, int64_t blk, int64_t len, int64_t bs, int64_t D, float* dst) {
-  std::copy(src + blk * bs * D, src + (blk * bs + len) * D, dst);
+inline void load_block(const float* src, int64_t row, int64_t len, int64_t bs, int64_t D, float* dst) {
+  std::copy(src + row * D, src + (row + len) * D, dst);
   if (len < bs) std::fill(dst + len * D, dst + bs * D, 0.f);
 }
 
-// q [R, bs, D]; k, v [T, bs, D]; idx int32 [R, S] (key-block rows of k/v per query block, the first
+// q [R, bs, D] (or rows [M, D] with q_start/q_len [R]: first row and rows of each query block);
+// k, v [T, bs, D] (or rows with k_start [T]: first row of each key block); idx int32 [R, S] (key-block rows of k/v per query block, the first
 // counts[r] (int32 [R]) valid); block_len [T] (valid keys per key block) or empty; bias [R, Sb*bs] additive
 // logits for the last Sb slots or empty; out [R, bs, D] or, with out_rows [R*bs], dest [M, D]
 // with query row i written to dest[out_rows[i]]; lse [R, bs] or empty.
 void block_sparse_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
-    const at::Tensor& counts, const std::optional<at::Tensor>& block_len,
+    const at::Tensor& counts, int64_t block_size, const std::optional<at::Tensor>& block_len,
     const std::optional<at::Tensor>& bias, double scale, at::Tensor& out,
-    const std::optional<at::Tensor>& out_rows, const std::optional<at::Tensor>& lse) {
+    const std::optional<at::Tensor>& out_rows, const std::optional<at::Tensor>& lse,
+    const std::optional<at::Tensor>& k_start, const std::optional<at::Tensor>& q_start,
+    const std::optional<at::Tensor>& q_len) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "block_sparse_fwd: float32 tensors expected");
@@ -60,10 +63,28 @@ void block_sparse_fwd(
               "block_sparse_fwd: contiguous tensors expected");
   TORCH_CHECK(idx.scalar_type() == at::kInt && counts.scalar_type() == at::kInt && counts.is_contiguous(),
               "block_sparse_fwd: int32 idx/counts expected");
-  const int64_t R = q.size(0), bs = q.size(1), D = q.size(2), S = idx.size(1);
-  const int64_t T = k.size(0);
-  TORCH_CHECK(k.size(1) == bs && k.size(2) == D && v.sizes() == k.sizes(), "block_sparse_fwd: k/v shape");
-  TORCH_CHECK(idx.size(0) == R && counts.numel() == R, "block_sparse_fwd: idx/counts shape");
+  // q, k, v (and out, lse) are arrays of rows of D floats; a block starts at row block*bs unless
+  // k_start / q_start say otherwise (unpadded [B*H*N, D] inputs whose blocks do not tile evenly)
+  const int64_t bs = block_size, D = q.size(-1), S = idx.size(1), R = idx.size(0);
+  const int64_t T = k_start.has_value() && k_start->defined() ? k_start->numel() : k.numel() / (bs * D);
+  TORCH_CHECK(bs > 0 && k.size(-1) == D && v.sizes() == k.sizes(), "block_sparse_fwd: k/v shape");
+  TORCH_CHECK(counts.numel() == R, "block_sparse_fwd: idx/counts shape");
+  const int64_t* ksp = nullptr;
+  if (k_start.has_value() && k_start->defined()) {
+    TORCH_CHECK(k_start->scalar_type() == at::kLong && k_start->is_contiguous(), "block_sparse_fwd: k_start int64");
+    ksp = k_start->data_ptr<int64_t>();
+  }
+  const int64_t* qsp = nullptr;
+  const int32_t* qlp = nullptr;
+  if (q_start.has_value() && q_start->defined()) {
+    TORCH_CHECK(q_start->scalar_type() == at::kLong && q_start->numel() == R && q_len.has_value() &&
+                    q_len->defined() && q_len->scalar_type() == at::kInt && q_len->numel() == R,
+                "block_sparse_fwd: q_start int64 [R] with q_len int32 [R]");
+    qsp = q_start->data_ptr<int64_t>();
+    qlp = q_len->data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK(q.numel() == R * bs * D, "block_sparse_fwd: q must hold R blocks of bs rows");
+  }
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -93,18 +114,19 @@ void block_sparse_fwd(
                 "block_sparse_fwd: out_rows int64 [R*bs] with out [M, D]");
     rowp = out_rows->data_ptr<int64_t>();
   } else {
-    TORCH_CHECK(out.numel() == R * bs * D, "block_sparse_fwd: out must be [R, bs, D]");
+    TORCH_CHECK(out.numel() == q.numel(), "block_sparse_fwd: out must have q's rows");
   }
   float* op = out.data_ptr<float>();
   float* lp = nullptr;
   if (lse.has_value() && lse->defined()) {
-    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() == R * bs && lse->is_contiguous(),
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() * D == q.numel() && lse->is_contiguous(),
                 "block_sparse_fwd: lse must be float32 [R, bs]");
     lp = lse->data_ptr<float>();
   }
   const float sc = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t width = kChunk * bs;
+  auto first_row = [&](int64_t blk) { return ksp ? ksp[blk] : blk * bs; };
 
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s_buf(bs * width), acc(bs * D), m(bs), l(bs), kv_buf(width * D), col_bias(width);
@@ -113,8 +135,8 @@ void block_sparse_fwd(
 
     // Online-softmax update with S[:, :cols] (scaled logits, plus col_bias per column if given):
     // p = exp(s - m_new) in place, row sums, acc rescaled; the caller then adds P · V.
-    auto softmax_update = [&](int64_t cols, const float* bias_cols) {
-      for (int64_t i = 0; i < bs; ++i) {
+    auto softmax_update = [&](int64_t rows, int64_t cols, const float* bias_cols) {
+      for (int64_t i = 0; i < rows; ++i) {
         float* row = s_buf.data() + i * width;
         if (bias_cols) at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, row, row, bias_cols, cols);
         const float mx =
@@ -145,7 +167,9 @@ void block_sparse_fwd(
     };
 
     for (int64_t r = begin; r < end; ++r) {
-      const float* qr = qp + r * bs * D;
+      const int64_t q0 = qsp ? qsp[r] : r * bs;  // first row of this query block, and its rows
+      const int64_t nr = qlp ? qlp[r] : bs;
+      const float* qr = qp + q0 * D;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -160,18 +184,18 @@ void block_sparse_fwd(
           const int64_t blk = ip[r * S + c0 + j];
           lens[j] = lenp ? lenp[blk] : bs;
           partial = partial || lens[j] < bs;
-          load_block(kp, blk, lens[j], bs, D, kv_buf.data() + j * bs * D);
+          load_block(kp, first_row(blk), lens[j], bs, D, kv_buf.data() + j * bs * D);
         }
         // S[:, :cols] = scale · Q · Kᵀ  (row-major [bs, width])
-        gemm(true, cols, bs, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
-        for (int64_t i = 0; partial && i < bs; ++i)  // padded keys of a partial block: -inf
+        gemm(true, cols, nr, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
+        for (int64_t i = 0; partial && i < nr; ++i)  // padded keys of a partial block: -inf
           for (int64_t j = 0; j < nc; ++j)
             std::fill(s_buf.data() + i * width + j * bs + lens[j], s_buf.data() + i * width + (j + 1) * bs, neg_inf);
-        softmax_update(cols, nullptr);
+        softmax_update(nr, cols, nullptr);
         // acc += P[:, :cols] · V  (the value blocks reuse the key buffer)
         for (int64_t j = 0; j < nc; ++j)
-          load_block(vp, ip[r * S + c0 + j], lens[j], bs, D, kv_buf.data() + j * bs * D);
-        gemm(false, D, bs, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
+          load_block(vp, first_row(ip[r * S + c0 + j]), lens[j], bs, D, kv_buf.data() + j * bs * D);
+        gemm(false, D, nr, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
       }
       // extra keys (bias slots): only those this query block sees (finite bias), packed densely
       extra_rows.clear();
@@ -182,7 +206,7 @@ void block_sparse_fwd(
         const float* brow = bp + r * bias_slots * bs + (s - first_bias_slot) * bs;
         for (int64_t t = 0; t < len; ++t) {
           if (brow[t] != neg_inf) {
-            extra_rows.push_back(blk * bs + t);
+            extra_rows.push_back(first_row(blk) + t);
             extra_bias.push_back(brow[t]);
           }
         }
@@ -199,14 +223,14 @@ void block_sparse_fwd(
             std::fill(dst, dst + D, 0.f);
           col_bias[c] = c < cnt ? extra_bias[e0 + c] : neg_inf;
         }
-        gemm(true, cols, bs, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
-        softmax_update(cols, col_bias.data());
+        gemm(true, cols, nr, D, sc, kv_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
+        softmax_update(nr, cols, col_bias.data());
         for (int64_t c = 0; c < cnt; ++c)
           std::copy(vp + extra_rows[e0 + c] * D, vp + (extra_rows[e0 + c] + 1) * D, kv_buf.data() + c * D);
-        gemm(false, D, bs, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
+        gemm(false, D, nr, cols, 1.f, kv_buf.data(), D, s_buf.data(), width, 1.f, acc.data(), D);
       }
-      for (int64_t i = 0; i < bs; ++i) {
-        float* dst = rowp ? op + rowp[r * bs + i] * D : op + (r * bs + i) * D;
+      for (int64_t i = 0; i < nr; ++i) {
+        float* dst = op + (rowp ? rowp[r * bs + i] : q0 + i) * D;
         const float* a = acc.data() + i * D;
         if (l[i] > 0.f) {
           const Vec inv(1.f / l[i]);
@@ -214,7 +238,7 @@ void block_sparse_fwd(
         } else {
           std::fill(dst, dst + D, 0.f);
         }
-        if (lp) lp[r * bs + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : neg_inf;
+        if (lp) lp[q0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : neg_inf;
       }
     }
   });
@@ -266,7 +290,8 @@ void block_mass(const at::Tensor& q, const at::Tensor& k, int64_t nqb, int64_t n
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t b0 = c * kChunk, nc = std::min(kChunk, nkb - b0), cols = nc * bs;
-        for (int64_t j = 0; j < nc; ++j) load_block(kp, first_block + b0 + j, bs, bs, D, k_buf.data() + j * bs * D);
+        for (int64_t j = 0; j < nc; ++j)
+          load_block(kp, (first_block + b0 + j) * bs, bs, bs, D, k_buf.data() + j * bs * D);
         gemm(true, cols, bs, D, sc, k_buf.data(), D, qr, D, 0.f, s_buf.data(), width);
         for (int64_t i = 0; i < bs; ++i) {
           float* row = s_buf.data() + i * width;
@@ -313,8 +338,9 @@ void block_mass(const at::Tensor& q, const at::Tensor& k, int64_t nqb, int64_t n
 
 TORCH_LIBRARY(fastgen_cpu, lib) {
   lib.def(
-      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor counts, Tensor? block_len, "
-      "Tensor? bias, float scale, Tensor(a!) out, Tensor? out_rows, Tensor(b!)? lse) -> ()");
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor counts, int block_size, "
+      "Tensor? block_len, Tensor? bias, float scale, Tensor(a!) out, Tensor? out_rows, Tensor(b!)? lse, "
+      "Tensor? k_start, Tensor? q_start, Tensor? q_len) -> ()");
   lib.def(
       "block_mass(Tensor q, Tensor k, int nqb, int nkb, int rows_per_batch, Tensor? key_bias, Tensor? q_weight, "
       "float scale, Tensor(a!) out) -> ()");
