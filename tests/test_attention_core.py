@@ -340,3 +340,17 @@ def test_gather_scatter_out_writes_rows_in_place(cpu_engine):
     assert lse is None and out is dest
     expected = block_sparse_attention(qp[:, :, :n], kp[:, :, :n], vp[:, :, :n], m, bs, backend="torch")
     assert rel_rmse(dest[:-1].view(b, h, n, d)[:, :, perm], expected) < 1e-5
+
+
+def test_gather_with_gradients_uses_the_reference_with_a_log_line(caplog):
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 70, 70, 16))
+    m = random_block_mask(1, 2, 5, 5, empty_row=False)
+    backends_mod._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="fastgen.attention.backends"):
+        out = block_sparse_attention(q, k, v, m, 16, backend="gather")
+    assert any("forward-only" in r.message for r in caplog.records)
+    out.sum().backward()
+    ref_q = q.detach().clone().requires_grad_()
+    ref, _ = masked_reference(ref_q, k.detach(), v.detach(), token_mask_from_blocks(m, 70, 70, 16))
+    ref.sum().backward()
+    assert q.grad is not None and rel_rmse(q.grad, ref_q.grad) < 1e-4

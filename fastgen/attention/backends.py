@@ -237,8 +237,13 @@ class _LazyLSE:
 
 @register_backend("gather", lambda device: None if device.type == "cpu" else "the gather path is CPU-only")
 def gather_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Selected key blocks per query block only: native CPU kernel for fp32, else fused SDPA on slabs."""
+    """Selected key blocks per query block only: native CPU kernel for fp32, else fused SDPA on slabs.
+    Forward only: inputs that need gradients go to the PyTorch reference (logged once)."""
     from .gather import gather_block_sparse_attention
+
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        log_once("fastgen: the gather backend is forward-only and the inputs require grad; using 'torch'")
+        return torch_block_sparse(q, k, v, block_mask, block_size, scale)
 
     return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale, return_lse=need_lse)
 

@@ -43,10 +43,12 @@ def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, i
 
 
 def native_kernel_serves(*tensors: torch.Tensor) -> bool:
-    """Whether the native CPU kernel (fp32 only) serves a call on these tensors; logs once when
-    fp32 CPU tensors cannot use it."""
+    """Whether the native CPU kernel (fp32, forward only) serves a call on these tensors; logs once
+    when fp32 CPU tensors cannot use it."""
     if not all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors):
         return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False  # forward only: PyTorch's flash kernel keeps gradients
     from fastgen.kernels.cpu_attn import cpu_kernel_unavailable
 
     why = cpu_kernel_unavailable()

@@ -714,8 +714,10 @@ def gather_exact_applies(
 ) -> bool:
     """True when the CPU one-pass path serves the call: the block-sparse backend resolves to
     ``"gather"``, the form is ``"exact"`` or ``"none"`` without the pooled-term corrections or
-    multi-resolution compensation, and no video key is padded."""
+    multi-resolution compensation, no video key is padded and no gradient is needed."""
     if form not in ("exact", "none") or variance_correction or value_tilt or compensation_splits != 1:
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:  # the one-pass path is forward-only
         return False
     if resolve_backend(backend, q.device) != "gather":
         return False
