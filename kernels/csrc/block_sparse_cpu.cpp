@@ -43,11 +43,15 @@ inline void load_block(const float* src, int64_t row, int64_t len, int64_t bs, i
   if (len < bs) std::fill(dst + len * D, dst + bs * D, 0.f);
 }
 
-// q [R, bs, D] (or rows [M, D] with q_start/q_len [R]: first row and rows of each query block);
-// k, v [T, bs, D] (or rows with k_start [T]: first row of each key block); idx int32 [R, S] (key-block rows of k/v per query block, the first
-// counts[r] (int32 [R]) valid); block_len [T] (valid keys per key block) or empty; bias [R, Sb*bs] additive
-// logits for the last Sb slots or empty; out [R, bs, D] or, with out_rows [R*bs], dest [M, D]
-// with query row i written to dest[out_rows[i]]; lse [R, bs] or empty.
+// Inputs are arrays of rows of D floats.
+//   q: [R, bs, D] block-major, or rows [M, D] with q_start int64 / q_len int32 [R] (first row and
+//      number of rows of each query block);
+//   k, v: [T, bs, D] block-major, or rows with k_start int64 [T] (first row of each key block);
+//   idx int32 [R, S]: key blocks per query block, the first counts[r] (int32 [R]) of them used;
+//   block_len int32 [T]: valid keys per key block (default bs);
+//   bias fp32 [R, Sb*bs]: additive logits of the last Sb slots (extra keys, always walked);
+//   out: q's rows, or dest [M, D] with out_rows int64 [R*bs] (query row i -> dest[out_rows[i]]);
+//   lse: one value per q row, or empty.
 void block_sparse_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
     const at::Tensor& counts, int64_t block_size, const std::optional<at::Tensor>& block_len,
@@ -120,7 +124,7 @@ void block_sparse_fwd(
   float* lp = nullptr;
   if (lse.has_value() && lse->defined()) {
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() * D == q.numel() && lse->is_contiguous(),
-                "block_sparse_fwd: lse must be float32 [R, bs]");
+                "block_sparse_fwd: lse must be float32 with one value per q row");
     lp = lse->data_ptr<float>();
   }
   const float sc = static_cast<float>(scale);
