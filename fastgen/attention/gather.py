@@ -60,6 +60,19 @@ def native_kernel_serves(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _block_lengths(n: int, n_blocks: int, bs: int) -> torch.Tensor:
+    """Valid tokens of each of ``n_blocks`` blocks of ``bs`` over ``n`` tokens, int32 (0 past ``n``)."""
+    return (n - torch.arange(n_blocks) * bs).clamp(0, bs).to(torch.int32)
+
+
+def _flat_block_indices(indices: torch.Tensor, nqb: int, nkb: int) -> torch.Tensor:
+    """``indices [B, H, nqb, K]`` (key blocks within a head) as int32 rows ``[B*H*nqb, K]`` of the
+    ``[B*H*nkb]`` key blocks of all heads."""
+    rows = indices.shape[0] * indices.shape[1] * nqb
+    first = torch.arange(rows, dtype=torch.int32, device=indices.device) // nqb * nkb  # head's first
+    return indices.view(rows, -1) + first[:, None]
+
+
 def _native_attention(
     q_blocks: torch.Tensor,
     k_blocks: torch.Tensor,
@@ -75,7 +88,7 @@ def _native_attention(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The native kernel on the block-major tensors :func:`gather_block_sparse_attention` built:
-    key blocks are read in place, slots past a query block's count are skipped (not masked), a
+    key blocks are found through the index table, slots past a query block's count are skipped (not masked), a
     partial or cut-off key block is shortened, extra-key slots take ``extra_bias``. Returns
     ``(out [R, bs, D], lse [R, bs] or None)``, or ``(dest, None)`` with ``scatter_out``."""
     from fastgen.kernels.cpu_attn import block_sparse_attention_cpu
@@ -83,9 +96,8 @@ def _native_attention(
     bs = q_blocks.shape[1]
     block_len = None
     if nk != nkb * bs:  # partial last key block, or keys cut at kv_length
-        lens = (nk - torch.arange(nkb) * bs).clamp(0, bs).to(torch.int32)
         block_len = torch.full((k_blocks.shape[0],), bs, dtype=torch.int32)  # extra blocks: whole
-        block_len[:real_blocks] = lens.repeat(real_blocks // nkb)
+        block_len[:real_blocks] = _block_lengths(nk, nkb, bs).repeat(real_blocks // nkb)
     dest, dest_rows = scatter_out if scatter_out is not None else (None, None)
     return block_sparse_attention_cpu(
         q_blocks,
@@ -124,18 +136,16 @@ def _native_rows(
     heads = torch.arange(b * h, dtype=torch.int64)[:, None]
 
     def starts_and_lengths(n: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.arange(n_blocks, dtype=torch.int64) * bs
-        starts = (heads * n + offsets).reshape(-1)
-        return starts, (n - offsets).clamp_max(bs).to(torch.int32).repeat(b * h)
+        starts = (heads * n + torch.arange(n_blocks, dtype=torch.int64) * bs).reshape(-1)
+        return starts, _block_lengths(n, n_blocks, bs).repeat(b * h)
 
     q_start, q_len = starts_and_lengths(nq, nqb)
     k_start, k_len = starts_and_lengths(nk, nkb)
-    base = torch.arange(b * h * nqb, dtype=torch.int32) // nqb * nkb  # first key block of the row's head
     out, lse = block_sparse_attention_cpu(
         q.reshape(b * h * nq, d),
         k.reshape(b * h * nk, d),
         v.reshape(b * h * nk, d),
-        indices.view(b * h * nqb, -1) + base[:, None],
+        _flat_block_indices(indices, nqb, nkb),
         counts.view(-1),
         scale,
         block_size=bs,
@@ -227,10 +237,7 @@ def gather_block_sparse_attention(
 
     q_blocks = blocks_of(q, nqb)  # [R, bs, D]
     k_blocks, v_blocks = blocks_of(k, nkb), blocks_of(v, nkb)  # [B*H*nkb, bs, D]
-    base = (
-        torch.arange(rows, dtype=torch.int32, device=device) // nqb * nkb
-    )  # first key block of the row's head
-    flat_idx = indices.view(rows, max_k) + base[:, None]  # int32 rows of k_blocks
+    flat_idx = _flat_block_indices(indices, nqb, nkb)  # int32 rows of k_blocks
     counts_flat = counts.view(rows)
     extra_blocks = 0
     if extra_k is not None:  # extra keys become whole blocks after k's, padded with -inf bias
