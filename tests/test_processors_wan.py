@@ -247,3 +247,62 @@ def test_rotary_matches_diffusers_arithmetic(dtype):
     assert torch.allclose(
         out.float(), expected.to(dtype).float(), atol=1e-6 if dtype == torch.float32 else 1e-2
     )
+
+
+@pytest.mark.parametrize("norm_kind", ["rms", "rms_no_weight", "identity"])
+def test_norm_rope_in_place_equals_norm_then_rotary(monkeypatch, norm_kind):
+    """The processor's in-place QK-norm + RoPE (a few tokens at a time) gives bit for bit what
+    diffusers' module followed by :func:`apply_wan_rotary` gives, and works in x's own memory."""
+    from fastgen.processors.wan import apply_wan_rotary, norm_rope
+
+    monkeypatch.setattr(wan, "_CHUNK_BYTES", 3 * 2 * 96 * 4)  # 3 tokens of a batch of 2 per run
+    heads, d, n = 3, 32, 25
+    norm = {
+        "rms": torch.nn.RMSNorm(heads * d, eps=1e-6),
+        "rms_no_weight": torch.nn.RMSNorm(heads * d, elementwise_affine=False),
+        "identity": torch.nn.Identity(),
+    }[norm_kind]
+    for p in norm.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, n, heads * d)
+    angles = torch.rand(1, n, 1, d // 2) * 6
+    cos, sin = torch.cos(angles).repeat_interleave(2, -1), torch.sin(angles).repeat_interleave(2, -1)
+    with torch.no_grad():
+        expected = apply_wan_rotary(norm(x).unflatten(2, (heads, -1)), cos, sin)
+        owned = x.clone()
+        out = norm_rope(norm, owned, heads, (cos, sin))
+    assert torch.equal(out, expected)
+    assert out.data_ptr() == owned.data_ptr()  # in place
+    with torch.no_grad():
+        assert torch.equal(norm_rope(norm, x.clone(), heads, None), norm(x).unflatten(2, (heads, -1)))
+
+
+def test_norm_rope_with_gradients_or_bf16_uses_the_plain_composition():
+    from fastgen.processors.wan import apply_wan_rotary, norm_rope
+
+    heads, d, n = 2, 16, 9
+    norm = torch.nn.RMSNorm(heads * d)
+    cos, sin = torch.ones(1, n, 1, d), torch.zeros(1, n, 1, d)
+    x = torch.randn(1, n, heads * d, requires_grad=True)
+    out = norm_rope(norm, x * 1.0, heads, (cos, sin))
+    out.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    xb = torch.randn(1, n, heads * d).bfloat16()
+    with torch.no_grad():
+        outb = norm_rope(norm.bfloat16(), xb.clone(), heads, (cos, sin))
+        expected = apply_wan_rotary(norm(xb).unflatten(2, (heads, -1)), cos, sin)
+    assert outb.dtype == torch.bfloat16 and torch.equal(outb, expected)
+
+
+def test_processor_workspace_is_freed_on_remove_and_reset():
+    model = tiny_wan()
+    x, t, text = inputs(batch=1)
+    apply_sparse_attention(model, cfg())
+    proc = model.blocks[0].attn1.processor
+    run(model, x, t, text)
+    assert proc.workspace.nbytes > 0  # the one-pass CPU path kept its copies of q/k/v
+    proc.reset()
+    assert proc.workspace.nbytes == 0
+    run(model, x, t, text)
+    remove_sparse_attention(model)
+    assert proc.workspace.nbytes == 0

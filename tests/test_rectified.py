@@ -501,3 +501,50 @@ def test_gradients_flow_through_the_general_path():
     out.sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (qg, kg, vg))
     assert torch.allclose(out.detach(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_one_pass_keeps_tokens_major_layout_and_reuses_its_workspace(cpu_engine, b):
+    """Attention processors pass q/k/v as ``[B, N, H, D]`` buffers seen as ``[B, H, N, D]``: the one-pass
+    output comes back in that layout (so the processor's transpose is free) with the general path's
+    values, and a workspace keeps the internal copies of q/k/v from call to call without any
+    returned tensor living in it."""
+    from fastgen.attention import Workspace
+
+    grid, h, d = (3, 7, 9), 3, 32
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(b, h, n, d, torch.float32))
+    args = dict(sparsity=0.6, block_size=16, grid=grid, backend="gather")
+    ws = Workspace()
+    out = rectified_sparse_attention(q, k, v, workspace=ws, **args)
+    ref = rectified_sparse_attention(q, k, v, **{**args, "backend": "torch"})
+    assert out.shape == q.shape and out.stride() == q.stride()
+    assert rel_rmse(out, ref) < 1e-5
+    held = {name: buf.data_ptr() for name, buf in ws._buffers.items()}
+    assert set(held) == {"q", "k", "v"} and ws.nbytes > 3 * q.numel() * 4
+    again = rectified_sparse_attention(q, k, v, workspace=ws, **args)
+    assert torch.equal(again, out)  # the buffers' old contents do not leak into the result
+    assert {name: buf.data_ptr() for name, buf in ws._buffers.items()} == held
+    storage = out.untyped_storage().data_ptr()
+    assert storage not in {buf.untyped_storage().data_ptr() for buf in ws._buffers.values()}
+    contiguous = rectified_sparse_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), workspace=ws, **args
+    )
+    assert contiguous.is_contiguous() and torch.allclose(contiguous, out, atol=1e-6)
+    smaller = rectified_sparse_attention(q[:, :2], k[:, :2], v[:, :2], workspace=ws, **args)
+    assert torch.allclose(smaller, out[:, :2], atol=1e-6)  # another shape: the buffers are replaced
+    ws.clear()
+    assert ws.nbytes == 0
+
+
+def test_workspace_reuses_a_buffer_only_for_the_same_size_and_dtype():
+    from fastgen.attention import Workspace
+
+    ws = Workspace()
+    cpu = torch.device("cpu")
+    a = ws.empty("x", (4, 6), torch.float32, cpu)
+    assert ws.empty("x", (6, 4), torch.float32, cpu).data_ptr() == a.data_ptr()  # same size, new view
+    assert ws.empty("x", (6, 4), torch.float32, cpu).shape == (6, 4)
+    assert ws.empty("x", (6, 4), torch.float64, cpu).dtype == torch.float64
+    assert ws.empty("x", (5, 5), torch.float64, cpu).numel() == 25
+    assert ws.nbytes == 25 * 8 and "1 buffers" in repr(ws)

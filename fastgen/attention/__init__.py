@@ -14,6 +14,7 @@ from .blocks import (
     tile_permutation,
 )
 from .dense import dense_attention
+from .workspace import Workspace
 
 
 def __getattr__(name):
@@ -26,6 +27,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Workspace",
     "available_backends",
     "block_mask_to_indices",
     "block_sparse_attention",

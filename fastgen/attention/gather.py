@@ -31,6 +31,7 @@ import torch
 
 from .backends import log_once
 from .blocks import block_mask_to_indices, num_blocks, pad_to_blocks
+from .workspace import Workspace
 
 
 def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, input_bytes: int) -> int:
@@ -159,14 +160,29 @@ def _native_rows(
 
 
 def extended_key_buffer(
-    b: int, h: int, n: int, n_extra: int, d: int, block_size: int, dtype: torch.dtype, device: torch.device
+    b: int,
+    h: int,
+    n: int,
+    n_extra: int,
+    d: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    workspace: Workspace | None = None,
+    name: str = "keys",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised ``(keys [B, H, n, D], extra [B, H, ceil(n_extra/bs)*bs, D])`` views of one buffer,
     extra right after keys: given as ``k`` and ``extra_k`` to :func:`gather_block_sparse_attention`
     (``n`` a block multiple), the extra keys join the gather source without a copy. Every element of
-    both views must be written by the caller (padding of ``extra`` included)."""
+    both views must be written by the caller (padding of ``extra`` included). The buffer is
+    ``workspace``'s ``name`` when a workspace is given."""
     extra = num_blocks(n_extra, block_size) * block_size
-    buffer = torch.empty(b * h * (n + extra), d, dtype=dtype, device=device)
+    shape = (b * h * (n + extra), d)
+    buffer = (
+        workspace.empty(name, shape, dtype, device)
+        if workspace is not None
+        else torch.empty(shape, dtype=dtype, device=device)
+    )
     return buffer[: b * h * n].view(b, h, n, d), buffer[b * h * n :].view(b, h, extra, d)
 
 

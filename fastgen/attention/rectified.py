@@ -88,6 +88,7 @@ from .blocks import (
     select_topk_blocks,
     tile_permutation,
 )
+from .workspace import Workspace
 
 FORMS = ("exact", "paper", "none")
 SELECTIONS = ("pooled", "subblock")
@@ -674,6 +675,13 @@ def _padded_video(
     return out
 
 
+def _scratch(
+    workspace: Workspace | None, name: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor | None:
+    """``workspace``'s buffer ``name`` for a tensor of ``shape`` like ``like`` (None without a workspace)."""
+    return None if workspace is None else workspace.empty(name, shape, like.dtype, like.device)
+
+
 def _centred_statistics(
     x: torch.Tensor, pooled: torch.Tensor, last: int, deviation: bool, distance: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -741,6 +749,7 @@ def gather_exact_attention(
     pool_splits: int,
     isolated_keys: float,
     gapr: bool,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Video-query output of the exact (or ``"none"``) form in one gather-kernel pass (CPU).
 
@@ -749,6 +758,10 @@ def gather_exact_attention(
     keys, the compensated pooled keys (logit ``+ log n_J``) and the visible isolated keys join the
     selected key blocks as extra keys of the same softmax (:func:`gather_block_sparse_attention`), so
     no partial attention is merged. Same result as the general path up to round-off.
+
+    The reordered copies of q/k/v live in ``workspace`` when one is given. The output has q's memory
+    layout: a ``[B, N, H, D]`` buffer seen as ``[B, H, N, D]`` when q is such a view (what attention
+    processors pass), so the caller's transpose back is free.
 
     Returns ``(out [B, H, N, D] in q's dtype with the video rows written (text rows left for the
     caller), critical, dropped, compensated, valid_blocks)``.
@@ -767,17 +780,19 @@ def gather_exact_attention(
     n_extra = n_text + (nb + count if rectify else 0)  # text, pooled and isolated keys
     order = torch.arange(n_video, device=device) if perm is None else perm
     token_index = torch.cat([order, order.new_zeros(n_pad - n_video)])
-    qp = _padded_video(q, token_index, n_video)  # [B, H, nb*bs, D]
+    qp = _padded_video(q, token_index, n_video, _scratch(workspace, "q", (b, h, n_pad, d), q))
     if n_extra:  # k/v and their extra keys share one buffer (no copy in the gather)
         (kp, extra_k), (vp, extra_v) = (
-            extended_key_buffer(b, h, n_pad, n_extra, d, bs, k.dtype, device) for _ in range(2)
+            extended_key_buffer(b, h, n_pad, n_extra, d, bs, k.dtype, device, workspace, name)
+            for name in ("k", "v")
         )
         extra_k[:, :, n_extra:] = 0
         extra_v[:, :, n_extra:] = 0
         extra_k[:, :, :n_text] = kt
         extra_v[:, :, :n_text] = vt
     else:
-        kp = vp = None
+        kp = _scratch(workspace, "k", (b, h, n_pad, d), k)
+        vp = _scratch(workspace, "v", (b, h, n_pad, d), v)
     kp, vp = _padded_video(k, token_index, n_video, kp), _padded_video(v, token_index, n_video, vp)
 
     # one set of sums: sub-blocks (selection) -> blocks (pooled q/k/v)
@@ -864,15 +879,23 @@ def gather_exact_attention(
             extra_v=extra_v,
             extra_bias=torch.cat([x.expand(b, h, nb, -1) for x in extra_bias], dim=-1),
         )
-    # the kernel writes each query row straight to its raster position in the full output
+    # the kernel writes each query row straight to its raster position in the full output, laid out
+    # like q: [B, H, N, D], or [B, N, H, D] when q is that buffer transposed
     n = q.shape[2]
     out = torch.empty(b * h * n + 1, d, dtype=q.dtype, device=device)  # last row: sink for padding
-    rows = torch.arange(b * h, device=device)[:, None] * n + token_index[None, :]
-    rows[:, n_video:] = b * h * n
+    tokens_major = q.stride(1) == d and q.stride(2) == h * d
+    batch = torch.arange(b, device=device)[:, None, None]
+    head = torch.arange(h, device=device)[None, :, None]
+    if tokens_major:
+        rows = (batch * n + token_index) * h + head
+    else:
+        rows = (batch * h + head) * n + token_index
+    rows[:, :, n_video:] = b * h * n
     gather_block_sparse_attention(
         qp, kp, vp, critical, bs, scale, kv_length=n_video, scatter_out=(out, rows.view(-1)), **extras
     )
-    return out[:-1].view(b, h, n, d), critical, dropped, compensated, valid_blocks
+    out = out[:-1].view(b, n, h, d).transpose(1, 2) if tokens_major else out[:-1].view(b, h, n, d)
+    return out, critical, dropped, compensated, valid_blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,6 +925,7 @@ def rectified_sparse_attention(
     isolated_keys: float = 1.0,
     compensation_splits: int = 1,
     gapr: bool = True,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text).
 
@@ -933,9 +957,13 @@ def rectified_sparse_attention(
             ``block_size // compensation_splits`` tokens, power of two <= block_size).
         gapr: compensate only the dropped blocks that pass GAPR (:func:`gapr_compensated`);
             False compensates every dropped block.
+        workspace: a :class:`~fastgen.attention.Workspace` for the internal copies of q/k/v, kept by
+            a caller that runs the same shape repeatedly (CPU one-pass path; ignored elsewhere).
 
     Returns:
-        ``out`` ``[B, H, N, D]`` in q's dtype, and the stats dict when ``return_stats``.
+        ``out`` ``[B, H, N, D]`` in q's dtype (with q's memory layout on the CPU one-pass path: a
+        transposed ``[B, N, H, D]`` q gives an output of that layout), and the stats dict when
+        ``return_stats``.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 4 * 16 * 16 + 20, 64)
@@ -976,6 +1004,7 @@ def rectified_sparse_attention(
             pool_splits=pool_splits,
             isolated_keys=isolated_keys,
             gapr=gapr,
+            workspace=workspace,
         )
         return _finish(
             q,

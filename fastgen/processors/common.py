@@ -24,6 +24,7 @@ import logging
 
 import torch
 
+from fastgen.attention.workspace import Workspace
 from fastgen.configs import RectifiedSpaAttnConfig
 from fastgen.hooks import StepTracker, active_tracker
 
@@ -125,14 +126,17 @@ class RectifiedProcessorBase:
         self._last: dict[int, dict] = {}
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
+        self.workspace = Workspace()
+        """Scratch buffers of the sparse path, reused layer after layer (CPU; freed by :meth:`reset`)."""
         if tracker is not None:
             self._listen(tracker)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget per-generation state (statistics, own forward counter)."""
+        """Forget per-generation state (statistics, own forward counter) and free the scratch buffers."""
         self._last.clear()
         self._own_forwards = -1
+        self.workspace.clear()
 
     def _listen(self, tracker: StepTracker) -> None:
         if self._listening is not tracker:
@@ -142,10 +146,11 @@ class RectifiedProcessorBase:
             self._listening = tracker
 
     def detach(self) -> None:
-        """Stop listening to the tracker (called when the processor is removed)."""
+        """Stop listening to the tracker and free the scratch buffers (called when the processor is removed)."""
         if self._listening is not None:
             self._listening.remove_reset_listener(self.reset)
             self._listening = None
+        self.workspace.clear()
 
     def _log_once(self, message: str, level: int = logging.INFO) -> None:
         if message not in self._logged:
@@ -242,6 +247,7 @@ class RectifiedProcessorBase:
             isolated_keys=cfg.isolated_keys,
             compensation_splits=cfg.compensation_splits,
             gapr=cfg.gapr,
+            workspace=self.workspace,
         )
         self._last[layer] = stats
         return out.transpose(1, 2)
