@@ -2,8 +2,9 @@
 
 ``csrc/block_sparse_cpu.cpp`` is a FlashAttention-2 style forward for fp32: one work item is a
 whole query block (128 rows), which walks its selected key blocks in chunks of four with an online
-softmax; the two products run as single-threaded MKL ``sgemm`` calls straight on the key/value
-blocks in place (no gathered copy), the work items spread over torch's intra-op threads. PyTorch's
+softmax; each chunk's key blocks, then its value blocks, are copied into a small per-thread buffer
+so the two products are one single-threaded MKL ``sgemm`` call each, and the work items spread over
+torch's intra-op threads. PyTorch's
 own CPU flash kernel, given one 128-row query block per batch entry, splits it into 32-row pieces
 and runs ~20% slower; FlexAttention's CPU template walks 128x128 tiles and is slower still.
 

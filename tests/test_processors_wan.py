@@ -299,6 +299,7 @@ def test_processor_workspace_is_freed_on_remove_and_reset():
     x, t, text = inputs(batch=1)
     apply_sparse_attention(model, cfg())
     proc = model.blocks[0].attn1.processor
+    assert model.blocks[1].attn1.processor.workspace is proc.workspace  # one set for all layers
     run(model, x, t, text)
     assert proc.workspace.nbytes > 0  # the one-pass CPU path kept its copies of q/k/v
     proc.reset()

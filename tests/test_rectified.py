@@ -13,12 +13,14 @@ from fastgen.attention import (
     tile_permutation,
 )
 from fastgen.attention.rectified import (
+    attention_with_lse,
     block_logits,
     block_statistics,
     ipar_estimate,
     merge_attention,
     paper_rectification,
     text_logits,
+    text_query_attention,
 )
 from tests.helpers import rel_rmse
 
@@ -548,3 +550,17 @@ def test_workspace_reuses_a_buffer_only_for_the_same_size_and_dtype():
     assert ws.empty("x", (6, 4), torch.float64, cpu).dtype == torch.float64
     assert ws.empty("x", (5, 5), torch.float64, cpu).numel() == 25
     assert ws.nbytes == 25 * 8 and "1 buffers" in repr(ws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_query_attention_matches_the_chunked_reference(dtype):
+    """Text queries run through SDPA (no ``T x N`` scores held); same output as the fp32 chunked
+    reference, padded keys ignored, and a batch row with no valid key gives 0 (not NaN)."""
+    q, k, v = qkv(3, 2, 70, 16, dtype)
+    valid = torch.rand(3, 70) < 0.7
+    valid[2] = False
+    out = text_query_attention(q[:, :, -9:], k, v, valid, 0.25)
+    ref, _ = attention_with_lse(q[:, :, -9:], k, v, valid, 0.25)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.all(out[2] == 0)
+    assert rel_rmse(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1168,6 +1168,21 @@ def rectified_sparse_attention(
     )
 
 
+def text_query_attention(
+    q_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Dense attention of the text queries ``[B, H, T, D]`` over every valid key (``[B, N]`` bool or
+    None) through SDPA, whose fused kernels never hold the ``T x N`` scores; a row without any
+    valid key gives 0. Output in q's dtype."""
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q_text, k, v, attn_mask=mask, scale=scale)
+    if key_valid is not None:
+        empty = ~key_valid.any(-1)  # [B]
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out
+
+
 def _finish(q, k, v, video_out, key_padding_mask, num_text_tokens, scale, return_stats, masks):
     """Add the text queries' dense output to the video output (or write it into ``video_out`` when
     that already spans all N tokens); add the stats when asked."""
@@ -1175,13 +1190,17 @@ def _finish(q, k, v, video_out, key_padding_mask, num_text_tokens, scale, return
     if video_out.shape[2] == n and video_out.dtype == q.dtype:
         out = video_out
         if num_text_tokens:
-            text_out, _ = attention_with_lse(q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale)
-            out[:, :, n - num_text_tokens :] = text_out
+            out[:, :, n - num_text_tokens :] = text_query_attention(
+                q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale
+            )
     else:
         outputs = [video_out.to(q.dtype)]
         if num_text_tokens:
-            text_out, _ = attention_with_lse(q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale)
-            outputs.append(text_out.to(q.dtype))
+            outputs.append(
+                text_query_attention(q[:, :, n - num_text_tokens :], k, v, key_padding_mask, scale).to(
+                    q.dtype
+                )
+            )
         out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     if not return_stats:
         return out

@@ -7,16 +7,16 @@ One forward pass of a 2-block Wan transformer with 12 heads x head_dim 128 over 
 - ``fastgen_dense``: fastgen's processors with every layer dense (``dense_layers=layers``): the same
   attention as ``dense``, with fastgen's leaner QK-norm / RoPE around it;
 - ``sparse``: Rectified SpaAttn on every layer and step (``dense_layers=0, warmup_steps=0``);
-- SDPA alone on one layer's q/k/v shape.
+- ``no_self_attention``: fastgen's processors with self-attention skipped (its value input passed
+  on): everything in the forward except self-attention.
 
 After a warm-up, ``repeats`` rounds in which they take turns (so load changes on a shared machine
 hit all of them); the best of each is kept and the median of the per-round ratios is reported too.
 ``speedup`` is sparse against ``dense`` (what a user switching processors gets);
 ``speedup_from_sparsity`` is sparse against ``fastgen_dense`` (what the sparse attention alone
-gives), and ``fraction_of_ideal`` compares that with Amdahl's ideal: the share of the
-``fastgen_dense`` forward spent in self-attention (SDPA on the same shape, once per layer) sped up
-by 1 / kept block fraction, the rest unchanged. Also the relative L2 error of the output against
-``dense``. The latent is smooth (upsampled noise) so the attention is not uniform. Random weights:
+gives), and ``fraction_of_ideal`` compares that with Amdahl's ideal: the self-attention part of
+``fastgen_dense`` (its time minus ``no_self_attention``'s) sped up by 1 / kept block fraction, the
+rest unchanged. Also the relative L2 error of the output against ``dense``. The latent is smooth (upsampled noise) so the attention is not uniform. Random weights:
 a speed test, not a quality one.
 
 Run: ``python -m fastgen.bench.transformer`` (a few minutes on a CPU; the time is shared with
@@ -33,6 +33,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from fastgen.processors.wan import WanRectifiedProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,14 @@ def _inputs(grid: tuple[int, int, int], text_tokens: int, text_dim: int):
     latent = latent + 0.1 * torch.randn(latent.shape, generator=g)
     text = torch.randn(1, text_tokens, text_dim, generator=g)
     return latent, torch.tensor([700.0]), text
+
+
+class _SkippedSelfAttention(WanRectifiedProcessor):
+    """fastgen's Wan processor with self-attention skipped (its value input is passed on): times the
+    rest of the forward."""
+
+    def _self_attention(self, attn, query, key, value, rotary_emb):
+        return value
 
 
 def _timed(fn) -> tuple[float, torch.Tensor]:
@@ -108,12 +118,17 @@ def run_transformer_bench(
         sparsity=sparsity, block_size=block_size, dense_layers=0, warmup_steps=0, form=form, min_tokens=0
     )
     all_dense = RectifiedSpaAttnConfig(dense_layers=layers, min_tokens=0)
-    n = grid[0] * grid[1] * grid[2]
-    q, k, v = (torch.randn(1, heads, n, head_dim, device=device) for _ in range(3))
 
-    def sdpa():  # what the dense forward spends in one layer's self-attention
-        with torch.no_grad():
-            return F.scaled_dot_product_attention(q, k, v)
+    def no_self_attention():
+        saved = dict(model.attn_processors)
+        skip = _SkippedSelfAttention(all_dense)
+        model.set_attn_processor(
+            {name: skip if name.endswith("attn1.processor") else proc for name, proc in saved.items()}
+        )
+        try:
+            return forward()
+        finally:
+            model.set_attn_processor(saved)
 
     def with_processors(cfg):
         def run():
@@ -126,21 +141,27 @@ def run_transformer_bench(
         return run
 
     sparse_forward, fastgen_dense_forward = with_processors(config), with_processors(all_dense)
-    forward(), sparse_forward(), fastgen_dense_forward(), sdpa()  # warm-up (caches, the kernel's build)
+    # warm-up (caches, the kernel's build)
+    forward(), sparse_forward(), fastgen_dense_forward(), no_self_attention()
     # the variants take turns, so a change of load on the machine hits all of them
-    dense_t, fastgen_dense_t, sparse_t, sdpa_t = [], [], [], []
+    dense_t, fastgen_dense_t, sparse_t, rest_t = [], [], [], []
     for _ in range(repeats):
         t, dense_out = _timed(forward)
         dense_t.append(t)
         fastgen_dense_t.append(_timed(fastgen_dense_forward)[0])
         t, (sparse_out, rows) = _timed(sparse_forward)
         sparse_t.append(t)
-        sdpa_t.append(_timed(sdpa)[0])
-    dense_s, fastgen_dense_s, sparse_s = min(dense_t), min(fastgen_dense_t), min(sparse_t)
+        rest_t.append(_timed(no_self_attention)[0])
+    dense_s, fastgen_dense_s, sparse_s, rest_s = (
+        min(dense_t),
+        min(fastgen_dense_t),
+        min(sparse_t),
+        min(rest_t),
+    )
     density = sum(r["density"] for r in rows) / len(rows) if rows else 1.0  # no sparse call: dense
     speedup = dense_s / sparse_s
     from_sparsity = fastgen_dense_s / sparse_s
-    share = min(1.0, layers * min(sdpa_t) / fastgen_dense_s)
+    share = min(1.0, max(0.0, 1.0 - rest_s / fastgen_dense_s))
     ideal = 1.0 / ((1.0 - share) + share * density)  # attention at 1/density, the rest unchanged
     rel_l2 = float((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm())
     return {
@@ -157,6 +178,7 @@ def run_transformer_bench(
         "dense_seconds": dense_s,
         "fastgen_dense_seconds": fastgen_dense_s,
         "sparse_seconds": sparse_s,
+        "no_self_attention_seconds": rest_s,
         "speedup": speedup,
         "median_speedup": statistics.median(d / s for d, s in zip(dense_t, sparse_t)),
         "speedup_from_sparsity": from_sparsity,

@@ -127,7 +127,8 @@ class RectifiedProcessorBase:
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
         self.workspace = Workspace()
-        """Scratch buffers of the sparse path, reused layer after layer (CPU; freed by :meth:`reset`)."""
+        """Scratch buffers of the sparse path, reused layer after layer and step after step (CPU;
+        freed by :meth:`reset` and on removal). ``apply`` gives every layer's processor the same one."""
         if tracker is not None:
             self._listen(tracker)
 
@@ -299,10 +300,12 @@ def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
     processors = build(register_step_tracker(model))
     saved = dict(model.attn_processors)
     new = dict(saved)
+    workspace = Workspace()  # the layers run one after another: one set of scratch buffers for all
     for name, proc in processors.items():
         # keep what diffusers' set_attention_backend / context parallelism wrote on the original
         proc._attention_backend = getattr(saved[name], "_attention_backend", None)
         proc._parallel_config = getattr(saved[name], "_parallel_config", None)
+        proc.workspace = workspace
         new[name] = proc
     model.set_attn_processor(new)
     setattr(model, state_attr, {"saved": saved, "owns_tracker": owns_tracker})
