@@ -63,6 +63,7 @@ class StepTracker:
         self.last_timestep: float | None = None
         """Timestep value of the current step."""
         self._listeners: list[Callable[[], None]] = []
+        self._call_end_listeners: list[Callable[[], None]] = []
 
     def observe(self, timestep: float | None, grid: tuple[int, int, int] | None = None) -> None:
         """Record one forward call at ``timestep`` (largest value of the timestep tensor)."""
@@ -95,6 +96,21 @@ class StepTracker:
         """Stop notifying ``fn``."""
         if fn in self._listeners:
             self._listeners.remove(fn)
+
+    def add_call_end_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after every tracked forward call (processors free their scratch buffers there)."""
+        if fn not in self._call_end_listeners:
+            self._call_end_listeners.append(fn)
+
+    def remove_call_end_listener(self, fn: Callable[[], None]) -> None:
+        """Stop notifying ``fn`` of the end of forward calls."""
+        if fn in self._call_end_listeners:
+            self._call_end_listeners.remove(fn)
+
+    def call_ended(self) -> None:
+        """Tell the call-end listeners that a tracked forward call has returned (or raised)."""
+        for fn in list(self._call_end_listeners):
+            fn()
 
     def _new_generation(self) -> None:
         self.generation += 1
@@ -154,6 +170,7 @@ class _StepTrackingHook(_diffusers_model_hook_base()):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+            self.tracker.call_ended()
 
 
 def register_step_tracker(

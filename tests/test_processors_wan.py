@@ -294,16 +294,28 @@ def test_norm_rope_with_gradients_or_bf16_uses_the_plain_composition():
     assert outb.dtype == torch.bfloat16 and torch.equal(outb, expected)
 
 
-def test_processor_workspace_is_freed_on_remove_and_reset():
+def test_processor_workspace_lives_for_one_forward_call():
+    """All layers share one workspace; it holds the one-pass path's q/k/v copies while a forward
+    call runs (layer 1 finds layer 0's buffers) and is freed when the call returns, by reset and
+    on removal (hand-set processors without a tracker)."""
     model = tiny_wan()
     x, t, text = inputs(batch=1)
     apply_sparse_attention(model, cfg())
     proc = model.blocks[0].attn1.processor
     assert model.blocks[1].attn1.processor.workspace is proc.workspace  # one set for all layers
+    seen = []
+    hook = model.blocks[1].attn1.register_forward_pre_hook(
+        lambda *_: seen.append({n: b.data_ptr() for n, b in proc.workspace._buffers.items()})
+    )
     run(model, x, t, text)
-    assert proc.workspace.nbytes > 0  # the one-pass CPU path kept its copies of q/k/v
-    proc.reset()
-    assert proc.workspace.nbytes == 0
-    run(model, x, t, text)
+    hook.remove()
+    assert set(seen[0]) == {"q", "k", "v"}  # kept from layer 0 for layer 1
+    assert proc.workspace.nbytes == 0  # freed when the forward call returned
     remove_sparse_attention(model)
-    assert proc.workspace.nbytes == 0
+
+    by_hand = WanRectifiedProcessor(cfg())  # no tracker: kept until reset or removal
+    model.set_attn_processor(by_hand)
+    run(model, x, t, text)
+    assert by_hand.workspace.nbytes > 0
+    by_hand.reset()
+    assert by_hand.workspace.nbytes == 0

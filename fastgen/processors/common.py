@@ -127,8 +127,9 @@ class RectifiedProcessorBase:
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
         self.workspace = Workspace()
-        """Scratch buffers of the sparse path, reused layer after layer and step after step (CPU;
-        freed by :meth:`reset` and on removal). ``apply`` gives every layer's processor the same one."""
+        """Scratch buffers of the sparse path, reused layer after layer (CPU). Freed when a tracked
+        forward call returns, by :meth:`reset` and on removal; ``apply`` gives every layer's
+        processor the same one."""
         if tracker is not None:
             self._listen(tracker)
 
@@ -141,16 +142,24 @@ class RectifiedProcessorBase:
 
     def _listen(self, tracker: StepTracker) -> None:
         if self._listening is not tracker:
-            if self._listening is not None:
-                self._listening.remove_reset_listener(self.reset)
+            self._stop_listening()
             tracker.add_reset_listener(self.reset)
+            tracker.add_call_end_listener(self.release_scratch)
             self._listening = tracker
+
+    def _stop_listening(self) -> None:
+        if self._listening is not None:
+            self._listening.remove_reset_listener(self.reset)
+            self._listening.remove_call_end_listener(self.release_scratch)
+            self._listening = None
+
+    def release_scratch(self) -> None:
+        """Free the scratch buffers (the tracker calls this when a forward call returns)."""
+        self.workspace.clear()
 
     def detach(self) -> None:
         """Stop listening to the tracker and free the scratch buffers (called when the processor is removed)."""
-        if self._listening is not None:
-            self._listening.remove_reset_listener(self.reset)
-            self._listening = None
+        self._stop_listening()
         self.workspace.clear()
 
     def _log_once(self, message: str, level: int = logging.INFO) -> None:
