@@ -3,8 +3,8 @@
 glibc hands every block of more than 32 MiB straight back to the operating system when it is
 freed, so a fresh buffer of that size is zero-filled page by page on first touch: about 0.4 ms per
 MiB on the 2-core test machine, ~35 ms for one 12-head x 14k-token x 128 fp32 copy of q, more than
-the copy itself. A caller that runs the same attention shape again and again (an attention
-processor, layer after layer and step after step) keeps a :class:`Workspace` and passes it to
+the copy itself. A caller that runs the same attention shape again and again (the attention
+processors of a model, layer after layer within a forward call) keeps a :class:`Workspace` and passes it to
 :func:`~fastgen.attention.rectified_sparse_attention`; the reordered q/k/v copies then land in
 buffers that are already mapped. CUDA has PyTorch's caching allocator, so there the workspace
 hands out fresh tensors and keeps nothing.
