@@ -177,16 +177,32 @@ def test_gather_many_small_chunks_matches_reference(cpu_engine, monkeypatch, dty
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3 if dtype == torch.float32 else 5e-2)
 
 
-def test_transformer_bench_runs_dense_and_sparse_in_turn():
+@pytest.mark.parametrize("model,layers", [("wan", 1), ("hunyuan", 2)])
+def test_transformer_bench_runs_dense_and_sparse_in_turn(model, layers):
     from fastgen.bench.transformer import run_transformer_bench
 
     result = run_transformer_bench(
-        grid=(2, 8, 16), heads=2, head_dim=32, layers=1, sparsity=0.5, block_size=16, repeats=2
+        model=model,
+        grid=(2, 8, 16),
+        heads=2,
+        head_dim=32,
+        layers=layers,
+        sparsity=0.5,
+        block_size=16,
+        repeats=2,
     )
-    assert result["tokens"] == 256 and result["density"] < 1.0  # the sparse path really ran
+    assert result["model"] == model and result["tokens"] == 256
+    assert result["density"] < 1.0  # the sparse path really ran
     assert result["speedup"] > 0 and result["median_speedup"] > 0
     assert result["fastgen_dense_seconds"] > 0 and result["speedup_from_sparsity"] > 0
     assert 0 < result["no_self_attention_seconds"]
     assert 0 < result["attention_share_of_fastgen_dense"] <= 1
     assert result["ideal_speedup_from_sparsity"] >= 1.0
     assert result["rel_l2_error"] < 0.5
+
+
+def test_transformer_bench_rejects_an_unknown_model():
+    from fastgen.bench.transformer import run_transformer_bench
+
+    with pytest.raises(ValueError, match="model='flux'"):
+        run_transformer_bench(model="flux")
