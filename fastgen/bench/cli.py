@@ -12,7 +12,10 @@ import importlib
 
 PASS_THROUGH_SUITES = {
     "fidelity": ("fastgen.bench.fidelity", "Rectified SpaAttn fidelity: error of each form vs dense"),
-    "transformer": ("fastgen.bench.transformer", "tiny Wan transformer: sparse vs dense speed"),
+    "transformer": (
+        "fastgen.bench.transformer",
+        "tiny Wan or HunyuanVideo transformer: sparse vs dense speed",
+    ),
     "sparsed": ("fastgen.bench.sparsed", "SparseD on a diffusion LM: speed and agreement"),
 }
 """Suite name -> (module with ``main(argv)``, one-line help)."""
