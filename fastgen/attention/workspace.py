@@ -15,6 +15,8 @@ time per workspace.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["Workspace"]
@@ -42,9 +44,7 @@ class Workspace:
         device = torch.device(device)
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
             self._buffers.pop(name, None)  # free the old one before allocating its successor
