@@ -160,7 +160,7 @@ class RectifiedProcessorBase:
     def detach(self) -> None:
         """Stop listening to the tracker and free the scratch buffers (called when the processor is removed)."""
         self._stop_listening()
-        self.workspace.clear()
+        self.release_scratch()
 
     def _log_once(self, message: str, level: int = logging.INFO) -> None:
         if message not in self._logged:
