@@ -275,3 +275,217 @@ def test_pooled_statistics_extend_to_the_next_chunk():
         assert torch.allclose(
             getattr(info_cached["past"], name), getattr(info_fresh["past"], name), atol=1e-6
         )
+
+
+# ------------------------------------------------------------------------------ on the causal Wan
+
+LF_FRAME_HW = (8, 10)  # latent 8 x 10 -> 4 x 5 = 20 tokens per frame: blocks of 16 straddle frames
+LF_FRAME_TOKENS = 20
+LF_CHANNELS = 4
+LF_TEXT_DIM = 16
+LF_STEPS = [1000.0, 750.0]
+
+
+def lf_wan(layers: int = 2):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(11)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=LF_CHANNELS,
+        out_channels=LF_CHANNELS,
+        text_dim=LF_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+
+
+def lf_inputs(batch=2, frames=12, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, LF_CHANNELS, frames, *LF_FRAME_HW)
+    clean = torch.randn(shape, generator=g)
+    noisy = [torch.randn(shape, generator=g) for _ in LF_STEPS]
+    text = torch.randn(batch, 5, LF_TEXT_DIM, generator=g)
+    return clean, noisy, text
+
+
+def lf_generate(model, clean, noisy, text, k=3, window=None, sinks=0):
+    """Drive a causal session like CausalWanPipeline: denoising forwards per chunk, then the context pass."""
+    from fastgen.processors.causal_wan import causal_generation
+
+    b, _, frames = clean.shape[:3]
+    preds = {}
+    with torch.no_grad():
+        with causal_generation(
+            model,
+            batch_size=b,
+            num_frames=frames,
+            frame_tokens=LF_FRAME_TOKENS,
+            frames_per_chunk=k,
+            local_attn_frames=window,
+            sink_frames=sinks,
+        ) as session:
+            for c in range(frames // k):
+                session.begin_chunk(c)
+                chunk = slice(c * k, (c + 1) * k)
+                for s, t in enumerate(LF_STEPS):
+                    session.begin_step(s, t)
+                    x = noisy[s][:, :, chunk]
+                    preds[c, s] = model(x, torch.full((b,), t), text, return_dict=False)[0]
+                session.begin_step(len(LF_STEPS), 0.0, context=True)
+                x = clean[:, :, chunk]
+                preds[c, "context"] = model(x, torch.zeros(b), text, return_dict=False)[0]
+    return preds
+
+
+def gapr_rule(q, k, mask, bs):
+    """Rectified SpaAttn's GAPR, stated per block: a dropped block (I, J) is compensated when
+    |q̄_I . k̄_J| > |a_I . k̄_J| + |q̄_I . b_J| (a, b: mean absolute deviation from the block mean), or when
+    its pooling is exact (error 0)."""
+
+    def stats(x):
+        n = x.shape[2]
+        means, devs = [], []
+        for j in range(-(-n // bs)):
+            block = x[:, :, j * bs : (j + 1) * bs].double()
+            mean = block.mean(2)
+            means.append(mean)
+            devs.append((block - mean[:, :, None]).abs().mean(2))
+        return torch.stack(means, 2), torch.stack(devs, 2)
+
+    q_mean, a = stats(q)
+    k_mean, b = stats(k)
+    gain = (q_mean @ k_mean.transpose(-1, -2)).abs()
+    error = (a @ k_mean.transpose(-1, -2)).abs() + (q_mean @ b.transpose(-1, -2)).abs()
+    return ~mask & ((gain > error) | (error <= 0))
+
+
+LF_TEST_CONFIG = dict(sparsity=0.6, sparsity_base=0.8, block_size=16, keep_frames=4, keep_sink=1, keep_near=1)
+
+
+@pytest.mark.parametrize("rectify", [False, True])
+def test_processor_chunks_match_the_rules(rectify):
+    """Every chunk attention call of the installed processors equals the loop HSA rules at the chunk's CAG
+    sparsity, run as a dense masked softmax (context pass included)."""
+    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen.processors.light_forcing_wan import processors
+
+    model = lf_wan()
+    config = LightForcingConfig(**LF_TEST_CONFIG, rectify=rectify)
+    apply_sparse_attention(model, config)
+    calls = []
+    for proc in processors(model):
+
+        def record(query, key, value, info, proc=proc):
+            out = type(proc).chunk_attention(proc, query, key, value, info)
+            calls.append((query, key.clone(), value.clone(), out, info))
+            return out
+
+        proc.chunk_attention_fn = record
+    clean, noisy, text = lf_inputs()
+    lf_generate(model, clean, noisy, text)
+    remove_sparse_attention(model)
+    sparsities = chunk_sparsities(12, 3, 0.6, 0.8)
+    assert len(calls) == 2 * 4 * 3  # layers x chunks x (2 steps + context pass)
+    regimes = set()
+    for query, key, value, out, info in calls:
+        s = sparsities[info.chunk_index]
+        rules = dict(
+            sparsity=s, block_size=16, frame_tokens=LF_FRAME_TOKENS, keep_frames=4, keep_sink=1, keep_near=1
+        )
+        mask = loop_hsa(query, key, **rules)
+        regimes.add((info.cached_frames > 0) + (info.cached_frames > 4))
+        compensated = gapr_rule(query, key, mask, 16) if rectify and info.cached_frames else None
+        want = naive_light_forcing_attention(query, key, value, mask, 16, compensated)
+        assert rel_rmse(out, want) < 1e-5, (info.chunk_index, info.step_index, info.layer)
+    assert regimes == {0, 1, 2}  # dense, one-stage and hierarchical chunks all ran
+
+
+def test_remove_restores_dense_causal_generation_exactly():
+    from fastgen import apply_sparse_attention, remove_sparse_attention
+
+    model = lf_wan()
+    clean, noisy, text = lf_inputs()
+    dense = lf_generate(model, clean, noisy, text)
+    originals = dict(model.attn_processors)
+    apply_sparse_attention(model, LightForcingConfig(**LF_TEST_CONFIG))
+    sparse = lf_generate(model, clean, noisy, text)
+    remove_sparse_attention(model)
+    again = lf_generate(model, clean, noisy, text)
+    assert all(model.attn_processors[n] is p for n, p in originals.items())
+    assert all(torch.equal(again[key], dense[key]) for key in dense)
+    assert torch.equal(sparse[0, 0], dense[0, 0])  # chunk 0 is dense
+    assert not torch.equal(sparse[3, 1], dense[3, 1])  # later chunks are sparse
+
+
+def test_zero_sparsity_is_dense_and_stats_per_chunk():
+    from fastgen import apply_sparse_attention
+    from fastgen.processors.light_forcing_wan import stats
+
+    model = lf_wan()
+    clean, noisy, text = lf_inputs(batch=1)
+    dense = lf_generate(model, clean, noisy, text)
+    # sparsity 0 keeps every candidate; with keep_frames >= every past frame all blocks are candidates
+    no_drop = {**LF_TEST_CONFIG, "sparsity": 0.0, "sparsity_base": 0.0, "keep_frames": 12}
+    apply_sparse_attention(model, LightForcingConfig(**no_drop))
+    full = lf_generate(model, clean, noisy, text)
+    assert max(rel_rmse(full[key], dense[key]) for key in dense) < 1e-5
+    rows = stats(model)
+    assert [(r["chunk"], r["layer"]) for r in rows] == [(c, layer) for c in range(4) for layer in range(2)]
+    assert all(r["density"] == pytest.approx(1.0) for r in rows)
+    assert all(r["calls"] == 3 for r in rows)  # two denoising steps and the context pass
+
+    apply_sparse_attention(model, LightForcingConfig(**LF_TEST_CONFIG))
+    lf_generate(model, clean, noisy, text)
+    rows = stats(model)
+    s = chunk_sparsities(12, 3, 0.6, 0.8)
+    for r in rows:
+        assert r["sparsity"] == pytest.approx(s[r["chunk"]])
+        if r["chunk"] == 0:
+            assert r["regime"] == "dense" and r["density"] == 1.0 and r["block_mask"] is None
+        else:
+            assert r["regime"] == ("one_stage" if r["chunk"] == 1 else "hierarchical")
+            nkb = -(-3 * (r["chunk"] + 1) * LF_FRAME_TOKENS // 16)
+            assert r["block_mask"].shape == (2, -(-3 * LF_FRAME_TOKENS // 16), nkb)
+            assert 0.0 < r["density"] < 1.0
+            assert r["density"] == pytest.approx(max(1, int((1 - s[r["chunk"]]) * nkb)) / nkb, abs=0.15)
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(None, 0), (9, 1)])
+def test_pooled_cache_reuse_matches_pooling_every_call(window, sinks):
+    from fastgen import apply_sparse_attention
+
+    model = lf_wan(layers=1)
+    clean, noisy, text = lf_inputs(frames=15)
+    results = {}
+    for pool_cache in (True, False):
+        apply_sparse_attention(
+            model, LightForcingConfig(**LF_TEST_CONFIG, rectify=True, pool_cache=pool_cache)
+        )
+        results[pool_cache] = lf_generate(model, clean, noisy, text, window=window, sinks=sinks)
+    assert max(rel_rmse(results[True][key], results[False][key]) for key in results[True]) < 1e-6
+
+
+def test_apply_bad_input():
+    from fastgen import apply_sparse_attention
+
+    with pytest.raises(ValueError, match="no adapter supports model=Linear"):
+        apply_sparse_attention(torch.nn.Linear(2, 2), LightForcingConfig())
+    with pytest.raises(ValueError, match="LightForcingConfig.keep_frames=0 must be an integer >= 1"):
+        LightForcingConfig(keep_frames=0)
+    with pytest.raises(ValueError, match="LightForcingConfig.rectify='yes' is not allowed"):
+        LightForcingConfig(rectify="yes")
+    long = LightForcingConfig.long_video()
+    assert (long.sparsity, long.sparsity_base, long.keep_frames, long.keep_sink, long.keep_near) == (
+        0.85,
+        0.95,
+        3,
+        1,
+        1,
+    )
