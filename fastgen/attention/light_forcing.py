@@ -35,8 +35,11 @@ Beyond the paper, both optional and measured by ``fastgen bench causal``:
   is denoised, are handed back so a caller can pass them to the chunk's next steps (and extend them
   with the chunk once it is written) instead of pooling the whole cache at every call.
 
-The attention itself runs on the block-sparse kernels (native CPU kernel, Triton on CUDA) through
-an index table of the selected key blocks; nothing ``N x N`` is built.
+The selection is written as a :class:`~fastgen.attention.plan.SelectionPlan` (index table of the
+selected key blocks, built straight from the top-k without a host synchronisation; with
+``rectify`` the pooled keys as extra keys of weight ``log n_J`` visible to the query blocks that
+compensate them) and run by :func:`~fastgen.attention.plan.execute_plan` on the native CPU kernel
+or the Triton kernel (query length != key length); nothing ``N x N`` is built.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_block_size, check_qkv, check_sparsity
-from .backends import default_scale, resolve_backend
+from .backends import default_scale
 from .blocks import num_blocks, pool_abs_deviation, pool_blocks
+from .plan import SelectionPlan, execute_plan
 
 __all__ = [
     "PooledKeys",
@@ -57,8 +61,10 @@ __all__ = [
     "hsa_keep_count",
     "hsa_regime",
     "hsa_select",
+    "hsa_tables",
     "light_forcing_attention",
     "pool_keys",
+    "tables_to_mask",
 ]
 
 REGIMES = ("dense", "one_stage", "hierarchical")
@@ -295,7 +301,7 @@ def _block_frame_overlap(
     return overlap.float()
 
 
-def hsa_select(
+def hsa_tables(
     pooled_q: torch.Tensor,
     pooled_k: torch.Tensor,
     frame_keys: torch.Tensor | None,
@@ -308,12 +314,13 @@ def hsa_select(
     keep_frames: int,
     keep_sink: int,
     keep_near: int,
-) -> torch.Tensor:
-    """HSA on pooled statistics: bool ``[B, H, nqb, nkb]`` block mask.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSA on pooled statistics as an index table: ``(indices int32 [B, H, nqb, keep], counts int32
+    [B, H, nqb])``, the selected key blocks of each query block in ascending order first (entries past
+    ``counts`` are not selected). No host synchronisation: ``keep`` follows from the shapes.
 
     ``pooled_q [B, H, nqb, D]`` and ``pooled_k [B, H, nkb, D]`` are block means,
-    ``frame_keys [B, H, past_frames, D]`` the mean key of each past frame (needed in the
-    hierarchical regime only).
+    ``frame_keys [B, H, past_frames, D]`` the mean key of each past frame (hierarchical regime only).
     """
     check_sparsity(sparsity)
     _, past_frames = _check_hsa_geometry(
@@ -327,36 +334,55 @@ def hsa_select(
     )
     b, h, nqb, _ = pooled_q.shape
     nkb = pooled_k.shape[2]
+    device = pooled_q.device
     regime = hsa_regime(past_frames, keep_frames)
     if regime == "dense":
-        return torch.ones(b, h, nqb, nkb, dtype=torch.bool, device=pooled_q.device)
+        indices = torch.arange(nkb, dtype=torch.int32, device=device).expand(b, h, nqb, nkb).contiguous()
+        return indices, torch.full((b, h, nqb), nkb, dtype=torch.int32, device=device)
     scores = torch.matmul(pooled_q.float(), pooled_k.float().transpose(-1, -2))  # [B, H, nqb, nkb]
     keep = hsa_keep_count(sparsity, nkb)
-    candidates = None
-    if regime == "hierarchical":
-        if frame_keys is None or frame_keys.shape[2] < past_frames:
-            raise ValueError(
-                f"frame_keys must hold the mean key of each of the {past_frames} past frames, got "
-                f"{None if frame_keys is None else tuple(frame_keys.shape)}"
-            )
-        keep_middle = keep_frames - keep_sink - keep_near
-        frames = num_keys // frame_tokens
-        frame_candidates = torch.zeros(b, h, nqb, frames, dtype=torch.float32, device=pooled_q.device)
-        frame_candidates[..., :keep_sink] = 1.0
-        frame_candidates[..., past_frames - keep_near :] = 1.0  # near frames and the current chunk
-        if keep_middle > 0:
-            middle = frame_keys[:, :, keep_sink : past_frames - keep_near].float()
-            frame_scores = torch.matmul(pooled_q.float(), middle.transpose(-1, -2))  # [B, H, nqb, M]
-            chosen = frame_scores.topk(keep_middle, dim=-1).indices + keep_sink
-            frame_candidates.scatter_(-1, chosen, 1.0)
-        overlap = _block_frame_overlap(num_keys, block_size, frame_tokens, pooled_q.device)
-        candidates = torch.matmul(frame_candidates, overlap.t()) > 0  # [B, H, nqb, nkb]
-        scores = scores.masked_fill(~candidates, float("-inf"))
-    idx = scores.topk(keep, dim=-1).indices
-    mask = torch.zeros(b, h, nqb, nkb, dtype=torch.bool, device=pooled_q.device).scatter_(-1, idx, True)
-    if candidates is not None:
-        mask &= candidates
-    return mask
+    if regime == "one_stage":
+        indices = scores.topk(keep, dim=-1, sorted=False).indices.sort(-1).values
+        return indices.to(torch.int32), torch.full((b, h, nqb), keep, dtype=torch.int32, device=device)
+    if frame_keys is None or frame_keys.shape[2] < past_frames:
+        raise ValueError(
+            f"frame_keys must hold the mean key of each of the {past_frames} past frames, got "
+            f"{None if frame_keys is None else tuple(frame_keys.shape)}"
+        )
+    keep_middle = keep_frames - keep_sink - keep_near
+    frames = num_keys // frame_tokens
+    frame_candidates = torch.zeros(b, h, nqb, frames, dtype=torch.float32, device=device)
+    frame_candidates[..., :keep_sink] = 1.0
+    frame_candidates[..., past_frames - keep_near :] = 1.0  # near frames and the current chunk
+    if keep_middle > 0:
+        middle = frame_keys[:, :, keep_sink : past_frames - keep_near].float()
+        frame_scores = torch.matmul(pooled_q.float(), middle.transpose(-1, -2))  # [B, H, nqb, M]
+        chosen = frame_scores.topk(keep_middle, dim=-1, sorted=False).indices + keep_sink
+        frame_candidates.scatter_(-1, chosen, 1.0)
+    overlap = _block_frame_overlap(num_keys, block_size, frame_tokens, device)
+    candidates = torch.matmul(frame_candidates, overlap.t()) > 0  # [B, H, nqb, nkb]
+    top = scores.masked_fill(~candidates, float("-inf")).topk(keep, dim=-1, sorted=False).indices
+    chosen_ok = torch.gather(candidates, -1, top)
+    # non-candidates (a top-k wider than the candidate set) sort last and are not counted
+    indices = torch.where(chosen_ok, top, nkb).sort(-1).values.clamp_max(nkb - 1)
+    counts = chosen_ok.sum(-1, dtype=torch.int32)
+    return indices.to(torch.int32), counts
+
+
+def tables_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
+    """Bool block mask ``[..., nqb, nkb]`` from an index table and its counts."""
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    target = torch.where(used, indices.long(), num_key_blocks)
+    mask = torch.zeros(*indices.shape[:-1], num_key_blocks + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, target, True)[..., :-1]
+
+
+def hsa_select(
+    pooled_q: torch.Tensor, pooled_k: torch.Tensor, frame_keys: torch.Tensor | None, **kwargs
+) -> torch.Tensor:
+    """HSA on pooled statistics as a bool block mask ``[B, H, nqb, nkb]`` (arguments of :func:`hsa_tables`)."""
+    indices, counts = hsa_tables(pooled_q, pooled_k, frame_keys, **kwargs)
+    return tables_to_mask(indices, counts, pooled_k.shape[2])
 
 
 def hsa_block_mask(
@@ -441,66 +467,6 @@ def gapr_compensated(
     return dropped & ((gain > error) | (error <= 0))
 
 
-def _rectified_attention(q, k, v, block_mask, compensated, pooled, block_size, scale, backend):
-    """Selected blocks exactly plus one pooled key per compensated block, one softmax: ``out``."""
-    log_counts = torch.log(_key_block_counts(k.shape[2], block_size, q.device))  # [nkb]
-    name = resolve_backend(backend, q.device)
-    if name == "gather":
-        from .gather import gather_block_sparse_attention
-
-        bias = torch.where(compensated, log_counts, float("-inf"))  # [B, H, nqb, nkb]
-        out, _ = gather_block_sparse_attention(
-            q,
-            k,
-            v,
-            block_mask,
-            block_size,
-            scale,
-            extra_k=pooled.block_keys.to(q.dtype),
-            extra_v=pooled.block_values.to(q.dtype),
-            extra_bias=bias,
-            return_lse=False,
-        )
-        return out
-    if name == "triton" and q.shape[-1] in (16, 32, 64, 128):
-        from fastgen.kernels import block_mask_to_indices, rectified_exact_attention_triton
-
-        indices, counts = block_mask_to_indices(block_mask)
-        pooled_indices, pooled_counts = block_mask_to_indices(compensated)
-        out, _ = rectified_exact_attention_triton(
-            q,
-            k,
-            v,
-            indices,
-            counts,
-            pooled.block_keys,
-            pooled.block_values,
-            pooled_indices,
-            pooled_counts,
-            log_counts.expand(q.shape[0], -1).contiguous(),
-            block_size,
-            scale,
-        )
-        return out
-    from .block_sparse import block_sparse_attention
-    from .rectified import BlockStatistics, merge_attention, pooled_key_attention
-
-    sparse = block_sparse_attention(
-        q, k, v, block_mask, block_size, return_lse=True, scale=scale, backend=backend
-    )
-    stats = BlockStatistics(
-        pooled_q=None,
-        pooled_k=pooled.block_keys,
-        pooled_v=pooled.block_values,
-        key_counts=log_counts.exp().expand(q.shape[0], -1),
-        query_deviation=None,
-        key_deviation=None,
-    )
-    extra = pooled_key_attention(q, stats, compensated, block_size, scale)
-    out, _ = merge_attention([sparse, extra])
-    return out.to(q.dtype)
-
-
 def light_forcing_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -529,9 +495,10 @@ def light_forcing_attention(
 
     Returns:
         ``(out [B, H, Nq, D], info)`` with ``info``: ``block_mask`` (bool ``[B, H, nqb, nkb]``),
-        ``compensated`` (bool, or None), ``regime``, ``keep_blocks``, ``sparsity``, ``past`` (the
-        :class:`PooledKeys` of the past keys, to pass back at the chunk's next call). The dense regime
-        runs dense attention (``block_mask`` all True).
+        ``compensated`` (bool, or None), ``plan`` (the :class:`~fastgen.attention.plan.SelectionPlan`
+        executed), ``regime``, ``keep_blocks``, ``sparsity``, ``past`` (the :class:`PooledKeys` of the
+        past keys, to pass back at the chunk's next call). The dense regime runs dense attention
+        (``block_mask`` all True, no plan).
     """
     check_qkv(q, k, v)
     chunk_frames, past_frames = _check_hsa_geometry(
@@ -554,6 +521,7 @@ def light_forcing_attention(
         "keep_blocks": nkb if regime == "dense" else hsa_keep_count(sparsity, nkb),
         "compensated": None,
         "past": pooled,
+        "plan": None,
     }
     if regime == "dense":
         from .dense import dense_attention
@@ -563,7 +531,7 @@ def light_forcing_attention(
     everything, past = pool_keys(k, v if rectify else None, block_size, frame_tokens, past_tokens, pooled)
     info["past"] = past
     pooled_q, _ = pool_blocks(q, block_size)
-    block_mask = hsa_select(
+    indices, counts = hsa_tables(
         pooled_q,
         everything.block_keys,
         everything.frame_keys,
@@ -576,13 +544,21 @@ def light_forcing_attention(
         keep_sink=keep_sink,
         keep_near=keep_near,
     )
+    block_mask = tables_to_mask(indices, counts, nkb)
     info["block_mask"] = block_mask
-    if not rectify:
-        from .block_sparse import block_sparse_attention
-
-        return block_sparse_attention(q, k, v, block_mask, block_size, scale=scale, backend=backend), info
-    query_deviation = pool_abs_deviation(q, pooled_q, block_size)
-    compensated = gapr_compensated(pooled_q, query_deviation, everything, ~block_mask)
-    info["compensated"] = compensated
-    out = _rectified_attention(q, k, v, block_mask, compensated, everything, block_size, scale, backend)
-    return out, info
+    extras = {}
+    if rectify:
+        dropped = ~block_mask
+        query_deviation = pool_abs_deviation(q, pooled_q, block_size)
+        compensated = gapr_compensated(pooled_q, query_deviation, everything, dropped)
+        info["compensated"] = compensated
+        log_counts = torch.log(_key_block_counts(k.shape[2], block_size, q.device))
+        extras = {
+            "extra_k": everything.block_keys,
+            "extra_v": everything.block_values,
+            "extra_log_weight": log_counts.expand(q.shape[0], q.shape[1], nkb).contiguous(),
+            "extra_visible": compensated,
+        }
+    plan = SelectionPlan(block_size, q.shape[2], k.shape[2], indices, counts, **extras)
+    info["plan"] = plan
+    return execute_plan(q, k, v, plan, scale=scale, backend=backend), info
