@@ -23,7 +23,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="hub id or local folder of a real checkpoint (Wan, HunyuanVideo, LLaDA, Dream)",
     )
     p.add_argument(
-        "--method", default=None, help="rectified | sparsed | dense (default: the model's sparse method)"
+        "--method",
+        default=None,
+        help="rectified | light_forcing (causal Wan) | sparsed | dense (default: the model's sparse method)",
     )
     p.add_argument(
         "--sparsity", type=float, default=None, help="video: fraction of key blocks dropped, in [0, 1)"

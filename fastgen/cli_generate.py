@@ -47,11 +47,16 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     from fastgen.metrics import psnr, ssim
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    method = args.method or "rectified"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
-    config = config_from_args(args) if method == "rectified" else None
     pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
+    from fastgen.pipelines.causal_video_runner import is_causal_pipeline
+
+    if is_causal_pipeline(pipe):
+        method, config = causal_method_from_args(args)
+    else:
+        method = args.method or "rectified"
+        if method not in METHODS:
+            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+        config = config_from_args(args) if method == "rectified" else None
     common = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -70,7 +75,12 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     write_video(out, result["frames"], fps=result["fps"])
     t, h, w, _ = result["frames"].shape
     print(f"wrote {out}: {t} frames {h}x{w} in {result['seconds']:.2f}s ({method})")
-    if result["stats"]:
+    if result["stats"] and method == "light_forcing":
+        from fastgen.pipelines.causal_video_runner import chunk_densities
+
+        per_chunk = ", ".join(f"{c}: {d:.3f}" for c, d in chunk_densities(result["stats"]).items())
+        print(f"Light Forcing density per chunk (mean over layers): {per_chunk}")
+    elif result["stats"]:
         density = np.mean([row["density"] for row in result["stats"]])
         print(f"sparse layers: {len(result['stats'])}, mean density {density:.3f}")
     if getattr(args, "compare_dense", False) and method != "dense":
@@ -81,6 +91,26 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
             f"SSIM {ssim(result['frames'], dense['frames']):.4f}"
         )
     return 0
+
+
+def causal_method_from_args(args: argparse.Namespace):
+    """``(method, LightForcingConfig or None)`` for a causal Wan from ``--method`` (default
+    ``light_forcing``), ``--sparsity`` and ``--block-size``."""
+    from fastgen.configs import LightForcingConfig
+    from fastgen.pipelines.causal_video_runner import METHODS as CAUSAL_METHODS
+
+    method = args.method or "light_forcing"
+    if method not in CAUSAL_METHODS:
+        raise ValueError(
+            f"--method={method!r} is not allowed for a causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
+        )
+    if method == "dense":
+        return method, None
+    options = {"sparsity": getattr(args, "sparsity", None), "block_size": getattr(args, "block_size", None)}
+    options = {k: v for k, v in options.items() if v is not None}
+    if "sparsity" in options and options["sparsity"] > LightForcingConfig.sparsity_base:
+        options["sparsity_base"] = min(0.99, options["sparsity"] + 0.1)  # keep s_base >= s_target
+    return method, LightForcingConfig(**options)
 
 
 def generate_text_from_args(args: argparse.Namespace) -> int:

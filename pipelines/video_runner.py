@@ -112,6 +112,23 @@ def generate_video(
     from fastgen.hooks import apply_to_pipeline, remove_from_pipeline
     from fastgen.processors.common import collect_stats
 
+    from .causal_video_runner import generate_causal_video, is_causal_pipeline
+
+    if is_causal_pipeline(pipe):  # autoregressive Wan: dense or Light Forcing, chunk by chunk
+        return generate_causal_video(
+            pipe,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            height=height,
+            width=width,
+            frames=frames,
+            guidance_scale=guidance_scale,
+            method=method,
+            config=config,
+            progress=progress,
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     if method == "rectified":

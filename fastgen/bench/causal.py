@@ -1,0 +1,393 @@
+"""``fastgen bench causal``: Light Forcing against dense on an attention-bound tiny causal (Self-Forcing) Wan.
+
+The model: a ``WanTransformer3DModel`` with 2 blocks of 12 heads x 128 (dim 1536, FFN 1536, 512 text tokens),
+random weights, fp32; the latent is 9 frames of 64 x 96 (32 x 48 = 1536 tokens per frame after the 2 x 2
+patch, frames are whole blocks of 128 as in the authors' 512 x 768 setting), i.e. 3 chunks of 3 frames.
+``CausalWanPipeline`` generates the latents (``output_type="latent"``, ``prompt_embeds``, fixed noise and
+generator) with 2 denoising steps per chunk plus the context pass (which the pipeline skips after the last
+chunk). Variants, interleaved round by round in one process (wall clock, median over rounds):
+
+- ``dense``: the dense causal processors;
+- ``light_forcing``: ``LightForcingConfig()`` with ``block_size`` (defaults: CAG 0.88 / 0.98, HSA 6 / 1 / 2);
+- ``topk``: plain top-k block-sparse at the same per-chunk budget: the same CAG sparsities and pooled
+  block scores, one top-k over all key blocks (``keep_frames`` larger than any history, so no frame level);
+- ``light_forcing_rectified``: Light Forcing with ``rectify=True``;
+- ``light_forcing_no_pool_cache``: Light Forcing pooling the whole cache at every call (the cost the pooled
+  cache saves).
+
+Amdahl's ideal per variant: the dense self-attention share ``a`` of the dense generation is measured (the
+dense time minus the time of a run whose chunk attention is skipped), and the attention is credited with
+the computed fraction ``d`` of the dense attention work (tiles weighted by their keys, chunk 0 dense, from
+the per-chunk statistics): ``ideal = 1 / ((1 - a) + a d)``; ``fraction_of_ideal = speedup / ideal``. Error:
+relative L2 of the final latents against dense. Memory: the KV cache (allocated once, same for every
+variant) and the peak extra memory of the last chunk's attention call, measured in a child process
+(``ru_maxrss`` growth on the CPU, ``max_memory_allocated`` on CUDA).
+
+With 9 frames and ``keep_frames=6`` no chunk has more than 6 past frames, so Light Forcing's HSA runs its
+one-stage regime and selects exactly what ``topk`` selects; ``--frames 21`` (7 chunks) reaches the
+hierarchical regime. Random weights: a speed test and an agreement test, not a quality one.
+
+Run: ``fastgen bench causal [--rounds 3] [--frames 9] [--block-size 128]``; prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+FRAME_HW = (64, 96)  # latent height, width -> 32 x 48 = 1536 tokens per frame
+TEXT_TOKENS = 512
+TEXT_DIM = 64
+CHANNELS = 16
+STEPS = [1000.0, 750.0]  # 2 denoising steps (the pipeline adds the context pass)
+
+
+def build_transformer(layers: int = 2, heads: int = 12, head_dim: int = 128, device="cpu"):
+    """The attention-bound tiny Wan of the benchmark (random weights, seed 0)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return (
+        WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
+            in_channels=CHANNELS,
+            out_channels=CHANNELS,
+            text_dim=TEXT_DIM,
+            freq_dim=256,
+            ffn_dim=heads * head_dim,
+            num_layers=layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+        .eval()
+        .to(device)
+    )
+
+
+def _smooth_noise(frames: int, g: torch.Generator, frame_hw=FRAME_HW) -> torch.Tensor:
+    """Initial noise with some spatial structure (upsampled coarse noise plus fine noise)."""
+    h, w = frame_hw
+    coarse = torch.randn(1, CHANNELS, frames, h // 8, w // 8, generator=g)
+    up = torch.nn.functional.interpolate(coarse, size=(frames, h, w), mode="trilinear", align_corners=False)
+    return up + 0.5 * torch.randn(up.shape, generator=g)
+
+
+def variant_configs(block_size: int, frames: int) -> dict:
+    """Variant name -> LightForcingConfig (None: dense)."""
+    from fastgen import LightForcingConfig
+
+    return {
+        "dense": None,
+        "light_forcing": LightForcingConfig(block_size=block_size),
+        "topk": LightForcingConfig(block_size=block_size, keep_frames=frames, keep_sink=0, keep_near=0),
+        "light_forcing_rectified": LightForcingConfig(block_size=block_size, rectify=True),
+        "light_forcing_no_pool_cache": LightForcingConfig(block_size=block_size, pool_cache=False),
+    }
+
+
+DEFAULT_VARIANTS = ("dense", "light_forcing", "topk", "light_forcing_rectified")
+"""Variants run unless ``--variants`` says otherwise (``light_forcing_no_pool_cache`` is opt-in)."""
+
+
+class _SkipAttention:
+    """Chunk attention replaced by returning the queries (what the rest of the generation costs)."""
+
+    def __call__(self, query, key, value, info):
+        return query
+
+
+def _generate(pipe, noise, text, frames, seed, *, record_cache=None):
+    frame_hw = tuple(noise.shape[-2:])
+
+    def on_chunk(pipe_, chunk, latents):
+        if record_cache is not None:
+            from fastgen.processors.causal_wan import get_causal_state
+
+            state = get_causal_state(pipe_.transformer)
+            if state is not None and state.session is not None:
+                record_cache.append(state.session.cache_bytes())
+
+    g = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt_embeds=text,
+        num_frames=4 * (frames - 1) + 1,
+        height=frame_hw[0] * 8,
+        width=frame_hw[1] * 8,
+        latents=noise.clone(),
+        generator=g,
+        denoising_timesteps=STEPS,
+        output_type="latent",
+        callback_on_chunk_end=on_chunk,
+    ).frames
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def computed_fraction(rows: list[dict], frames_per_chunk: int = 3) -> float:
+    """Fraction of the dense attention work a variant computed: per-chunk densities weighted by
+    calls x key frames (query length is the same for every chunk)."""
+    work = done = 0.0
+    for r in rows:
+        keys = (r["chunk"] + 1) * frames_per_chunk
+        work += r["calls"] * keys
+        done += r["calls"] * keys * r["density"]
+    return done / work if work else 1.0
+
+
+def run_causal_bench(
+    rounds: int = 3,
+    frames: int = 9,
+    block_size: int = 128,
+    layers: int = 2,
+    variants: list[str] | None = None,
+    device: str | None = None,
+    memory: bool = True,
+    frame_hw: tuple[int, int] = FRAME_HW,
+) -> dict:
+    """Run the benchmark; returns a dict of times, ratios, errors, densities and memory."""
+    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
+    from fastgen.pipelines.causal_wan import CausalWanPipeline
+    from fastgen.processors import light_forcing_wan
+    from fastgen.processors.causal_wan import install_causal_processors, remove_causal_processors
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        warm_up_cpu_kernel()
+    configs = variant_configs(block_size, frames)
+    names = variants or list(DEFAULT_VARIANTS)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise ValueError(f"variants={unknown} are unknown; allowed: {', '.join(configs)}")
+    if "dense" not in names:
+        names = ["dense", *names]
+    transformer = build_transformer(layers=layers, device=device)
+    pipe = CausalWanPipeline(transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    noise = _smooth_noise(frames, g, frame_hw).to(device)
+    text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g).to(device)
+
+    def run_variant(name):
+        config = configs[name]
+        if config is not None:
+            apply_sparse_attention(transformer, config)
+        try:
+            return _generate(pipe, noise, text, frames, seed=2), light_forcing_wan.stats(transformer)
+        finally:
+            if config is not None:
+                remove_sparse_attention(transformer)
+
+    def run_without_attention():
+        install_causal_processors(
+            transformer,
+            self_attention=lambda layer, state: _with_fn(layer, state),
+        )
+        try:
+            return _generate(pipe, noise, text, frames, seed=2)
+        finally:
+            remove_causal_processors(transformer)
+
+    def _with_fn(layer, state):
+        from fastgen.processors.causal_wan import CausalWanSelfAttnProcessor
+
+        return CausalWanSelfAttnProcessor(layer, state, chunk_attention_fn=_SkipAttention())
+
+    cache_bytes: list[int] = []
+    # warm-up (kernel build, first-call costs) of the dense path and of the sparse path, cache size
+    _generate(pipe, noise, text, frames, seed=2, record_cache=cache_bytes)
+    if len(names) > 1:
+        run_variant(names[1])
+    times = {name: [] for name in names}
+    rest_times = []
+    outputs, rows = {}, {}
+    for _ in range(rounds):
+        for name in names:
+            t, (out, stats) = _timed(lambda name=name: run_variant(name))
+            times[name].append(t)
+            outputs[name], rows[name] = out, stats
+        rest_times.append(_timed(run_without_attention)[0])
+    dense_t = times["dense"]
+    share = min(1.0, max(0.0, 1.0 - statistics.median(rest_times) / statistics.median(dense_t)))
+    dense_out = outputs["dense"].float()
+    result = {
+        "frames": frames,
+        "frame_tokens": (frame_hw[0] // 2) * (frame_hw[1] // 2),
+        "layers": layers,
+        "heads": 12,
+        "head_dim": 128,
+        "block_size": block_size,
+        "denoising_steps": len(STEPS),
+        "rounds": rounds,
+        "device": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg": list(os.getloadavg()),
+        "dense_seconds_median": statistics.median(dense_t),
+        "no_attention_seconds_median": statistics.median(rest_times),
+        "attention_share": share,
+        "cache_bytes": max(cache_bytes) if cache_bytes else None,
+        "variants": {},
+    }
+    for name in names[1:]:
+        ratio = statistics.median(d / s for d, s in zip(dense_t, times[name]))
+        fraction = computed_fraction(rows[name])
+        ideal = 1.0 / ((1.0 - share) + share * fraction)
+        result["variants"][name] = {
+            "seconds_median": statistics.median(times[name]),
+            "speedup_median": ratio,
+            "computed_fraction_of_dense_attention": fraction,
+            "ideal_speedup": ideal,
+            "fraction_of_ideal": ratio / ideal,
+            "rel_l2_vs_dense": float((outputs[name].float() - dense_out).norm() / dense_out.norm()),
+            "chunk_density": _per_chunk(rows[name]),
+            "chunk_sparsity": {str(r["chunk"]): r["sparsity"] for r in rows[name] if r["layer"] == 0},
+        }
+    if memory:
+        result["memory"] = attention_memory(frames, block_size, device, frame_hw)
+    return result
+
+
+def _per_chunk(rows: list[dict]) -> dict:
+    chunks: dict[int, list[float]] = {}
+    for r in rows:
+        chunks.setdefault(r["chunk"], []).append(r["density"])
+    return {str(c): sum(v) / len(v) for c, v in sorted(chunks.items())}
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def _probe(kind: str, frames: int, block_size: int, device: str, frame_hw=FRAME_HW) -> int:
+    """Peak extra bytes of the last chunk's self-attention call (``kind``: dense | light_forcing)."""
+    from fastgen.attention.light_forcing import chunk_sparsities, light_forcing_attention
+    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        warm_up_cpu_kernel()
+    heads, d, t = 12, 128, (frame_hw[0] // 2) * (frame_hw[1] // 2)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, 3 * t, d, generator=g).to(dev)
+    k = torch.randn(1, heads, frames * t, d, generator=g).to(dev)
+    v = torch.randn(1, heads, frames * t, d, generator=g).to(dev)
+    sparsity = chunk_sparsities(frames, 3, 0.88, 0.98)[-1]
+
+    def call():
+        if kind == "dense":
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            return dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return light_forcing_attention(
+            q,
+            k,
+            v,
+            sparsity=sparsity,
+            block_size=block_size,
+            frame_tokens=t,
+            keep_frames=6,
+            keep_sink=1,
+            keep_near=2,
+        )[0]
+
+    with torch.no_grad():
+        if dev.type == "cuda":
+            call()  # warm-up (kernel compile), then measure
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        call()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+
+
+def attention_memory(frames: int, block_size: int, device: torch.device, frame_hw=FRAME_HW) -> dict:
+    """Peak extra memory of the last chunk's attention, dense vs Light Forcing, each in a child process."""
+    out = {}
+    for kind in ("dense", "light_forcing"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastgen.bench.causal",
+            "--memory-probe",
+            kind,
+            "--frames",
+            str(frames),
+            "--block-size",
+            str(block_size),
+            "--device",
+            device.type,
+            "--frame-hw",
+            str(frame_hw[0]),
+            str(frame_hw[1]),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[f"{kind}_attention_peak_bytes"] = int(done.stdout.strip().splitlines()[-1])
+    out["how"] = "CUDA max_memory_allocated" if device.type == "cuda" else "child-process ru_maxrss growth"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the benchmark and print one JSON object."""
+    p = argparse.ArgumentParser(prog="fastgen bench causal", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of the variants in turn (median)")
+    p.add_argument("--frames", type=int, default=9, help="latent frames, a multiple of 3 (default 9)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of the variants (dense is always run)")
+    p.add_argument("--no-memory", action="store_true", help="skip the attention memory probe")
+    p.add_argument("--device", default=None, help="cpu | cuda")
+    p.add_argument(
+        "--frame-hw", type=int, nargs=2, default=FRAME_HW, help="latent frame height width (default 64 96)"
+    )
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds} must be >= 1")
+    if args.frames < 3 or args.frames % 3:
+        raise ValueError(
+            f"--frames={args.frames} is not allowed; allowed: a multiple of 3 (chunks of 3 frames)"
+        )
+    if args.memory_probe is not None:
+        print(
+            _probe(
+                args.memory_probe, args.frames, args.block_size, args.device or "cpu", tuple(args.frame_hw)
+            )
+        )
+        return 0
+    result = run_causal_bench(
+        rounds=args.rounds,
+        frames=args.frames,
+        block_size=args.block_size,
+        layers=args.layers,
+        variants=args.variants,
+        device=args.device,
+        memory=not args.no_memory,
+        frame_hw=tuple(args.frame_hw),
+    )
+    print(json.dumps(result, indent=2))  # the command's output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
