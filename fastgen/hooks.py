@@ -62,12 +62,18 @@ class StepTracker:
         """Latent token grid ``(frames, height, width)`` of the current call, after patchify."""
         self.last_timestep: float | None = None
         """Timestep value of the current step."""
+        self.explicit: bool = False
+        """True while a pipeline marks steps itself with :meth:`mark_step` (the chunked causal Wan, whose
+        timesteps go back up at every chunk): :meth:`observe` then only counts calls and records the grid."""
         self._listeners: list[Callable[[], None]] = []
         self._call_end_listeners: list[Callable[[], None]] = []
 
     def observe(self, timestep: float | None, grid: tuple[int, int, int] | None = None) -> None:
         """Record one forward call at ``timestep`` (largest value of the timestep tensor)."""
         self.grid = grid
+        if self.explicit:
+            self.calls += 1
+            return
         if timestep is None:  # no timestep given: every call is its own step
             self.step += 1
         elif self.last_timestep is None:
@@ -79,6 +85,10 @@ class StepTracker:
             self.step += 1
         self.last_timestep = timestep
         self.calls += 1
+
+    def mark_step(self, step: int) -> None:
+        """Set the current step explicitly (used with :attr:`explicit`)."""
+        self.step = int(step)
 
     def reset(self) -> None:
         """Start a new generation: step counter back to the beginning, processors notified."""

@@ -34,6 +34,12 @@ PRESETS: dict[str, Preset] = {
             "tiny Wan 2.1 T2V (random weights)",
         ),
         Preset(
+            "tiny-causal-wan",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_causal_wan",
+            "tiny autoregressive Wan, Self-Forcing chunks with a KV cache (random weights)",
+        ),
+        Preset(
             "tiny-hunyuan",
             "video",
             "fastgen.pipelines.tiny_video:build_tiny_hunyuan",
