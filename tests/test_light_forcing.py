@@ -4,6 +4,7 @@ attention against a dense masked reference, pooled-statistics reuse, bad input."
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -489,3 +490,106 @@ def test_apply_bad_input():
         1,
         1,
     )
+
+
+# ------------------------------------------------------------------------------ CLI, batch, demo
+
+SMALL_CAUSAL = ["--height", "64", "--width", "64", "--frames", "21", "--steps", "2", "--block-size", "16"]
+"""tiny-causal-wan at 6 latent frames (2 chunks) of 4 x 4 = 16 tokens: one block of 16 per frame."""
+
+
+@pytest.mark.slow  # three tiny-causal-wan generations (~20 s on an idle 2-core machine)
+def test_cli_generate_causal_light_forcing_compare_dense(tmp_path, capsys):
+    from fastgen.cli import main
+    from fastgen.io import read_video
+
+    out = tmp_path / "lf.mp4"
+    argv = ["generate", "--preset", "tiny-causal-wan", "--method", "light_forcing", "--compare-dense"]
+    assert main([*argv, *SMALL_CAUSAL, "--prompt", "a red kite", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(light_forcing)" in printed and "Light Forcing density per chunk" in printed
+    assert "0: 1.000" in printed  # chunk 0 dense
+    assert "speedup" in printed and "PSNR" in printed
+    assert read_video(out).shape == (21, 64, 64, 3)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "generate",
+                "--preset",
+                "tiny-causal-wan",
+                "--method",
+                "rectified",
+                *SMALL_CAUSAL,
+                "--prompt",
+                "x",
+            ]
+        )
+    assert "--method='rectified' is not allowed for a causal Wan" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three tiny-causal-wan generations (~20 s on an idle 2-core machine)
+def test_batch_causal_light_forcing(tmp_path):
+    from fastgen.batch import MANIFEST, read_records, run_batch
+    from fastgen.cli import build_parser
+    from fastgen.io import read_video
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "seed": 3, "sparsity": 0.7}\n')
+    out = tmp_path / "out"
+    argv = [
+        "batch",
+        str(prompts),
+        "--preset",
+        "tiny-causal-wan",
+        "--method",
+        "light_forcing",
+        "--out-dir",
+        str(out),
+    ]
+    assert run_batch(build_parser().parse_args([*argv, *SMALL_CAUSAL, "--compare-dense"])) == 0
+    (record,) = read_records(str(out / MANIFEST))
+    assert record["status"] == "ok" and record["method"] == "light_forcing"
+    assert record["config"]["sparsity"] == 0.7 and record["config"]["block_size"] == 16
+    assert 0.0 < record["density"] < 1.0 and record["ssim"] is not None and record["speedup"] > 0
+    assert read_video(out / record["output"]).shape == (21, 64, 64, 3)
+
+
+@pytest.mark.slow  # three tiny-causal-wan generations (~20 s on an idle 2-core machine)
+def test_demo_causal_tab_backend(tmp_path):
+    pytest.importorskip("gradio")
+    from fastgen.app.demo import CausalDemoBackend, DemoLimits, LazyPipeline
+    from fastgen.pipelines import load_preset
+    from fastgen.pipelines.causal_video_runner import generate_causal_video
+
+    backend = CausalDemoBackend(
+        pipeline=LazyPipeline(lambda: load_preset("tiny-causal-wan", num_layers=2)),
+        generate=generate_causal_video,
+        limits=DemoLimits(max_frames=33, max_side=128, max_steps=4),
+    )
+    dense, sparse, table, metrics, density, mask, chunk, layer, head, state = backend.run(
+        "a cat", 0.7, 0.9, 16, False, 2, 1, 64, 64, 21
+    )
+    assert os.path.getsize(dense) > 0 and os.path.getsize(sparse) > 0
+    assert "density of chunk 1" in table and metrics["chunk_density"]["0"] == 1.0
+    assert 0.0 < metrics["chunk_density"]["1"] < 1.0
+    for picture in (density, mask):
+        with open(picture, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert chunk.value == "1" and layer.value == "0"  # the last sparse chunk, first layer
+    assert {row["chunk"] for row in state["stats"]} == {0, 1}
+    again = backend.redraw_mask(state, "1", "1", 1)
+    assert again.endswith(".png") and os.path.getsize(again) > 0
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="sparsity base"):
+        backend.run("a cat", 0.7, 1.5, 16, False, 2, 1, 64, 64, 21)
+
+
+def test_causal_runner_bad_input():
+    from fastgen.pipelines.causal_video_runner import denoising_timesteps, generate_causal_video
+
+    assert denoising_timesteps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
+    with pytest.raises(ValueError, match="method='rectified' is not allowed for a causal Wan"):
+        generate_causal_video(object(), prompt="x", method="rectified")
+    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+        denoising_timesteps(0)
