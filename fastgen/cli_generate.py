@@ -34,6 +34,15 @@ def model_kind(args: argparse.Namespace) -> str:
         return "text"
 
 
+def is_causal_request(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the autoregressive causal Wan (``--self-forcing-checkpoint`` or a causal preset)."""
+    from fastgen.pipelines import get_preset
+
+    if getattr(args, "self_forcing_checkpoint", None) is not None:
+        return True
+    return args.preset is not None and get_preset(args.preset).family == "causal-wan"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
     if model_kind(args) == "video":
@@ -47,11 +56,28 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     from fastgen.metrics import psnr, ssim
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    method = args.method or "rectified"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
-    config = config_from_args(args) if method == "rectified" else None
-    pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
+    checkpoint = getattr(args, "self_forcing_checkpoint", None)
+    if is_causal_request(args):
+        from fastgen.pipelines.causal_runner import CAUSAL_METHODS
+
+        method = args.method or "dense"
+        if method not in CAUSAL_METHODS:
+            raise ValueError(
+                f"--method={method!r} is not allowed for the causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
+            )
+        config = None
+    else:
+        method = args.method or "rectified"
+        if method not in METHODS:
+            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+        config = config_from_args(args) if method == "rectified" else None
+    pipe = load_video_pipeline(
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        self_forcing_checkpoint=checkpoint,
+    )
     common = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,

@@ -50,20 +50,39 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def pipeline_family(pipe) -> str:
-    """``"wan"`` or ``"hunyuan"`` from the pipeline class; ``ValueError`` otherwise."""
+    """``"wan"``, ``"hunyuan"`` or ``"causal-wan"`` from the pipeline class; ``ValueError`` otherwise."""
     name = type(pipe).__name__
+    if name == "CausalWanPipeline":
+        return "causal-wan"
     if name.startswith("Wan"):
         return "wan"
     if name.startswith("HunyuanVideo"):
         return "hunyuan"
-    raise ValueError(f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*")
+    raise ValueError(
+        f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*, CausalWanPipeline"
+    )
 
 
-def load_video_pipeline(preset: str | None = None, model: str | None = None, device=None, dtype=None):
-    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder)."""
+def load_video_pipeline(
+    preset: str | None = None,
+    model: str | None = None,
+    device=None,
+    dtype=None,
+    self_forcing_checkpoint: str | None = None,
+):
+    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder);
+    with ``self_forcing_checkpoint`` the Wan folder becomes a ``CausalWanPipeline`` with those weights."""
     if preset is not None and model is not None:
         raise ValueError(f"give preset={preset!r} or model={model!r}, not both")
     device, dtype = resolve_device_dtype(device, dtype)
+    if self_forcing_checkpoint is not None:
+        if model is None:
+            raise ValueError(
+                "self_forcing_checkpoint needs model= (a diffusers Wan 2.1 T2V folder or hub id)"
+            )
+        from .video_loaders import load_causal_wan_checkpoint
+
+        return load_causal_wan_checkpoint(model, self_forcing_checkpoint, device=device, dtype=dtype)
     if model is not None:
         from .video_loaders import load_video_checkpoint
 
@@ -112,6 +131,23 @@ def generate_video(
     from fastgen.hooks import apply_to_pipeline, remove_from_pipeline
     from fastgen.processors.common import collect_stats
 
+    if pipeline_family(pipe) == "causal-wan":  # chunked autoregressive generation has its own runner
+        from .causal_runner import generate_causal_video
+
+        return generate_causal_video(
+            pipe,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            height=height,
+            width=width,
+            frames=frames,
+            guidance_scale=guidance_scale,
+            method=method,
+            config=config,
+            progress=progress,
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     if method == "rectified":

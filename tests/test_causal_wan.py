@@ -526,3 +526,23 @@ def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).frames
     assert video.shape == (1, 9, 32, 32, 3) and video.min() >= 0 and video.max() <= 1
+
+
+def test_cli_generate_preset_and_runner(tmp_path, capsys):
+    """``fastgen generate --preset tiny-causal-wan --method dense`` and the shared video runner."""
+    from fastgen.cli import main
+    from fastgen.pipelines.causal_runner import schedule_for_steps
+    from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
+
+    assert schedule_for_steps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
+    out = tmp_path / "causal.mp4"
+    size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
+    assert (
+        main(["generate", "--preset", "tiny-causal-wan", *size, "--prompt", "a kite", "--out", str(out)]) == 0
+    )
+    assert out.exists() and "9 frames 32x32" in capsys.readouterr().out
+    pipe = load_video_pipeline(preset="tiny-causal-wan")
+    result = generate_video(pipe, prompt="a kite", method="dense", frames=9, height=32, width=32, steps=1)
+    assert result["frames"].shape == (9, 32, 32, 3) and result["config"] == {"method": "dense"}
+    with pytest.raises(ValueError, match="not allowed for the causal Wan"):
+        generate_video(pipe, prompt="a kite", method="rectified", frames=9, height=32, width=32)
