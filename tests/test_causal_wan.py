@@ -579,3 +579,19 @@ def test_cli_generate_preset_and_runner(tmp_path, capsys):
     assert result["frames"].shape == (9, 32, 32, 3) and result["config"] == {"method": "dense"}
     with pytest.raises(ValueError, match="not allowed for the causal Wan"):
         generate_video(pipe, prompt="a kite", method="rectified", frames=9, height=32, width=32)
+
+
+def test_batch_with_the_causal_preset(tmp_path):
+    """``fastgen batch prompts.txt --preset tiny-causal-wan`` (method defaults to dense for the causal model)."""
+    import json
+
+    from fastgen.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a kite\na boat\n")
+    out = tmp_path / "out"
+    size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "1"]
+    assert main(["batch", str(prompts), "--preset", "tiny-causal-wan", *size, "--out-dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok"] and {r["method"] for r in records} == {"dense"}
+    assert all((out / r["output"]).exists() for r in records)
