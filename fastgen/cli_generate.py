@@ -56,28 +56,22 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     from fastgen.metrics import psnr, ssim
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    checkpoint = getattr(args, "self_forcing_checkpoint", None)
-    if is_causal_request(args):
-        from fastgen.pipelines.causal_runner import CAUSAL_METHODS
-
-        method = args.method or "dense"
-        if method not in CAUSAL_METHODS:
-            raise ValueError(
-                f"--method={method!r} is not allowed for the causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
-            )
-        config = None
-    else:
-        method = args.method or "rectified"
-        if method not in METHODS:
-            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
-        config = config_from_args(args) if method == "rectified" else None
     pipe = load_video_pipeline(
         preset=args.preset,
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        self_forcing_checkpoint=checkpoint,
+        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
     )
+    from fastgen.pipelines.causal_video_runner import is_causal_pipeline
+
+    if is_causal_pipeline(pipe):
+        method, config = causal_method_from_args(args)
+    else:
+        method = args.method or "rectified"
+        if method not in METHODS:
+            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+        config = config_from_args(args) if method == "rectified" else None
     common = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -107,6 +101,18 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
             f"SSIM {ssim(result['frames'], dense['frames']):.4f}"
         )
     return 0
+
+
+def causal_method_from_args(args: argparse.Namespace):
+    """``(method, config or None)`` for a causal Wan from ``--method`` (default ``dense``)."""
+    from fastgen.pipelines.causal_video_runner import METHODS as CAUSAL_METHODS
+
+    method = args.method or "dense"
+    if method not in CAUSAL_METHODS:
+        raise ValueError(
+            f"--method={method!r} is not allowed for a causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
+        )
+    return method, None
 
 
 def generate_text_from_args(args: argparse.Namespace) -> int:

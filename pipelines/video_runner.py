@@ -50,17 +50,13 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def pipeline_family(pipe) -> str:
-    """``"wan"``, ``"hunyuan"`` or ``"causal-wan"`` from the pipeline class; ``ValueError`` otherwise."""
+    """``"wan"`` or ``"hunyuan"`` from the pipeline class; ``ValueError`` otherwise."""
     name = type(pipe).__name__
-    if name == "CausalWanPipeline":
-        return "causal-wan"
     if name.startswith("Wan"):
         return "wan"
     if name.startswith("HunyuanVideo"):
         return "hunyuan"
-    raise ValueError(
-        f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*, CausalWanPipeline"
-    )
+    raise ValueError(f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*")
 
 
 def load_video_pipeline(
@@ -131,9 +127,9 @@ def generate_video(
     from fastgen.hooks import apply_to_pipeline, remove_from_pipeline
     from fastgen.processors.common import collect_stats
 
-    if pipeline_family(pipe) == "causal-wan":  # chunked autoregressive generation has its own runner
-        from .causal_runner import generate_causal_video
+    from .causal_video_runner import generate_causal_video, is_causal_pipeline
 
+    if is_causal_pipeline(pipe):  # autoregressive Wan: dense or Light Forcing, chunk by chunk
         return generate_causal_video(
             pipe,
             prompt=prompt,

@@ -564,10 +564,10 @@ def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
 def test_cli_generate_preset_and_runner(tmp_path, capsys):
     """``fastgen generate --preset tiny-causal-wan --method dense`` and the shared video runner."""
     from fastgen.cli import main
-    from fastgen.pipelines.causal_runner import schedule_for_steps
+    from fastgen.pipelines.causal_video_runner import denoising_timesteps
     from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
 
-    assert schedule_for_steps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
+    assert denoising_timesteps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
     out = tmp_path / "causal.mp4"
     size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
     assert (
@@ -577,7 +577,7 @@ def test_cli_generate_preset_and_runner(tmp_path, capsys):
     pipe = load_video_pipeline(preset="tiny-causal-wan")
     result = generate_video(pipe, prompt="a kite", method="dense", frames=9, height=32, width=32, steps=1)
     assert result["frames"].shape == (9, 32, 32, 3) and result["config"] == {"method": "dense"}
-    with pytest.raises(ValueError, match="not allowed for the causal Wan"):
+    with pytest.raises(ValueError, match="not allowed for a causal Wan"):
         generate_video(pipe, prompt="a kite", method="rectified", frames=9, height=32, width=32)
 
 

@@ -244,4 +244,4 @@ def test_cli_generate_with_a_self_forcing_checkpoint(tmp_path, capsys):
     assert out.exists() and "(dense)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as err:
         main([*args, *size, "--method", "rectified", "--prompt", "a kite"])
-    assert err.value.code == 2 and "not allowed for the causal Wan" in capsys.readouterr().err
+    assert err.value.code == 2 and "not allowed for a causal Wan" in capsys.readouterr().err
