@@ -34,6 +34,15 @@ def model_kind(args: argparse.Namespace) -> str:
         return "text"
 
 
+def is_causal_request(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the autoregressive causal Wan (``--self-forcing-checkpoint`` or a causal preset)."""
+    from fastgen.pipelines import get_preset
+
+    if getattr(args, "self_forcing_checkpoint", None) is not None:
+        return True
+    return args.preset is not None and get_preset(args.preset).family == "causal-wan"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
     if model_kind(args) == "video":
@@ -47,7 +56,13 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     from fastgen.metrics import psnr, ssim
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
+    pipe = load_video_pipeline(
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
+    )
     from fastgen.pipelines.causal_video_runner import is_causal_pipeline
 
     if is_causal_pipeline(pipe):

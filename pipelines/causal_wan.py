@@ -90,6 +90,9 @@ class CausalWanPipeline(DiffusionPipeline):
         from diffusers.video_processor import VideoProcessor
 
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self.last_generation: dict = {}
+        """Facts of the last call: ``chunks``, ``frame_tokens``, ``cache_frames`` (frames one cache holds),
+        ``cache_bytes`` (every self-attention K/V cache, all layers and CFG branches), ``forwards``."""
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512) -> torch.Tensor:
@@ -169,6 +172,7 @@ class CausalWanPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         negative_prompt_embeds: torch.Tensor | None = None,
         max_sequence_length: int = 512,
+        rope_positions: str = "absolute",
         return_dict: bool = True,
     ):
         """Generate a video chunk by chunk (Self-Forcing).
@@ -190,6 +194,9 @@ class CausalWanPipeline(DiffusionPipeline):
                 ``latents_so_far`` the clean latents of frames ``[0, end of the chunk)``.
             guidance_scale: classifier-free guidance; off at 1 (Self-Forcing is distilled); above 1 the
                 unconditional branch runs with its own KV cache.
+            rope_positions: ``"absolute"`` (Self-Forcing: keys cached after RoPE at their absolute frames) or
+                ``"window"`` (Light Forcing's long-video config: keys cached without RoPE, rotated on every
+                read by their position in the attended window).
             return_dict: return a ``WanPipelineOutput`` (else a tuple).
         """
         from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
@@ -270,7 +277,11 @@ class CausalWanPipeline(DiffusionPipeline):
             tracker.reset()
             tracker.explicit = True
 
+        forwards = 0
+
         def predict(session, x, t):
+            nonlocal forwards
+            forwards += 2 if cfg else 1
             stamp = torch.full((batch,), float(t), device=device, dtype=torch.float32)
             session.branch = 0
             flow = transformer(x.to(model_dtype), stamp, prompt_embeds, return_dict=False)[0].float()
@@ -292,6 +303,7 @@ class CausalWanPipeline(DiffusionPipeline):
                 frames_per_chunk=k,
                 local_attn_frames=local_attn_frames,
                 sink_frames=sink_frames,
+                rope_positions=rope_positions,
             ) as session:
                 with self.progress_bar(total=num_chunks) as progress:
                     for c in range(num_chunks):
@@ -319,6 +331,13 @@ class CausalWanPipeline(DiffusionPipeline):
                         if callback_on_chunk_end is not None:
                             callback_on_chunk_end(self, c, output[:, :, : (c + 1) * k])
                         progress.update()
+                self.last_generation = {
+                    "chunks": num_chunks,
+                    "frame_tokens": frame_tokens,
+                    "cache_frames": session.capacity_frames,
+                    "cache_bytes": session.cache_bytes(),
+                    "forwards": forwards,
+                }
         finally:
             if tracker is not None:
                 tracker.explicit = was_explicit

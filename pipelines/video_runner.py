@@ -59,11 +59,26 @@ def pipeline_family(pipe) -> str:
     raise ValueError(f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*")
 
 
-def load_video_pipeline(preset: str | None = None, model: str | None = None, device=None, dtype=None):
-    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder)."""
+def load_video_pipeline(
+    preset: str | None = None,
+    model: str | None = None,
+    device=None,
+    dtype=None,
+    self_forcing_checkpoint: str | None = None,
+):
+    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder);
+    with ``self_forcing_checkpoint`` the Wan folder becomes a ``CausalWanPipeline`` with those weights."""
     if preset is not None and model is not None:
         raise ValueError(f"give preset={preset!r} or model={model!r}, not both")
     device, dtype = resolve_device_dtype(device, dtype)
+    if self_forcing_checkpoint is not None:
+        if model is None:
+            raise ValueError(
+                "self_forcing_checkpoint needs model= (a diffusers Wan 2.1 T2V folder or hub id)"
+            )
+        from .video_loaders import load_causal_wan_checkpoint
+
+        return load_causal_wan_checkpoint(model, self_forcing_checkpoint, device=device, dtype=dtype)
     if model is not None:
         from .video_loaders import load_video_checkpoint
 

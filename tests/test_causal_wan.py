@@ -96,7 +96,7 @@ def forward(model, x, t, text):
         return model(x, torch.full((x.shape[0],), float(t)), text, return_dict=False)[0]
 
 
-def run_chunks(model, clean, noisy, text, k, steps, window=None, sinks=0):
+def run_chunks(model, clean, noisy, text, k, steps, window=None, sinks=0, **options):
     """Drive a causal session like the pipeline: per chunk ``steps`` denoising forwards on ``noisy`` inputs,
     then the context pass on ``clean``. Returns {(chunk, step): prediction}."""
     b, _, frames = clean.shape[:3]
@@ -109,6 +109,7 @@ def run_chunks(model, clean, noisy, text, k, steps, window=None, sinks=0):
         frames_per_chunk=k,
         local_attn_frames=window,
         sink_frames=sinks,
+        **options,
     ) as session:
         for c in range(frames // k):
             session.begin_chunk(c)
@@ -159,6 +160,33 @@ def test_bf16_close_to_oracle():
     check_oracle(
         tiny_wan(layers=1, dtype=torch.bfloat16), batch=2, frames=6, k=2, tol=3e-2, dtype=torch.bfloat16
     )
+
+
+def test_window_relative_rope_positions():
+    """``rope_positions="window"``: keys cached without RoPE, rotated by their index in the window. With one
+    layer the K/V of a frame depend on that frame alone, so chunk c's prediction equals a full forward over
+    the attended frames laid side by side (renumbered 0..n-1), restricted to the chunk."""
+    model = tiny_wan(layers=1)
+    g = torch.Generator().manual_seed(8)
+    frames, k, window, sinks = 10, 2, 5, 1
+    shape = (2, CHANNELS, frames, *FRAME_HW)
+    clean, noisy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    text = torch.randn(2, 7, TEXT_DIM, generator=g)
+    preds = run_chunks(model, clean, [noisy], text, k, [900.0], window, sinks, rope_positions="window")
+    for c in range(frames // k):
+        end = (c + 1) * k
+        past = [f for f in range(c * k) if sees(c * k, f, k, window, sinks)]
+        latents = torch.cat([clean[:, :, past], noisy[:, :, c * k : end]], dim=2)
+        per_frame = torch.tensor([0.0] * len(past) + [900.0] * k)
+        n = latents.shape[2] * FRAME_TOKENS
+        want = full_forward(model, latents, per_frame, text, torch.ones(n, n, dtype=torch.bool))[:, :, -k:]
+        assert rel_rmse(preds[c, 0], want) < 1e-4, c
+    # without eviction window positions are the absolute ones
+    absolute = run_chunks(model, clean, [noisy], text, k, [900.0])
+    relative = run_chunks(model, clean, [noisy], text, k, [900.0], rope_positions="window")
+    assert all(rel_rmse(relative[key], absolute[key]) < 1e-5 for key in absolute)
+    with pytest.raises(ValueError, match="rope_positions='relative' is not allowed"):
+        run_chunks(model, clean, [noisy], text, k, [900.0], rope_positions="relative")
 
 
 def test_oracle_mask_is_not_trivial():
@@ -336,9 +364,14 @@ def test_pipeline_predictions_match_oracle_and_noise_order(guidance, window, sin
     rec.handle.remove()
     steps, k, chunks = [1000.0, 800.0, 500.0], 2, 3
     branches = 2 if guidance > 1 else 1
-    assert len(rec.calls) == branches * (
-        chunks * (len(steps) + 1) - 1
-    )  # no context pass after the last chunk
+    # no context pass after the last chunk
+    assert len(rec.calls) == branches * (chunks * (len(steps) + 1) - 1)
+    facts = pipe.last_generation
+    assert facts["forwards"] == len(rec.calls) and facts["frame_tokens"] == FRAME_TOKENS
+    capacity = 6 if window is None else window
+    assert facts["cache_frames"] == capacity
+    # K and V, fp32, batch 2, 2 heads x 24, one layer, per CFG branch
+    assert facts["cache_bytes"] == branches * 2 * 4 * 2 * 2 * 24 * capacity * FRAME_TOKENS
     g = torch.Generator().manual_seed(7)
     calls = iter(rec.calls)
     for c in range(chunks):
@@ -526,3 +559,39 @@ def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).frames
     assert video.shape == (1, 9, 32, 32, 3) and video.min() >= 0 and video.max() <= 1
+
+
+def test_cli_generate_preset_and_runner(tmp_path, capsys):
+    """``fastgen generate --preset tiny-causal-wan --method dense`` and the shared video runner."""
+    from fastgen.cli import main
+    from fastgen.pipelines.causal_video_runner import denoising_timesteps
+    from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
+
+    assert denoising_timesteps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
+    out = tmp_path / "causal.mp4"
+    size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
+    assert (
+        main(["generate", "--preset", "tiny-causal-wan", *size, "--prompt", "a kite", "--out", str(out)]) == 0
+    )
+    assert out.exists() and "9 frames 32x32" in capsys.readouterr().out
+    pipe = load_video_pipeline(preset="tiny-causal-wan")
+    result = generate_video(pipe, prompt="a kite", method="dense", frames=9, height=32, width=32, steps=1)
+    assert result["frames"].shape == (9, 32, 32, 3) and result["config"] == {"method": "dense"}
+    with pytest.raises(ValueError, match="not allowed for a causal Wan"):
+        generate_video(pipe, prompt="a kite", method="rectified", frames=9, height=32, width=32)
+
+
+def test_batch_with_the_causal_preset(tmp_path):
+    """``fastgen batch prompts.txt --preset tiny-causal-wan`` (method defaults to dense for the causal model)."""
+    import json
+
+    from fastgen.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a kite\na boat\n")
+    out = tmp_path / "out"
+    size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "1"]
+    assert main(["batch", str(prompts), "--preset", "tiny-causal-wan", *size, "--out-dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok"] and {r["method"] for r in records} == {"dense"}
+    assert all((out / r["output"]).exists() for r in records)

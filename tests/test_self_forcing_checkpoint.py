@@ -34,8 +34,11 @@ def tiny_wan(ffn_dim: int = FFN, layers: int = LAYERS):
     ).eval()
 
 
-def original_layout(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
+def original_layout(
+    layers: int = LAYERS, *, dim=DIM, ffn=FFN, text=TEXT, freq=FREQ, ch=CH, patch=PATCH
+) -> dict[str, tuple[int, ...]]:
     """Original Wan 2.1 (``wan/modules/model.py``) parameter names and shapes of a T2V WanModel."""
+    DIM, FFN, TEXT, FREQ, CH, PATCH = dim, ffn, text, freq, ch, patch  # noqa: N806
     shapes = {
         "patch_embedding.weight": (DIM, CH, *PATCH),
         "patch_embedding.bias": (DIM,),
@@ -49,8 +52,8 @@ def original_layout(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
         "time_embedding.2.bias": (DIM,),
         "time_projection.1.weight": (6 * DIM, DIM),  # SiLU, Linear
         "time_projection.1.bias": (6 * DIM,),
-        "head.head.weight": (CH * 4, DIM),
-        "head.head.bias": (CH * 4,),
+        "head.head.weight": (CH * PATCH[0] * PATCH[1] * PATCH[2], DIM),
+        "head.head.bias": (CH * PATCH[0] * PATCH[1] * PATCH[2],),
         "head.modulation": (1, 2, DIM),
     }
     for i in range(layers):
@@ -215,3 +218,30 @@ def test_not_a_wan_or_not_a_file(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds a list"):
         load_self_forcing_checkpoint(tiny_wan(), tmp_path / "list.pt")
+
+
+def test_cli_generate_with_a_self_forcing_checkpoint(tmp_path, capsys):
+    """``fastgen generate --model <Wan folder> --self-forcing-checkpoint <file> --method dense``."""
+    from fastgen.cli import main
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    wan = build_tiny_wan(num_layers=1)  # patch 1, 2 heads x 32, ffn 128, text 32, freq 64, 16 channels
+    wan.save_pretrained(tmp_path / "wan")
+    layout = original_layout(1, dim=64, ffn=128, text=32, freq=64, ch=16, patch=(1, 1, 1))
+    g = torch.Generator().manual_seed(4)
+    weights = {"model." + k: 0.05 * torch.randn(s, generator=g) for k, s in layout.items()}
+    torch.save({"generator_ema": weights}, tmp_path / "sf.pt")
+    out = tmp_path / "video.mp4"
+    args = [
+        "generate",
+        "--model",
+        str(tmp_path / "wan"),
+        "--self-forcing-checkpoint",
+        str(tmp_path / "sf.pt"),
+    ]
+    size = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu"]
+    assert main([*args, *size, "--method", "dense", "--prompt", "a kite", "--out", str(out)]) == 0
+    assert out.exists() and "(dense)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        main([*args, *size, "--method", "rectified", "--prompt", "a kite"])
+    assert err.value.code == 2 and "not allowed for a causal Wan" in capsys.readouterr().err

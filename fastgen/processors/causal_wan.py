@@ -24,6 +24,10 @@ Pieces
   token of a chunk ending at (exclusive) frame ``e`` sees frames ``f < e`` with ``f < S`` or
   ``f >= e - (W - S)``; frames leave the window by an in-place shift (no reallocation, no concatenation),
   so the keys handed to attention are always in temporal order.
+- RoPE positions: ``rope_positions="absolute"`` (Self-Forcing, LongLive; default) rotates keys once, at
+  their absolute frame, before caching. ``"window"`` (Light Forcing's long-video config) caches keys
+  without RoPE and rotates them on every read by their position in the attended window (key frame ``j`` at
+  position ``j``), the queries at the window's last positions.
 - :class:`CausalWanSelfAttnProcessor` (``attn1``) and :class:`CausalWanCrossAttnProcessor` (``attn2``,
   prompt K/V computed once per generation and branch).
 
@@ -78,6 +82,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_fastgen_causal_wan"
+ROPE_POSITIONS = ("absolute", "window")
+"""Allowed ``rope_positions``."""
 ROPE_HOOK_NAME = "fastgen_causal_wan_rope"
 
 ChunkAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ChunkInfo"], torch.Tensor]
@@ -118,6 +124,8 @@ class ChunkInfo:
     """Trailing key frames that are the current chunk (= ``len(query_frames)``)."""
     local_attn_frames: int | None
     """Rolling-window size in frames (None: every earlier frame is kept)."""
+    rope_positions: str = "absolute"
+    """``"absolute"``: keys rotated at their absolute frames; ``"window"``: at their index in ``key_frames``."""
 
     @property
     def query_tokens(self) -> int:
@@ -227,8 +235,17 @@ class CausalWanSession:
         frames_per_chunk: int = 3,
         local_attn_frames: int | None = None,
         sink_frames: int = 0,
+        rope_positions: str = "absolute",
     ) -> None:
         check_chunking(num_frames, frames_per_chunk, local_attn_frames, sink_frames)
+        if rope_positions not in ROPE_POSITIONS:
+            raise ValueError(
+                f"rope_positions={rope_positions!r} is not allowed; allowed: {', '.join(map(repr, ROPE_POSITIONS))}"
+            )
+        self.rope_positions = rope_positions
+        """``"absolute"`` or ``"window"`` (module docstring)."""
+        self.key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        """``"window"`` mode: RoPE table of the attended window (positions 0..), set by the RoPE hook."""
         self.batch_size = batch_size
         """Batch of every forward (per branch)."""
         self.num_frames = num_frames
@@ -286,8 +303,15 @@ class CausalWanSession:
 
     @property
     def frame_start(self) -> int:
-        """First absolute frame of the current chunk (the RoPE offset)."""
+        """First absolute frame of the current chunk."""
         return self.chunk_index * self.frames_per_chunk
+
+    @property
+    def query_position(self) -> int:
+        """RoPE frame position of the chunk's first query frame (absolute, or its index in the window)."""
+        if self.rope_positions == "window":
+            return len(self.visible()) - self.frames_per_chunk
+        return self.frame_start
 
     def visible(self) -> list[int]:
         """Key frames of the current chunk, in temporal order."""
@@ -321,6 +345,7 @@ class CausalWanSession:
             sink_frames=sum(1 for f in key_frames[:cached] if f < self.sink_frames),
             current_frames=current,
             local_attn_frames=self.local_attn_frames,
+            rope_positions=self.rope_positions,
         )
 
     def cache_bytes(self) -> int:
@@ -331,6 +356,7 @@ class CausalWanSession:
         """Free the caches."""
         self.caches.clear()
         self.cross_kv.clear()
+        self.key_rotary = None
 
 
 def check_chunking(
@@ -434,11 +460,12 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
 
         if encoder_hidden_states is not None:
             raise ValueError("CausalWanSelfAttnProcessor serves self-attention (attn1) only")
+        session = self.state.session
         query, key, value = _projections(attn, hidden_states, None)
         query = norm_rope(attn.norm_q, query, attn.heads, rotary_emb)
-        key = norm_rope(attn.norm_k, key, attn.heads, rotary_emb)
+        raw_keys = session is not None and session.rope_positions == "window" and attention_mask is None
+        key = norm_rope(attn.norm_k, key, attn.heads, None if raw_keys else rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        session = self.state.session
         if session is None or attention_mask is not None:
             out = _dispatch(self, query, key, value, attention_mask, self._parallel_config)
         else:
@@ -448,6 +475,8 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
         return attn.to_out[1](out)
 
     def _causal(self, session: CausalWanSession, query, key, value) -> torch.Tensor:
+        if session.chunk_index < 0:
+            raise RuntimeError("causal Wan forward before session.begin_chunk(...)")
         b, n = query.shape[:2]
         expected = session.frames_per_chunk * session.frame_tokens
         if n != expected or b != session.batch_size:
@@ -461,6 +490,10 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
         frames = session.chunk_frames
         cache.write(key, value, frames, visible)
         keys, values = cache.view()
+        if session.rope_positions == "window":  # cached without RoPE: rotate by window position
+            from .wan import apply_wan_rotary
+
+            keys = apply_wan_rotary(keys.transpose(1, 2), *session.key_rotary).transpose(1, 2)
         info = session.info(self.layer, cache.frames)
         fn = self.chunk_attention_fn or self.chunk_attention
         out = fn(query.transpose(1, 2), keys, values, info)
@@ -477,7 +510,8 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
         return out.transpose(1, 2)
 
     def on_chunk_written(self, key: torch.Tensor, value: torch.Tensor, info: ChunkInfo) -> None:
-        """Called after the context pass wrote the clean chunk's K/V (views ``[B, H, Nq, D]``); no-op here."""
+        """Called after the context pass wrote the clean chunk's K/V (views ``[B, H, Nq, D]``; keys without
+        RoPE in ``"window"`` mode); no-op here."""
 
 
 class CausalWanCrossAttnProcessor(_CausalProcessorBase):
@@ -522,8 +556,9 @@ def _rope_hook_class():
     from diffusers.hooks import ModelHook
 
     class AbsoluteFrameRoPEHook(ModelHook):
-        """Hook on ``transformer.rope``: during a generation the table covers the chunk's absolute frames
-        ``[frame_start, frame_start + F)`` (diffusers' own table for ``frame_start + F`` frames, sliced)."""
+        """Hook on ``transformer.rope``: during a generation the table covers the chunk's frame positions
+        ``[p, p + F)`` with ``p = session.query_position`` (diffusers' own table for ``p + F`` frames, sliced);
+        in ``"window"`` mode the whole table is also kept for the keys (``session.key_rotary``)."""
 
         def __init__(self, state: CausalWanState) -> None:
             super().__init__()
@@ -532,11 +567,15 @@ def _rope_hook_class():
         def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
             session = self.state.session
             forward = self.fn_ref.original_forward
-            if session is None or session.frame_start == 0:
+            if session is None or session.chunk_index < 0:
                 return forward(hidden_states, *args, **kwargs)
             b, c, f, h, w = hidden_states.shape
             p_t, p_h, p_w = module.patch_size
-            offset = session.frame_start * p_t
+            offset = session.query_position * p_t
+            if offset == 0:
+                cos, sin = forward(hidden_states, *args, **kwargs)
+                session.key_rotary = (cos, sin) if session.rope_positions == "window" else None
+                return cos, sin
             if (offset + f) // p_t > module.max_seq_len:
                 raise ValueError(
                     f"frame {(offset + f) // p_t} is beyond the RoPE table of rope_max_seq_len={module.max_seq_len}"
@@ -544,6 +583,7 @@ def _rope_hook_class():
             # only the shape matters to the table: a zero-stride view of the right size
             longer = hidden_states[:, :, :1].expand(b, c, offset + f, h, w)
             cos, sin = forward(longer, *args, **kwargs)
+            session.key_rotary = (cos, sin) if session.rope_positions == "window" else None
             skip = (offset // p_t) * (h // p_h) * (w // p_w)
             return cos[:, skip:], sin[:, skip:]
 
@@ -658,6 +698,7 @@ def causal_generation(model, **session_options) -> Iterator[CausalWanSession]:
 
 
 __all__ = [
+    "ROPE_POSITIONS",
     "ChunkAttentionFn",
     "ChunkInfo",
     "CausalWanCrossAttnProcessor",
