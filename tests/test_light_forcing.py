@@ -445,6 +445,11 @@ def test_zero_sparsity_is_dense_and_stats_per_chunk():
     apply_sparse_attention(model, LightForcingConfig(**LF_TEST_CONFIG))
     lf_generate(model, clean, noisy, text)
     rows = stats(model)
+    from fastgen.processors.common import collect_stats
+
+    shared = collect_stats(model)  # the interface every method reports through: the last chunk per layer
+    assert [(r["layer"], r["chunk"]) for r in shared] == [(0, 3), (1, 3)]
+    assert all(0.0 < r["density"] < 1.0 for r in shared)
     s = chunk_sparsities(12, 3, 0.6, 0.8)
     for r in rows:
         assert r["sparsity"] == pytest.approx(s[r["chunk"]])
@@ -593,3 +598,50 @@ def test_causal_runner_bad_input():
         generate_causal_video(object(), prompt="x", method="rectified")
     with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
         denoising_timesteps(0)
+
+
+def _pipe_latents(pipe, latents, text, **kwargs):
+    g = torch.Generator().manual_seed(9)
+    out = pipe(
+        prompt_embeds=text,
+        num_frames=4 * (latents.shape[2] - 1) + 1,
+        height=8 * LF_FRAME_HW[0],
+        width=8 * LF_FRAME_HW[1],
+        latents=latents.clone(),
+        generator=g,
+        denoising_timesteps=[1000.0, 750.0],
+        output_type="latent",
+        **kwargs,
+    )
+    return out.frames
+
+
+def test_pipeline_apply_remove_exact_and_window_rope():
+    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen.pipelines import CausalWanPipeline
+
+    pipe = CausalWanPipeline(transformer=lf_wan())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, LF_CHANNELS, 12, *LF_FRAME_HW, generator=g)
+    text = torch.randn(2, 5, LF_TEXT_DIM, generator=g)
+    dense = _pipe_latents(pipe, latents, text)
+    apply_sparse_attention(pipe.transformer, LightForcingConfig(**LF_TEST_CONFIG))
+    sparse = _pipe_latents(pipe, latents, text)
+    remove_sparse_attention(pipe.transformer)
+    again = _pipe_latents(pipe, latents, text)
+    assert torch.equal(again, dense)
+    assert torch.equal(sparse[:, :, :3], dense[:, :, :3])  # chunk 0 dense
+    assert 1e-4 < rel_rmse(sparse, dense) < 0.5
+    # the authors' long-video setting: rolling window with a sink, keys rotated by window position on
+    # read; the pooled statistics kept across steps and chunks serve it exactly like pooling every call
+    window = dict(local_attn_frames=9, sink_frames=1, rope_positions="window")
+    results = []
+    for pool_cache in (True, False):
+        config = LightForcingConfig.long_video(
+            block_size=16, sparsity=0.6, sparsity_base=0.8, pool_cache=pool_cache
+        )
+        apply_sparse_attention(pipe.transformer, config)
+        results.append(_pipe_latents(pipe, latents, text, **window))
+        remove_sparse_attention(pipe.transformer)
+    assert rel_rmse(results[0], results[1]) < 1e-6

@@ -288,10 +288,12 @@ def _as_float(value) -> float | None:
 
 
 def collect_stats(model: torch.nn.Module) -> list[dict]:
-    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer."""
+    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer (any processor with a
+    ``layer_stats()`` method reports, e.g. Light Forcing's: the last chunk of each layer)."""
     rows, seen = [], set()
     for proc in getattr(model, "attn_processors", {}).values():
-        if isinstance(proc, RectifiedProcessorBase) and id(proc) not in seen:
+        reports = isinstance(proc, RectifiedProcessorBase) or callable(getattr(proc, "layer_stats", None))
+        if reports and id(proc) not in seen:
             seen.add(id(proc))
             rows.extend(proc.layer_stats())
     return sorted(rows, key=lambda r: r["layer"])
