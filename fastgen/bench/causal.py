@@ -161,6 +161,7 @@ def run_causal_bench(
     device: str | None = None,
     memory: bool = True,
     frame_hw: tuple[int, int] = FRAME_HW,
+    partial_out: str | None = None,
 ) -> dict:
     """Run the benchmark; returns a dict of times, ratios, errors, densities and memory."""
     from fastgen import apply_sparse_attention, remove_sparse_attention
@@ -186,12 +187,13 @@ def run_causal_bench(
     noise = _smooth_noise(frames, g, frame_hw).to(device)
     text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g).to(device)
 
-    def run_variant(name):
+    def run_variant(name, record_cache=None):
         config = configs[name]
         if config is not None:
             apply_sparse_attention(transformer, config)
         try:
-            return _generate(pipe, noise, text, frames, seed=2), light_forcing_wan.stats(transformer)
+            out = _generate(pipe, noise, text, frames, seed=2, record_cache=record_cache)
+            return out, light_forcing_wan.stats(transformer)
         finally:
             if config is not None:
                 remove_sparse_attention(transformer)
@@ -212,22 +214,8 @@ def run_causal_bench(
         return CausalWanSelfAttnProcessor(layer, state, chunk_attention_fn=_SkipAttention())
 
     cache_bytes: list[int] = []
-    # warm-up (kernel build, first-call costs) of the dense path and of the sparse path, cache size
-    _generate(pipe, noise, text, frames, seed=2, record_cache=cache_bytes)
-    if len(names) > 1:
-        run_variant(names[1])
-    times = {name: [] for name in names}
-    rest_times = []
-    outputs, rows = {}, {}
-    for _ in range(rounds):
-        for name in names:
-            t, (out, stats) = _timed(lambda name=name: run_variant(name))
-            times[name].append(t)
-            outputs[name], rows[name] = out, stats
-        rest_times.append(_timed(run_without_attention)[0])
-    dense_t = times["dense"]
-    share = min(1.0, max(0.0, 1.0 - statistics.median(rest_times) / statistics.median(dense_t)))
-    dense_out = outputs["dense"].float()
+    # warm-up of the dense and sparse paths (first-call costs) on one chunk, which every variant runs dense
+    _generate(pipe, noise[:, :, :3], text, 3, seed=2)
     result = {
         "frames": frames,
         "frame_tokens": (frame_hw[0] // 2) * (frame_hw[1] // 2),
@@ -236,16 +224,44 @@ def run_causal_bench(
         "head_dim": 128,
         "block_size": block_size,
         "denoising_steps": len(STEPS),
-        "rounds": rounds,
         "device": device.type,
         "torch_threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()),
-        "dense_seconds_median": statistics.median(dense_t),
-        "no_attention_seconds_median": statistics.median(rest_times),
-        "attention_share": share,
-        "cache_bytes": max(cache_bytes) if cache_bytes else None,
-        "variants": {},
     }
+    if memory:
+        result["memory"] = attention_memory(frames, block_size, device, frame_hw)
+    times = {name: [] for name in names}
+    rest_times = []
+    outputs, rows = {}, {}
+    for round_index in range(rounds):
+        for name in names:
+            record = cache_bytes if name == "dense" and not cache_bytes else None
+            t, (out, stats) = _timed(lambda name=name, record=record: run_variant(name, record))
+            times[name].append(t)
+            outputs[name], rows[name] = out, stats
+        rest_times.append(_timed(run_without_attention)[0])
+        _summarize(result, names, times, rest_times, outputs, rows, cache_bytes, round_index + 1)
+        if partial_out is not None:
+            with open(partial_out, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
+def _summarize(result, names, times, rest_times, outputs, rows, cache_bytes, rounds_done) -> None:
+    """Medians, ratios, ideal and errors of the rounds run so far, written into ``result``."""
+    dense_t = times["dense"]
+    share = min(1.0, max(0.0, 1.0 - statistics.median(rest_times) / statistics.median(dense_t)))
+    dense_out = outputs["dense"].float()
+    result.update(
+        {
+            "rounds": rounds_done,
+            "loadavg": list(os.getloadavg()),
+            "dense_seconds_median": statistics.median(dense_t),
+            "no_attention_seconds_median": statistics.median(rest_times),
+            "attention_share": share,
+            "cache_bytes": max(cache_bytes) if cache_bytes else None,
+            "variants": {},
+        }
+    )
     for name in names[1:]:
         ratio = statistics.median(d / s for d, s in zip(dense_t, times[name]))
         fraction = computed_fraction(rows[name])
@@ -260,9 +276,6 @@ def run_causal_bench(
             "chunk_density": _per_chunk(rows[name]),
             "chunk_sparsity": {str(r["chunk"]): r["sparsity"] for r in rows[name] if r["layer"] == 0},
         }
-    if memory:
-        result["memory"] = attention_memory(frames, block_size, device, frame_hw)
-    return result
 
 
 def _per_chunk(rows: list[dict]) -> dict:
@@ -360,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--frame-hw", type=int, nargs=2, default=FRAME_HW, help="latent frame height width (default 64 96)"
     )
+    p.add_argument(
+        "--partial-out", default=None, help="also write the results so far to this file after every round"
+    )
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -384,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         memory=not args.no_memory,
         frame_hw=tuple(args.frame_hw),
+        partial_out=args.partial_out,
     )
     print(json.dumps(result, indent=2))  # the command's output
     return 0
