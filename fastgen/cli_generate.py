@@ -125,6 +125,11 @@ def causal_method_from_args(args: argparse.Namespace):
     options = {k: v for k, v in options.items() if v is not None}
     if "sparsity" in options and options["sparsity"] > LightForcingConfig.sparsity_base:
         options["sparsity_base"] = min(0.99, options["sparsity"] + 0.1)  # keep s_base >= s_target
+        logger.warning(
+            "--sparsity=%s is above Light Forcing's default sparsity_base; using sparsity_base=%s",
+            options["sparsity"],
+            options["sparsity_base"],
+        )
     return method, LightForcingConfig(**options)
 
 
