@@ -21,6 +21,7 @@ Where the layer index and the step come from:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -41,11 +42,11 @@ def head_dim_supported(head_dim: int) -> bool:
     return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
 
 
-def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
-    """``fastgen.attention.rectified_sparse_attention`` on ``[B, H, N, D]`` tensors, returning ``(out, stats)``."""
-    from fastgen.attention.rectified import rectified_sparse_attention
+def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config, **kwargs):
+    """``fastgen.attention.rectified.rectified_attention`` on ``[B, H, N, D]`` tensors."""
+    from fastgen.attention.rectified import rectified_attention as attention
 
-    return rectified_sparse_attention(q, k, v, return_stats=True, **kwargs)
+    return attention(q, k, v, config, **kwargs)
 
 
 def grid_from_rope_table(table: torch.Tensor) -> tuple[int, int, int] | None:
@@ -242,21 +243,11 @@ class RectifiedProcessorBase:
             q,
             k,
             v,
-            sparsity=cfg.sparsity,
-            block_size=cfg.block_size,
+            cfg if grid is not None or not cfg.reorder else replace(cfg, reorder=False),
             num_text_tokens=num_text_tokens,
             key_padding_mask=key_padding_mask,
             grid=grid,
-            form=cfg.form,
-            mass_threshold=cfg.mass_threshold,
-            variance_correction=cfg.variance_correction,
-            value_tilt=cfg.value_tilt,
-            reorder=cfg.reorder and grid is not None,
-            selection=cfg.selection,
-            pool_splits=cfg.pool_splits,
-            isolated_keys=cfg.isolated_keys,
-            compensation_splits=cfg.compensation_splits,
-            gapr=cfg.gapr,
+            return_stats=True,
             workspace=self.workspace,
         )
         self._last[layer] = stats
