@@ -428,7 +428,23 @@ def _extras_into(keys, values, dtype, kp_extra, vp_extra):
 # ---------------------------------------------------------------------------------------------
 
 
-def rectified_attention(
+@dataclass
+class RectifiedCall:
+    """One call's selection, ready to execute: the reordered, block-padded video q/k/v, the plan
+    over them, and what the selection decided (:func:`plan_rectified`)."""
+
+    qp: torch.Tensor
+    kp: torch.Tensor
+    vp: torch.Tensor
+    plan: SelectionPlan
+    selection: RectifiedSelection
+    stats: BlockStatistics
+    token_index: torch.Tensor
+    """Source position of each reordered video token (then padding)."""
+    scale: float
+
+
+def plan_rectified(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -437,13 +453,10 @@ def rectified_attention(
     num_text_tokens: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     grid: tuple[int, int, int] | None = None,
-    return_stats: bool = False,
-    backend: str | None = None,
     workspace: Workspace | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict]:
-    """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text),
-    with the method's settings in ``config`` (its ``dense_layers``/``warmup_steps``/``min_tokens``
-    belong to the processors and are not read here). See :func:`rectified_sparse_attention`."""
+) -> RectifiedCall:
+    """Everything of :func:`rectified_attention` before the attention pass: reorder + pad, block
+    statistics, selection, and the plan (what a benchmark times as "selection")."""
     _check_arguments(q, k, v, num_text_tokens, key_padding_mask, grid)
     if not isinstance(config, RectifiedSpaAttnConfig):
         raise ValueError(f"config must be a RectifiedSpaAttnConfig, got {type(config).__name__}")
@@ -512,14 +525,45 @@ def rectified_attention(
         extra_visible=torch.cat(visible, -1) if visible else None,
         key_valid=key_valid,
     )
-    video_out = execute_plan(qp, kp, vp, plan, backend=backend, scale=scale)
-    if config.form == "paper":
-        video_out = paper_rectification(video_out, sel.probs, stats, sel.compensated, bs)
+    return RectifiedCall(qp, kp, vp, plan, sel, stats, token_index, scale)
 
-    out = _assemble(q, k, v, video_out, token_index, n_video, key_padding_mask, scale)
+
+def rectified_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: RectifiedSpaAttnConfig,
+    *,
+    num_text_tokens: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    grid: tuple[int, int, int] | None = None,
+    return_stats: bool = False,
+    backend: str | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text),
+    with the method's settings in ``config`` (its ``dense_layers``/``warmup_steps``/``min_tokens``
+    belong to the processors and are not read here). See :func:`rectified_sparse_attention`."""
+    call = plan_rectified(
+        q,
+        k,
+        v,
+        config,
+        num_text_tokens=num_text_tokens,
+        key_padding_mask=key_padding_mask,
+        grid=grid,
+        workspace=workspace,
+    )
+    video_out = execute_plan(call.qp, call.kp, call.vp, call.plan, backend=backend, scale=call.scale)
+    if config.form == "paper":
+        video_out = paper_rectification(
+            video_out, call.selection.probs, call.stats, call.selection.compensated, config.block_size
+        )
+    n_video = q.shape[2] - num_text_tokens
+    out = _assemble(q, k, v, video_out, call.token_index, n_video, key_padding_mask, call.scale)
     if not return_stats:
         return out
-    return out, _summary(sel, plan, num_text_tokens)
+    return out, _summary(call.selection, call.plan, num_text_tokens)
 
 
 def paper_rectification(sparse_out, probs, stats: BlockStatistics, compensated, block_size) -> torch.Tensor:
@@ -703,6 +747,7 @@ __all__ = [
     "critical_blocks",
     "gapr_compensated",
     "paper_critical_blocks",
+    "plan_rectified",
     "rectified_attention",
     "rectified_sparse_attention",
 ]

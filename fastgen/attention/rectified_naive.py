@@ -126,7 +126,9 @@ def rectified_naive(
                         critical[i, j] = True
                     if config.mass_threshold is not None:
                         before = float(text_mass[i])
-                        for j in sorted(range(nb), key=lambda j: -(float(probs[i, j]) if block_ok[j] else 0.0)):
+                        for j in sorted(
+                            range(nb), key=lambda j: -(float(probs[i, j]) if block_ok[j] else 0.0)
+                        ):
                             if before < config.mass_threshold:
                                 critical[i, j] = True
                             before += float(probs[i, j]) if block_ok[j] else 0.0
@@ -137,8 +139,12 @@ def rectified_naive(
             if config.form == "none":
                 compensated = torch.zeros_like(dropped)
             elif config.gapr:
-                a = torch.stack([(Q[r] - qbar[i]).abs().mean(0) if r.numel() else qbar[i] * 0 for i, r in enumerate(real)])
-                bdev = torch.stack([(K[r] - kbar[j]).abs().mean(0) if r.numel() else kbar[j] * 0 for j, r in enumerate(real)])
+                a = torch.stack(
+                    [(Q[r] - qbar[i]).abs().mean(0) if r.numel() else qbar[i] * 0 for i, r in enumerate(real)]
+                )
+                bdev = torch.stack(
+                    [(K[r] - kbar[j]).abs().mean(0) if r.numel() else kbar[j] * 0 for j, r in enumerate(real)]
+                )
                 gain = (qbar @ kbar.T).abs()
                 error = (a @ kbar.T).abs() + (qbar @ bdev.T).abs()
                 compensated = dropped & ((gain > error) | (error <= 0))
@@ -176,7 +182,11 @@ def rectified_naive(
                             values.append(mv[None])
                 scores = torch.cat(logits, -1)
                 weights = torch.softmax(scores, -1) if scores.shape[-1] else scores
-                result = weights @ torch.cat(values, 0) if scores.shape[-1] else torch.zeros(len(blk), d, dtype=torch.float64)
+                result = (
+                    weights @ torch.cat(values, 0)
+                    if scores.shape[-1]
+                    else torch.zeros(len(blk), d, dtype=torch.float64)
+                )
                 if config.form == "paper":
                     comp = probs[i] * compensated[i]
                     result = (1.0 - comp.sum()) * result + comp @ vbar
