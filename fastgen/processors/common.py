@@ -125,6 +125,9 @@ class RectifiedProcessorBase:
         self._layer_of: dict[int, int] = {}
         self._own_forwards = -1
         self._last: dict[int, dict] = {}
+        self.record_stats = "summary"
+        """Statistics kept per layer: ``"off"``, ``"summary"`` (0-dim device tensors) or ``"masks"``
+        (also the block masks); see :mod:`fastgen.attention_stats`."""
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
         self.workspace = Workspace()
@@ -239,7 +242,8 @@ class RectifiedProcessorBase:
         """Rectified sparse self-attention on ``[B, N, H, D]`` tensors; records the layer's statistics."""
         cfg = self.config
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out, stats = rectified_attention(
+        record = self.record_stats != "off"
+        result = rectified_attention(
             q,
             k,
             v,
@@ -247,14 +251,21 @@ class RectifiedProcessorBase:
             num_text_tokens=num_text_tokens,
             key_padding_mask=key_padding_mask,
             grid=grid,
-            return_stats=True,
+            return_stats=record,
             workspace=self.workspace,
         )
-        self._last[layer] = stats
+        out = result[0] if record else result
+        if record:
+            stats = result[1]
+            kept = ("density", "compensated_fraction", "keys_per_query", "head_density")
+            if self.record_stats == "masks":
+                kept += ("block_mask", "compensated_mask")
+            self._last[layer] = {name: stats[name] for name in kept}
         return out.transpose(1, 2)
 
     def layer_stats(self) -> list[dict]:
-        """Statistics of the last sparse call of each layer this processor serves (block mask of batch 0, on CPU)."""
+        """Statistics of the last sparse call of each layer this processor serves (floats; with
+        ``record_stats="masks"`` also the block mask of batch 0 as a CPU bool ``[H, nqb, nkb]``)."""
         rows = []
         for layer in sorted(self._last):
             stats = self._last[layer]
@@ -264,6 +275,7 @@ class RectifiedProcessorBase:
                     "layer": layer,
                     "density": _as_float(stats.get("density")),
                     "compensated_fraction": _as_float(stats.get("compensated_fraction")),
+                    "keys_per_query": _as_float(stats.get("keys_per_query")),
                     "block_mask": mask[0].detach().to("cpu", torch.bool) if mask is not None else None,
                 }
             )
@@ -279,13 +291,11 @@ def _as_float(value) -> float | None:
 
 
 def collect_stats(model: torch.nn.Module) -> list[dict]:
-    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer."""
-    rows, seen = [], set()
-    for proc in getattr(model, "attn_processors", {}).values():
-        if isinstance(proc, RectifiedProcessorBase) and id(proc) not in seen:
-            seen.add(id(proc))
-            rows.extend(proc.layer_stats())
-    return sorted(rows, key=lambda r: r["layer"])
+    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer
+    (:func:`fastgen.attention_stats`)."""
+    from fastgen.attention_stats import attention_stats
+
+    return attention_stats(model)
 
 
 def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
