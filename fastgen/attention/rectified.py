@@ -117,10 +117,12 @@ def _gather_video(x, token_index, n_video, out=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _centred(x, means, weight, deviation: bool, distance: bool):
+@torch.no_grad()  # feeds only discrete choices (GAPR, isolated keys): no gradient needed
+def _centred(x, means, weight, deviation: bool, distance: bool, masked: bool, length: int):
     """Per block of ``x`` ``[B, H, nb*bs, D]``: mean ``|x − x̄|`` ``[B, H, nb, D]`` and ``‖x − x̄‖``
     ``[B, H, nb*bs]``, padding (``weight`` ``[B, nb*bs]`` = 0) excluded; a few heads at a time so the
-    centred values stay in cache."""
+    centred values stay in cache. Without ``masked`` the padding is only the tail after the first
+    ``length`` tokens (zeroed instead of multiplied by the weights)."""
     b, h, nb, d = means.shape
     bs = x.shape[2] // nb
     blocks = x.view(b * h, nb, bs, d)
@@ -129,9 +131,15 @@ def _centred(x, means, weight, deviation: bool, distance: bool):
     mean_abs = torch.empty(b * h, nb, d, device=x.device) if deviation else None
     norms = torch.empty(b * h, nb, bs, device=x.device) if distance else None
     step = max(1, (8 << 20) // (nb * bs * d * 4))
+    last = length - (nb - 1) * bs  # valid tokens of the last block
+    centred = torch.empty(min(step, b * h), nb, bs, d, device=x.device)
     for start in range(0, b * h, step):
         rows = slice(start, min(b * h, start + step))
-        c = (blocks[rows].float() - flat_means[rows]).mul_(w[rows])
+        c = torch.sub(blocks[rows], flat_means[rows], out=centred[: rows.stop - start])
+        if masked:
+            c.mul_(w[rows])
+        else:
+            c[:, -1, last:] = 0
         if distance:
             norms[rows] = torch.linalg.vector_norm(c, dim=-1)
         if deviation:
@@ -155,13 +163,16 @@ def block_statistics(
     deviations: bool = True,
     distances: bool = False,
     masked: bool = False,
+    length: int | None = None,
 ) -> BlockStatistics:
     """Statistics of reordered, block-padded video q/k/v ``[B, H, nb*bs, D]`` with token weights
     ``weight`` ``[B, nb*bs]`` (1 = real token, 0 = padding). The rows past the last video token
     are zero; ``masked`` says that ``weight`` also marks padded tokens inside the sequence (their
-    rows are then excluded from the sums by a weighted copy)."""
+    rows are then excluded from the sums by a weighted copy). ``length``: video tokens before the
+    padding tail (default: all)."""
     b, h, n_pad, d = qp.shape
     nb, sub = n_pad // block_size, block_size // splits
+    length = n_pad if length is None else length
 
     def sums(x):  # [B, H, nb*splits, D] fp32, accumulated without an fp32 copy of x
         if masked:
@@ -185,9 +196,11 @@ def block_statistics(
         sub_denom = sub_counts.clamp_min(1.0)[:, None, :, None]
         stats.sub_q, stats.sub_k, stats.sub_counts = q_sub / sub_denom, k_sub / sub_denom, sub_counts
     if deviations or distances:
-        stats.key_deviation, stats.key_distance = _centred(kp, stats.pooled_k, weight, deviations, distances)
+        stats.key_deviation, stats.key_distance = _centred(
+            kp, stats.pooled_k, weight, deviations, distances, masked, length
+        )
     if deviations:
-        stats.query_deviation, _ = _centred(qp, stats.pooled_q, weight, True, False)
+        stats.query_deviation, _ = _centred(qp, stats.pooled_q, weight, True, False, masked, length)
     return stats
 
 
@@ -506,6 +519,7 @@ def plan_rectified(
         deviations=config.form != "none" and config.gapr,
         distances=config.resolved_isolated_keys > 0,
         masked=key_valid is not None,
+        length=n_video,
     )
     neighbours = None
     if config.selection == "paper" and grid is not None:
