@@ -227,6 +227,11 @@ class CausalWanPipeline(DiffusionPipeline):
             raise ValueError(
                 f"denoising_timesteps={denoising_timesteps!r} must be a non-empty list of values in [0, 1000]"
             )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator={type(generator).__name__} is not allowed; allowed: one torch.Generator or None "
+                "(the noise of every chunk is drawn for the whole batch, in chunk then step order)"
+            )
         if not 0.0 <= float(context_timestep) <= 1000.0:
             raise ValueError(f"context_timestep={context_timestep!r} must be in [0, 1000]")
         latent_frames, latent_h, latent_w = self._latent_geometry(

@@ -514,6 +514,7 @@ def test_only_transformer_needed_with_embeds_and_latent_output():
         ({"output_type": "mp4"}, "output_type='mp4' is not allowed"),
         ({"guidance_scale": 0.5}, "guidance_scale=0.5"),
         ({"denoising_timesteps": [1200.0]}, "denoising_timesteps"),
+        ({"generator": [None]}, "generator=list is not allowed"),
     ],
 )
 def test_pipeline_bad_input(options, match):

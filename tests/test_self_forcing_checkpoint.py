@@ -245,3 +245,30 @@ def test_cli_generate_with_a_self_forcing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([*args, *size, "--method", "rectified", "--prompt", "a kite"])
     assert err.value.code == 2 and "not allowed for a causal Wan" in capsys.readouterr().err
+
+
+def test_real_1p3b_layout_maps_825_tensors_one_to_one():
+    """Wan2.1-T2V-1.3B (30 layers, dim 1536, 12 heads, ffn 8960, text 4096, freq 256), on the meta device."""
+    from diffusers import WanTransformer3DModel
+
+    from fastgen.pipelines.self_forcing import convert_state_dict
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+        layout = original_layout(30, dim=1536, ffn=8960, text=4096, freq=256, ch=16, patch=(1, 2, 2))
+        state = {"model." + k: torch.empty(s) for k, s in layout.items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    converted = {k: tuple(v.shape) for k, v in convert_state_dict(state).items()}
+    assert len(layout) == 825 and converted == expected
