@@ -111,8 +111,17 @@ def generate_causal_video(
             warm_up_cpu_kernel()
         apply_sparse_attention(pipe.transformer, config)
     try:
+        import contextlib
+
+        from fastgen.attention_stats import recording_attention_stats
+
+        record = (
+            recording_attention_stats(pipe.transformer, "masks")
+            if method == "light_forcing"
+            else contextlib.nullcontext()
+        )
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), record:
             output = pipe(**kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

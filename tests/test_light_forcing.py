@@ -444,10 +444,15 @@ def test_zero_sparsity_is_dense_and_stats_per_chunk():
 
     apply_sparse_attention(model, LightForcingConfig(**LF_TEST_CONFIG))
     lf_generate(model, clean, noisy, text)
-    rows = stats(model)
-    from fastgen.processors.common import collect_stats
+    assert all(r["block_mask"] is None for r in stats(model))  # the default "summary" level keeps no masks
+    import fastgen
 
-    shared = collect_stats(model)  # the interface every method reports through: the last chunk per layer
+    with fastgen.recording_attention_stats(model, "masks"):
+        lf_generate(model, clean, noisy, text)
+    rows = stats(model)
+    shared = fastgen.attention_stats(
+        model
+    )  # the interface every method reports through: last chunk per layer
     assert [(r["layer"], r["chunk"]) for r in shared] == [(0, 3), (1, 3)]
     assert all(0.0 < r["density"] < 1.0 for r in shared)
     s = chunk_sparsities(12, 3, 0.6, 0.8)
@@ -461,6 +466,7 @@ def test_zero_sparsity_is_dense_and_stats_per_chunk():
             assert r["block_mask"].shape == (2, -(-3 * LF_FRAME_TOKENS // 16), nkb)
             assert 0.0 < r["density"] < 1.0
             assert r["density"] == pytest.approx(max(1, int((1 - s[r["chunk"]]) * nkb)) / nkb, abs=0.15)
+            assert 0 < r["keys_per_query"] < 3 * (r["chunk"] + 1) * LF_FRAME_TOKENS
 
 
 @pytest.mark.parametrize(("window", "sinks"), [(None, 0), (9, 1)])

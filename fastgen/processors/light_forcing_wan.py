@@ -17,10 +17,11 @@ call of a chunk's queries over [cache + chunk] keys) runs Light Forcing
   and deviations) are kept per (branch, layer) and extended when the cache grows, so each cached chunk is
   pooled once instead of at every step (``pool_cache=False`` recomputes them at every call, for measuring).
 
-Statistics (opt-in by reading them, nothing is synced to the host while generating): :func:`stats` lists,
-per (chunk, layer), the density actually computed (mean over the chunk's calls), the fraction of dropped
-blocks compensated (rectification), the chunk's sparsity and regime, and the block mask of the chunk's last
-call (batch 0).
+Statistics (``fastgen.attention_stats`` protocol: ``record_stats`` level, nothing is synced to the host while
+generating): :func:`stats` lists, per (chunk, layer), the density actually computed (mean over the chunk's
+calls), keys per query, the fraction of dropped blocks compensated (rectification), the chunk's sparsity and
+regime, and with ``fastgen.recording_attention_stats(model, "masks")`` the block mask of the chunk's last call
+(batch 0); ``fastgen.attention_stats(model)`` gives the last chunk of each layer.
 
 Example:
     >>> from fastgen import LightForcingConfig, apply_sparse_attention, remove_sparse_attention
@@ -79,6 +80,9 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
         self._stats: dict[int, dict] = {}  # chunk -> accumulated statistics of this layer
         self._generation: object | None = None
         self._logged: set[str] = set()
+        self.record_stats = "summary"
+        """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"``, ``"summary"`` (per chunk: density,
+        keys per query, compensated fraction as device tensors) or ``"masks"`` (also each chunk's block mask)."""
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -124,7 +128,7 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
             self.reset()
         cfg = self.config
         if info.cached_frames == 0:
-            self._record(info, None, 0.0, "dense")
+            self._record(info, None, 0.0, "dense", keys=key.shape[2])
             return super().chunk_attention(query, key, value, info)
         if not head_dim_supported(query.shape[-1]):
             self._log_once(
@@ -152,24 +156,38 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
         return out
 
     # --------------------------------------------------------------- statistics
-    def _record(self, info: ChunkInfo, result: dict | None, sparsity: float, regime: str) -> None:
-        """Accumulate the density of this call into the chunk's statistics (device tensors, no sync)."""
+    def _record(
+        self, info: ChunkInfo, result: dict | None, sparsity: float, regime: str, keys: int | None = None
+    ) -> None:
+        """Accumulate this call into the chunk's statistics (device tensors, no host sync)."""
+        if self.record_stats == "off":
+            return
         row = self._stats.setdefault(
             info.chunk_index,
-            {"calls": 0, "density": 0.0, "compensated": 0.0, "sparsity": sparsity, "regime": regime},
+            {
+                "calls": 0,
+                "density": 0.0,
+                "keys": 0.0,
+                "compensated": 0.0,
+                "sparsity": sparsity,
+                "regime": regime,
+            },
         )
         row["calls"] += 1
+        row["block_mask"] = None
         if result is None:
             row["density"] = row["density"] + 1.0
-            row["block_mask"] = None
+            row["keys"] = row["keys"] + float(keys or 0)
             return
-        mask = result["block_mask"]
-        row["density"] = row["density"] + mask.float().mean()
+        plan = result["plan"]
+        row["density"] = row["density"] + plan.density()
+        row["keys"] = row["keys"] + plan.keys_per_query()
         compensated = result["compensated"]
         if compensated is not None:
-            dropped = (~mask).sum().clamp_min(1)
+            dropped = (~result["block_mask"]).sum().clamp_min(1)
             row["compensated"] = row["compensated"] + compensated.sum() / dropped
-        row["block_mask"] = mask[0]
+        if self.record_stats == "masks":
+            row["block_mask"] = result["block_mask"][0]
         row["regime"] = regime
 
     def chunk_stats(self) -> list[dict]:
@@ -184,6 +202,7 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
                     "layer": self.layer,
                     "chunk": chunk,
                     "density": float(row["density"]) / calls,
+                    "keys_per_query": float(row["keys"]) / calls,
                     "compensated_fraction": float(row["compensated"]) / calls
                     if self.config.rectify
                     else None,
@@ -250,9 +269,10 @@ def processors(model) -> list[LightForcingWanProcessor]:
 
 def stats(model) -> list[dict]:
     """Per (chunk, layer) statistics of the last generation, sorted by chunk then layer: ``chunk``,
-    ``layer``, ``density`` (computed tiles / all tiles, mean over the chunk's calls), ``compensated_fraction``
-    (rectification), ``sparsity`` (CAG), ``regime`` (HSA), ``calls``, ``block_mask`` (batch 0, CPU bool
-    ``[H, nqb, nkb]`` of the chunk's last call; None for a dense chunk)."""
+    ``layer``, ``density`` (computed tiles / all tiles, mean over the chunk's calls), ``keys_per_query``,
+    ``compensated_fraction`` (rectification), ``sparsity`` (CAG), ``regime`` (HSA), ``calls``,
+    ``block_mask`` (batch 0, CPU bool ``[H, nqb, nkb]`` of the chunk's last call when recording at
+    ``"masks"`` level, see ``fastgen.recording_attention_stats``; None otherwise and for a dense chunk)."""
     rows = [row for proc in processors(model) for row in proc.chunk_stats()]
     return sorted(rows, key=lambda r: (r["chunk"], r["layer"]))
 
