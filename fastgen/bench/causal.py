@@ -12,22 +12,25 @@ chunk). Variants, interleaved round by round in one process (wall clock, median 
 - ``topk``: plain top-k block-sparse at the same per-chunk budget: the same CAG sparsities and pooled
   block scores, one top-k over all key blocks (``keep_frames`` larger than any history, so no frame level);
 - ``light_forcing_rectified``: Light Forcing with ``rectify=True``;
-- ``light_forcing_no_pool_cache``: Light Forcing pooling the whole cache at every call (the cost the pooled
-  cache saves).
+- ``light_forcing_pooled_cache`` (opt-in): Light Forcing with ``pool_cache=True`` (cached frames pooled once,
+  not at every call).
 
 Amdahl's ideal per variant: the dense self-attention share ``a`` of the dense generation is measured (the
 dense time minus the time of a run whose chunk attention is skipped), and the attention is credited with
 the computed fraction ``d`` of the dense attention work (tiles weighted by their keys, chunk 0 dense, from
 the per-chunk statistics): ``ideal = 1 / ((1 - a) + a d)``; ``fraction_of_ideal = speedup / ideal``. Error:
 relative L2 of the final latents against dense. Memory: the KV cache (allocated once, same for every
-variant) and the peak extra memory of the last chunk's attention call, measured in a child process
-(``ru_maxrss`` growth on the CPU, ``max_memory_allocated`` on CUDA).
+variant) and, with ``--memory``, the peak extra memory of the last chunk's attention call in a child
+process: ``max_memory_allocated`` on CUDA; on the CPU only the ``ru_maxrss`` growth, a lower bound that
+reads 0 when the allocator reuses pages freed before the call (it does at the default size), so the CPU
+figure is not reported in README.
 
 With 9 frames and ``keep_frames=6`` no chunk has more than 6 past frames, so Light Forcing's HSA runs its
 one-stage regime and selects exactly what ``topk`` selects; ``--frames 21`` (7 chunks) reaches the
 hierarchical regime. Random weights: a speed test and an agreement test, not a quality one.
 
-Run: ``fastgen bench causal [--rounds 3] [--frames 9] [--block-size 128]``; prints one JSON object.
+Run: ``fastgen bench causal [--rounds 3] [--frames 9] [--block-size 128] [--partial-out FILE]``; prints one
+JSON object (``--partial-out`` also writes the figures of the rounds done so far after every round).
 """
 
 from __future__ import annotations
@@ -91,12 +94,12 @@ def variant_configs(block_size: int, frames: int) -> dict:
         "light_forcing": LightForcingConfig(block_size=block_size),
         "topk": LightForcingConfig(block_size=block_size, keep_frames=frames, keep_sink=0, keep_near=0),
         "light_forcing_rectified": LightForcingConfig(block_size=block_size, rectify=True),
-        "light_forcing_no_pool_cache": LightForcingConfig(block_size=block_size, pool_cache=False),
+        "light_forcing_pooled_cache": LightForcingConfig(block_size=block_size, pool_cache=True),
     }
 
 
 DEFAULT_VARIANTS = ("dense", "light_forcing", "topk", "light_forcing_rectified")
-"""Variants run unless ``--variants`` says otherwise (``light_forcing_no_pool_cache`` is opt-in)."""
+"""Variants run unless ``--variants`` says otherwise (``light_forcing_pooled_cache`` is opt-in)."""
 
 
 class _SkipAttention:
@@ -159,7 +162,7 @@ def run_causal_bench(
     layers: int = 2,
     variants: list[str] | None = None,
     device: str | None = None,
-    memory: bool = True,
+    memory: bool = False,
     frame_hw: tuple[int, int] = FRAME_HW,
     partial_out: str | None = None,
 ) -> dict:
@@ -360,6 +363,59 @@ def attention_memory(frames: int, block_size: int, device: torch.device, frame_h
     return out
 
 
+# ----------------------------------------------------------------------------------------- one call
+
+
+def run_op_bench(rounds: int = 5, frames: int = 9, block_size: int = 128, frame_hw=FRAME_HW) -> dict:
+    """The last chunk's self-attention call alone (q: 3 frames, k/v: ``frames`` frames, 12 x 128, fp32):
+    dense (diffusers' dispatched attention, as the dense causal processor) vs Light Forcing (selection +
+    kernel), with the pooled cache of the past frames, with rectification, and the pooling itself;
+    interleaved rounds, wall-clock medians, speedup and fraction of the ideal 1 / density."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from fastgen.attention.light_forcing import chunk_sparsities, light_forcing_attention, pool_keys
+    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
+
+    warm_up_cpu_kernel()
+    g = torch.Generator().manual_seed(0)
+    h, d, t = 12, 128, (frame_hw[0] // 2) * (frame_hw[1] // 2)
+    q = torch.randn(1, h, 3 * t, d, generator=g)
+    k = torch.randn(1, h, frames * t, d, generator=g)
+    v = torch.randn(1, h, frames * t, d, generator=g)
+    sparsity = chunk_sparsities(frames, 3, 0.88, 0.98)[-1]
+    args = dict(
+        sparsity=sparsity, block_size=block_size, frame_tokens=t, keep_frames=6, keep_sink=1, keep_near=2
+    )
+    _, info = light_forcing_attention(q, k, v, **args)
+    past, density = info["past"], float(info["plan"].density())
+    calls = {
+        "dense": lambda: dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
+        "light_forcing": lambda: light_forcing_attention(q, k, v, **args),
+        "light_forcing_pooled_cache": lambda: light_forcing_attention(q, k, v, pooled=past, **args),
+        "light_forcing_rectified": lambda: light_forcing_attention(q, k, v, rectify=True, **args),
+        "pool_all_keys": lambda: pool_keys(k, None, block_size, t, (frames - 3) * t, None),
+        "pool_with_cache": lambda: pool_keys(k, None, block_size, t, (frames - 3) * t, past),
+    }
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                times[name].append(_timed(fn)[0])
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    sparse = [name for name in med if name.startswith("light_forcing")]
+    return {
+        "rounds": rounds,
+        "sparsity": sparsity,
+        "density": density,
+        "loadavg": list(os.getloadavg()),
+        "median_seconds": med,
+        "speedup_vs_dense": {name: med["dense"] / med[name] for name in sparse},
+        "fraction_of_ideal": {name: med["dense"] / med[name] * density for name in sparse},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the benchmark and print one JSON object."""
     p = argparse.ArgumentParser(prog="fastgen bench causal", description=__doc__.splitlines()[0])
@@ -368,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     p.add_argument("--variants", nargs="+", default=None, help="subset of the variants (dense is always run)")
-    p.add_argument("--no-memory", action="store_true", help="skip the attention memory probe")
+    p.add_argument("--memory", action="store_true", help="also probe the attention call's peak memory")
+    p.add_argument("--op", action="store_true", help="time the last chunk's attention call alone")
     p.add_argument("--device", default=None, help="cpu | cuda")
     p.add_argument(
         "--frame-hw", type=int, nargs=2, default=FRAME_HW, help="latent frame height width (default 64 96)"
@@ -391,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if args.op:
+        print(
+            json.dumps(
+                run_op_bench(args.rounds, args.frames, args.block_size, tuple(args.frame_hw)), indent=2
+            )
+        )
+        return 0
     result = run_causal_bench(
         rounds=args.rounds,
         frames=args.frames,
@@ -398,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.layers,
         variants=args.variants,
         device=args.device,
-        memory=not args.no_memory,
+        memory=args.memory,
         frame_hw=tuple(args.frame_hw),
         partial_out=args.partial_out,
     )

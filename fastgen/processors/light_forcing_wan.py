@@ -13,9 +13,10 @@ call of a chunk's queries over [cache + chunk] keys) runs Light Forcing
 - the context (t = 0, cache-writing) pass runs the same sparse attention at the chunk's sparsity, as the
   authors' code does; the K/V it writes into the cache are always the full ones (the cache write happens
   before attention, in the causal processor);
-- the pooled statistics of the cached frames (block means, frame means, and with ``rectify`` pooled values
-  and deviations) are kept per (branch, layer) and extended when the cache grows, so each cached chunk is
-  pooled once instead of at every step (``pool_cache=False`` recomputes them at every call, for measuring).
+- with ``pool_cache=True`` the pooled statistics of the cached frames (block means, frame means, and with
+  ``rectify`` pooled values and deviations) are kept per (branch, layer) and extended when the cache grows,
+  so each cached chunk is pooled once instead of at every step (default False, as the reference: the
+  benchmark measured no gain on the CPU).
 
 Statistics (``fastgen.attention_stats`` protocol: ``record_stats`` level, nothing is synced to the host while
 generating): :func:`stats` lists, per (chunk, layer), the density actually computed (mean over the chunk's
