@@ -427,7 +427,7 @@ def draw_chunk_density(stats: list[dict] | None, path: str) -> str:
     """PNG bar chart: density computed per chunk (mean over layers) next to the Chunk-Aware Growth budget."""
     from matplotlib.figure import Figure
 
-    from fastgen.pipelines.causal_video_runner import chunk_densities
+    from fastgen.processors.light_forcing_wan import chunk_densities
 
     fig = Figure(figsize=(4.2, 3.0), dpi=100)
     ax = fig.add_subplot()
@@ -489,7 +489,7 @@ class CausalDemoBackend:
         """Dense and Light Forcing with one seed: both videos, metrics, per-chunk density, a mask heatmap."""
         from fastgen.configs import LightForcingConfig
         from fastgen.metrics import psnr, ssim
-        from fastgen.pipelines.causal_video_runner import chunk_densities
+        from fastgen.processors.light_forcing_wan import chunk_densities
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fastgen.configs import LightForcingConfig
+from fastgen.processors.light_forcing_wan import chunk_densities
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ def generate_causal_video(
     ``regime``, ``block_mask``; empty for dense) and ``config`` (the method's settings as a dict).
     """
     from fastgen import apply_sparse_attention, remove_sparse_attention
-    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
     from fastgen.processors import light_forcing_wan
 
     if method not in METHODS:
@@ -108,6 +108,8 @@ def generate_causal_video(
     stats = []
     if method == "light_forcing":
         if pipe.device.type == "cpu":  # a first build of the CPU kernel must not land in the timing
+            from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
+
             warm_up_cpu_kernel()
         apply_sparse_attention(pipe.transformer, config)
     try:
@@ -138,15 +140,6 @@ def generate_causal_video(
         "stats": stats,
         "config": config.to_dict() if method == "light_forcing" else {"method": "dense"},
     }
-
-
-def chunk_densities(stats: list[dict]) -> dict[int, float]:
-    """Mean density over the layers of each chunk (``{chunk: density}``) from ``generate_causal_video`` stats."""
-    per_chunk: dict[int, list[float]] = {}
-    for row in stats or []:
-        if row.get("chunk") is not None and row.get("density") is not None:
-            per_chunk.setdefault(int(row["chunk"]), []).append(float(row["density"]))
-    return {c: float(np.mean(v)) for c, v in sorted(per_chunk.items())}
 
 
 __all__ = [

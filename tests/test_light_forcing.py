@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from fastgen import apply_sparse_attention, remove_sparse_attention
 from fastgen.attention.light_forcing import (
     chunk_sparsities,
     hsa_block_mask,
@@ -623,7 +624,6 @@ def _pipe_latents(pipe, latents, text, **kwargs):
 
 
 def test_pipeline_apply_remove_exact_and_window_rope():
-    from fastgen import apply_sparse_attention, remove_sparse_attention
     from fastgen.pipelines import CausalWanPipeline
 
     pipe = CausalWanPipeline(transformer=lf_wan())

@@ -278,6 +278,15 @@ def stats(model) -> list[dict]:
     return sorted(rows, key=lambda r: (r["chunk"], r["layer"]))
 
 
+def chunk_densities(stats: list[dict]) -> dict[int, float]:
+    """Mean density over the layers of each chunk (``{chunk: density}``) from ``generate_causal_video`` stats."""
+    per_chunk: dict[int, list[float]] = {}
+    for row in stats or []:
+        if row.get("chunk") is not None and row.get("density") is not None:
+            per_chunk.setdefault(int(row["chunk"]), []).append(float(row["density"]))
+    return {c: float(sum(v) / len(v)) for c, v in sorted(per_chunk.items())}
+
+
 def is_light_forcing(model) -> bool:
     """Whether Light Forcing is installed on ``model``."""
     return bool(getattr(model, _MARK_ATTR, False)) and get_causal_state(model) is not None
@@ -287,6 +296,7 @@ __all__ = [
     "LightForcingWanProcessor",
     "apply",
     "check_config",
+    "chunk_densities",
     "is_light_forcing",
     "processors",
     "remove",
