@@ -197,7 +197,7 @@ def test_transformer_bench_runs_dense_and_sparse_in_turn(model, layers):
     assert result["speedup"] > 0 and result["median_speedup"] > 0
     assert result["fastgen_dense_seconds"] > 0 and result["speedup_from_sparsity"] > 0
     assert 0 < result["no_self_attention_seconds"]
-    assert 0 < result["attention_share_of_fastgen_dense"] <= 1
+    assert 0 <= result["attention_share_of_fastgen_dense"] <= 1  # timing-derived: no strict bound under load
     assert result["ideal_speedup_from_sparsity"] >= 1.0
     assert result["rel_l2_error"] < 0.5
 
