@@ -312,6 +312,8 @@ def test_isolated_keys_make_outlier_blocks_exact():
         (dict(pool_splits=3), "pool_splits"),
         (dict(pool_splits=32), "pool_splits"),
         (dict(isolated_keys=1.0, form="paper"), "isolated_keys"),
+        (dict(pool_splits=8, selection="pooled"), "pool_splits"),
+        (dict(gapr=False, form="none"), "gapr"),
         (dict(variance_correction=True), "variance_correction"),
         (dict(isolated_keys=-1.0), "isolated_keys"),
     ],
