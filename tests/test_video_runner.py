@@ -43,11 +43,21 @@ def test_sparsity_zero_pipeline_matches_dense(wan_pipe):
 
 
 def test_sparse_pipeline_is_close_and_deterministic(wan_pipe):
-    config = small_config(sparsity=0.75, warmup_steps=1)
+    """Every step sparse at 0.75: the video changes (the method ran) but stays within a PSNR bound of
+    dense that an unrelated video (another seed) is far outside. Measured: 58 dB sparse, 29 dB seed 4."""
+    from fastgen.metrics import psnr
+
+    config = small_config(sparsity=0.75)
+    dense = generate_video(wan_pipe, prompt="a fox", method="dense", seed=3, progress=False, **SMALL)
+    other_seed = generate_video(wan_pipe, prompt="a fox", method="dense", seed=4, progress=False, **SMALL)
     a = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
     b = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
     assert np.array_equal(a["frames"], b["frames"])
-    assert all(r["density"] < 1.0 for r in a["stats"])
+    assert len(a["stats"]) == 2 and all(r["density"] <= 0.5 for r in a["stats"])
+    assert not np.array_equal(a["frames"], dense["frames"])  # sparse attention did change the output
+    assert psnr(a["frames"], dense["frames"]) >= 45.0
+    assert np.abs(a["frames"].astype(int) - dense["frames"].astype(int)).mean() <= 0.5
+    assert psnr(other_seed["frames"], dense["frames"]) < 40.0  # the bound separates close from unrelated
 
 
 def test_bad_method_and_preset():
