@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastgen.optional import require
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ class LazyPipeline:
 
 
 def _gr_error(message: str):
-    import gradio as gr
+    gr = require("gradio")
 
     return gr.Error(message)
 
@@ -158,7 +160,7 @@ def _mask_of(stats: list[dict], layer: str | None, head: int):
 
 def draw_block_mask(stats: list[dict] | None, layer: str | None, head: int, path: str) -> str:
     """Save a PNG heatmap of the block mask of ``layer``/``head`` (kept key blocks bright) to ``path``."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure").Figure
 
     fig = Figure(figsize=(4.2, 3.6), dpi=100)
     ax = fig.add_subplot()
@@ -362,7 +364,7 @@ class DemoBackend:
 
     def _mask_outputs(self, stats, folder):
         """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
-        import gradio as gr
+        gr = require("gradio")
 
         from fastgen.batch import stats_layers
 
@@ -442,7 +444,7 @@ def build_demo(
     ``fastgen.pipelines.video_runner.generate_video`` / ``text_runner.generate_text``. Defaults: those
     runners on ``video_preset`` / ``text_preset`` (or ``video_model`` / ``text_model``).
     """
-    import gradio as gr
+    gr = require("gradio")
 
     limits = limits or DemoLimits()
     backend = DemoBackend(
