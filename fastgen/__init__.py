@@ -4,7 +4,7 @@
 >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
 """
 
-from .api import apply_sparse_attention, remove_sparse_attention
+from .api import apply_sparse_attention, remove_sparse_attention, sparse_attention
 from .configs import LightForcingConfig, RectifiedSpaAttnConfig, SparseDConfig, WindowDiffusionConfig
 
 __version__ = "0.1.0"
@@ -16,4 +16,5 @@ __all__ = [
     "WindowDiffusionConfig",
     "apply_sparse_attention",
     "remove_sparse_attention",
+    "sparse_attention",
 ]

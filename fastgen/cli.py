@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(gen)
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument(
+        "--image", default=None, help="video, image-to-video pipelines (Wan I2V): the first frame (png/jpg)"
+    )
+    gen.add_argument(
         "--out", default=None, help="output file (.mp4 for video, .txt for text); written atomically"
     )
 
