@@ -235,8 +235,9 @@ class DemoBackend:
         self.folders = RequestFolders(self.limits.keep_seconds)
 
     def run_video(self, prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form, steps,
-                  seed, height, width, frames, progress=None):  # fmt: skip
-        """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap."""
+                  seed, height, width, frames, image=None, progress=None):  # fmt: skip
+        """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
+        ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
         from fastgen.configs import RectifiedSpaAttnConfig
         from fastgen.metrics import psnr, ssim
 
@@ -266,6 +267,8 @@ class DemoBackend:
                 progress(0, desc="loading the video pipeline")
             pipe = self.video_pipeline.get()
             common = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **params}
+            if image:
+                common["image"] = image
             try:
                 dense = self.video_generate(pipe, method="dense", config=None, **common)
                 sparse = self.video_generate(pipe, method="rectified", config=config, **common)
@@ -461,9 +464,9 @@ def build_demo(
     track = gr.Progress(track_tqdm=True)  # gradio finds it as the handlers' default and reports tqdm bars
 
     def run_video(prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form, steps, seed,
-                  height, width, frames, progress=track):  # fmt: skip
+                  height, width, frames, image=None, progress=track):  # fmt: skip
         return backend.run_video(prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form,
-                                 steps, seed, height, width, frames, progress=progress)  # fmt: skip
+                                 steps, seed, height, width, frames, image=image, progress=progress)  # fmt: skip
 
     def run_text(prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
                  progress=track):  # fmt: skip
@@ -487,6 +490,11 @@ def build_demo(
                     )
                     v_negative = gr.Textbox(label="negative prompt", value="")
                 with gr.Column(scale=1):
+                    v_image = gr.Image(
+                        label="first frame (image-to-video models only)",
+                        type="filepath",
+                        elem_id="video-image",
+                    )
                     v_button = gr.Button("Generate", variant="primary", elem_id="video-generate")
             with gr.Row():
                 v_steps = gr.Slider(1, limits.max_steps, value=vd["steps"], step=1, label="steps")
@@ -536,6 +544,7 @@ def build_demo(
                     v_height,
                     v_width,
                     v_frames,
+                    v_image,
                 ],  # fmt: skip
                 [v_dense_out, v_sparse_out, v_table, v_metrics, v_mask, v_layer, v_head, v_state],
                 api_name="generate_video",
