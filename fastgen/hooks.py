@@ -271,7 +271,7 @@ SCHEDULER_HOOK_ATTR = "_fastgen_generation_hook"
 
 
 def is_pipeline(obj) -> bool:
-    """Whether ``obj`` is a diffusers-style pipeline (has ``components`` and a denoising transformer)."""
+    """Whether ``obj`` is a diffusers-style pipeline (not a module, has a ``components`` dict)."""
     return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "components", None), dict)
 
 
