@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    raise SystemExit("scripts/test_floors.py needs Python >= 3.11 (tomllib)") from None
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("FASTGEN_FLOORS_VENV", "/tmp/fastgen-floors-venv"))
