@@ -4,7 +4,7 @@
 >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
 """
 
-from .api import apply_sparse_attention, remove_sparse_attention
+from .api import apply_sparse_attention, remove_sparse_attention, sparse_attention
 from .attention_stats import attention_stats, record_attention_stats, recording_attention_stats
 from .configs import LightForcingConfig, RectifiedSpaAttnConfig, SparseDConfig, WindowDiffusionConfig
 
@@ -20,4 +20,5 @@ __all__ = [
     "record_attention_stats",
     "recording_attention_stats",
     "remove_sparse_attention",
+    "sparse_attention",
 ]

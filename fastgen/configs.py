@@ -86,12 +86,14 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
     reorder: bool = True
     """Reorder video tokens into compact 3D tiles before blocking (exact permutation)."""
     pool_splits: int = 4
-    """Sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size)."""
+    """Sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size); another value
+    with another selection is a ``ValueError``."""
     isolated_keys: float | None = None
     """Outlier keys per key block attended exactly instead of pooled (0 disables). None: 1.0 in the
     exact form, 0 otherwise; the paper form has none."""
     gapr: bool = True
-    """Compensate only dropped blocks that pass GAPR (False: every dropped block)."""
+    """Compensate only dropped blocks that pass GAPR (False: every dropped block; a ``ValueError``
+    with ``form="none"``, which compensates nothing)."""
     min_tokens: int = 256
     """Sequences shorter than this run dense attention."""
 
@@ -134,7 +136,17 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
                     f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is not allowed with "
                     "form='paper' (the paper form has no isolated keys); allowed: None or 0"
                 )
+        if self.pool_splits != 4 and self.selection != "subblock":
+            raise ValueError(
+                f"RectifiedSpaAttnConfig.pool_splits={self.pool_splits!r} only applies to "
+                f"selection='subblock' (selection={self.selection!r}); leave it at 4"
+            )
         _check_choice(self, "gapr", (True, False))
+        if not self.gapr and self.form == "none":
+            raise ValueError(
+                "RectifiedSpaAttnConfig.gapr=False only applies to the forms that compensate "
+                "(form='exact' or 'paper'), not form='none'; leave it at True"
+            )
         _check_choice(self, "reorder", (True, False))
         _check_int(self, "min_tokens")
 

@@ -357,12 +357,16 @@ def block_sparse_attention_triton(
     return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, float(sm_scale))
 
 
-def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_mask_to_indices(
+    block_mask: torch.Tensor, max_count: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a bool block mask into the per-query-block key-block lists the kernel walks.
 
     Args:
         block_mask: bool ``[B, H, NQB, NKB]``; ``block_mask[b, h, i, j]`` means query
             block ``i`` attends to key block ``j``.
+        max_count: the table width when the caller knows an upper bound of the counts (a top-k
+            selection): then no host synchronisation reads the counts back.
 
     Returns:
         ``(indices, counts)``: ``indices`` int32 ``[B, H, NQB, MAXK]`` with the selected
@@ -375,7 +379,9 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
         raise ValueError(f"block_mask must be [B, H, NQB, NKB], got shape {tuple(block_mask.shape)}")
     selected = block_mask.to(torch.bool)
     counts = selected.sum(dim=-1, dtype=torch.int32)
-    max_count = max(int(counts.max()) if counts.numel() else 0, 1)
+    if max_count is None:
+        max_count = int(counts.max()) if counts.numel() else 0
+    max_count = max(int(max_count), 1)
     nkb = selected.shape[-1]
     rows = selected.reshape(-1, nkb)
     indices = torch.zeros(rows.shape[0], max_count, dtype=torch.int32, device=block_mask.device)

@@ -596,3 +596,23 @@ def test_batch_with_the_causal_preset(tmp_path):
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok", "ok"] and {r["method"] for r in records} == {"dense"}
     assert all((out / r["output"]).exists() for r in records)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_prompt_kv_computed_once_per_generation_and_branch(guidance):
+    pipe = tiny_pipe(layers=1)
+    latents, text, negative = pipe_inputs(batch=1)
+    attn = pipe.transformer.blocks[0].attn2
+    counts = {"k": 0, "v": 0, "q": 0}
+    handles = [
+        getattr(attn, f"to_{name}").register_forward_hook(
+            lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)
+        )
+        for name in counts
+    ]
+    run_pipe(pipe, latents, text, guidance_scale=guidance, negative_prompt_embeds=negative)
+    for h in handles:
+        h.remove()
+    branches = 2 if guidance > 1 else 1
+    assert counts["k"] == counts["v"] == branches
+    assert counts["q"] == pipe.last_generation["forwards"] == branches * 11

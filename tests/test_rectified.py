@@ -312,6 +312,8 @@ def test_isolated_keys_make_outlier_blocks_exact():
         (dict(pool_splits=3), "pool_splits"),
         (dict(pool_splits=32), "pool_splits"),
         (dict(isolated_keys=1.0, form="paper"), "isolated_keys"),
+        (dict(pool_splits=8, selection="pooled"), "pool_splits"),
+        (dict(gapr=False, form="none"), "gapr"),
         (dict(variance_correction=True), "variance_correction"),
         (dict(isolated_keys=-1.0), "isolated_keys"),
     ],
@@ -467,3 +469,24 @@ def test_paper_selection_keeps_neighbours_and_the_mass_rule():
         q, k, v, sparsity=0.9, block_size=bs, grid=grid, selection="paper", form="none", return_stats=True
     )
     assert bool((stats["block_mask"] >= pairs).all())  # every 3D-adjacent block is kept
+
+
+def test_no_host_sync_in_a_plain_call(monkeypatch):
+    """A Rectified call without key padding (Wan's case) reads no device value back to the host:
+    every ``item``/``bool``/``int``/``float`` of a tensor is counted and none may happen."""
+    from fastgen.attention.rectified import rectified_attention
+    from fastgen.configs import RectifiedSpaAttnConfig
+
+    q, k, v = qkv(1, 2, 3 * 7 * 9, 16)
+    config = RectifiedSpaAttnConfig(sparsity=0.7, block_size=16)
+    rectified_attention(q, k, v, config, grid=(3, 7, 9))  # builds / warms everything once
+    reads = []
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a)
+        )
+    out = rectified_attention(q, k, v, config, grid=(3, 7, 9))
+    monkeypatch.undo()
+    assert torch.isfinite(out).all()
+    assert reads == []

@@ -84,13 +84,15 @@ class SelectionPlan:
         kv_len: int,
         *,
         batch: int | None = None,
+        max_count: int | None = None,
         **extras,
     ) -> SelectionPlan:
         """A plan from a bool block mask ``[B or 1, H, nqb, nkb]`` (``batch`` expands a broadcast
-        batch of 1); ``extras`` are the optional fields."""
+        batch of 1); ``max_count``: an upper bound of the selected blocks per row when the method
+        knows one (top-k), which spares a host synchronisation; ``extras`` are the optional fields."""
         if batch is not None:
             block_mask = block_mask.expand(batch, -1, -1, -1)
-        indices, counts = block_mask_to_indices(block_mask)
+        indices, counts = block_mask_to_indices(block_mask, max_count)
         return cls(block_size, int(q_len), int(kv_len), indices, counts, **extras)
 
     @property

@@ -528,11 +528,13 @@ def plan_rectified(
 
     keys, values, log_weights, visible = extra_keys(kp, vp, kt, vt, text_valid, stats, sel, config.form, bs)
     extra_k, extra_v = _extras_into(keys, values, k.dtype, kp_extra, vp_extra)
+    top_k = config.selection != "paper" and config.mass_threshold is None  # rows hold <= keep_count
     plan = SelectionPlan.from_block_mask(
         sel.critical.expand(b, -1, -1, -1),
         bs,
         n_pad,
         n_video if key_valid is None else n_pad,
+        max_count=keep_count(config.sparsity, nb) if top_k else None,
         extra_k=extra_k,
         extra_v=extra_v,
         extra_log_weight=torch.cat(log_weights, -1) if log_weights else None,

@@ -535,9 +535,9 @@ def format_target(result: dict) -> str:
 
 def write_plot(result: dict, path: str) -> None:
     """PNG of speedup (x) vs relative L2 error (y), one series per method, points labelled by sparsity."""
-    import matplotlib
+    from fastgen.optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib").use("Agg")
     import matplotlib.pyplot as plt
 
     from fastgen.io import atomic_path

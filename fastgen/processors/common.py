@@ -329,10 +329,15 @@ def restore_processors(model: torch.nn.Module, state_attr: str) -> None:
     state = getattr(model, state_attr, None)
     if state is None:
         return
-    for proc in model.attn_processors.values():
+    saved = dict(state["saved"])
+    for name, proc in model.attn_processors.items():
         if isinstance(proc, RectifiedProcessorBase):
             proc.detach()
-    model.set_attn_processor(dict(state["saved"]))
+        if name in saved:  # set_attention_backend / context parallelism made while applied are kept
+            for attr in ("_attention_backend", "_parallel_config"):
+                if getattr(proc, attr, None) is not getattr(saved[name], attr, None):
+                    setattr(saved[name], attr, getattr(proc, attr, None))
+    model.set_attn_processor(saved)
     if state["owns_tracker"]:
         remove_step_tracker(model)
     setattr(model, state_attr, None)
