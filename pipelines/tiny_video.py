@@ -23,6 +23,11 @@ import torch
 
 WAN_DEFAULTS = {"steps": 8, "height": 128, "width": 160, "frames": 17, "guidance_scale": 5.0}
 """Generation defaults of the tiny Wan preset (latent 5 x 16 x 20 = 1600 video tokens)."""
+WAN_LONG_DEFAULTS = {"steps": 4, "height": 256, "width": 320, "frames": 17, "guidance_scale": 5.0}
+"""Generation defaults of the attention-bound ``tiny-wan-long`` preset (latent 5 x 32 x 40 = 6400 video tokens)."""
+WAN_LONG_RECTIFIED = {"sparsity": 0.9, "dense_layers": 0, "warmup_steps": 1}
+"""Rectified SpaAttn defaults of ``tiny-wan-long``: its 2 layers and 4 steps leave no room for the
+real-checkpoint defaults (first layer and first 5 steps dense), so only the first step runs dense."""
 HUNYUAN_DEFAULTS = {"steps": 6, "height": 192, "width": 256, "frames": 17, "guidance_scale": 6.0}
 """Generation defaults of the tiny HunyuanVideo preset (latent 5 x 12 x 16 = 960 video tokens)."""
 
@@ -134,6 +139,18 @@ def build_tiny_wan(device=None, dtype=None, num_layers: int = 3):
     return pipe
 
 
+def build_tiny_wan_long(device=None, dtype=None, num_layers: int = 2):
+    """The ``tiny-wan-long`` preset: the tiny Wan at 256x320x17 (6400 tokens), where attention is the cost.
+
+    Same random weights as :func:`build_tiny_wan` (fewer blocks); the video is large enough that dense
+    attention takes most of the transformer's time on a CPU, so sparse attention shows its speed-up.
+    """
+    pipe = build_tiny_wan(device=device, dtype=dtype, num_layers=num_layers)
+    pipe.fastgen_defaults = dict(WAN_LONG_DEFAULTS)
+    pipe.fastgen_rectified = dict(WAN_LONG_RECTIFIED)
+    return pipe
+
+
 def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_layers: int = 2):
     """A ``HunyuanVideoPipeline`` with a tiny transformer (2 heads x 32), tiny Llama and CLIP text encoders."""
     from diffusers import (
@@ -226,4 +243,13 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
     return pipe
 
 
-__all__ = ["HUNYUAN_DEFAULTS", "WAN_DEFAULTS", "build_tiny_hunyuan", "build_tiny_wan", "char_tokenizer"]
+__all__ = [
+    "HUNYUAN_DEFAULTS",
+    "WAN_DEFAULTS",
+    "WAN_LONG_DEFAULTS",
+    "WAN_LONG_RECTIFIED",
+    "build_tiny_hunyuan",
+    "build_tiny_wan",
+    "build_tiny_wan_long",
+    "char_tokenizer",
+]
