@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_warmed: dict[int, set[str]] = {}
+"""Methods already warmed up, per pipeline (by ``id``; an entry goes when its pipeline is collected)."""
 
 
 @dataclass
@@ -68,7 +69,12 @@ def warm_up_once(
 
     Returns True if it ran. ``warm_up`` holds the options that make the call short (e.g. ``{"steps": 1}``).
     """
-    done = _warmed.setdefault(pipe, set()) if _weakrefable(pipe) else set()
+    key = id(pipe)
+    if key not in _warmed:
+        _warmed[key] = set()
+        if _weakrefable(pipe):
+            weakref.finalize(pipe, _warmed.pop, key, None)
+    done = _warmed[key]
     if method in done:
         return False
     logger.info("untimed warm-up call of %s (excluded from timings)", method)

@@ -10,11 +10,9 @@ loads it exactly like a real LLaDA checkpoint.
 Objective: LLaDA's SFT form of the masked-diffusion loss. Per sequence a ratio ``t ~ U(eps, 1)`` is drawn,
 each answer token is replaced by the mask token with probability ``t`` (the prompt stays clean), and the
 loss is the cross-entropy on the masked tokens weighted by ``1 / t``, divided by the answer length.
-Prompts are drawn at a size (pairs and filler words) that grows from ``--min-scale`` of the full size to
+Prompts are drawn with a haystack (filler words) that grows from ``--min-scale`` of the full size to
 the full size over the first ``--curriculum`` fraction of the steps (short prompts are cheap and teach
-the retrieval circuit first), then stays mixed up to full length. A fraction ``--recall-fraction`` of the
-batches uses a dense auxiliary format (many queried pairs per haystack, every queried value masked and
-scored), which teaches the same retrieval with many more targets per sequence.
+the retrieval first), then stays mixed up to full length.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import time
 import torch
 
 from .diffusion_lm import bidirectional_mask
-from .kv_task import MASK_TOKEN_ID, QUERY_MARK, KVTask
+from .kv_task import MASK_TOKEN_ID, KVTask
 
 logger = logging.getLogger(__name__)
 
@@ -117,42 +115,22 @@ def llada_config(args, vocab_size: int, task: KVTask) -> dict:
         "vocab_size": vocab_size,
         "weight_tying": False,
         "fastgen_task": {
-            "name": "kv-retrieval",
-            "num_keys": task.num_keys,
-            "num_values": task.num_values,
-            "num_pairs": task.num_pairs,
+            "name": "field-value retrieval",
+            "num_fields": task.num_fields,
+            "num_codes": task.num_codes,
             "num_filler": task.num_filler,
-            "num_queries": task.num_queries,
         },
     }
 
 
-def _batch(task: KVTask, tokenizer, rng: random.Random, size: int, scale: float, recall_queries: int = 0):
-    """``(ids [B, L], answer [B, L] bool)`` for ``size`` fresh instances at ``scale`` of the full size.
-
-    ``scale`` in (0, 1] shrinks the number of pairs and filler words (the curriculum).
-    ``recall_queries == 0``: the task's own format (the answer is the last ``num_queries`` tokens).
-    ``recall_queries > 0``: the dense auxiliary format, the haystack then ``?`` then ``recall_queries``
-    queried ``key value`` pairs where every queried value is an answer token (many retrieval targets per
-    sequence, the same skill).
-    """
-    num_pairs = max(task.num_queries, round(scale * task.num_pairs))
+def _batch(task: KVTask, tokenizer, rng: random.Random, size: int, scale: float):
+    """``(ids [B, L], answer [B, L] bool)`` for ``size`` fresh instances with ``scale`` of the filler."""
     num_filler = round(scale * task.num_filler)
     rows, answers = [], []
     for _ in range(size):
-        if recall_queries:
-            words, pairs = task.haystack(rng, num_pairs, num_filler)
-            tail = [QUERY_MARK]
-            for _ in range(recall_queries):
-                tail += rng.choice(pairs)
-            row = words + tail
-            answer = [False] * (len(words) + 1) + [j % 2 == 1 for j in range(2 * recall_queries)]
-        else:
-            words, answer_words = task.sample(rng, num_pairs, num_filler)
-            row = words + answer_words
-            answer = [False] * len(words) + [True] * len(answer_words)
-        rows.append(tokenizer.convert_tokens_to_ids(row))
-        answers.append(answer)
+        words, answer_words = task.sample(rng, num_filler)
+        rows.append(tokenizer.convert_tokens_to_ids(words + answer_words))
+        answers.append([False] * len(words) + [True] * len(answer_words))
     return torch.tensor(rows), torch.tensor(answers)
 
 
@@ -195,7 +173,7 @@ def one_pass_accuracy(model, task: KVTask, tokenizer, count: int) -> float:
     examples = task.held_out(count)
     ids = torch.tensor([tokenizer.convert_tokens_to_ids(e.prompt.split()) for e in examples])
     start = ids.shape[1]
-    full = torch.cat([ids, torch.full((count, task.num_queries), MASK_TOKEN_ID)], 1)
+    full = torch.cat([ids, torch.full((count, task.num_fields), MASK_TOKEN_ID)], 1)
     attn = bidirectional_mask(torch.ones(full.shape, dtype=torch.bool), torch.float32)
     hits = 0
     for lo in range(0, count, 16):
@@ -223,7 +201,10 @@ def save_checkpoint(model, tokenizer, args, task: KVTask, folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgen.pipelines.train_tiny_lm", description=__doc__)
     parser.add_argument("--out", required=True, help="output folder (checkpoint, train_log.jsonl)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500, help="length of the learning-rate schedule")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many steps (the schedule stays --steps)"
+    )
     parser.add_argument(
         "--batch-tokens", type=int, default=4096, help="tokens per batch (rows vary with length)"
     )
@@ -242,10 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--curriculum", type=float, default=0.5, help="fraction of steps to ramp prompt length"
     )
-    parser.add_argument(
-        "--recall-fraction", type=float, default=0.5, help="fraction of batches in the dense auxiliary format"
-    )
-    parser.add_argument("--recall-queries", type=int, default=32, help="queried pairs per auxiliary sequence")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -296,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("training %d parameters for %d steps -> %s", params, args.steps, args.out)
     start = time.perf_counter()
     window = []
-    for step in range(args.steps):
+    run_steps = min(args.steps, args.stop_after or args.steps)
+    for step in range(run_steps):
         scale = _scale_for_step(step, args, rng)
-        recall = 0 if rng.random() >= args.recall_fraction else args.recall_queries
-        batch = max(1, round(args.batch_tokens / (scale * task.prompt_length() + 2 * recall + 4)))
-        ids, answer = _batch(task, tokenizer, rng, batch, scale, recall)
+        batch = max(1, round(args.batch_tokens / (scale * task.num_filler + 2 * task.num_fields + 2)))
+        ids, answer = _batch(task, tokenizer, rng, batch, scale)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss, acc = diffusion_loss(model, ids, answer, gen)
@@ -308,24 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        window.append((float(loss.detach()), acc, recall > 0))
+        window.append((float(loss.detach()), acc))
         if (step + 1) % 25 == 0:
             mean_loss = sum(w[0] for w in window) / len(window)
-            task_acc = [w[1] for w in window if not w[2]]
-            recall_acc = [w[1] for w in window if w[2]]
+            mean_acc = sum(w[1] for w in window) / len(window)
             window = []
             record = {
                 "step": step + 1,
                 "loss": round(mean_loss, 4),
-                "task_token_acc": round(sum(task_acc) / max(1, len(task_acc)), 4),
-                "recall_token_acc": round(sum(recall_acc) / max(1, len(recall_acc)), 4),
+                "masked_token_acc": round(mean_acc, 4),
                 "scale": round(scale, 3),
                 "batch": batch,
                 "lr": round(lr_at(step), 6),
                 "wall_s": round(time.perf_counter() - start, 1),
                 "loadavg": [round(x, 2) for x in os.getloadavg()],
             }
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            if (step + 1) % args.eval_every == 0 or step + 1 == run_steps:
                 record["held_out_one_pass_exact"] = one_pass_accuracy(model, task, tokenizer, 64)
                 save_checkpoint(model.eval(), tokenizer, args, task, args.out)
                 model.train()
@@ -336,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(model, tokenizer, args, task, args.out)
     final = {
         "event": "done",
-        "steps": args.steps,
+        "steps": run_steps,
         "wall_s": round(time.perf_counter() - start, 1),
         "held_out_one_pass_exact_256": one_pass_accuracy(model, task, tokenizer, 256),
     }
