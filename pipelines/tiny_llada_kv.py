@@ -2,7 +2,7 @@
 
 A LLaDA checkpoint in the official layout (``config.json`` + ``model.safetensors`` + tokenizer files),
 trained on this machine by :mod:`fastgen.pipelines.train_tiny_lm` on the key-value retrieval task of
-:mod:`fastgen.pipelines.kv_task`; it is loaded with :func:`~fastgen.pipelines.load_diffusion_lm` exactly
+:mod:`fastgen.pipelines.kv_task`; it is loaded with :func:`~fastgen.pipelines.lm_loaders.load_diffusion_lm` exactly
 like a real LLaDA. Its answers can be checked, so text fidelity is measured as task accuracy.
 
 The pipeline carries ``fastgen_defaults`` (the decoding settings of the model card: 4 answer tokens,

@@ -4,7 +4,7 @@ Run: ``python -m fastgen.pipelines.train_tiny_lm --out DIR`` (seeded; the same c
 weights on the same torch build and thread count). The model is LLaDA's architecture (a Llama block
 run bidirectionally; RMSNorm, SwiGLU, RoPE, untied output) and is saved in LLaDA's published layout
 (``config.json`` with ``model_type: "llada"`` and OLMo-style fields, ``model.safetensors`` with
-``model.transformer.blocks.{i}.q_proj.weight`` ... keys), so :func:`fastgen.pipelines.load_diffusion_lm`
+``model.transformer.blocks.{i}.q_proj.weight`` ... keys), so :func:`fastgen.pipelines.lm_loaders.load_diffusion_lm`
 loads it exactly like a real LLaDA checkpoint.
 
 Objective: LLaDA's SFT form of the masked-diffusion loss. Per sequence a ratio ``t ~ U(eps, 1)`` is drawn,
@@ -68,7 +68,7 @@ def llada_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def llada_config(args, vocab_size: int, task: KVTask) -> dict:
+def llada_config(args, vocab_size: int, task: KVTask, rms_norm_eps: float) -> dict:
     """``config.json`` in LLaDA's published field names (``LLaDAModelLM``, OLMo-style)."""
     return {
         "architectures": ["LLaDAModelLM"],
@@ -106,7 +106,7 @@ def llada_config(args, vocab_size: int, task: KVTask) -> dict:
         "pad_token_id": 0,
         "precision": "fp32",
         "residual_dropout": 0.0,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": rms_norm_eps,
         "rope": True,
         "rope_full_precision": True,
         "rope_theta": args.rope_theta,
@@ -193,7 +193,8 @@ def save_checkpoint(model, tokenizer, args, task: KVTask, folder: str) -> None:
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(llada_config(args, len(tokenizer), task), f, indent=2, sort_keys=True)
+        config = llada_config(args, len(tokenizer), task, float(model.config.rms_norm_eps))
+        json.dump(config, f, indent=2, sort_keys=True)
     save_file(llada_state_dict(model), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
 
