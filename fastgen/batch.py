@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import logging
 import os
 import sys
@@ -39,10 +40,13 @@ from dataclasses import dataclass, field
 from fastgen.batch_manifest import (
     MANIFEST,
     append_record,
+    batch_run_id,
     journal_path,
     latest_records,
     merge_manifests,
+    read_progress,
     read_records,
+    write_progress,
 )
 from fastgen.batch_prompts import (
     DEFAULT_METHOD,
@@ -119,6 +123,10 @@ class BatchRunner:
     """Number of processes splitting the items."""
     progress: bool = True
     """Show the bar over items and the pipeline's own bar per item."""
+    stall_seconds: float = 600.0
+    """Rank 0 stops waiting for the other ranks' final counts after this long without any report."""
+    poll_seconds: float = 1.0
+    """How often rank 0 reads the other ranks' progress."""
 
     def __post_init__(self):
         if self.kind not in ("video", "text"):
@@ -204,7 +212,7 @@ class BatchRunner:
             os.remove(stale)  # temp file of an interrupted earlier attempt at this (same-rank) item
         pipe = self._pipeline()
         started = time.perf_counter()
-        options = dict(prompt=item.prompt, seed=seed, progress=self.progress, **params)
+        options = dict(prompt=item.prompt, seed=seed, progress=self.progress and self.rank == 0, **params)
         comparison = None
         if self.compare_dense and self.method != "dense":
             if self.kind == "video":
@@ -247,7 +255,13 @@ class BatchRunner:
         return record
 
     def run(self, items: Sequence[Item]) -> dict:
-        """Run this rank's share of ``items``; returns counts ``{"ok", "skipped", "failed", "total"}``."""
+        """Run this rank's share of ``items``; returns counts ``{"ok", "skipped", "failed", "total"}``.
+
+        With several ranks, each rank publishes its counts after every item (:mod:`fastgen.batch_manifest`
+        progress files); rank 0 draws ONE bar over all ranks' items (the others draw none) and, once its
+        own share is done, waits for the others' final counts (never forever: it stops waiting when no
+        rank has reported for ``stall_seconds``) so its summary counts every rank (``counts["ranks"]``).
+        """
         from tqdm.auto import tqdm
 
         os.makedirs(self.out_dir, exist_ok=True)
@@ -256,14 +270,27 @@ class BatchRunner:
         mine = [item for item in items if item.index % self.world_size == self.rank]
         journal = journal_path(self.out_dir, self.rank)
         counts = {"ok": 0, "skipped": 0, "failed": 0, "total": len(mine)}
+        run_id, started_at = batch_run_id(), time.time()
+        multi = self.world_size > 1
+        if multi:
+            write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
         bar = tqdm(
-            mine,
-            desc=f"batch rank {self.rank}" if self.world_size > 1 else "batch",
+            total=len(items) if multi else len(mine),
+            desc=f"batch ({self.world_size} ranks)" if multi else "batch",
             unit="item",
-            disable=not self.progress,
-            position=self.rank if self.world_size > 1 else None,
+            disable=not self.progress or self.rank != 0,
         )
-        for item in bar:
+
+        def refresh():
+            if multi and self.rank == 0:
+                others = read_progress(self.out_dir, self.world_size, run_id, started_at)
+                done = sum(c["ok"] + c["skipped"] + c["failed"] for r, c in others.items() if r != 0)
+                bar.n = done + counts["ok"] + counts["skipped"] + counts["failed"]
+                bar.refresh()
+            else:
+                bar.update(1)
+
+        for item in mine:
             seed = item.resolved_seed(self.base_seed)
             base = {
                 "index": item.index,
@@ -280,6 +307,9 @@ class BatchRunner:
             try:
                 if self._is_done(item, previous.get(item.index), seed):
                     counts["skipped"] += 1
+                    if multi:
+                        write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
+                    refresh()
                     continue
                 record = {**base, **self.run_item(item), "status": "ok", "error": None}
                 counts["ok"] += 1
@@ -292,6 +322,13 @@ class BatchRunner:
                 counts["failed"] += 1
             record["finished_at"] = time.time()
             append_record(journal, record)
+            if multi:
+                write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
+            refresh()
+        if multi:
+            write_progress(self.out_dir, self.rank, run_id, counts, True, started_at)
+            if self.rank == 0:
+                counts["ranks"] = self._wait_for_ranks(run_id, started_at, refresh)
         bar.close()
         # a single process owns every journal; with several ranks others may still be appending to theirs
         leftovers = (
@@ -299,6 +336,26 @@ class BatchRunner:
         )
         merge_manifests(self.out_dir, remove_journals=leftovers)
         return counts
+
+    def _wait_for_ranks(self, run_id: str, started_at: float, refresh: Callable[[], None]) -> dict[int, dict]:
+        """Rank 0: the final counts of every rank of this run (missing ranks left out after a stall)."""
+        last_change, seen = time.monotonic(), None
+        while True:
+            reports = read_progress(self.out_dir, self.world_size, run_id, started_at)
+            refresh()
+            if len(reports) == self.world_size and all(r.get("done") for r in reports.values()):
+                return reports
+            state = json.dumps(reports, sort_keys=True)
+            if state != seen:
+                seen, last_change = state, time.monotonic()
+            elif time.monotonic() - last_change > self.stall_seconds:
+                missing = sorted(
+                    set(range(self.world_size)) - {r for r, c in reports.items() if c.get("done")}
+                )
+                logger.warning("ranks %s did not finish (no report for %.0f s); summary without them",
+                               missing, self.stall_seconds)  # fmt: skip
+                return {r: c for r, c in reports.items() if c.get("done")}
+            time.sleep(self.poll_seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,13 +452,23 @@ def run_batch(
     runner = runner_from_args(args, kind=kind, load=load, generate=generate)
     items = read_prompt_file(args.prompts, runner.columns())
     counts = runner.run(items)
-    who = f"rank {runner.rank}/{runner.world_size}: " if runner.world_size > 1 else ""
-    summary = (
-        f"fastgen batch: {who}{counts['ok']} generated, {counts['skipped']} already done, "
-        f"{counts['failed']} failed, of {counts['total']} items; manifest: "
-        f"{os.path.join(runner.out_dir, MANIFEST)}\n"
-    )
-    sys.stderr.write(summary)
+    if runner.world_size > 1 and runner.rank != 0:
+        logger.info("rank %d: %s (rank 0 prints the summary of all ranks)", runner.rank, counts)
+    else:
+        who, total = "", counts
+        if runner.world_size > 1:
+            reports = counts.get("ranks", {})
+            total = {k: sum(c[k] for c in reports.values()) for k in ("ok", "skipped", "failed", "total")}
+            missing = runner.world_size - len(reports)
+            who = f"{len(reports)} of {runner.world_size} ranks" + (
+                f" ({missing} did not report)" if missing else ""
+            )
+            who += ": "
+        sys.stderr.write(
+            f"fastgen batch: {who}{total['ok']} generated, {total['skipped']} already done, "
+            f"{total['failed']} failed, of {total['total']} items; manifest: "
+            f"{os.path.join(runner.out_dir, MANIFEST)}\n"
+        )
     if counts["failed"]:
         logger.warning(
             "%d item(s) failed; see 'error' in the manifest; re-run to retry them", counts["failed"]

@@ -100,4 +100,55 @@ def merge_manifests(out_dir: str, remove_journals: Sequence[str] = ()) -> list[d
     return records
 
 
-__all__ = ["MANIFEST", "append_record", "journal_path", "latest_records", "merge_manifests", "read_records"]
+def batch_run_id() -> str:
+    """The launcher's id of this run (``TORCHELASTIC_RUN_ID`` under torchrun), shared by all its ranks."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("FASTGEN_BATCH_RUN_ID") or "local"
+
+
+def progress_path(out_dir: str, rank: int) -> str:
+    """The progress file of ``rank``: its counts so far, rewritten atomically after every item."""
+    return os.path.join(out_dir, f".progress.rank{rank}.json")
+
+
+def write_progress(out_dir: str, rank: int, run_id: str, counts: dict, done: bool, started_at: float) -> None:
+    """Publish ``rank``'s counts (atomic replace) for rank 0's overall bar and summary."""
+    path = progress_path(out_dir, rank)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"run_id": run_id, "rank": rank, "done": done, "started_at": started_at, **counts}, f)
+    os.replace(tmp, path)
+
+
+STALE_SECONDS = 300.0
+"""A report whose rank started this long before the reader is taken for an earlier run's (same run id)."""
+
+
+def read_progress(out_dir: str, world_size: int, run_id: str, started_at: float) -> dict[int, dict]:
+    """The progress reports of this run's ranks (a missing, stale or half-written file is left out).
+
+    Without a launcher run id (plain ``RANK``/``WORLD_SIZE``), an earlier run's files are told apart by
+    their start time: reports of ranks started more than :data:`STALE_SECONDS` before ``started_at``."""
+    reports = {}
+    for rank in range(world_size):
+        try:
+            with open(progress_path(out_dir, rank), encoding="utf-8") as f:
+                report = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if report.get("run_id") == run_id and report.get("started_at", 0.0) >= started_at - STALE_SECONDS:
+            reports[rank] = report
+    return reports
+
+
+__all__ = [
+    "batch_run_id",
+    "progress_path",
+    "read_progress",
+    "write_progress",
+    "MANIFEST",
+    "append_record",
+    "journal_path",
+    "latest_records",
+    "merge_manifests",
+    "read_records",
+]
