@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate one video or text", description="Generate one video or text."
     )
     _add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt")
+    gen.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt (required, except for a task-trained preset such as tiny-llada-kv, which then "
+        "uses the held-out task example of --seed)",
+    )
     gen.add_argument(
         "--out", default=None, help="output file (.mp4 for video, .txt for text); written atomically"
     )

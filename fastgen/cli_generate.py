@@ -53,6 +53,8 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     method = args.method or "rectified"
     if method not in METHODS:
         raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+    if not args.prompt:
+        raise ValueError("--prompt is required for video")
     pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
     config = config_from_args(args, pipe) if method == "rectified" else None
     common = {
@@ -130,6 +132,10 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
             )
         prompt = example.prompt
         print(f"prompt (task example seed {args.seed}): ...{prompt[-60:]}")
+    if not prompt:
+        raise ValueError(
+            "--prompt is required (only task-trained presets such as tiny-llada-kv pick an example)"
+        )
     answer = task.answer_of(prompt) if task is not None else None
     settings = text_defaults(
         pipe,

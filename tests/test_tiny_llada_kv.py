@@ -122,8 +122,8 @@ def test_diffusion_loss_masks_only_answer_tokens_and_weights_by_one_over_t():
 
 
 def test_saved_layout_is_llada_and_loads_like_a_real_checkpoint(tmp_path):
-    from fastgen.pipelines.lm_loaders import load_diffusion_lm
     from fastgen.pipelines.diffusion_lm import bidirectional_mask
+    from fastgen.pipelines.lm_loaders import load_diffusion_lm
     from fastgen.pipelines.tiny_lm import build_tiny_llama
     from fastgen.pipelines.train_tiny_lm import main as train_main
     from fastgen.pipelines.train_tiny_lm import save_checkpoint
@@ -192,3 +192,22 @@ def test_shipped_checkpoint_dense_accuracy_on_held_out_sample():
     assert token_acc > 4 / 16
     assert abs(exact - card["dense_exact_match"]) <= 0.3
     assert out.texts[0].split()[0].startswith("a")  # the first answer token is a field-a code
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SAMPLE, "config.json")), reason="checkpoint not shipped")
+def test_accuracy_bench_reports_every_supported_method(tmp_path):
+    from fastgen.bench.accuracy import main, markdown_table
+
+    path = tmp_path / "acc.json"
+    assert main(["--examples", "3", "--rounds", "1", "--batch", "3", "--quick", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    names = [r["variant"] for r in result["rows"]]
+    assert names[:4] == ["dense", "SparseD select 0.3", "threshold 0.9", "SparseD + threshold 0.9"]
+    dense = result["rows"][0]
+    assert dense["accuracy_delta_points"] == 0 and dense["speedup"] == pytest.approx(1.0)
+    for row in result["rows"]:
+        assert 0 <= row["accuracy"] <= row["token_accuracy"] + 1e-9 <= 1 + 1e-9
+        assert row["tokens_per_s"] > 0 and len(row["seconds_rounds"]) == 1
+    # left-out variants (Window-Diffusion on builds without it) are named, not silently dropped
+    assert set(result["left_out"]).isdisjoint(names)
+    assert "| dense |" in markdown_table(result)
