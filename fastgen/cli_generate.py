@@ -85,7 +85,7 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
         print(f"sparse layers: {len(result['stats'])}, mean density {density:.3f}")
     if comparison is not None:
         fid = comparison.fidelity
-        psnr_text = "identical frames" if fid["identical"] else f"PSNR {fid['psnr']:.2f} dB"
+        psnr_text = "PSNR inf dB (identical frames)" if fid["identical"] else f"PSNR {fid['psnr']:.2f} dB"
         print(
             f"dense: {comparison.dense['seconds']:.2f}s; speedup {_fmt_speedup(comparison.speedup)} "
             f"(warm-up excluded); {psnr_text}; SSIM {fid['ssim']:.4f}"
