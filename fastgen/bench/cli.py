@@ -1,7 +1,8 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed``, ``accuracy`` whose modules parse their own options: everything after the suite name
+``transformer``, ``sparsed``, ``accuracy``, ``gpu`` whose modules parse their own options: everything after
+the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
 
@@ -20,6 +21,10 @@ PASS_THROUGH_SUITES = {
     "accuracy": (
         "fastgen.bench.accuracy",
         "trained tiny diffusion LM: task accuracy and tokens/s, dense vs SparseD / threshold / Window-Diffusion",
+    ),
+    "gpu": (
+        "fastgen.bench.gpu",
+        "the prepared GPU check: every Triton kernel vs its reference, timed vs SDPA",
     ),
 }
 """Suite name -> (module with ``main(argv)``, one-line help)."""
