@@ -20,7 +20,7 @@ def make_generate(log):
         log.append((id(pipe), method, steps))
         one_time = 100.0 if first else 0.0
         per_step = 1.0 if method == "dense" else 0.5
-        frames = np.full((2, 8, 8, 3), 100 + seed, dtype=np.uint8)
+        frames = np.full((2, 16, 16, 3), 100 + seed, dtype=np.uint8)
         if method != "dense":
             frames = frames + 2
         return {"seconds": one_time + per_step * steps, "frames": frames, "stats": [], "config": {}}
