@@ -363,7 +363,9 @@ class BatchRunner:
 
 
 def _resolve_method(args: argparse.Namespace, kind: str) -> str:
-    method = args.method or DEFAULT_METHOD[kind]
+    from fastgen.cli_generate import is_causal_request
+
+    method = args.method or ("dense" if kind == "video" and is_causal_request(args) else DEFAULT_METHOD[kind])
     if method != "dense" and method not in METHOD_CONFIGS:
         raise ValueError(
             f"--method={method!r} is unknown; allowed: dense, {', '.join(sorted(METHOD_CONFIGS))}"
@@ -397,7 +399,11 @@ def runner_from_args(
 
             def default_load():
                 return load_video_pipeline(
-                    preset=args.preset, model=args.model, device=device, dtype=args.dtype
+                    preset=args.preset,
+                    model=args.model,
+                    device=device,
+                    dtype=args.dtype,
+                    self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
                 )
 
             default_generate = generate_video

@@ -15,8 +15,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--preset",
         default=None,
-        help="embedded tiny preset (no download): tiny-wan, tiny-wan-long, tiny-hunyuan, tiny-llada-kv "
-        "(trained), tiny-llada",
+        help="embedded tiny preset (no download): tiny-wan, tiny-wan-long, tiny-hunyuan, tiny-causal-wan, "
+        "tiny-llada-kv (trained), tiny-llada",
     )
     src.add_argument(
         "--model",
@@ -25,6 +25,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--method", default=None, help="rectified | sparsed | dense (default: the model's sparse method)"
+    )
+    p.add_argument(
+        "--self-forcing-checkpoint",
+        default=None,
+        help="Self-Forcing .pt (generator_ema / generator) loaded into the --model Wan 2.1 T2V folder: "
+        "autoregressive chunked generation (CausalWanPipeline)",
     )
     p.add_argument(
         "--sparsity", type=float, default=None, help="video: fraction of key blocks dropped, in [0, 1)"

@@ -34,6 +34,15 @@ def model_kind(args: argparse.Namespace) -> str:
         return "text"
 
 
+def is_causal_request(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the autoregressive causal Wan (``--self-forcing-checkpoint`` or a causal preset)."""
+    from fastgen.pipelines import get_preset
+
+    if getattr(args, "self_forcing_checkpoint", None) is not None:
+        return True
+    return args.preset is not None and get_preset(args.preset).family == "causal-wan"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
     if model_kind(args) == "video":
@@ -50,13 +59,24 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     from fastgen.io import write_video
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    method = args.method or "rectified"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
     if not args.prompt:
         raise ValueError("--prompt is required for video")
-    pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
-    config = config_from_args(args, pipe) if method == "rectified" else None
+    pipe = load_video_pipeline(
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
+    )
+    from fastgen.pipelines.causal_video_runner import is_causal_pipeline
+
+    if is_causal_pipeline(pipe):
+        method, config = causal_method_from_args(args)
+    else:
+        method = args.method or "rectified"
+        if method not in METHODS:
+            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+        config = config_from_args(args, pipe) if method == "rectified" else None
     common = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -96,6 +116,18 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
 
 def _fmt_speedup(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def causal_method_from_args(args: argparse.Namespace):
+    """``(method, config or None)`` for a causal Wan from ``--method`` (default ``dense``)."""
+    from fastgen.pipelines.causal_video_runner import METHODS as CAUSAL_METHODS
+
+    method = args.method or "dense"
+    if method not in CAUSAL_METHODS:
+        raise ValueError(
+            f"--method={method!r} is not allowed for a causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
+        )
+    return method, None
 
 
 def generate_text_from_args(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ class Preset:
     """``"module:function"`` returning a ready pipeline; called with keyword options."""
     description: str
     """One line for ``--help`` and the demo."""
+    family: str | None = None
+    """Model family when the kind alone does not say how to run it (``"causal-wan"``: chunked autoregressive)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -38,6 +40,13 @@ PRESETS: dict[str, Preset] = {
             "video",
             "fastgen.pipelines.tiny_video:build_tiny_wan_long",
             "tiny Wan 2.1 T2V at 6400 tokens, attention-bound: shows the speed-up (random weights)",
+        ),
+        Preset(
+            "tiny-causal-wan",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_causal_wan",
+            "tiny autoregressive Wan, Self-Forcing chunks with a KV cache (random weights)",
+            family="causal-wan",
         ),
         Preset(
             "tiny-hunyuan",

@@ -1,6 +1,7 @@
 """Tiny, randomly initialised video pipelines built from configs in code (no downloads).
 
-``build_tiny_wan`` returns a real diffusers ``WanPipeline`` and ``build_tiny_hunyuan`` a real
+``build_tiny_wan`` returns a real diffusers ``WanPipeline``, ``build_tiny_causal_wan`` a
+``fastgen.pipelines.CausalWanPipeline`` over the same components, and ``build_tiny_hunyuan`` a real
 ``HunyuanVideoPipeline``: tiny transformer, tiny VAE, tiny text encoder(s) and a character-level
 tokenizer made with the ``tokenizers`` library, scheduler from config. Weights come from a fixed
 seed, so two builds are identical. The default video size gives the transformer enough tokens
@@ -29,6 +30,9 @@ video tokens for a 9 x 128 x 160 video)."""
 WAN_LONG_RECTIFIED = {"sparsity": 0.9, "dense_layers": 0, "warmup_steps": 1}
 """Rectified SpaAttn defaults of ``tiny-wan-long``: its 2 layers and 4 steps leave no room for the
 real-checkpoint defaults (first layer and first 5 steps dense), so only the first step runs dense."""
+CAUSAL_WAN_DEFAULTS = {"height": 128, "width": 128, "frames": 33, "guidance_scale": 1.0, "fps": 16}
+"""Generation defaults of the tiny causal Wan preset: 9 latent frames = 3 chunks of 3, 16 x 16 = 256 tokens
+per frame (2 blocks of 128), Self-Forcing's 4 denoising steps per chunk."""
 HUNYUAN_DEFAULTS = {"steps": 6, "height": 192, "width": 256, "frames": 17, "guidance_scale": 6.0}
 """Generation defaults of the tiny HunyuanVideo preset (latent 5 x 12 x 16 = 960 video tokens)."""
 
@@ -171,6 +175,22 @@ def build_tiny_wan_long(device=None, dtype=None, num_layers: int = 2):
     return pipe
 
 
+def build_tiny_causal_wan(device=None, dtype=None, num_layers: int = 3):
+    """A ``fastgen.pipelines.CausalWanPipeline`` over the components of :func:`build_tiny_wan` (same weights)."""
+    from .causal_wan import CausalWanPipeline
+
+    wan = build_tiny_wan(device=device, dtype=dtype, num_layers=num_layers)
+    pipe = CausalWanPipeline(
+        tokenizer=wan.tokenizer,
+        text_encoder=wan.text_encoder,
+        vae=wan.vae,
+        transformer=wan.transformer,
+        scheduler=wan.scheduler,
+    )
+    pipe.fastgen_defaults = dict(CAUSAL_WAN_DEFAULTS)
+    return pipe
+
+
 def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_layers: int = 2):
     """A ``HunyuanVideoPipeline`` with a tiny transformer (2 heads x 32), tiny Llama and CLIP text encoders."""
     from diffusers import (
@@ -264,10 +284,12 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
 
 
 __all__ = [
+    "CAUSAL_WAN_DEFAULTS",
     "HUNYUAN_DEFAULTS",
     "WAN_DEFAULTS",
     "WAN_LONG_DEFAULTS",
     "WAN_LONG_RECTIFIED",
+    "build_tiny_causal_wan",
     "build_tiny_hunyuan",
     "build_tiny_wan",
     "build_tiny_wan_long",

@@ -59,11 +59,26 @@ def pipeline_family(pipe) -> str:
     raise ValueError(f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*")
 
 
-def load_video_pipeline(preset: str | None = None, model: str | None = None, device=None, dtype=None):
-    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder)."""
+def load_video_pipeline(
+    preset: str | None = None,
+    model: str | None = None,
+    device=None,
+    dtype=None,
+    self_forcing_checkpoint: str | None = None,
+):
+    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder);
+    with ``self_forcing_checkpoint`` the Wan folder becomes a ``CausalWanPipeline`` with those weights."""
     if preset is not None and model is not None:
         raise ValueError(f"give preset={preset!r} or model={model!r}, not both")
     device, dtype = resolve_device_dtype(device, dtype)
+    if self_forcing_checkpoint is not None:
+        if model is None:
+            raise ValueError(
+                "self_forcing_checkpoint needs model= (a diffusers Wan 2.1 T2V folder or hub id)"
+            )
+        from .video_loaders import load_causal_wan_checkpoint
+
+        return load_causal_wan_checkpoint(model, self_forcing_checkpoint, device=device, dtype=dtype)
     if model is not None:
         from .video_loaders import load_video_checkpoint
 
@@ -148,6 +163,25 @@ def generate_video(
     from fastgen.api import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors.common import collect_stats
 
+    from .causal_video_runner import generate_causal_video, is_causal_pipeline
+
+    if is_causal_pipeline(pipe):  # autoregressive Wan: dense or Light Forcing, chunk by chunk
+        if image is not None:
+            raise ValueError(f"image={image!r} is not allowed: {type(pipe).__name__} is text-to-video")
+        return generate_causal_video(
+            pipe,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            height=height,
+            width=width,
+            frames=frames,
+            guidance_scale=guidance_scale,
+            method=method,
+            config=config,
+            progress=progress,
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     if method == "rectified":
