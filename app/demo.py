@@ -58,17 +58,38 @@ class DemoLimits:
     """Request folders older than this are deleted."""
 
 
-VIDEO_DEFAULTS = {"steps": 4, "height": 128, "width": 160, "frames": 9, "sparsity": 0.8, "block_size": 128}
-"""Initial values of the Video tab (small, so the tiny presets answer in seconds on a CPU)."""
+VIDEO_DEFAULTS = {
+    "steps": 4,
+    "height": 128,
+    "width": 160,
+    "frames": 9,
+    "sparsity": 0.9,
+    "block_size": 128,
+    "dense_layers": 0,
+    "warmup_steps": 1,
+}
+"""Initial values of the Video tab: the ``tiny-wan-long`` preset's own (6400 tokens, attention-bound)."""
 TEXT_DEFAULTS = {
-    "steps": 16,
-    "gen_length": 32,
-    "block_length": 16,
+    "steps": 4,
+    "gen_length": 4,
+    "block_length": 4,
     "skip": 0.2,
     "select": 0.3,
     "block_size": 32,
 }
-"""Initial values of the Text tab."""
+"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card."""
+
+TEXT_EXAMPLE_SEEDS = (1_000_000, 1_000_001, 1_000_002)
+"""Held-out task examples offered as prompts in the Text tab (seeds of ``KVTask.example``)."""
+
+
+def task_examples(preset: str | None) -> list[str]:
+    """Example prompts from the task generator when ``preset`` is a model trained on a checkable task."""
+    if preset != "tiny-llada-kv":
+        return []
+    from fastgen.pipelines.kv_task import KVTask
+
+    return [KVTask().example(seed).prompt for seed in TEXT_EXAMPLE_SEEDS]
 
 
 class LazyPipeline:
@@ -196,9 +217,10 @@ def _num_heads(stats: list[dict] | None, layer: str | None) -> int:
 
 
 def _mean_density(stats) -> float | None:
-    from fastgen.batch import mean_stat
+    """Mean density over the recorded sparse layers: the same rows the heatmap draws (``None`` if none)."""
+    from fastgen.stats import mean_stat, stats_layers
 
-    return mean_stat(stats, "density")
+    return mean_stat(stats_layers(stats), "density")
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -239,8 +261,8 @@ class DemoBackend:
                   seed, height, width, frames, image=None, progress=None):  # fmt: skip
         """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
         ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
+        from fastgen.compare import compare_with_dense, video_fidelity
         from fastgen.configs import RectifiedSpaAttnConfig
-        from fastgen.metrics import psnr, ssim
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
@@ -271,10 +293,13 @@ class DemoBackend:
             if image:
                 common["image"] = image
             try:
-                dense = self.video_generate(pipe, method="dense", config=None, **common)
-                sparse = self.video_generate(pipe, method="rectified", config=config, **common)
+                comparison = compare_with_dense(
+                    self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
+                    warm_up={"steps": 1}, **common,
+                )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
+        dense, sparse = comparison.dense, comparison.accelerated
         from fastgen.io import write_video
 
         dense_path = write_video(
@@ -283,14 +308,16 @@ class DemoBackend:
         sparse_path = write_video(
             os.path.join(folder, "rectified.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
         )
-        value = psnr(dense["frames"], sparse["frames"])
+        fid = comparison.fidelity
+        value = math.inf if fid["identical"] else fid["psnr"]
         metrics = {
             "dense_seconds": float(dense["seconds"]),
             "sparse_seconds": float(sparse["seconds"]),
-            "speedup": float(dense["seconds"]) / max(float(sparse["seconds"]), 1e-9),
-            "psnr": None if math.isinf(value) else float(value),
-            "identical": bool(math.isinf(value)),
-            "ssim": float(ssim(dense["frames"], sparse["frames"])),
+            "speedup": comparison.speedup,
+            "speedup_excludes_warm_up": True,
+            "psnr": fid["psnr"],
+            "identical": fid["identical"],
+            "ssim": fid["ssim"],
             "density": _mean_density(sparse.get("stats")),
             "seed": seed,
             "config": config.to_dict(),
@@ -299,7 +326,7 @@ class DemoBackend:
             [
                 ("dense time (s)", metrics["dense_seconds"]),
                 ("Rectified SpaAttn time (s)", metrics["sparse_seconds"]),
-                ("speedup", metrics["speedup"]),
+                ("speedup (warm-up excluded)", metrics["speedup"]),
                 ("PSNR vs dense (dB)", value),
                 ("SSIM vs dense", metrics["ssim"]),
                 ("mean density of sparse layers", metrics["density"]),
@@ -310,8 +337,8 @@ class DemoBackend:
     def run_text(self, prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
                  progress=None):  # fmt: skip
         """Dense and SparseD with one seed; returns both texts, metrics and the mask heatmap."""
+        from fastgen.compare import compare_with_dense, text_fidelity
         from fastgen.configs import SparseDConfig
-        from fastgen.metrics import token_agreement
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
@@ -336,41 +363,57 @@ class DemoBackend:
             if progress is not None:
                 progress(0, desc="loading the diffusion LM")
             pipe = self.text_pipeline.get()
+            task = getattr(pipe, "fastgen_task", None)
+            answer = task.answer_of(prompt) if task is not None else None
             common = {"prompt": prompt, "seed": seed, **params}
+            warm = min(4, gen_length)
             try:
-                dense = self.text_generate(pipe, method="dense", config=None, **common)
-                sparse = self.text_generate(pipe, method="sparsed", config=config, **common)
+                comparison = compare_with_dense(
+                    self.text_generate, pipe, method="sparsed", config=config,
+                    fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+                    warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+                )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
+        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
         metrics = {
             "dense_seconds": float(dense["seconds"]),
             "sparse_seconds": float(sparse["seconds"]),
-            "speedup": float(dense["seconds"]) / max(float(sparse["seconds"]), 1e-9),
-            "token_agreement": float(token_agreement(dense["tokens"], sparse["tokens"])),
+            "speedup": comparison.speedup,
+            "speedup_excludes_warm_up": True,
+            "token_agreement": fid["token_agreement"],
             "dense_tokens_per_s": float(dense["tokens_per_s"]),
             "sparse_tokens_per_s": float(sparse["tokens_per_s"]),
             "density": _mean_density(sparse.get("stats")),
             "seed": seed,
             "config": config.to_dict(),
         }
-        table = _metrics_table(
-            [
-                ("dense time (s)", metrics["dense_seconds"]),
-                ("SparseD time (s)", metrics["sparse_seconds"]),
-                ("speedup", metrics["speedup"]),
-                ("token agreement", metrics["token_agreement"]),
-                ("dense tokens/s", metrics["dense_tokens_per_s"]),
-                ("SparseD tokens/s", metrics["sparse_tokens_per_s"]),
-                ("mean density of sparse layers", metrics["density"]),
+        rows = [
+            ("dense time (s)", metrics["dense_seconds"]),
+            ("SparseD time (s)", metrics["sparse_seconds"]),
+            ("speedup (warm-up excluded)", metrics["speedup"]),
+            ("token agreement", metrics["token_agreement"]),
+            ("dense tokens/s", metrics["dense_tokens_per_s"]),
+            ("SparseD tokens/s", metrics["sparse_tokens_per_s"]),
+            ("mean density of sparse layers", metrics["density"]),
+        ]
+        if answer is not None:
+            metrics.update(
+                answer=answer, dense_correct=fid["dense_correct"], sparse_correct=fid["accelerated_correct"]
+            )
+            rows += [
+                ("expected answer", answer),
+                ("dense answer right", "yes" if fid["dense_correct"] else "no"),
+                ("SparseD answer right", "yes" if fid["accelerated_correct"] else "no"),
             ]
-        )
+        table = _metrics_table(rows)
         return dense["text"], sparse["text"], table, metrics, *self._mask_outputs(sparse.get("stats"), folder)
 
     def _mask_outputs(self, stats, folder):
         """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
         gr = require("gradio")
 
-        from fastgen.batch import stats_layers
+        from fastgen.stats import stats_layers
 
         stats = [dict(s) for s in stats_layers(stats)]
         choices = layer_choices(stats)
@@ -689,8 +732,8 @@ def build_demo(
     text_generate: Callable[..., dict] | None = None,
     limits: DemoLimits | None = None,
     *,
-    video_preset: str = "tiny-wan",
-    text_preset: str = "tiny-llada",
+    video_preset: str = "tiny-wan-long",
+    text_preset: str = "tiny-llada-kv",
     video_model: str | None = None,
     text_model: str | None = None,
     video_defaults: dict | None = None,
@@ -773,8 +816,12 @@ def build_demo(
                     0.0, 0.99, value=vd["sparsity"], step=0.01, label="sparsity (blocks dropped)"
                 )
                 v_block = gr.Dropdown(block_sizes, value=vd["block_size"], label="block size")
-                v_dense_layers = gr.Number(value=1, precision=0, minimum=0, label="dense layers (first N)")
-                v_warmup = gr.Number(value=1, precision=0, minimum=0, label="dense warm-up steps")
+                v_dense_layers = gr.Number(
+                    value=vd["dense_layers"], precision=0, minimum=0, label="dense layers (first N)"
+                )
+                v_warmup = gr.Number(
+                    value=vd["warmup_steps"], precision=0, minimum=0, label="dense warm-up steps"
+                )
                 v_form = gr.Radio(["exact", "paper", "none"], value="exact", label="rectification")
             with gr.Row():
                 v_dense_out = gr.Video(label="dense", format="mp4", elem_id="video-dense")
@@ -827,9 +874,15 @@ def build_demo(
             gr.Markdown(f"Model: `{source_text}`: masked-diffusion LM with SparseD.")
             with gr.Row():
                 with gr.Column(scale=2):
+                    examples = task_examples(text_model or text_preset)
                     t_prompt = gr.Textbox(
-                        label="prompt", value="Write a haiku about sparse attention.", lines=2
+                        label="prompt"
+                        + (" (a held-out task example; the answer is checked)" if examples else ""),
+                        value=examples[0] if examples else "Write a haiku about sparse attention.",
+                        lines=4 if examples else 2,
                     )
+                    if examples:
+                        gr.Examples([[e] for e in examples], inputs=[t_prompt], label="task examples")
                 with gr.Column(scale=1):
                     t_button = gr.Button("Generate", variant="primary", elem_id="text-generate")
             with gr.Row():

@@ -15,7 +15,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--preset",
         default=None,
-        help="embedded tiny preset (no download): tiny-wan, tiny-hunyuan, tiny-causal-wan, tiny-llada",
+        help="embedded tiny preset (no download): tiny-wan, tiny-wan-long, tiny-hunyuan, tiny-causal-wan, "
+        "tiny-llada-kv (trained), tiny-llada",
     )
     src.add_argument(
         "--model",
@@ -93,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate one video or text", description="Generate one video or text."
     )
     _add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt")
+    gen.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt (required, except for a task-trained preset such as tiny-llada-kv, which then "
+        "uses the held-out task example of --seed)",
+    )
     gen.add_argument(
         "--image", default=None, help="video, image-to-video pipelines (Wan I2V): the first frame (png/jpg)"
     )
@@ -126,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     demo.add_argument("--share", action="store_true", help="create a public Gradio share link")
-    demo.add_argument("--video-preset", default="tiny-wan", help="video preset (default tiny-wan)")
-    demo.add_argument("--text-preset", default="tiny-llada", help="text preset (default tiny-llada)")
+    demo.add_argument("--video-preset", default="tiny-wan-long", help="video preset (default tiny-wan-long)")
+    demo.add_argument("--text-preset", default="tiny-llada-kv", help="text preset (default tiny-llada-kv)")
     demo.add_argument("--video-model", default=None, help="real video checkpoint instead of the preset")
     demo.add_argument("--text-model", default=None, help="real diffusion-LM checkpoint instead of the preset")
     return parser

@@ -36,6 +36,12 @@ PRESETS: dict[str, Preset] = {
             "tiny Wan 2.1 T2V (random weights)",
         ),
         Preset(
+            "tiny-wan-long",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_wan_long",
+            "tiny Wan 2.1 T2V at 6400 tokens, attention-bound: shows the speed-up (random weights)",
+        ),
+        Preset(
             "tiny-causal-wan",
             "video",
             "fastgen.pipelines.tiny_video:build_tiny_causal_wan",
@@ -52,7 +58,13 @@ PRESETS: dict[str, Preset] = {
             "tiny-llada",
             "text",
             "fastgen.pipelines.tiny_lm:build_tiny_llada",
-            "tiny LLaDA-style diffusion LM",
+            "tiny LLaDA-style diffusion LM (random weights, character tokenizer; for tests)",
+        ),
+        Preset(
+            "tiny-llada-kv",
+            "text",
+            "fastgen.pipelines.tiny_llada_kv:build_tiny_llada_kv",
+            "tiny LLaDA trained on key-value retrieval (samples/tiny-llada-kv); answers can be checked",
         ),
     )
 }

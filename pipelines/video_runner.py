@@ -185,7 +185,7 @@ def generate_video(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     if method == "rectified":
-        config = config if config is not None else RectifiedSpaAttnConfig()
+        config = config if config is not None else default_rectified_config(pipe)
         if not isinstance(config, RectifiedSpaAttnConfig):
             raise ValueError(f"config={type(config).__name__} does not match method='rectified'")
     defaults = _defaults(pipe)
@@ -236,8 +236,15 @@ def generate_video(
     }
 
 
-def config_from_args(args: argparse.Namespace) -> RectifiedSpaAttnConfig:
-    """``RectifiedSpaAttnConfig`` from the CLI options that were given (the rest keep their defaults)."""
+def default_rectified_config(pipe=None, **fields) -> RectifiedSpaAttnConfig:
+    """``RectifiedSpaAttnConfig`` with the pipeline's own defaults (``pipe.fastgen_rectified``, set by presets
+    such as ``tiny-wan-long``) under ``fields``; the class defaults for the rest."""
+    return RectifiedSpaAttnConfig(**{**getattr(pipe, "fastgen_rectified", {}), **fields})
+
+
+def config_from_args(args: argparse.Namespace, pipe=None) -> RectifiedSpaAttnConfig:
+    """``RectifiedSpaAttnConfig`` from the CLI options that were given (the rest keep the defaults of
+    :func:`default_rectified_config` for ``pipe``)."""
     options = {
         "sparsity": getattr(args, "sparsity", None),
         "block_size": getattr(args, "block_size", None),
@@ -245,13 +252,14 @@ def config_from_args(args: argparse.Namespace) -> RectifiedSpaAttnConfig:
         "warmup_steps": getattr(args, "warmup_steps", None),
         "form": getattr(args, "form", None),
     }
-    return RectifiedSpaAttnConfig(**{k: v for k, v in options.items() if v is not None})
+    return default_rectified_config(pipe, **{k: v for k, v in options.items() if v is not None})
 
 
 __all__ = [
     "FAMILY_DEFAULTS",
     "METHODS",
     "config_from_args",
+    "default_rectified_config",
     "execution_device",
     "generate_video",
     "load_image",

@@ -1,8 +1,8 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed``, ``causal``, ``gpu`` whose modules parse their own options: everything after the
-suite name
+``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu`` whose modules parse their own options:
+everything after the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
 
@@ -21,6 +21,10 @@ PASS_THROUGH_SUITES = {
     "causal": (
         "fastgen.bench.causal",
         "Light Forcing on a tiny causal Wan: generation speed, ideal, error, memory",
+    ),
+    "accuracy": (
+        "fastgen.bench.accuracy",
+        "trained tiny diffusion LM: task accuracy and tokens/s, dense vs SparseD / threshold / Window-Diffusion",
     ),
     "gpu": (
         "fastgen.bench.gpu",
