@@ -539,7 +539,6 @@ def test_pipeline_rejects_wrong_latents_and_non_wan():
 def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
     """A diffusers Wan 2.1 T2V folder (here a tiny WanPipeline saved with save_pretrained) loads as is."""
     from diffusers import WanPipeline, WanTransformer3DModel
-
     from fastgen.pipelines import CausalWanPipeline
     from fastgen.pipelines.tiny_video import build_tiny_wan
 
@@ -564,9 +563,10 @@ def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
 
 def test_cli_generate_preset_and_runner(tmp_path, capsys):
     """``fastgen generate --preset tiny-causal-wan --method dense`` and the shared video runner."""
-    from fastgen.cli import main
     from fastgen.pipelines.causal_video_runner import denoising_timesteps
     from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
+
+    from fastgen.cli import main
 
     assert denoising_timesteps(4) == pytest.approx([1000.0, 937.5, 833.333333, 625.0])
     out = tmp_path / "causal.mp4"

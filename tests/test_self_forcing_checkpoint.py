@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-
 from fastgen.pipelines import load_self_forcing_checkpoint
 
 DIM, HEADS, FFN, TEXT, FREQ, CH, LAYERS = 48, 2, 40, 16, 32, 4, 2
@@ -222,8 +221,9 @@ def test_not_a_wan_or_not_a_file(tmp_path):
 
 def test_cli_generate_with_a_self_forcing_checkpoint(tmp_path, capsys):
     """``fastgen generate --model <Wan folder> --self-forcing-checkpoint <file> --method dense``."""
-    from fastgen.cli import main
     from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.cli import main
 
     wan = build_tiny_wan(num_layers=1)  # patch 1, 2 heads x 32, ffn 128, text 32, freq 64, 16 channels
     wan.save_pretrained(tmp_path / "wan")
@@ -250,7 +250,6 @@ def test_cli_generate_with_a_self_forcing_checkpoint(tmp_path, capsys):
 def test_real_1p3b_layout_maps_825_tensors_one_to_one():
     """Wan2.1-T2V-1.3B (30 layers, dim 1536, 12 heads, ffn 8960, text 4096, freq 256), on the meta device."""
     from diffusers import WanTransformer3DModel
-
     from fastgen.pipelines.self_forcing import convert_state_dict
 
     with torch.device("meta"):

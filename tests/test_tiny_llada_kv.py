@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-
 from fastgen.pipelines.kv_task import MASK_TOKEN_ID, KVTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
