@@ -243,15 +243,33 @@ class _WindowedRun:
         self.plan = None
 
     # ------------------------------------------------------------ one step
-    def step(self, step: int, active: torch.Tensor, count: torch.Tensor, p_transfer: float, keep) -> int:
-        """Run step ``step`` (refresh or pruned) and commit its tokens into ``run.x``; returns its NFE."""
+    def step(
+        self,
+        step: int,
+        active: torch.Tensor,
+        count: torch.Tensor,
+        p_transfer: float,
+        keep,
+        last: bool = False,
+    ) -> int:
+        """Run step ``step`` (refresh or pruned) and commit its tokens into ``run.x``; returns its NFE.
+
+        On the ``last`` step of a block, masks the pruned step could not reach (outside its candidates)
+        are decoded by a full step instead, so a block always ends complete.
+        """
         sets = None
+        full = False
         if self.phase > 0 and self.plan is not None:
             sets = self._pruned_sets(active)
             if sets is None:
                 logger.debug("Window-Diffusion: step %d leaves the frozen window; refreshing early", step)
+            elif last and bool((self._masks() & active[:, None] & ~sets[1]).any()):
+                logger.debug(
+                    "Window-Diffusion: last step %d of the block decodes its far masks in full", step
+                )
+                sets, full = None, True
         if sets is None:
-            nfe = self._refresh(step, active, count, p_transfer, keep)
+            nfe = self._refresh(step, active, count, p_transfer, keep, full=full)
             self.phase = 1 % self.config.refresh_cycle
         else:
             nfe = self._pruned(step, active, count, p_transfer, sets)
@@ -261,7 +279,7 @@ class _WindowedRun:
     def _masks(self) -> torch.Tensor:
         return (self.run.x == self.pipe.mask_token_id) & self.region
 
-    def _refresh(self, step, active, count, p_transfer, keep) -> int:
+    def _refresh(self, step, active, count, p_transfer, keep, full: bool = False) -> int:
         from fastgen.attention.window import leftmost
 
         run, cfg = self.run, self.config
@@ -271,7 +289,7 @@ class _WindowedRun:
         self.state.refresh()
         x, start, end = run.x, self.block_start, self.block_end
         masks = self._masks()
-        if not cfg.sliding:
+        if not cfg.sliding or full:
             # a dense step: full forward (keys/values cached), decoded exactly as the dense pipeline
             logits, nfe = self.pipe._full_logits(run, keep)
             in_block = masks[:, start:end]
@@ -983,7 +1001,8 @@ class DiffusionLMPipeline:
                     else:
                         count, p_transfer = schedule[:, i], 1.0
                     if windowed is not None:
-                        nfe += windowed.step(step, active, count, p_transfer, keep)
+                        last = i == steps_per_block - 1
+                        nfe += windowed.step(step, active, count, p_transfer, keep, last=last)
                     else:
                         if processor is not None:
                             processor.set_step(self.model, step)

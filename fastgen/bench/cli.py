@@ -1,7 +1,7 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed`` whose modules parse their own options: everything after the suite name
+``transformer``, ``sparsed``, ``window`` whose modules parse their own options: everything after the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
 
@@ -17,6 +17,10 @@ PASS_THROUGH_SUITES = {
         "tiny Wan or HunyuanVideo transformer: sparse vs dense speed",
     ),
     "sparsed": ("fastgen.bench.sparsed", "SparseD on a diffusion LM: speed and agreement"),
+    "window": (
+        "fastgen.bench.window",
+        "Window-Diffusion on tiny LLaDA/Dream-shaped LMs: tokens/s vs dense, with SparseD and threshold",
+    ),
 }
 """Suite name -> (module with ``main(argv)``, one-line help)."""
 
