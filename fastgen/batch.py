@@ -71,6 +71,29 @@ TEXT_PARAMS: dict[str, type] = {
 DEFAULT_METHOD = {"video": "rectified", "text": "sparsed"}
 """Sparse method used when ``--method`` is not given, per kind of model."""
 
+COMPOSITE_METHODS = {"sparsed+window_diffusion": ("window_diffusion", "sparsed")}
+"""Methods that run several configs together, and the methods they are made of."""
+
+
+def _method_parts(method: str) -> tuple[str, ...]:
+    """The config methods behind ``method`` (itself, or the parts of a composite method)."""
+    return COMPOSITE_METHODS.get(method, (method,))
+
+
+def _known_method(method: str) -> bool:
+    return method in METHOD_CONFIGS or method in COMPOSITE_METHODS
+
+
+def _allowed_methods() -> str:
+    return ", ".join(["dense", *sorted(METHOD_CONFIGS), *sorted(COMPOSITE_METHODS)])
+
+
+def _config_record(config):
+    """Manifest form of a config or of a list of configs."""
+    if isinstance(config, (list, tuple)):
+        return [c.to_dict() for c in config]
+    return config.to_dict()
+
 
 def _config_field_types(method: str) -> dict[str, type]:
     """Column types of the config fields of ``method`` (bool/int/float/str, optional allowed)."""
@@ -93,8 +116,9 @@ def allowed_columns(kind: str | None = None, method: str | None = None) -> dict[
         columns.update(VIDEO_PARAMS if k == "video" else TEXT_PARAMS)
     methods = [method] if method else list(METHOD_CONFIGS)
     for m in methods:
-        if m in METHOD_CONFIGS:
-            columns.update(_config_field_types(m))
+        for part in _method_parts(m):
+            if part in METHOD_CONFIGS:
+                columns.update(_config_field_types(part))
     return columns
 
 
@@ -350,6 +374,8 @@ def reported_config(result: dict) -> dict | None:
     config = result.get("config")
     if not isinstance(config, dict):
         return None
+    if isinstance(config.get("acceleration"), list):
+        return config["acceleration"]
     if isinstance(config.get("method"), dict):
         config = config["method"]
     return config if config.get("method") in METHOD_CONFIGS else None
@@ -391,10 +417,8 @@ class BatchRunner:
     def __post_init__(self):
         if self.kind not in ("video", "text"):
             raise ValueError(f"kind={self.kind!r} is not allowed; allowed: 'video', 'text'")
-        if self.method != "dense" and self.method not in METHOD_CONFIGS:
-            raise ValueError(
-                f"method={self.method!r} is unknown; allowed: dense, {', '.join(sorted(METHOD_CONFIGS))}"
-            )
+        if self.method != "dense" and not _known_method(self.method):
+            raise ValueError(f"method={self.method!r} is unknown; allowed: {_allowed_methods()}")
         self._pipe = None
         self.build_config(self.method_options(None))  # validates the command-line options before any work
 
@@ -406,7 +430,9 @@ class BatchRunner:
         """Method options of one item: the command line's, then the row's overrides."""
         if self.method == "dense":
             return {}
-        names = {f.name for f in dataclasses.fields(METHOD_CONFIGS[self.method])}
+        names = {
+            f.name for part in _method_parts(self.method) for f in dataclasses.fields(METHOD_CONFIGS[part])
+        }
         overrides = item.overrides if item is not None else {}
         return {**self.config_options, **{k: v for k, v in overrides.items() if k in names}}
 
@@ -415,6 +441,15 @@ class BatchRunner:
         so that the runner picks its own (model-aware) default config."""
         if self.method == "dense":
             return None
+        if self.method in COMPOSITE_METHODS:
+            configs = []
+            for part in _method_parts(self.method):
+                cls = METHOD_CONFIGS[part]
+                names = {f.name for f in dataclasses.fields(cls)}
+                mine = {k: v for k, v in options.items() if k in names}
+                if mine or part == "window_diffusion":
+                    configs.append(cls(**mine))
+            return configs if options else None
         config = METHOD_CONFIGS[self.method](**options)
         return config if options else None
 
@@ -480,7 +515,7 @@ class BatchRunner:
         )
         self._write_output(path, result)
         record = {
-            "config": config.to_dict() if config is not None else reported_config(result),
+            "config": _config_record(config) if config is not None else reported_config(result),
             "output": name,
             "seconds": _finite(result.get("seconds")),
             "density": mean_stat(result.get("stats"), "density"),
@@ -577,10 +612,8 @@ class BatchRunner:
 
 def _resolve_method(args: argparse.Namespace, kind: str) -> str:
     method = args.method or DEFAULT_METHOD[kind]
-    if method != "dense" and method not in METHOD_CONFIGS:
-        raise ValueError(
-            f"--method={method!r} is unknown; allowed: dense, {', '.join(sorted(METHOD_CONFIGS))}"
-        )
+    if method != "dense" and not _known_method(method):
+        raise ValueError(f"--method={method!r} is unknown; allowed: {_allowed_methods()}")
     return method
 
 
@@ -631,7 +664,7 @@ def runner_from_args(
         generate = generate or default_generate
     config_options = {}
     if method != "dense":
-        for f in dataclasses.fields(METHOD_CONFIGS[method]):
+        for f in (f for part in _method_parts(method) for f in dataclasses.fields(METHOD_CONFIGS[part])):
             value = getattr(args, f.name, None)
             if value is not None:
                 config_options[f.name] = value

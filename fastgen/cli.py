@@ -23,7 +23,19 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="hub id or local folder of a real checkpoint (Wan, HunyuanVideo, LLaDA, Dream)",
     )
     p.add_argument(
-        "--method", default=None, help="rectified | sparsed | dense (default: the model's sparse method)"
+        "--method",
+        default=None,
+        help="rectified | sparsed | window_diffusion | sparsed+window_diffusion | dense "
+        "(default: the model's sparse method)",
+    )
+    p.add_argument(
+        "--window", type=int, default=None, help="window_diffusion: masks in the window (default per family)"
+    )
+    p.add_argument(
+        "--active", type=int, default=None, help="window_diffusion: masks recomputed per step (default 16)"
+    )
+    p.add_argument(
+        "--refresh-cycle", type=int, default=None, help="window_diffusion: steps per refresh (default 32)"
     )
     p.add_argument(
         "--sparsity", type=float, default=None, help="video: fraction of key blocks dropped, in [0, 1)"

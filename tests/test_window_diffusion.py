@@ -440,3 +440,38 @@ def test_pipeline_bad_input_names_parameter():
 
     with pytest.raises(ValueError, match="position_ids"):
         DiffusionLMPipeline(NoPositions())(acceleration=[WindowDiffusionConfig(window=32)], **kw)
+
+
+# ------------------------------------------------------------------------------------------- CLI, batch, runner
+
+
+@pytest.mark.slow
+def test_generate_cli_window_methods(capsys):
+    from fastgen.cli import main
+
+    for method in ("window_diffusion", "sparsed+window_diffusion"):
+        argv = ["generate", "--preset", "tiny-llada", "--method", method, "--prompt", "Hi", "--gen-length", "32",
+                "--steps", "32", "--window", "16", "--active", "4", "--refresh-cycle", "8", "--compare-dense"]  # fmt: skip
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert (
+            f"[{method}]" in text and "refresh steps 4, pruned steps 28" in text and "token agreement" in text
+        )
+
+
+def test_batch_records_every_config_of_the_composition(tmp_path):
+    from fastgen.batch import MANIFEST, read_records, run_batch
+    from fastgen.cli import build_parser
+
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"prompt": "Hello", "window": 16, "select": 0.5}\n{"prompt": "Why"}\n')
+    out = tmp_path / "out"
+    argv = ["batch", str(prompts_file), "--preset", "tiny-llada", "--method", "sparsed+window_diffusion",
+            "--out-dir", str(out), "--gen-length", "16", "--steps", "16", "--active", "4", "--refresh-cycle", "4"]  # fmt: skip
+    assert run_batch(build_parser().parse_args(argv)) == 0
+    first, second = read_records(str(out / MANIFEST))
+    assert first["status"] == second["status"] == "ok"
+    wd, sp = first["config"]
+    assert (wd["method"], wd["window"], wd["active"], wd["refresh_cycle"]) == ("window_diffusion", 16, 4, 4)
+    assert (sp["method"], sp["select"]) == ("sparsed", 0.5)
+    assert [c["method"] for c in second["config"]] == ["window_diffusion"]  # only the WD options were given
