@@ -111,6 +111,8 @@ def _window_stats(out) -> dict:
         "pruned_steps": sum(1 for t in trace if not t["refresh"]),
         "mean_queries": sum(t["queries"] for t in trace) / len(trace),
         "mean_keys": sum(t["keys"] for t in trace) / len(trace),
+        "positions": int(out.sequences.shape[1]),
+        "prompt_length": int(out.prompt_length),
         "trace": trace,
     }
 

@@ -118,8 +118,11 @@ def run_window_bench(
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
+    on_row=None,
 ) -> dict:
-    """Measure every variant per family and generation length; returns a JSON-ready report."""
+    """Measure every variant per family and generation length; returns a JSON-ready report.
+
+    ``on_row(report)`` is called after each (family, generation length) row (partial reports survive)."""
     rounds = rounds or {}
     sparsed = sparsed or SparseDConfig(skip=0.2, select=0.3, block_size=128)
     report = {
@@ -204,6 +207,8 @@ def run_window_bench(
             row["loadavg"] = os.getloadavg()
             report["results"].append(row)
             logger.info("window bench %s gen %d done", family, gen)
+            if on_row is not None:
+                on_row(report)
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["loadavg_end"] = os.getloadavg()
     return report
@@ -229,6 +234,15 @@ def format_table(report: dict) -> str:
                 f"| {e['predicted_flop_ratio']:.1f} | {e['steps_run']} | {agreement} |"
             )
     return "\n".join(lines)
+
+
+def _write(path: str | None, report: dict) -> str:
+    text = json.dumps(report, indent=2)
+    if path:
+        from fastgen.io import write_text
+
+        write_text(path, text + "\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,12 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         agreement_up_to=args.agreement_up_to,
         device=args.device,
         dtype=args.dtype,
+        on_row=lambda partial: _write(args.json, partial),
     )
-    text = json.dumps(report, indent=2)
-    if args.json:
-        from fastgen.io import write_text
-
-        write_text(args.json, text + "\n")
+    text = _write(args.json, report)
     sys.stdout.write(format_table(report) + "\n" + text + "\n")
     return 0
 
