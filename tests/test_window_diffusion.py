@@ -194,9 +194,10 @@ class StaleKV:
 
 
 def reference_window_generation(
-    pipe, ids, attn, *, gen_length, steps, window, active, refresh_cycle, cfg_scale=0.0
+    pipe, ids, attn, *, gen_length, steps, window, active, refresh_cycle, cfg_scale=0.0, shift=False
 ):
-    """LLaDA rules of Window-Diffusion, one block, greedy low-confidence, written plainly."""
+    """LLaDA rules of Window-Diffusion, one block, greedy low-confidence, written plainly. With ``shift``
+    the logits of position p - 1 predict p, so p - 1 is recomputed with every active mask p."""
     from transformers import AttentionInterface
 
     from fastgen.pipelines.diffusion_lm import bidirectional_mask
@@ -234,6 +235,8 @@ def reference_window_generation(
         return logits.float()
 
     def commit(logits, allowed, counts):
+        if shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
         logits[..., MASK] = float("-inf")
         probs = torch.softmax(logits, -1)
         conf, tok = probs.max(-1)
@@ -266,7 +269,8 @@ def reference_window_generation(
                         | (refresh_decoded if first else pruned_decoded)
                     )
                     assert not (act & ~window_set).any()  # the constraint keeps queries in the window
-                    logits = forward(act, window_set)
+                    fresh = act | torch.roll(act & masks, -1, 1) if shift else act
+                    logits = forward(fresh, window_set)
                     pruned_decoded |= commit(logits, act & masks, schedule[:, step])
                     first = False
     finally:
@@ -294,6 +298,18 @@ def test_generation_equals_slow_stale_kv_statement_of_the_rules(cfg_scale):
     pruned = [t for t in got.window_trace if not t["refresh"]]
     assert len(pruned) == 25 and max(t["queries"] for t in pruned) < 30
     assert all(set(t["active"].tolist()) <= set(t["window"].tolist()) for t in pruned)
+
+
+def test_logit_shift_recomputes_the_position_before_each_active_mask():
+    pipe = tiny_pipe("dream")
+    ids, attn = prompts()
+    cfg = WindowDiffusionConfig(window=16, active=5, refresh_cycle=6, sliding=False)
+    kw = dict(gen_length=24, steps=24)
+    got = pipe(input_ids=ids, attention_mask=attn, acceleration=[cfg], sampler="llada", progress=False, **kw)
+    want = reference_window_generation(
+        pipe, ids, attn, window=16, active=5, refresh_cycle=6, shift=True, **kw
+    )
+    assert torch.equal(got.sequences, want)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
