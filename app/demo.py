@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastgen.optional import require
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ class LazyPipeline:
 
 
 def _gr_error(message: str):
-    import gradio as gr
+    gr = require("gradio")
 
     return gr.Error(message)
 
@@ -158,7 +160,7 @@ def _mask_of(stats: list[dict], layer: str | None, head: int):
 
 def draw_block_mask(stats: list[dict] | None, layer: str | None, head: int, path: str) -> str:
     """Save a PNG heatmap of the block mask of ``layer``/``head`` (kept key blocks bright) to ``path``."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure").Figure
 
     fig = Figure(figsize=(4.2, 3.6), dpi=100)
     ax = fig.add_subplot()
@@ -233,8 +235,9 @@ class DemoBackend:
         self.folders = RequestFolders(self.limits.keep_seconds)
 
     def run_video(self, prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form, steps,
-                  seed, height, width, frames, progress=None):  # fmt: skip
-        """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap."""
+                  seed, height, width, frames, image=None, progress=None):  # fmt: skip
+        """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
+        ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
         from fastgen.configs import RectifiedSpaAttnConfig
         from fastgen.metrics import psnr, ssim
 
@@ -264,6 +267,8 @@ class DemoBackend:
                 progress(0, desc="loading the video pipeline")
             pipe = self.video_pipeline.get()
             common = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **params}
+            if image:
+                common["image"] = image
             try:
                 dense = self.video_generate(pipe, method="dense", config=None, **common)
                 sparse = self.video_generate(pipe, method="rectified", config=config, **common)
@@ -362,7 +367,7 @@ class DemoBackend:
 
     def _mask_outputs(self, stats, folder):
         """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
-        import gradio as gr
+        gr = require("gradio")
 
         from fastgen.batch import stats_layers
 
@@ -442,7 +447,7 @@ def build_demo(
     ``fastgen.pipelines.video_runner.generate_video`` / ``text_runner.generate_text``. Defaults: those
     runners on ``video_preset`` / ``text_preset`` (or ``video_model`` / ``text_model``).
     """
-    import gradio as gr
+    gr = require("gradio")
 
     limits = limits or DemoLimits()
     backend = DemoBackend(
@@ -459,9 +464,9 @@ def build_demo(
     track = gr.Progress(track_tqdm=True)  # gradio finds it as the handlers' default and reports tqdm bars
 
     def run_video(prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form, steps, seed,
-                  height, width, frames, progress=track):  # fmt: skip
+                  height, width, frames, image=None, progress=track):  # fmt: skip
         return backend.run_video(prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form,
-                                 steps, seed, height, width, frames, progress=progress)  # fmt: skip
+                                 steps, seed, height, width, frames, image=image, progress=progress)  # fmt: skip
 
     def run_text(prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
                  progress=track):  # fmt: skip
@@ -485,6 +490,11 @@ def build_demo(
                     )
                     v_negative = gr.Textbox(label="negative prompt", value="")
                 with gr.Column(scale=1):
+                    v_image = gr.Image(
+                        label="first frame (image-to-video models only)",
+                        type="filepath",
+                        elem_id="video-image",
+                    )
                     v_button = gr.Button("Generate", variant="primary", elem_id="video-generate")
             with gr.Row():
                 v_steps = gr.Slider(1, limits.max_steps, value=vd["steps"], step=1, label="steps")
@@ -534,6 +544,7 @@ def build_demo(
                     v_height,
                     v_width,
                     v_frames,
+                    v_image,
                 ],  # fmt: skip
                 [v_dense_out, v_sparse_out, v_table, v_metrics, v_mask, v_layer, v_head, v_state],
                 api_name="generate_video",

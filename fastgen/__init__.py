@@ -4,7 +4,8 @@
 >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
 """
 
-from .api import apply_sparse_attention, remove_sparse_attention
+from .api import apply_sparse_attention, remove_sparse_attention, sparse_attention
+from .attention_stats import attention_stats, record_attention_stats, recording_attention_stats
 from .configs import LightForcingConfig, RectifiedSpaAttnConfig, SparseDConfig, WindowDiffusionConfig
 
 __version__ = "0.1.0"
@@ -15,5 +16,9 @@ __all__ = [
     "SparseDConfig",
     "WindowDiffusionConfig",
     "apply_sparse_attention",
+    "attention_stats",
+    "record_attention_stats",
+    "recording_attention_stats",
     "remove_sparse_attention",
+    "sparse_attention",
 ]

@@ -1,4 +1,5 @@
-"""``apply_sparse_attention`` / ``remove_sparse_attention``: the one-line switch.
+"""``apply_sparse_attention`` / ``remove_sparse_attention`` / ``sparse_attention``: the one-line switch
+for a model or a whole diffusers pipeline.
 
 Each model family has one adapter module (``fastgen/processors/<family>.py``) that exposes
 ``supports(model, config) -> bool``, ``apply(model, config) -> None`` and ``remove(model) -> None``.
@@ -7,8 +8,10 @@ This module only dispatches: it picks the first adapter that supports the model 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -34,22 +37,35 @@ def _adapters():
             raise
 
 
-def apply_sparse_attention(model: torch.nn.Module, config) -> torch.nn.Module:
+def apply_sparse_attention(model, config):
     """Install the sparse-attention method described by ``config`` on ``model`` (in place).
 
-    Works on diffusers transformers (``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
-    fastgen's causal Wan) and on transformers diffusion LMs. Applying again replaces the previous
-    method. Returns the model.
+    ``model`` is a diffusers transformer (``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
+    fastgen's causal Wan), a transformers diffusion LM, or a diffusers pipeline: then every
+    transformer it has (Wan 2.2: ``transformer`` and ``transformer_2``) gets the method with one shared
+    step counter, and the scheduler's ``set_timesteps`` marks each new generation. Applying again
+    replaces the previous method. Returns ``model``.
 
     Example:
         >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
-        >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
+        >>> apply_sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8))
         >>> video = pipe(prompt="a cat surfing", num_inference_steps=50).frames[0]
     """
+    from fastgen.hooks import apply_to_pipeline, is_pipeline
+
+    if is_pipeline(model):
+        return apply_to_pipeline(model, config)
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ValueError(
+            f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}"
+        )
+    return _apply_to_model(model, config)
+
+
+def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
+    """:func:`apply_sparse_attention` on one model: the first adapter that supports it."""
     if getattr(model, _STATE_ATTR, None) is not None:
-        remove_sparse_attention(model)
+        _remove_from_model(model)
     for adapter in _adapters():
         if adapter.supports(model, config):
             adapter.apply(model, config)
@@ -69,11 +85,36 @@ def apply_sparse_attention(model: torch.nn.Module, config) -> torch.nn.Module:
     )
 
 
-def remove_sparse_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention ``model`` had before :func:`apply_sparse_attention` (a no-op if none)."""
+def remove_sparse_attention(model):
+    """Restore the attention ``model`` (a model or a pipeline) had before :func:`apply_sparse_attention`
+    (a no-op if none). An attention backend set with ``set_attention_backend`` meanwhile is kept."""
+    from fastgen.hooks import is_pipeline, remove_from_pipeline
+
+    if is_pipeline(model):
+        return remove_from_pipeline(model)
+    return _remove_from_model(model)
+
+
+def _remove_from_model(model: torch.nn.Module) -> torch.nn.Module:
     name = getattr(model, _STATE_ATTR, None)
     if name is None:
         return model
     importlib.import_module(name).remove(model)
     setattr(model, _STATE_ATTR, None)
     return model
+
+
+@contextlib.contextmanager
+def sparse_attention(model, config) -> Iterator:
+    """``with fastgen.sparse_attention(pipe_or_model, config):`` applies the method for the block and
+    restores the original attention afterwards, also when the block raises.
+
+    Example:
+        >>> with fastgen.sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8)):
+        ...     video = pipe(prompt="a red fox in snow").frames[0]
+    """
+    apply_sparse_attention(model, config)
+    try:
+        yield model
+    finally:
+        remove_sparse_attention(model)

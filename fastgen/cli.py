@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(gen)
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument(
+        "--image", default=None, help="video, image-to-video pipelines (Wan I2V): the first frame (png/jpg)"
+    )
+    gen.add_argument(
         "--out", default=None, help="output file (.mp4 for video, .txt for text); written atomically"
     )
 
@@ -160,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             return launch(args)
     except ValueError as err:
         parser.exit(2, f"fastgen {args.command}: error: {err}\n")
+    except ImportError as err:  # an optional dependency is missing: say what to install, no traceback
+        from fastgen.optional import missing_dependency_message
+
+        message = missing_dependency_message(err)
+        if message is None:
+            raise
+        parser.exit(3, f"fastgen {args.command}: error: {message}\n")
     parser.error(f"unknown command {args.command!r}")
     return 2
 

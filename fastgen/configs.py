@@ -60,9 +60,10 @@ class _ConfigMixin:
         return cls(**data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RectifiedSpaAttnConfig(_ConfigMixin):
-    """Rectified SpaAttn for bidirectional video DiTs (Wan, HunyuanVideo)."""
+    """Rectified SpaAttn for bidirectional video DiTs (Wan, HunyuanVideo). Frozen: derive variants
+    with ``dataclasses.replace``."""
 
     sparsity: float = 0.8
     """Fraction of key blocks dropped per query block, in [0, 1)."""
@@ -75,28 +76,35 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
     form: str = "exact"
     """``"exact"`` (mixed-resolution online softmax), ``"paper"`` (scaled sparse output + pooled values)
     or ``"none"`` (plain top-k block-sparse, no rectification)."""
+    selection: str = "subblock"
+    """Critical-block rule: ``"subblock"`` (multi-resolution IPAR, top-k), ``"pooled"`` (the paper's
+    IPAR, top-k) or ``"paper"`` (the authors' rule: cumulative mass 0.3 or top-k, whichever keeps
+    more, text ranked in the same sort, plus 3D-adjacent and first-frame blocks)."""
     mass_threshold: float | None = None
-    """Also keep blocks until this cumulative estimated mass is reached (None: top-k only)."""
+    """Also keep blocks until this cumulative estimated mass is reached (None: top-k only; for
+    ``selection="paper"`` None means the authors' 0.3)."""
     reorder: bool = True
     """Reorder video tokens into compact 3D tiles before blocking (exact permutation)."""
-    variance_correction: bool = False
-    """Second-order correction of pooled logits by the per-block key variance."""
-    value_tilt: bool = False
-    """First-order value tilt for compensated blocks."""
-    selection: str = "subblock"
-    """Critical-block estimate: ``"subblock"`` (multi-resolution IPAR) or ``"pooled"`` (the paper's)."""
     pool_splits: int = 4
-    """Sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size)."""
-    isolated_keys: float = 1.0
-    """Exact form: outlier keys per key block attended exactly instead of pooled (0 disables)."""
-    compensation_splits: int = 1
-    """Exact form: pooled keys per compensated block (power of two <= block_size)."""
+    """Sub-blocks per block of the ``"subblock"`` estimate (power of two <= block_size); another value
+    with another selection is a ``ValueError``."""
+    isolated_keys: float | None = None
+    """Outlier keys per key block attended exactly instead of pooled (0 disables). None: 1.0 in the
+    exact form, 0 otherwise; the paper form has none."""
     gapr: bool = True
-    """Compensate only dropped blocks that pass GAPR (False: every dropped block)."""
+    """Compensate only dropped blocks that pass GAPR (False: every dropped block; a ``ValueError``
+    with ``form="none"``, which compensates nothing)."""
     min_tokens: int = 256
     """Sequences shorter than this run dense attention."""
 
     method = "rectified"
+
+    @property
+    def resolved_isolated_keys(self) -> float:
+        """``isolated_keys`` with None resolved for the form."""
+        if self.isolated_keys is None:
+            return 1.0 if self.form == "exact" else 0.0
+        return float(self.isolated_keys)
 
     def __post_init__(self):
         _check_fraction(self, "sparsity", low=0.0, high=1.0, high_open=True)
@@ -106,24 +114,40 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
         _check_choice(self, "form", ("exact", "paper", "none"))
         if self.mass_threshold is not None:
             _check_fraction(self, "mass_threshold", low=0.0, high=1.0, low_open=True)
-        _check_choice(self, "selection", ("subblock", "pooled"))
-        for name in ("pool_splits", "compensation_splits"):
-            _check_int(self, name, minimum=1)
-            value = getattr(self, name)
-            if value & (value - 1) or value > self.block_size:
-                raise ValueError(
-                    f"RectifiedSpaAttnConfig.{name}={value!r} is not allowed; "
-                    f"allowed: a power of two in [1, block_size={self.block_size}]"
-                )
-        if (
-            isinstance(self.isolated_keys, bool)
-            or not isinstance(self.isolated_keys, (int, float))
-            or self.isolated_keys < 0
-        ):
+        _check_choice(self, "selection", ("subblock", "pooled", "paper"))
+        _check_int(self, "pool_splits", minimum=1)
+        if self.pool_splits & (self.pool_splits - 1) or self.pool_splits > self.block_size:
             raise ValueError(
-                f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is out of range; allowed: a number >= 0"
+                f"RectifiedSpaAttnConfig.pool_splits={self.pool_splits!r} is not allowed; "
+                f"allowed: a power of two in [1, block_size={self.block_size}]"
+            )
+        if self.isolated_keys is not None:
+            if (
+                isinstance(self.isolated_keys, bool)
+                or not isinstance(self.isolated_keys, (int, float))
+                or self.isolated_keys < 0
+            ):
+                raise ValueError(
+                    f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is out of range; "
+                    "allowed: None or a number >= 0"
+                )
+            if self.form == "paper" and self.isolated_keys > 0:
+                raise ValueError(
+                    f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is not allowed with "
+                    "form='paper' (the paper form has no isolated keys); allowed: None or 0"
+                )
+        if self.pool_splits != 4 and self.selection != "subblock":
+            raise ValueError(
+                f"RectifiedSpaAttnConfig.pool_splits={self.pool_splits!r} only applies to "
+                f"selection='subblock' (selection={self.selection!r}); leave it at 4"
             )
         _check_choice(self, "gapr", (True, False))
+        if not self.gapr and self.form == "none":
+            raise ValueError(
+                "RectifiedSpaAttnConfig.gapr=False only applies to the forms that compensate "
+                "(form='exact' or 'paper'), not form='none'; leave it at True"
+            )
+        _check_choice(self, "reorder", (True, False))
         _check_int(self, "min_tokens")
 
 

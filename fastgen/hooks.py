@@ -7,8 +7,15 @@ forward call:
 
 - a new step begins when the timestep value changes, so classifier-free guidance run as two calls
   per step (same timestep twice) or as one batched call counts as ONE step;
-- a new generation begins when the timestep goes back up (or after :func:`reset_step_tracking`),
-  which resets the step counter and the state of the processors.
+- a new generation begins when the pipeline says so: :func:`apply_to_pipeline` (what
+  ``fastgen.apply_sparse_attention(pipe, config)`` does) hooks the scheduler's ``set_timesteps``,
+  which every diffusers pipeline calls once at the start of a generation, and
+  :meth:`StepTracker.begin_generation` marks one by hand. That resets the step counter and the state
+  of the processors. A pipeline that knows its steps (the chunked causal Wan, whose timesteps go
+  back up at every chunk) sets :attr:`StepTracker.explicit` and calls :meth:`StepTracker.mark_step`.
+- only a tracker that no pipeline drives (a transformer called directly, processors set by hand)
+  still guesses: there a timestep that goes back up starts a new generation, and the first such
+  guess is logged.
 
 The hook also records the latent video grid ``(frames, height, width)`` after patchify, read from
 the shape of ``hidden_states`` and the model's patch size.
@@ -51,7 +58,10 @@ def active_tracker() -> StepTracker | None:
 class StepTracker:
     """Counts denoising steps of one generation from the timesteps a transformer is called with."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline_driven: bool = False) -> None:
+        self.pipeline_driven: bool = pipeline_driven
+        """True when a pipeline marks each generation (scheduler hook or :meth:`begin_generation`): a
+        timestep that goes back up is then a further step, never a guessed new generation."""
         self.step: int = -1
         """Index of the current denoising step in this generation (-1 before the first call)."""
         self.generation: int = 0
@@ -62,23 +72,48 @@ class StepTracker:
         """Latent token grid ``(frames, height, width)`` of the current call, after patchify."""
         self.last_timestep: float | None = None
         """Timestep value of the current step."""
+        self.explicit: bool = False
+        """True while a pipeline marks steps itself with :meth:`mark_step` (the chunked causal Wan, whose
+        timesteps go back up at every chunk): :meth:`observe` then only counts calls and records the grid."""
+        self._guess_logged = False
         self._listeners: list[Callable[[], None]] = []
         self._call_end_listeners: list[Callable[[], None]] = []
 
     def observe(self, timestep: float | None, grid: tuple[int, int, int] | None = None) -> None:
         """Record one forward call at ``timestep`` (largest value of the timestep tensor)."""
         self.grid = grid
+        if self.explicit:
+            self.calls += 1
+            return
         if timestep is None:  # no timestep given: every call is its own step
             self.step += 1
         elif self.last_timestep is None:
             self.step = 0
-        elif timestep > self.last_timestep:
+        elif timestep > self.last_timestep and not self.pipeline_driven:
+            if not self._guess_logged:
+                self._guess_logged = True
+                logger.info(
+                    "fastgen: new generation guessed from the timestep going back up (%s -> %s): no "
+                    "pipeline marks generations for this tracker (processors set by hand or a transformer "
+                    "called directly); fastgen.apply_sparse_attention(pipe, config) tracks them from the "
+                    "pipeline, StepTracker.begin_generation() marks one by hand",
+                    self.last_timestep,
+                    timestep,
+                )
             self._new_generation()
             self.step = 0
         elif timestep != self.last_timestep:
             self.step += 1
         self.last_timestep = timestep
         self.calls += 1
+
+    def mark_step(self, step: int) -> None:
+        """Set the current step explicitly (used with :attr:`explicit`)."""
+        self.step = int(step)
+
+    def begin_generation(self) -> None:
+        """Mark the start of a new generation (the scheduler hook of :func:`apply_to_pipeline` calls it)."""
+        self.reset()
 
     def reset(self) -> None:
         """Start a new generation: step counter back to the beginning, processors notified."""
@@ -231,31 +266,87 @@ def pipeline_transformers(pipe) -> list[torch.nn.Module]:
     return [m for m in models if isinstance(m, torch.nn.Module)]
 
 
+SCHEDULER_HOOK_ATTR = "_fastgen_generation_hook"
+"""Attribute of a hooked scheduler instance: the trackers its ``set_timesteps`` starts a generation on."""
+
+
+def is_pipeline(obj) -> bool:
+    """Whether ``obj`` is a diffusers-style pipeline (not a module, has a ``components`` dict)."""
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "components", None), dict)
+
+
+def _hook_scheduler(scheduler, tracker: StepTracker) -> None:
+    """Make ``scheduler.set_timesteps`` (called once at the start of every pipeline call) begin a
+    generation on ``tracker``. The wrapper is an attribute of this scheduler instance only."""
+    trackers = getattr(scheduler, SCHEDULER_HOOK_ATTR, None)
+    if trackers is not None:
+        if tracker not in trackers:
+            trackers.append(tracker)
+        return
+    trackers = [tracker]
+    original = scheduler.set_timesteps  # bound method of the class
+
+    def set_timesteps(*args, **kwargs):
+        for t in list(trackers):
+            t.begin_generation()
+        return original(*args, **kwargs)
+
+    set_timesteps.__wrapped__ = original
+    scheduler.set_timesteps = set_timesteps
+    setattr(scheduler, SCHEDULER_HOOK_ATTR, trackers)
+
+
+def _unhook_scheduler(scheduler, tracker: StepTracker) -> None:
+    trackers = getattr(scheduler, SCHEDULER_HOOK_ATTR, None)
+    if trackers is None:
+        return
+    if tracker in trackers:
+        trackers.remove(tracker)
+    if not trackers:
+        del scheduler.set_timesteps  # the class's method shows through again
+        delattr(scheduler, SCHEDULER_HOOK_ATTR)
+
+
 def apply_to_pipeline(pipe, config):
     """Apply ``config`` to every transformer of ``pipe`` (Wan 2.2: ``transformer`` and ``transformer_2``).
 
     Both transformers share one step tracker, so ``warmup_steps`` counts the steps of the whole
-    generation, whichever expert runs them. Returns the pipeline.
+    generation, whichever expert runs them; the scheduler's ``set_timesteps`` marks each new
+    generation on it. Returns the pipeline.
     """
-    from fastgen.api import apply_sparse_attention
+    from fastgen.api import _apply_to_model
 
     models = pipeline_transformers(pipe)
     if not models:
         raise ValueError(f"pipe={type(pipe).__name__} has no `transformer` or `transformer_2` to accelerate")
     trackers = [get_step_tracker(m) for m in models]
     shared = next((t for t in trackers if t is not None), None) or StepTracker()
+    shared.pipeline_driven = True
     for model in models:
         register_step_tracker(model, shared)
-        apply_sparse_attention(model, config)
+        _apply_to_model(model, config)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None and callable(getattr(scheduler, "set_timesteps", None)):
+        _hook_scheduler(scheduler, shared)
+    else:
+        logger.info(
+            "fastgen: %s has no scheduler.set_timesteps; generations are guessed from timesteps",
+            type(pipe).__name__,
+        )
+        shared.pipeline_driven = False
     return pipe
 
 
 def remove_from_pipeline(pipe):
-    """Undo :func:`apply_to_pipeline`: original processors back and step trackers detached."""
-    from fastgen.api import remove_sparse_attention
+    """Undo :func:`apply_to_pipeline`: original processors back, scheduler unhooked, trackers detached."""
+    from fastgen.api import _remove_from_model
 
+    scheduler = getattr(pipe, "scheduler", None)
     for model in pipeline_transformers(pipe):
-        remove_sparse_attention(model)
+        tracker = get_step_tracker(model)
+        if tracker is not None and scheduler is not None:
+            _unhook_scheduler(scheduler, tracker)
+        _remove_from_model(model)
         remove_step_tracker(model)
     return pipe
 
@@ -265,6 +356,7 @@ __all__ = [
     "active_tracker",
     "apply_to_pipeline",
     "get_step_tracker",
+    "is_pipeline",
     "pipeline_transformers",
     "register_step_tracker",
     "remove_from_pipeline",

@@ -230,20 +230,24 @@ def _block_sparse_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host launcher: validate, allocate ``out``/``lse``, pick tiles, launch the kernel."""
     kernel = _load_kernel()
-    assert block_size >= 16 and block_size & (block_size - 1) == 0, (
-        f"block_size must be a power of two >= 16, got {block_size}"
-    )
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be [B, H, N, D]"
+    if not (block_size >= 16 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
+        raise ValueError("q, k, v must be [B, H, N, D]")
     batch, heads, q_len, head_dim = q.shape
-    assert k.shape[:2] == (batch, heads) and k.shape[3] == head_dim, (
-        f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    )
-    assert v.shape == k.shape, f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}"
+    if not (k.shape[:2] == (batch, heads) and k.shape[3] == head_dim):
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if not (v.shape == k.shape):
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
     kv_len = k.shape[2]
-    assert head_dim in _SUPPORTED_HEAD_DIMS, f"head_dim must be one of {_SUPPORTED_HEAD_DIMS}, got {head_dim}"
-    assert q.dtype in _SUPPORTED_DTYPES, f"dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}"
-    assert k.dtype == q.dtype and v.dtype == q.dtype, "q, k, v must share one dtype"
-    assert q.device == k.device == v.device, "q, k, v must be on one device"
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise ValueError("q, k, v must share one dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
     if q.device.type != "cuda" and not _is_interpreted():
         raise RuntimeError(
             f"block_sparse_attention_triton got {q.device.type} tensors: the Triton kernel needs CUDA, "
@@ -251,17 +255,23 @@ def _block_sparse_attn_fwd(
         )
 
     num_q_blocks = triton.cdiv(q_len, block_size)
-    assert kv_block_indices.dim() == 4 and tuple(kv_block_indices.shape[:3]) == (
-        batch,
-        heads,
-        num_q_blocks,
-    ), (
-        f"kv_block_indices must be [B, H, NQB, MAXK] = [{batch}, {heads}, {num_q_blocks}, MAXK], "
-        f"got {tuple(kv_block_indices.shape)}"
-    )
-    assert tuple(kv_block_counts.shape) == (batch, heads, num_q_blocks), (
-        f"kv_block_counts must be [B, H, NQB] = [{batch}, {heads}, {num_q_blocks}], got {tuple(kv_block_counts.shape)}"
-    )
+    if not (
+        kv_block_indices.dim() == 4
+        and tuple(kv_block_indices.shape[:3])
+        == (
+            batch,
+            heads,
+            num_q_blocks,
+        )
+    ):
+        raise ValueError(
+            f"kv_block_indices must be [B, H, NQB, MAXK] = [{batch}, {heads}, {num_q_blocks}, MAXK], "
+            f"got {tuple(kv_block_indices.shape)}"
+        )
+    if not (tuple(kv_block_counts.shape) == (batch, heads, num_q_blocks)):
+        raise ValueError(
+            f"kv_block_counts must be [B, H, NQB] = [{batch}, {heads}, {num_q_blocks}], got {tuple(kv_block_counts.shape)}"
+        )
     # int32 lists on the device of q; broadcast (stride-0) views are fine, strides are passed.
     kv_block_indices = kv_block_indices.to(device=q.device, dtype=torch.int32)
     kv_block_counts = kv_block_counts.to(device=q.device, dtype=torch.int32)
@@ -269,10 +279,10 @@ def _block_sparse_attn_fwd(
     default_m, default_n, num_warps, num_stages = _launch_config(head_dim, block_size, q.dtype)
     block_m = block_m or default_m
     block_n = block_n or default_n
-    assert block_size % block_m == 0 and block_size % block_n == 0, (
-        f"tile sizes ({block_m}, {block_n}) must divide block_size {block_size}"
-    )
-    assert block_m >= 16 and block_n >= 16, "tile sizes must be >= 16 (tl.dot minimum)"
+    if not (block_size % block_m == 0 and block_size % block_n == 0):
+        raise ValueError(f"tile sizes ({block_m}, {block_n}) must divide block_size {block_size}")
+    if not (block_m >= 16 and block_n >= 16):
+        raise ValueError("tile sizes must be >= 16 (tl.dot minimum)")
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
@@ -347,12 +357,16 @@ def block_sparse_attention_triton(
     return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, float(sm_scale))
 
 
-def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_mask_to_indices(
+    block_mask: torch.Tensor, max_count: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a bool block mask into the per-query-block key-block lists the kernel walks.
 
     Args:
         block_mask: bool ``[B, H, NQB, NKB]``; ``block_mask[b, h, i, j]`` means query
             block ``i`` attends to key block ``j``.
+        max_count: the table width when the caller knows an upper bound of the counts (a top-k
+            selection): then no host synchronisation reads the counts back.
 
     Returns:
         ``(indices, counts)``: ``indices`` int32 ``[B, H, NQB, MAXK]`` with the selected
@@ -365,7 +379,9 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
         raise ValueError(f"block_mask must be [B, H, NQB, NKB], got shape {tuple(block_mask.shape)}")
     selected = block_mask.to(torch.bool)
     counts = selected.sum(dim=-1, dtype=torch.int32)
-    max_count = max(int(counts.max()) if counts.numel() else 0, 1)
+    if max_count is None:
+        max_count = int(counts.max()) if counts.numel() else 0
+    max_count = max(int(max_count), 1)
     nkb = selected.shape[-1]
     rows = selected.reshape(-1, nkb)
     indices = torch.zeros(rows.shape[0], max_count, dtype=torch.int32, device=block_mask.device)

@@ -14,15 +14,24 @@ per machine: the library lands in torch's extension cache (``TORCH_EXTENSIONS_DI
 against the MKL ``sgemm_`` that PyTorch's x86 builds export. :func:`cpu_kernel_unavailable` says
 why it cannot be used (no compiler, no MKL, ``FASTGEN_CPU_KERNEL=0``); callers then take the
 PyTorch path and log it once.
+
+A build never hangs: torch guards its build folder with a ``lock`` file that a killed build leaves
+behind (every later process would wait on it forever). fastgen builds under its own OS file lock
+(``fcntl.flock``, released by the kernel when its holder dies), so a torch ``lock`` found while
+holding it is stale and is removed with a log line; waiting for a live builder in another process
+ends after ``FASTGEN_CPU_BUILD_TIMEOUT`` seconds (default 900) with a reason, and the caller falls
+back to the PyTorch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +49,123 @@ _ISA_FLAGS = {
 }
 
 
+_BUILD_LOCK_NAME = "fastgen-build.lock"
+"""fastgen's own lock file in the extension's build folder (held with ``fcntl.flock`` while building)."""
+
+_TORCH_LOCK_NAME = "lock"
+"""The lock file torch's ``cpp_extension`` creates in the build folder and waits on without limit."""
+
+
+def build_timeout() -> float:
+    """Seconds to wait for another process's build of the kernel (``FASTGEN_CPU_BUILD_TIMEOUT``, 900)."""
+    raw = os.environ.get("FASTGEN_CPU_BUILD_TIMEOUT", "900")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(
+            f"FASTGEN_CPU_BUILD_TIMEOUT={raw!r} is not allowed; it must be a number of seconds > 0"
+        )
+    return seconds
+
+
+def _build_directory(name: str) -> Path:
+    """The folder torch's ``cpp_extension.load`` builds extension ``name`` in (created if missing)."""
+    from torch.utils import cpp_extension
+
+    if hasattr(cpp_extension, "_get_build_directory"):  # the same folder torch picks by itself
+        return Path(cpp_extension._get_build_directory(name, False))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def exclusive_build(folder: Path, timeout: float, poll: float = 0.2) -> Iterator[str | None]:
+    """Hold fastgen's build lock of ``folder`` for the ``with`` body; yields None, or the reason it
+    could not be had within ``timeout`` seconds (the body must then not build).
+
+    While it is held no other fastgen process is building, so torch's own ``lock`` file, if present,
+    was left by a killed build: it is removed (logged). Without ``fcntl`` (not POSIX) it yields None
+    and leaves torch's lock alone.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield None
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _BUILD_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not logged:
+                    holder = path.read_text().strip() or "?"
+                    logger.warning(
+                        "fastgen: waiting up to %g s for process %s, which is building the native CPU "
+                        "attention kernel in %s",
+                        timeout,
+                        holder,
+                        folder,
+                    )
+                    logged = True
+                if time.monotonic() >= deadline:
+                    yield (
+                        f"timed out after {timeout:g} s waiting for another process building it in "
+                        f"{folder} (FASTGEN_CPU_BUILD_TIMEOUT sets the wait)"
+                    )
+                    return
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        stale = folder / _TORCH_LOCK_NAME
+        if stale.exists():
+            logger.warning(
+                "fastgen: removing %s, left by a build of the native CPU kernel that was killed "
+                "(no process is building it now)",
+                stale,
+            )
+            stale.unlink(missing_ok=True)
+        try:
+            yield None
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _compile(name: str, flags: list[str], timeout: float) -> str | None:
+    """Build and load extension ``name`` under :func:`exclusive_build`; the reason it failed, or None."""
+    from torch.utils import cpp_extension
+
+    folder = _build_directory(name)
+    with exclusive_build(folder, timeout) as why:
+        if why is not None:
+            return f"could not build the native CPU kernel: {why}"
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=flags,
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as err:  # compiler, ninja or the MKL symbol missing: the caller falls back
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"could not build the native CPU kernel: {first_line}"
+    return None
+
+
 @functools.cache
 def _build() -> str | None:
     """Compile and load the extension once per process; the reason it failed, or None."""
@@ -50,20 +176,7 @@ def _build() -> str | None:
     flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]
     if isa in _ISA_FLAGS:
         flags.append(f"-DCPU_CAPABILITY={isa}")
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name=f"fastgen_cpu_{isa.lower()}",
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as err:  # compiler, ninja or the MKL symbol missing: the caller falls back
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"could not build the native CPU kernel: {first_line}"
-    return None
+    return _compile(f"fastgen_cpu_{isa.lower()}", flags, build_timeout())
 
 
 def cpu_kernel_unavailable() -> str | None:

@@ -300,9 +300,8 @@ def _per_head(x: torch.Tensor, batch: int, heads: int, name: str) -> torch.Tenso
     """``[B, NKB]`` or ``[B, H, NKB]`` -> a ``[B, H, NKB]`` (possibly stride-0) view."""
     if x.dim() == 2:
         x = x[:, None]
-    assert x.dim() == 3 and x.shape[0] == batch and x.shape[1] in (1, heads), (
-        f"{name} must be [B, NKB] or [B, H, NKB], got {tuple(x.shape)}"
-    )
+    if not (x.dim() == 3 and x.shape[0] == batch and x.shape[1] in (1, heads)):
+        raise ValueError(f"{name} must be [B, NKB] or [B, H, NKB], got {tuple(x.shape)}")
     return x.expand(batch, heads, x.shape[2])
 
 
@@ -329,19 +328,19 @@ def _rectified_exact_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host launcher: validate, cast the pooled/text operands, allocate ``out``/``lse``, launch."""
     kernel = _load_kernel()
-    assert block_size >= 16 and block_size & (block_size - 1) == 0, (
-        f"block_size must be a power of two >= 16, got {block_size}"
-    )
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be [B, H, N, D]"
+    if not (block_size >= 16 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
+        raise ValueError("q, k, v must be [B, H, N, D]")
     batch, heads, q_len, head_dim = q.shape
-    assert k.shape[:2] == (batch, heads) and k.shape[3] == head_dim and v.shape == k.shape, (
-        f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
-    )
-    assert head_dim in _bsa._SUPPORTED_HEAD_DIMS, (
-        f"head_dim must be one of {_bsa._SUPPORTED_HEAD_DIMS}, got {head_dim}"
-    )
-    assert q.dtype in _bsa._SUPPORTED_DTYPES, f"dtype must be one of {_bsa._SUPPORTED_DTYPES}, got {q.dtype}"
-    assert k.dtype == q.dtype and v.dtype == q.dtype, "q, k, v must share one dtype"
+    if not (k.shape[:2] == (batch, heads) and k.shape[3] == head_dim and v.shape == k.shape):
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if head_dim not in _bsa._SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_bsa._SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if q.dtype not in _bsa._SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {_bsa._SUPPORTED_DTYPES}, got {q.dtype}")
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise ValueError("q, k, v must share one dtype")
     if q.device.type != "cuda" and not _bsa._is_interpreted():
         raise RuntimeError(
             f"rectified_exact_attention_triton got {q.device.type} tensors: the Triton kernel needs CUDA, "
@@ -354,13 +353,15 @@ def _rectified_exact_attn_fwd(
         ("kv_block", kv_block_indices, kv_block_counts),
         ("pooled_block", pooled_block_indices, pooled_block_counts),
     ):
-        assert table.dim() == 4 and tuple(table.shape[:3]) == (batch, heads, num_q_blocks), (
-            f"{name}_indices must be [B, H, NQB, MAX] = [{batch}, {heads}, {num_q_blocks}, MAX], "
-            f"got {tuple(table.shape)}"
-        )
-        assert tuple(counts.shape) == (batch, heads, num_q_blocks), (
-            f"{name}_counts must be [B, H, NQB] = [{batch}, {heads}, {num_q_blocks}], got {tuple(counts.shape)}"
-        )
+        if not (table.dim() == 4 and tuple(table.shape[:3]) == (batch, heads, num_q_blocks)):
+            raise ValueError(
+                f"{name}_indices must be [B, H, NQB, MAX] = [{batch}, {heads}, {num_q_blocks}, MAX], "
+                f"got {tuple(table.shape)}"
+            )
+        if not (tuple(counts.shape) == (batch, heads, num_q_blocks)):
+            raise ValueError(
+                f"{name}_counts must be [B, H, NQB] = [{batch}, {heads}, {num_q_blocks}], got {tuple(counts.shape)}"
+            )
     kv_block_indices = kv_block_indices.to(device=device, dtype=torch.int32)
     kv_block_counts = kv_block_counts.to(device=device, dtype=torch.int32)
     pooled_block_indices = pooled_block_indices.to(device=device, dtype=torch.int32)
@@ -368,56 +369,64 @@ def _rectified_exact_attn_fwd(
 
     # pooled keys/values enter the dots in the input dtype, like the full keys; biases stay fp32
     num_pooled = pooled_k.shape[2] if pooled_k.dim() == 4 else -1
-    assert pooled_k.dim() == 4 and pooled_k.shape[:2] == (batch, heads) and pooled_k.shape[3] == head_dim, (
-        f"pooled_k must be [B, H, NKB, D] = [{batch}, {heads}, NKB, {head_dim}], got {tuple(pooled_k.shape)}"
-    )
+    if not (pooled_k.dim() == 4 and pooled_k.shape[:2] == (batch, heads) and pooled_k.shape[3] == head_dim):
+        raise ValueError(
+            f"pooled_k must be [B, H, NKB, D] = [{batch}, {heads}, NKB, {head_dim}], got {tuple(pooled_k.shape)}"
+        )
     pooled_k = pooled_k.to(device=device, dtype=dtype)
     if pooled_v.dim() == 4:
-        assert pooled_v.shape == pooled_k.shape, (
-            f"pooled_v must be [B, H, NKB, D] = {tuple(pooled_k.shape)}, got {tuple(pooled_v.shape)}"
-        )
+        if not (pooled_v.shape == pooled_k.shape):
+            raise ValueError(
+                f"pooled_v must be [B, H, NKB, D] = {tuple(pooled_k.shape)}, got {tuple(pooled_v.shape)}"
+            )
         pooled_v = pooled_v.to(device=device, dtype=dtype)[:, :, None]  # query-block stride 0
     else:
-        assert tuple(pooled_v.shape) == (batch, heads, num_q_blocks, num_pooled, head_dim), (
-            f"pooled_v must be [B, H, NKB, D] or [B, H, NQB, NKB, D] = "
-            f"[{batch}, {heads}, {num_q_blocks}, {num_pooled}, {head_dim}], got {tuple(pooled_v.shape)}"
-        )
+        if not (tuple(pooled_v.shape) == (batch, heads, num_q_blocks, num_pooled, head_dim)):
+            raise ValueError(
+                f"pooled_v must be [B, H, NKB, D] or [B, H, NQB, NKB, D] = "
+                f"[{batch}, {heads}, {num_q_blocks}, {num_pooled}, {head_dim}], got {tuple(pooled_v.shape)}"
+            )
         pooled_v = pooled_v.to(device=device, dtype=dtype)
     pooled_v_strides = list(pooled_v.stride())
     if pooled_v.shape[2] == 1:
         pooled_v_strides[2] = 0
     pooled_log_counts = _per_head(pooled_log_counts, batch, heads, "pooled_log_counts")
-    assert pooled_log_counts.shape[2] == num_pooled, (
-        f"pooled_log_counts has {pooled_log_counts.shape[2]} blocks, pooled_k has {num_pooled}"
-    )
+    if not (pooled_log_counts.shape[2] == num_pooled):
+        raise ValueError(
+            f"pooled_log_counts has {pooled_log_counts.shape[2]} blocks, pooled_k has {num_pooled}"
+        )
     pooled_log_counts = pooled_log_counts.to(device=device, dtype=torch.float32)
     has_variance = pooled_key_variance is not None
     if has_variance:
-        assert pooled_key_variance.shape == pooled_k.shape, (
-            f"pooled_key_variance must be {tuple(pooled_k.shape)}, got {tuple(pooled_key_variance.shape)}"
-        )
+        if not (pooled_key_variance.shape == pooled_k.shape):
+            raise ValueError(
+                f"pooled_key_variance must be {tuple(pooled_k.shape)}, got {tuple(pooled_key_variance.shape)}"
+            )
         pooled_key_variance = pooled_key_variance.to(device=device, dtype=dtype)
     else:
         pooled_key_variance = pooled_k  # never read
 
     if text_k is None or text_k.shape[2] == 0:
-        assert text_v is None or text_v.shape[2] == 0, "text_v given without text_k"
+        if not (text_v is None or text_v.shape[2] == 0):
+            raise ValueError("text_v given without text_k")
         text_len = 0
         text_k = text_v = k[:, :, :1]  # never read
         text_bias = torch.zeros(batch, 1, device=device, dtype=torch.float32)
     else:
         text_len = text_k.shape[2]
-        assert text_v is not None and text_k.shape == text_v.shape == (batch, heads, text_len, head_dim), (
-            f"text_k / text_v must both be [B, H, T, D], got {tuple(text_k.shape)} / "
-            f"{None if text_v is None else tuple(text_v.shape)}"
-        )
+        if not (text_v is not None and text_k.shape == text_v.shape == (batch, heads, text_len, head_dim)):
+            raise ValueError(
+                f"text_k / text_v must both be [B, H, T, D], got {tuple(text_k.shape)} / "
+                f"{None if text_v is None else tuple(text_v.shape)}"
+            )
         text_k, text_v = text_k.to(device=device, dtype=dtype), text_v.to(device=device, dtype=dtype)
         if text_valid is None:
             text_bias = torch.zeros(batch, text_len, device=device, dtype=torch.float32)
         else:
-            assert tuple(text_valid.shape) == (batch, text_len), (
-                f"text_valid must be [B, T] = [{batch}, {text_len}], got {tuple(text_valid.shape)}"
-            )
+            if not (tuple(text_valid.shape) == (batch, text_len)):
+                raise ValueError(
+                    f"text_valid must be [B, T] = [{batch}, {text_len}], got {tuple(text_valid.shape)}"
+                )
             zero = torch.zeros((), device=device, dtype=torch.float32)
             text_bias = torch.where(text_valid.to(device=device, dtype=torch.bool), zero, float("-inf"))
 
@@ -425,11 +434,12 @@ def _rectified_exact_attn_fwd(
     block_m = block_m or default_m
     block_n = block_n or default_n
     block_p = block_p or block_n
-    assert block_size % block_m == 0 and block_size % block_n == 0, (
-        f"tile sizes ({block_m}, {block_n}) must divide block_size {block_size}"
-    )
-    assert min(block_m, block_n, block_p) >= 16, "tile sizes must be >= 16 (tl.dot minimum)"
-    assert block_p & (block_p - 1) == 0, f"block_p must be a power of two, got {block_p}"
+    if not (block_size % block_m == 0 and block_size % block_n == 0):
+        raise ValueError(f"tile sizes ({block_m}, {block_n}) must divide block_size {block_size}")
+    if not (min(block_m, block_n, block_p) >= 16):
+        raise ValueError("tile sizes must be >= 16 (tl.dot minimum)")
+    if not (block_p & (block_p - 1) == 0):
+        raise ValueError(f"block_p must be a power of two, got {block_p}")
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, q_len), device=device, dtype=torch.float32)

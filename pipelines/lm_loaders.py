@@ -248,6 +248,42 @@ def _build_native(config, state_dict_items, device: torch.device, dtype: torch.d
     return model.eval()
 
 
+def _rope_theta_in_use(model) -> float | None:
+    """The RoPE base the built model actually uses, read back from its rotary table (None if unknown)."""
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or {}
+    declared = params.get("rope_theta", getattr(config, "rope_theta", None))
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if params.get("rope_type", "default") != "default" or inv_freq is None or inv_freq.numel() < 2:
+        return None if declared is None else float(declared)
+    head_dim = 2 * inv_freq.numel()  # inv_freq[i] = theta ** (-2 i / head_dim)
+    return float(inv_freq[1].double() ** (-head_dim / 2))
+
+
+def check_loaded_model(model, *, rope_theta: float, dtype: torch.dtype) -> None:
+    """Refuse a loaded model whose RoPE base or dtype is not what the checkpoint asked for.
+
+    Older transformers releases ignore ``rope_parameters=`` (theta silently falls back to 10000) and
+    ``dtype=``; this turns that into a ``RuntimeError`` naming the installed version.
+    """
+    import transformers
+
+    used = _rope_theta_in_use(model)
+    if used is None or abs(used - rope_theta) > 1e-3 * rope_theta:
+        raise RuntimeError(
+            f"loaded {type(model).__name__} uses rope_theta={used} but the checkpoint's config.json says "
+            f"rope_theta={rope_theta}; transformers {transformers.__version__} did not apply it "
+            "(fastgen needs transformers >= 5.0)"
+        )
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {dtype}:
+        raise RuntimeError(
+            f"loaded {type(model).__name__} has parameter dtypes {sorted(map(str, dtypes))}, asked for "
+            f"{dtype}; transformers {transformers.__version__} did not apply dtype= (fastgen needs >= 5.0)"
+        )
+
+
 def load_diffusion_lm(
     name_or_path: str,
     *,
@@ -287,6 +323,8 @@ def load_diffusion_lm(
         if mask_token_id is None:
             raise ValueError(f"name_or_path={name_or_path!r}: cannot tell the mask token id of this model")
         model.config.fastgen_mask_token_id = int(mask_token_id)
+        if {p.dtype for p in model.parameters()} != {dtype}:  # its own code may keep some in fp32
+            logger.warning("remote-code model %s loaded with dtypes other than %s", name_or_path, dtype)
         if family is not None:
             model.config.fastgen_family = family
         return model, tokenizer, int(mask_token_id)
@@ -310,12 +348,14 @@ def load_diffusion_lm(
             f"name_or_path={name_or_path!r} is not a LLaDA or Dream checkpoint (model_type="
             f"{raw.get('model_type')!r}); pass trust_remote_code=True to load it with its own code"
         )
+    check_loaded_model(model, rope_theta=float(raw.get("rope_theta", 10000.0)), dtype=dtype)
     logger.info("loaded %s as native %s", name_or_path, type(model).__name__)
     return model, tokenizer, config.fastgen_mask_token_id
 
 
 __all__ = [
     "DREAM_MASK_TOKEN_ID",
+    "check_loaded_model",
     "LLADA_MASK_TOKEN_ID",
     "detect_family",
     "dream_to_qwen2_config",

@@ -76,6 +76,37 @@ def load_video_pipeline(preset: str | None = None, model: str | None = None, dev
     return load_preset(preset, device=device, dtype=dtype)
 
 
+def execution_device(pipe) -> torch.device:
+    """Where the pipeline computes: diffusers' ``_execution_device`` (the accelerator under
+    ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``, where ``pipe.device`` says cpu)."""
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else torch.device(pipe.device)
+
+
+def takes_image(pipe) -> bool:
+    """Whether the pipeline is image-to-video (its call takes an ``image``)."""
+    import inspect
+
+    return "image" in inspect.signature(type(pipe).__call__).parameters
+
+
+def load_image(image):
+    """A PIL RGB image from a path, a PIL image or an ``[H, W, 3]`` uint8 array."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"image array must be [H, W, 3] (or 4), got shape {image.shape}")
+        return Image.fromarray(_to_uint8(image)).convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"image={image!r} could not be read as a picture: {err}") from err
+
+
 def _defaults(pipe) -> dict:
     family = FAMILY_DEFAULTS[pipeline_family(pipe)]
     return {**family, **getattr(pipe, "fastgen_defaults", {})}
@@ -102,14 +133,19 @@ def generate_video(
     method: str = "rectified",
     config: RectifiedSpaAttnConfig | None = None,
     progress: bool = True,
+    image=None,
 ) -> dict:
     """Generate one video; sparse attention is applied for the call only and removed afterwards.
+
+    ``image`` (a path, a PIL image or an ``[H, W, 3]`` uint8 array) is the first frame for an
+    image-to-video pipeline (``WanImageToVideoPipeline``), which requires it; text-to-video pipelines
+    refuse it.
 
     Returns a dict: ``frames`` uint8 ``[T, H, W, 3]``, ``seconds`` (pipeline call), ``fps``,
     ``stats`` (per-layer rows of the last step, each with ``model``: ``transformer`` / ``transformer_2``)
     and ``config`` (the method's settings as a dict).
     """
-    from fastgen.hooks import apply_to_pipeline, remove_from_pipeline
+    from fastgen.api import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors.common import collect_stats
 
     if method not in METHODS:
@@ -130,18 +166,24 @@ def generate_video(
         "generator": torch.Generator("cpu").manual_seed(int(seed)),
         "output_type": "np",
     }
+    if takes_image(pipe):
+        if image is None:
+            raise ValueError(f"image=None: {type(pipe).__name__} is image-to-video and needs a first frame")
+        kwargs["image"] = load_image(image)
+    elif image is not None:
+        raise ValueError(f"image= was given but {type(pipe).__name__} is text-to-video (no image input)")
     pipe.set_progress_bar_config(disable=not progress)
     stats = []
     if method == "rectified":
-        if pipe.device.type == "cpu":  # a first build of the CPU kernel must not land in the timing
+        if execution_device(pipe).type == "cpu":  # a first CPU kernel build must not land in the timing
             warm_up_cpu_kernel()
-        apply_to_pipeline(pipe, config)
+        apply_sparse_attention(pipe, config)
     try:
         start = time.perf_counter()
         with torch.no_grad():
             output = pipe(**kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if execution_device(pipe).type == "cuda":
+            torch.cuda.synchronize(execution_device(pipe))
         seconds = time.perf_counter() - start
         if method == "rectified":
             for name in ("transformer", "transformer_2"):
@@ -150,7 +192,7 @@ def generate_video(
                     stats.extend({"model": name, **row} for row in collect_stats(model))
     finally:
         if method == "rectified":
-            remove_from_pipeline(pipe)
+            remove_sparse_attention(pipe)
     return {
         "frames": _to_uint8(output.frames[0]),
         "seconds": seconds,
@@ -176,8 +218,11 @@ __all__ = [
     "FAMILY_DEFAULTS",
     "METHODS",
     "config_from_args",
+    "execution_device",
     "generate_video",
+    "load_image",
     "load_video_pipeline",
     "pipeline_family",
     "resolve_device_dtype",
+    "takes_image",
 ]

@@ -294,3 +294,23 @@ def test_browser_clicks_generate_and_sees_results(fake_app, tmp_path):
             browser.close()
             if demo is not fake_app[0]:
                 demo.close()
+
+
+def test_video_handler_passes_the_first_frame_to_image_to_video_pipelines(fake_app, tmp_path):
+    """The demo's image field reaches ``generate_video(image=...)`` for both runs; empty, it is not passed."""
+    demo, _, _ = fake_app
+    backend = demo.fastgen_backend
+    seen = []
+    real = backend.video_generate
+
+    def recording(pipe, **kw):
+        seen.append(kw.get("image", "absent"))
+        return real(pipe, **{k: v for k, v in kw.items() if k != "image"})
+
+    backend.video_generate = recording
+    try:
+        backend.run_video(*VIDEO_ARGS.values(), str(tmp_path / "first.png"))
+        backend.run_video(*VIDEO_ARGS.values(), None)
+    finally:
+        backend.video_generate = real
+    assert seen == [str(tmp_path / "first.png")] * 2 + ["absent"] * 2

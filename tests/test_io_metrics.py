@@ -55,3 +55,49 @@ def test_metrics():
     assert token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
     with pytest.raises(ValueError, match="equal shapes"):
         psnr(a, a[:1])
+
+
+def _ssim_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two [H, W] planes written out position by position (Wang et al. 2004): 11 x 11 Gaussian
+    weights with sigma 1.5 normalised to 1, weighted means, variances and covariance about the mean,
+    C1 = (0.01)^2, C2 = (0.03)^2, averaged over the positions where the window fits."""
+    offsets = np.arange(11) - 5
+    weights = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 1.5**2))
+    weights /= weights.sum()
+    values = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px, py = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
+            mx, my = (weights * px).sum(), (weights * py).sum()
+            vx, vy = (weights * (px - mx) ** 2).sum(), (weights * (py - my) ** 2).sum()
+            cxy = (weights * (px - mx) * (py - my)).sum()
+            c1, c2 = 0.01**2, 0.03**2
+            values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_uses_the_standard_gaussian_window():
+    """Against the position-by-position definition: 2 frames x 3 channels, 17 x 14 (not square, not a
+    multiple of the window), a smooth picture and a noisy copy of it."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:17, 0:14]
+    phase = np.arange(3)[None, None, :]
+    base = 0.5 + 0.36 * np.sin(xx / 3.0)[..., None] * np.cos(yy[..., None] / 4.0 + phase)
+    a = np.stack([base, np.roll(base, 2, axis=1)])  # [2, 17, 14, 3]
+    b = np.clip(a + 0.08 * rng.standard_normal(a.shape), 0, 1)
+    want = np.mean([_ssim_by_hand(a[f, ..., c], b[f, ..., c]) for f in range(2) for c in range(3)])
+    assert ssim(a, b) == pytest.approx(want, abs=1e-10)
+    assert 0.3 < want < 0.95  # a case where the window shape matters, not a saturated one
+
+
+def test_ssim_of_flat_frames_is_the_luminance_term():
+    """Flat frames have zero variance, so SSIM is (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1) exactly."""
+    a, b = np.full((1, 12, 12, 1), 0.2), np.full((1, 12, 12, 1), 0.6)
+    assert ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + 1e-4) / (0.2**2 + 0.6**2 + 1e-4), abs=1e-12)
+    uint8 = (np.full((1, 12, 12, 3), 51, np.uint8), np.full((1, 12, 12, 3), 153, np.uint8))
+    assert ssim(*uint8) == pytest.approx(ssim(a.repeat(3, -1), b.repeat(3, -1)), abs=1e-12)
+
+
+def test_ssim_rejects_frames_smaller_than_its_window():
+    with pytest.raises(ValueError, match="H, W >= 11"):
+        ssim(np.zeros((1, 10, 32, 3)), np.zeros((1, 10, 32, 3)))

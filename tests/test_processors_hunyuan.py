@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import fastgen
 from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
 from fastgen.processors import hunyuan_video
 from fastgen.processors.hunyuan_video import HunyuanVideoRectifiedProcessor
@@ -68,7 +69,8 @@ def test_sparsity_zero_matches_dense_with_padded_text():
     kw = inputs()
     ref = run(model, kw)
     apply_sparse_attention(model, cfg(sparsity=0.0))
-    out = run(model, kw)
+    with fastgen.recording_attention_stats(model, "masks"):
+        out = run(model, kw)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     rows = hunyuan_video.stats(model)
     assert [r["layer"] for r in rows] == [0, 1]  # double-stream block 0, single-stream block 0

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+import fastgen
 from fastgen import RectifiedSpaAttnConfig, SparseDConfig, apply_sparse_attention, remove_sparse_attention
 from fastgen.hooks import (
     StepTracker,
@@ -66,7 +67,8 @@ def test_sparsity_zero_matches_dense_batch2():
     x, t, text = inputs(batch=2)
     ref = run(model, x, t, text)
     apply_sparse_attention(model, cfg(sparsity=0.0))
-    out = run(model, x, t, text)
+    with fastgen.recording_attention_stats(model, "masks"):  # masks are kept only when asked
+        out = run(model, x, t, text)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     rows = wan.stats(model)
     assert [r["layer"] for r in rows] == [0, 1]
@@ -319,3 +321,33 @@ def test_processor_workspace_lives_for_one_forward_call():
     assert by_hand.workspace.nbytes > 0
     by_hand.reset()
     assert by_hand.workspace.nbytes == 0
+
+
+def test_statistics_levels_off_summary_masks():
+    """Statistics are read through ``fastgen.attention_stats``: by default a summary (no masks held),
+    masks only when asked, nothing at all with ``"off"``."""
+    model = tiny_wan()
+    x, t, text = inputs()
+    apply_sparse_attention(model, cfg(sparsity=0.75))
+    run(model, x, t, text)
+    rows = fastgen.attention_stats(model)
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(r["block_mask"] is None and 0 < r["density"] < 1 for r in rows)
+    assert all(r["keys_per_query"] > 0 for r in rows)
+    procs = {id(p): p for p in model.attn_processors.values() if isinstance(p, WanRectifiedProcessor)}
+    assert all(
+        not any(torch.is_tensor(v) and v.dim() > 1 for v in p._last[layer].values())
+        for p in procs.values()
+        for layer in p._last
+    )
+    with fastgen.recording_attention_stats(model, "masks"):
+        run(model, x, t, text)
+    assert all(r["block_mask"] is not None for r in fastgen.attention_stats(model))
+    assert all(p.record_stats == "summary" for p in procs.values())  # restored after the block
+    fastgen.record_attention_stats(model, "off")
+    for p in procs.values():
+        p.reset()
+    run(model, x, t, text)
+    assert fastgen.attention_stats(model) == []
+    with pytest.raises(ValueError, match="level"):
+        fastgen.record_attention_stats(model, "all")

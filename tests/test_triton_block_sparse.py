@@ -196,7 +196,7 @@ def test_launcher_rejects_bad_block_size():
     q, k, v = random_inputs(1, 1, 32, 32, 16, torch.float32)
     indices = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=DEVICE)
     counts = torch.ones(1, 1, 2, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(AssertionError, match="power of two"):
+    with pytest.raises(ValueError, match="power of two"):
         bsa.block_sparse_attention_triton(q, k, v, indices, counts, block_size=24)
 
 

@@ -32,7 +32,6 @@ if os.environ.get("TRITON_INTERPRET") == "1" and type(tl.zeros).__name__ == "JIT
 from fastgen.kernels import block_mask_to_indices, block_sparse_attention_triton  # noqa: E402
 from fastgen.kernels import rectified_attn as ra  # noqa: E402
 
-from fastgen.attention import rectified  # noqa: E402
 from fastgen.attention.rectified import rectified_sparse_attention  # noqa: E402
 from tests.helpers import rel_rmse as relative_rmse  # noqa: E402
 
@@ -279,25 +278,20 @@ def rectified_exact_attention_triton_call(case, indices, counts, pooled_indices,
 def test_launcher_rejects_mismatched_pooled_shapes():
     case = make_case(1, 1, 32, 16, 16, torch.float32)
     case["pooled_k"] = case["pooled_k"][..., :8]
-    with pytest.raises(AssertionError, match="pooled_k"):
+    with pytest.raises(ValueError, match="pooled_k"):
         run_kernel(case)
 
 
-DISPATCH_CASES = [
-    pytest.param(torch.float32, False, id="fp32"),
-    pytest.param(torch.bfloat16, False, id="bf16"),
-    pytest.param(torch.float32, True, id="fp32-variance-tilt"),
-]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rectified_plans_run_the_fused_kernel_on_the_triton_engine(dtype, monkeypatch):
+    """A Rectified plan (selected blocks + text, pooled and isolated extra keys) on the Triton engine
+    is one pass of the rectified kernel and equals the torch engine, with padded text and a 3D grid."""
+    import fastgen.kernels as kernels
 
-
-@pytest.mark.parametrize(("dtype", "corrections"), DISPATCH_CASES)
-def test_rectified_exact_form_dispatch_matches_merge_path(dtype, corrections, monkeypatch):
-    """``rectified_sparse_attention(form="exact", backend="triton")`` runs the fused kernel and equals
-    the three-part merge path of the torch backend, with text keys (some padded) and a 3D grid."""
     calls = []
-    fused = rectified.fused_exact_attention
+    fused = kernels.rectified_exact_attention_triton
     monkeypatch.setattr(
-        rectified, "fused_exact_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw)
+        kernels, "rectified_exact_attention_triton", lambda *a, **kw: calls.append(1) or fused(*a, **kw)
     )
     gen = torch.Generator().manual_seed(9)
     grid, text = (2, 6, 8), 9
@@ -306,31 +300,14 @@ def test_rectified_exact_form_dispatch_matches_merge_path(dtype, corrections, mo
     key_padding_mask = torch.ones(2, n, dtype=torch.bool)
     key_padding_mask[1, -3:] = False
     common = dict(
-        sparsity=0.5,
-        block_size=16,
-        num_text_tokens=text,
-        key_padding_mask=key_padding_mask,
-        grid=grid,
-        form="exact",
-        variance_correction=corrections,
-        value_tilt=corrections,
+        sparsity=0.5, block_size=16, num_text_tokens=text, key_padding_mask=key_padding_mask, grid=grid
     )
     fused_out, stats = rectified_sparse_attention(q, k, v, backend="triton", return_stats=True, **common)
-    merged = rectified_sparse_attention(q, k, v, backend="torch", **common)
+    reference = rectified_sparse_attention(q, k, v, backend="torch", **common)
     assert calls == [1]
     assert stats["compensated_mask"].any() and not stats["block_mask"].all()
     assert fused_out.dtype == dtype and fused_out.shape == q.shape
-    assert relative_rmse(fused_out, merged) < (1e-5 if dtype == torch.float32 else 1.5e-2)
-
-
-def test_fused_exact_form_only_where_the_kernel_applies():
-    """Padded video keys, an unsupported head dim or a non-Triton backend keep the merge path."""
-    q = torch.zeros(1, 1, 40, 32)
-    assert rectified.fused_exact_applies(q, None, "triton")
-    assert rectified.fused_exact_applies(q, torch.ones(1, 40, dtype=torch.bool), "triton")
-    assert not rectified.fused_exact_applies(q, torch.arange(40)[None] < 30, "triton")
-    assert not rectified.fused_exact_applies(torch.zeros(1, 1, 40, 24), None, "triton")
-    assert not rectified.fused_exact_applies(q, None, "torch")
+    assert relative_rmse(fused_out, reference) < (1e-5 if dtype == torch.float32 else 1.5e-2)
 
 
 _COMPILE_SCRIPT = """

@@ -43,11 +43,21 @@ def test_sparsity_zero_pipeline_matches_dense(wan_pipe):
 
 
 def test_sparse_pipeline_is_close_and_deterministic(wan_pipe):
-    config = small_config(sparsity=0.75, warmup_steps=1)
+    """Every step sparse at 0.75: the video changes (the method ran) but stays within a PSNR bound of
+    dense that an unrelated video (another seed) is far outside. Measured: 58 dB sparse, 29 dB seed 4."""
+    from fastgen.metrics import psnr
+
+    config = small_config(sparsity=0.75)
+    dense = generate_video(wan_pipe, prompt="a fox", method="dense", seed=3, progress=False, **SMALL)
+    other_seed = generate_video(wan_pipe, prompt="a fox", method="dense", seed=4, progress=False, **SMALL)
     a = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
     b = generate_video(wan_pipe, prompt="a fox", config=config, seed=3, progress=False, **SMALL)
     assert np.array_equal(a["frames"], b["frames"])
-    assert all(r["density"] < 1.0 for r in a["stats"])
+    assert len(a["stats"]) == 2 and all(r["density"] <= 0.5 for r in a["stats"])
+    assert not np.array_equal(a["frames"], dense["frames"])  # sparse attention did change the output
+    assert psnr(a["frames"], dense["frames"]) >= 45.0
+    assert np.abs(a["frames"].astype(int) - dense["frames"].astype(int)).mean() <= 0.5
+    assert psnr(other_seed["frames"], dense["frames"]) < 40.0  # the bound separates close from unrelated
 
 
 def test_bad_method_and_preset():
@@ -111,3 +121,31 @@ def test_load_checkpoint_round_trip(tmp_path, wan_pipe):
         load_video_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match="dtype"):
         load_video_pipeline(model=str(tmp_path / "ckpt"), dtype="int8")
+
+
+def test_image_to_video_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Wan I2V (Wan 2.2 layout, two experts) through ``fastgen generate --image``; a missing or
+    misplaced image is a clear error."""
+    from fastgen.pipelines import video_runner
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+    from fastgen.pipelines.tiny_video_i2v import build_tiny_wan_i2v
+    from PIL import Image
+
+    from fastgen.cli import main
+    from fastgen.io import read_video
+
+    first = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(first).save(tmp_path / "first.png")
+    monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan_i2v(num_layers=1))
+    args = _args(tmp_path, "--image", str(tmp_path / "first.png"), "--sparsity", "0.5")
+    assert generate_from_args(args) == 0
+    assert read_video(tmp_path / "v.mp4").shape == (5, 64, 64, 3)
+    assert "rectified" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="image-to-video and needs a first frame"):
+        generate_from_args(_args(tmp_path))
+    with pytest.raises(ValueError, match="could not be read as a picture"):
+        generate_from_args(_args(tmp_path, "--image", str(tmp_path / "missing.png")))
+    monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
+    with pytest.raises(SystemExit) as err:
+        main(["generate", "--preset", "tiny-wan", "--prompt", "x", "--image", str(tmp_path / "first.png")])
+    assert err.value.code == 2 and "text-to-video" in capsys.readouterr().err

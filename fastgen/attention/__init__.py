@@ -14,6 +14,7 @@ from .blocks import (
     tile_permutation,
 )
 from .dense import dense_attention
+from .plan import SelectionPlan, execute_plan
 from .workspace import Workspace
 
 
@@ -27,6 +28,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "SelectionPlan",
     "Workspace",
     "available_backends",
     "block_mask_to_indices",
@@ -34,6 +36,7 @@ __all__ = [
     "block_token_counts",
     "default_tile",
     "dense_attention",
+    "execute_plan",
     "inverse_permutation",
     "keep_count",
     "pool_blocks",

@@ -1,14 +1,17 @@
-"""Backends for block-sparse attention: Triton (CUDA), gather (the CPU fast path: a native kernel
-for fp32), FlexAttention, plain PyTorch.
+"""Engines that execute a :class:`~fastgen.attention.plan.SelectionPlan`, and the one table of what
+each serves: Triton (CUDA), gather (the CPU fast path: a native kernel for fp32), FlexAttention,
+plain PyTorch.
 
-Every backend takes q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]`` and a bool ``block_mask``
-``[B or 1, H, ceil(Nq/bs), ceil(Nk/bs)]`` and returns ``(out, lse)`` with ``lse`` the natural-log
-log-sum-exp ``[B, H, Nq]`` fp32. Query rows with no selected key block give zeros and ``lse = -inf``.
+Every engine takes q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]`` and a plan, and returns ``(out, lse)``
+with ``lse`` the natural-log log-sum-exp ``[B, H, Nq]`` fp32. Query rows with no key give zeros and
+``lse = -inf``. Engines execute; they never select.
 
-The backend is chosen per call: an explicit ``backend=`` argument, else :func:`set_default_backend`,
-else the ``FASTGEN_ATTENTION_BACKEND`` environment variable, else automatically (Triton on CUDA,
-gather on CPU, the PyTorch reference otherwise). A fallback away from the requested or
-automatic choice is logged once per reason, never silent.
+What each engine serves (device, dtype, head_dim, gradients, extra keys) is stated once, in its
+:class:`BackendSpec`; :func:`resolve_backend` consults it. The backend is chosen per call: an
+explicit ``backend=`` argument, else :func:`set_default_backend`, else the
+``FASTGEN_ATTENTION_BACKEND`` environment variable, else automatically (Triton on CUDA, gather on
+CPU). A call the chosen backend cannot serve falls back down the automatic order, logged once per
+reason, never silent; the PyTorch reference serves everything.
 """
 
 from __future__ import annotations
@@ -18,18 +21,17 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .blocks import block_mask_to_indices
+from .plan import SelectionPlan
 
 logger = logging.getLogger(__name__)
 
-BackendFn = Callable[..., tuple]  # (q, k, v, block_mask, block_size, scale, need_lse=True) -> (out, lse)
-
-_BACKENDS: dict[str, BackendFn] = {}
-_AVAILABLE: dict[str, Callable[[torch.device], str | None]] = {}
-_default_backend: str | None = None
+EngineFn = Callable[..., tuple]  # (q, k, v, plan, scale, need_lse=True) -> (out, lse)
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set[str] = set()
 
 
@@ -40,28 +42,82 @@ def log_once(message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
 
 
-def register_backend(name: str, unavailable_reason: Callable[[torch.device], str | None]):
-    """Register a backend function; ``unavailable_reason(device)`` returns None when usable."""
+@dataclass(frozen=True)
+class BackendSpec:
+    """What one engine serves; :func:`resolve_backend` never hands it anything else."""
 
-    def wrap(fn: BackendFn) -> BackendFn:
-        _BACKENDS[name] = fn
-        _AVAILABLE[name] = unavailable_reason
+    name: str
+    devices: tuple[str, ...]
+    """Device types it runs on."""
+    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
+    head_dims: tuple[int, ...] | None = None
+    """Head dims it supports (None: any)."""
+    grad_devices: tuple[str, ...] = ()
+    """Device types on which it keeps gradients (elsewhere inputs that need grad go elsewhere)."""
+    extra_keys: bool = False
+    """Whether it serves plans with extra keys."""
+    environment: Callable[[torch.device], str | None] = lambda device: None
+    """Why it cannot run on this machine for ``device`` (None: it can)."""
+
+    def unsupported(
+        self,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        head_dim: int | None = None,
+        requires_grad: bool = False,
+        extra_keys: bool = False,
+    ) -> str | None:
+        """Why this engine cannot serve such a call, or None."""
+        if device.type not in self.devices:
+            return f"it runs on {'/'.join(self.devices)}, not {device.type}"
+        why = self.environment(device)
+        if why is not None:
+            return why
+        if dtype is not None and dtype not in self.dtypes:
+            return f"dtype {dtype} is not one of {[str(t) for t in self.dtypes]}"
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            return f"head_dim {head_dim} is not one of {list(self.head_dims)}"
+        if requires_grad and device.type not in self.grad_devices:
+            return "it is forward-only and the inputs require grad"
+        if extra_keys and not self.extra_keys:
+            return "it does not serve extra (pooled / isolated / text) keys"
+        return None
+
+
+_SPECS: dict[str, BackendSpec] = {}
+_ENGINES: dict[str, EngineFn] = {}
+_default_backend: str | None = None
+
+
+def register_backend(spec: BackendSpec):
+    """Register an engine function under ``spec.name`` with what it serves."""
+
+    def wrap(fn: EngineFn) -> EngineFn:
+        _SPECS[spec.name] = spec
+        _ENGINES[spec.name] = fn
         return fn
 
     return wrap
 
 
+def backend_spec(name: str) -> BackendSpec:
+    """The :class:`BackendSpec` of backend ``name``."""
+    if name not in _SPECS:
+        raise ValueError(f"backend={name!r} is unknown; allowed: {sorted(_SPECS)}")
+    return _SPECS[name]
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device``."""
     device = torch.device(device)
-    return [name for name, why in _AVAILABLE.items() if why(device) is None]
+    return [name for name, spec in _SPECS.items() if spec.unsupported(device) is None]
 
 
 def set_default_backend(name: str | None) -> None:
     """Force one backend for every later call (``None`` restores automatic choice)."""
     global _default_backend
-    if name is not None and name not in _BACKENDS:
-        raise ValueError(f"backend={name!r} is unknown; allowed: {sorted(_BACKENDS)} or None")
+    if name is not None and name not in _SPECS:
+        raise ValueError(f"backend={name!r} is unknown; allowed: {sorted(_SPECS)} or None")
     _default_backend = name
 
 
@@ -71,79 +127,105 @@ def _auto_order(device: torch.device) -> list[str]:
     return ["gather", "flex", "torch"]
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """Name of the backend a call will use; logs once when it falls back."""
+def resolve_backend(
+    requested: str | None,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    requires_grad: bool = False,
+    extra_keys: bool = False,
+) -> str:
+    """Name of the backend a call will use: the requested one if its :class:`BackendSpec` serves
+    the call, else the first of the automatic order that does (logged once per reason)."""
     requested = requested or _default_backend or os.environ.get("FASTGEN_ATTENTION_BACKEND") or None
+    needs = dict(dtype=dtype, head_dim=head_dim, requires_grad=requires_grad, extra_keys=extra_keys)
+    order = _auto_order(device)
     if requested is not None and requested != "auto":
-        if requested not in _BACKENDS:
-            raise ValueError(f"backend={requested!r} is unknown; allowed: {sorted(_BACKENDS)} or 'auto'")
-        why = _AVAILABLE[requested](device)
+        if requested not in _SPECS:
+            raise ValueError(f"backend={requested!r} is unknown; allowed: {sorted(_SPECS)} or 'auto'")
+        first, why = requested, _SPECS[requested].unsupported(device, **needs)
         if why is None:
             return requested
-        log_once(
-            f"fastgen: block-sparse backend {requested!r} unavailable on {device.type} ({why}); falling back"
-        )
-    order = _auto_order(device)
+    else:
+        first, why = order[0], None
     for name in order:
-        if name not in _BACKENDS:
-            continue
-        why = _AVAILABLE[name](device)
-        if why is None:
-            if name != order[0] and requested in (None, "auto"):
-                log_once(f"fastgen: preferred block-sparse backend {order[0]!r} unavailable; using {name!r}")
+        reason = _SPECS[name].unsupported(device, **needs)
+        if reason is None:
+            if name != first:
+                why = why or _SPECS[first].unsupported(device, **needs)
+                log_once(
+                    f"fastgen: attention backend {first!r} cannot serve this call ({why}); using {name!r}"
+                )
             return name
     return "torch"
 
 
-def run_backend(
+def run_plan(
     name: str,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
-    block_size: int,
+    plan: SelectionPlan,
     scale: float,
     need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Call backend ``name``; returns ``(out, lse)``."""
-    out, lse = _BACKENDS[name](q, k, v, block_mask, block_size, scale, need_lse=need_lse)
+    """Run engine ``name`` on a plan; returns ``(out, lse)`` (lse None when not needed)."""
+    out, lse = _ENGINES[name](q, k, v, plan, scale, need_lse=need_lse)
     if isinstance(lse, _LazyLSE):
         lse = lse.materialise() if need_lse else None
     return out, lse
 
 
+def default_scale(head_dim: int) -> float:
+    """Softmax scale ``1/sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim)
+
+
 # --------------------------------------------------------------------------------------------
-# PyTorch reference: one query block at a time, so memory is O(block_size * Nk), never N x N.
+# PyTorch reference: one query block at a time, so memory is O(block_size * (Nk + P)), never N x N.
 # --------------------------------------------------------------------------------------------
 
 
-@register_backend("torch", lambda device: None)
-def torch_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Plain PyTorch reference (fp32 math)."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    kf, vf = k.float(), v.float()
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    mask = block_mask.expand(b, -1, -1, -1)
-    for qb in range(mask.shape[2]):
-        rows = slice(qb * block_size, min(nq, (qb + 1) * block_size))
-        key_mask = mask[:, :, qb].repeat_interleave(block_size, dim=-1)[..., :nk]  # [B, H, Nk]
+@register_backend(
+    BackendSpec(
+        "torch", ("cpu", "cuda", "mps", "xpu"), grad_devices=("cpu", "cuda", "mps", "xpu"), extra_keys=True
+    )
+)
+def torch_plan_attention(q, k, v, plan: SelectionPlan, scale, need_lse=True):
+    """Plain PyTorch (fp32 math) execution of a plan; keeps gradients."""
+    b, h, nq, _ = q.shape
+    bs, nk = plan.block_size, plan.kv_len
+    kf, vf = k[:, :, :nk].float(), v[:, :, :nk].float()
+    block_mask = plan.block_mask  # [B, H, nqb, nkb]
+    bias = plan.extra_bias()  # [B, H, nqb, P] or None
+    if bias is not None:
+        p = bias.shape[-1]
+        extra_k, extra_v = plan.extra_k[:, :, :p].float(), plan.extra_v[:, :, :p].float()
+    outs, lses = [], []
+    for qb in range(plan.num_query_blocks):
+        rows = slice(qb * bs, min(nq, (qb + 1) * bs))
+        key_mask = block_mask[:, :, qb].repeat_interleave(bs, dim=-1)[..., :nk]  # [B, H, Nk]
         scores = torch.matmul(q[:, :, rows].float(), kf.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~key_mask[:, :, None, :], float("-inf"))
+        values = vf
+        if bias is not None:
+            extra = torch.matmul(q[:, :, rows].float(), extra_k.transpose(-1, -2)) * scale
+            scores = torch.cat([scores, extra + bias[:, :, qb, None, :]], dim=-1)
+            values = torch.cat([vf, extra_v], dim=2)
         row_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - row_lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
-        out[:, :, rows] = torch.matmul(probs, vf).to(q.dtype)
-        lse[:, :, rows] = row_lse
-    return out, lse
+        outs.append(torch.matmul(probs, values).to(q.dtype))
+        lses.append(row_lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 # --------------------------------------------------------------------------------------------
-# Triton (CUDA): walks a per-(batch, head, query-block) list of selected key blocks.
+# Triton (CUDA): walks the plan's index table; extra keys through the rectified kernel's pooled set.
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_unavailable(device: torch.device) -> str | None:
+def _triton_environment(device: torch.device) -> str | None:
     try:
         from fastgen.kernels import HAS_TRITON
     except ImportError as err:  # pragma: no cover - kernels package always ships
@@ -155,27 +237,54 @@ def _triton_unavailable(device: torch.device) -> str | None:
     return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
 
 
-@register_backend("triton", _triton_unavailable)
-def triton_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Triton kernel over an index table of selected key blocks."""
-    from fastgen.kernels import block_sparse_attention_triton
+@register_backend(
+    BackendSpec(
+        "triton",
+        ("cuda", "cpu"),
+        head_dims=(16, 32, 64, 128),
+        extra_keys=True,
+        environment=_triton_environment,
+    )
+)
+def triton_plan_attention(q, k, v, plan: SelectionPlan, scale, need_lse=True):
+    """Triton kernels: block-sparse over the index table; with extra keys, the rectified kernel
+    walks them as its pooled keys (a second index table from the visible extra keys)."""
+    from fastgen.kernels import block_sparse_attention_triton, rectified_exact_attention_triton
 
-    indices, counts = block_mask_to_indices(block_mask.expand(q.shape[0], -1, -1, -1))
-    return block_sparse_attention_triton(q, k, v, indices, counts, block_size=block_size, sm_scale=scale)
+    nk = plan.kv_len
+    k, v = k[:, :, :nk], v[:, :, :nk]
+    if not plan.has_extra_keys:
+        return block_sparse_attention_triton(
+            q, k, v, plan.block_indices, plan.block_counts, block_size=plan.block_size, sm_scale=scale
+        )
+    p = plan.extra_log_weight.shape[-1]
+    extra_indices, extra_counts = block_mask_to_indices(torch.isfinite(plan.extra_bias()))
+    return rectified_exact_attention_triton(
+        q,
+        k,
+        v,
+        plan.block_indices,
+        plan.block_counts,
+        plan.extra_k[:, :, :p],
+        plan.extra_v[:, :, :p],
+        extra_indices,
+        extra_counts,
+        plan.extra_log_weight,
+        plan.block_size,
+        scale,
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# FlexAttention: BlockMask built from block indices directly (no element-wise mask_mod).
+# FlexAttention: BlockMask built from the index table directly (no element-wise mask_mod).
 # --------------------------------------------------------------------------------------------
 
 
-def _flex_unavailable(device: torch.device) -> str | None:
+def _flex_environment(device: torch.device) -> str | None:
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError as err:
         return f"torch.nn.attention.flex_attention unavailable: {err}"
-    if device.type not in ("cpu", "cuda"):
-        return f"FlexAttention does not run on {device.type}"
     return None
 
 
@@ -186,34 +295,36 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_mask(block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int):
-    """A FlexAttention ``BlockMask`` straight from the selected key-block indices (no mask_mod scan)."""
+def flex_block_mask(plan: SelectionPlan):
+    """A FlexAttention ``BlockMask`` straight from the plan's index table (no mask_mod scan)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    indices, counts = block_mask_to_indices(block_mask)
-    nkb = block_mask.shape[-1]
+    indices, counts, nkb = plan.block_indices, plan.block_counts, plan.num_key_blocks
     # from_kv_blocks wants the index table padded out to every key block
     if indices.shape[-1] < nkb:
         pad = torch.zeros(
             *indices.shape[:-1], nkb - indices.shape[-1], dtype=indices.dtype, device=indices.device
         )
         indices = torch.cat([indices, pad], dim=-1)
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len))
+    return BlockMask.from_kv_blocks(
+        counts, indices[..., :nkb], BLOCK_SIZE=plan.block_size, seq_lengths=(plan.q_len, plan.kv_len)
+    )
 
 
-@register_backend("flex", _flex_unavailable)
-def flex_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Compiled FlexAttention with a BlockMask built from the block indices.
+@register_backend(BackendSpec("flex", ("cpu", "cuda"), grad_devices=("cuda",), environment=_flex_environment))
+def flex_plan_attention(q, k, v, plan: SelectionPlan, scale, need_lse=True):
+    """Compiled FlexAttention with a BlockMask built from the index table.
 
     Inductor's CPU FlexAttention is inference-only and cannot return the LSE; the LSE is then
-    recomputed block-sparsely by the gather path (the output stays FlexAttention's).
+    recomputed by the gather engine when asked (the output stays FlexAttention's).
     """
-    bm = flex_block_mask(block_mask.expand(q.shape[0], -1, -1, -1), block_size, q.shape[2], k.shape[2])
+    bm = flex_block_mask(plan)
+    kc, vc = k[:, :, : plan.kv_len], v[:, :, : plan.kv_len]
     if q.device.type == "cpu":
         with torch.no_grad():
-            out = _compiled_flex()(q, k, v, block_mask=bm, scale=scale)
-        return out, _LazyLSE(q, k, v, block_mask, block_size, scale)
-    out, lse = _compiled_flex()(q, k, v, block_mask=bm, scale=scale, return_lse=True)
+            out = _compiled_flex()(q, kc, vc, block_mask=bm, scale=scale)
+        return out, _LazyLSE(q, k, v, plan, scale)
+    out, lse = _compiled_flex()(q, kc, vc, block_mask=bm, scale=scale, return_lse=True)
     return out, lse.float()
 
 
@@ -224,9 +335,7 @@ class _LazyLSE:
         self.args = args
 
     def materialise(self) -> torch.Tensor:
-        from .gather import gather_block_sparse_attention
-
-        return gather_block_sparse_attention(*self.args)[1]
+        return gather_plan_engine(*self.args)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,19 +344,23 @@ class _LazyLSE:
 # --------------------------------------------------------------------------------------------
 
 
-@register_backend("gather", lambda device: None if device.type == "cpu" else "the gather path is CPU-only")
-def gather_block_sparse(q, k, v, block_mask, block_size, scale, need_lse=True):
-    """Selected key blocks per query block only: native CPU kernel for fp32, else fused SDPA on slabs.
-    Forward only: inputs that need gradients go to the PyTorch reference (logged once)."""
-    from .gather import gather_block_sparse_attention
+@register_backend(BackendSpec("gather", ("cpu",), extra_keys=True))
+def gather_plan_engine(q, k, v, plan: SelectionPlan, scale, need_lse=True):
+    """Selected key blocks per query block only, extra keys in the same pass: native CPU kernel for
+    fp32, else fused SDPA on slabs. Forward only."""
+    from .gather import gather_attention
 
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        log_once("fastgen: the gather backend is forward-only and the inputs require grad; using 'torch'")
-        return torch_block_sparse(q, k, v, block_mask, block_size, scale)
-
-    return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale, return_lse=need_lse)
-
-
-def default_scale(head_dim: int) -> float:
-    """Softmax scale ``1/sqrt(head_dim)``."""
-    return 1.0 / math.sqrt(head_dim)
+    return gather_attention(
+        q,
+        k,
+        v,
+        plan.block_indices,
+        plan.block_counts,
+        plan.block_size,
+        scale,
+        kv_length=None if plan.kv_len == k.shape[2] else plan.kv_len,
+        extra_k=plan.extra_k if plan.has_extra_keys else None,
+        extra_v=plan.extra_v if plan.has_extra_keys else None,
+        extra_bias=plan.extra_bias(),
+        return_lse=need_lse,
+    )

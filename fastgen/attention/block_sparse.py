@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_block_mask, check_block_size, check_qkv
-from .backends import default_scale, resolve_backend, run_backend
+from .plan import SelectionPlan, execute_plan
 
 
 def block_sparse_attention(
@@ -41,7 +41,5 @@ def block_sparse_attention(
     check_qkv(q, k, v)
     check_block_size(block_size)
     check_block_mask(block_mask, q, k, block_size)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    name = resolve_backend(backend, q.device)
-    out, lse = run_backend(name, q, k, v, block_mask, block_size, scale, need_lse=return_lse)
-    return (out, lse) if return_lse else out
+    plan = SelectionPlan.from_block_mask(block_mask, block_size, q.shape[2], k.shape[2], batch=q.shape[0])
+    return execute_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

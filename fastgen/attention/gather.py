@@ -214,6 +214,21 @@ def gather_block_sparse_attention(
     block_mask: torch.Tensor,
     block_size: int,
     scale: float,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gather_attention` with the selection given as a bool ``block_mask`` ``[B or 1, H, nqb, nkb]``."""
+    indices, counts = block_mask_to_indices(block_mask.expand(q.shape[0], -1, -1, -1))
+    return gather_attention(q, k, v, indices, counts, block_size, scale, **options)
+
+
+def gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    scale: float,
     *,
     kv_length: int | None = None,
     extra_k: torch.Tensor | None = None,
@@ -224,11 +239,13 @@ def gather_block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention by gathering selected key blocks; returns ``(out, lse)``.
 
-    q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]``, block_mask bool ``[B or 1, H, nqb, nkb]``.
+    q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]``; ``indices`` int32 ``[B, H, nqb, K]`` / ``counts``
+    ``[B, H, nqb]`` the selected key blocks (as :func:`block_mask_to_indices` gives them).
     ``kv_length``: keys at and after this position are padding (a caller that padded k/v to a
     block multiple once). ``extra_k``/``extra_v`` ``[B, H, P', D]`` with ``extra_bias`` fp32
-    ``[B, H, nqb, P]`` (``P <= P'``, the rows after ``P`` ignored): extra keys in the same softmax, with logit ``q·k·scale + bias`` for each
-    query block (``-inf`` hides one) — pooled and text keys of rectified attention.
+    ``[B, H, nqb, P]`` (``P <= P'``, the rows after ``P`` ignored): extra keys in the same softmax,
+    with logit ``q·k·scale + bias`` for each query block (``-inf`` hides one) — the packed form of
+    a plan's extra keys (:meth:`SelectionPlan.extra_bias`).
     ``scatter_out = (dest [M, D], rows [B*H*nqb*bs] long)``: query row ``i`` (queries padded to whole
     blocks) is written to ``dest[rows[i]]`` straight from the kernel (an un-permute for free); then
     ``(dest, None)`` is returned and no LSE is kept. ``return_lse=False`` may skip the LSE (None).
@@ -241,7 +258,6 @@ def gather_block_sparse_attention(
     nk = k.shape[2] if kv_length is None else int(kv_length)
     bs = block_size
     nqb, nkb = num_blocks(nq, bs), num_blocks(k.shape[2], bs)
-    indices, counts = block_mask_to_indices(block_mask.expand(b, -1, -1, -1))
     if extra_k is None and scatter_out is None and kv_length is None and native_kernel_serves(q, k, v):
         return _native_rows(q, k, v, indices, counts, bs, scale, return_lse)
     max_k = indices.shape[-1]

@@ -27,9 +27,9 @@ import torch
 
 from ._checks import check_block_mask, check_block_size, check_key_padding_mask, check_qkv
 from .backends import default_scale
-from .block_sparse import block_sparse_attention
 from .blocks import block_token_counts, num_blocks, pad_to_blocks
 from .gather import native_kernel_serves
+from .plan import SelectionPlan, execute_plan
 
 # score elements one streamed chunk may span (query rows x keys x batch x heads)
 _STREAM_ELEMENTS = 64 << 20
@@ -289,44 +289,6 @@ def compute_sparsed_pattern(
     return SparseDPattern(block_mask=mask, block_size=block_size, num_tokens=n)
 
 
-def _partial_block_attention(q, k, v, block_mask, block_size, key_padding_mask, partial, scale):
-    """Exact attention of every query over the valid keys of the partially padded key blocks its
-    query block selected. Returns ``(out fp32 [B, H, Nq, D], lse fp32 [B, H, Nq])``."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    device = q.device
-    per_row = partial.sum(-1)  # [B]
-    slots = int(per_row.max().item())
-    # the partial block ids of each row, first `per_row[b]` entries valid
-    order = torch.argsort((~partial).to(torch.int8), dim=-1, stable=True)[:, :slots]  # [B, P]
-    slot_ok = torch.arange(slots, device=device)[None, :] < per_row[:, None]  # [B, P]
-    tokens = order[..., None] * block_size + torch.arange(block_size, device=device)  # [B, P, bs]
-    tokens = tokens.view(b, slots * block_size)
-    in_range = tokens < nk
-    tokens = tokens.clamp_max(nk - 1)
-    token_ok = torch.gather(key_padding_mask, 1, tokens) & in_range & slot_ok.repeat_interleave(block_size, 1)
-    index = tokens[:, None, :, None].expand(b, h, -1, d)
-    k_part = torch.gather(k, 2, index).float()  # [B, H, P*bs, D]
-    v_part = torch.gather(v, 2, index).float()
-    nqb = block_mask.shape[2]
-    chosen = torch.gather(block_mask.expand(b, h, -1, -1), 3, order[:, None, None, :].expand(b, h, nqb, -1))
-    chosen = chosen.repeat_interleave(block_size, dim=3) & token_ok[:, None, None, :]  # [B, H, nqb, P*bs]
-    out = torch.zeros(b, h, nq, d, dtype=torch.float32, device=device)
-    lse = torch.full((b, h, nq), float("-inf"), dtype=torch.float32, device=device)
-    chunk = _query_chunk_blocks(b, h, slots * block_size, block_size)
-    for first in range(0, nqb, chunk):
-        last = min(nqb, first + chunk)
-        rows = slice(first * block_size, min(nq, last * block_size))
-        scores = torch.matmul(q[:, :, rows].float(), k_part.transpose(-1, -2)).mul_(scale)
-        allowed = chosen[:, :, first:last].repeat_interleave(block_size, dim=2)[:, :, : scores.shape[2]]
-        scores = scores.masked_fill_(~allowed, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - row_lse[..., None].clamp_min(torch.finfo(torch.float32).min))
-        out[:, :, rows] = torch.matmul(probs, v_part)
-        lse[:, :, rows] = row_lse
-    return out, lse
-
-
 def sparsed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -340,11 +302,10 @@ def sparsed_attention(
 ) -> torch.Tensor:
     """Block-sparse attention under a SparseD pattern, exact with respect to key padding.
 
-    Fully valid key blocks go through :func:`fastgen.attention.block_sparse_attention` (any
-    backend). Fully padded key blocks are dropped. Partially padded key blocks (e.g. the block where
-    a left-padded prompt starts) are attended over their valid keys only, by a small exact pass whose
-    result is merged with the block-sparse result through their log-sum-exps. With every valid block
-    selected this equals dense attention with the key padding mask.
+    The pattern becomes a :class:`~fastgen.attention.plan.SelectionPlan` (fully padded key blocks
+    dropped; padded keys inside a selected block excluded through the plan's ``key_valid``) run by
+    :func:`~fastgen.attention.plan.execute_plan` on any engine. With every valid block selected
+    this equals dense attention with the key padding mask.
 
     Args:
         q, k, v: ``[B, H, N, D]`` (q may differ in length from k/v).
@@ -361,30 +322,14 @@ def sparsed_attention(
     check_block_size(block_size)
     check_block_mask(block_mask, q, k, block_size)
     check_key_padding_mask(key_padding_mask, k)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if key_padding_mask is None or bool(key_padding_mask.all()):
-        return block_sparse_attention(q, k, v, block_mask, block_size, scale=scale, backend=backend)
     b, nk = q.shape[0], k.shape[2]
-    counts, _ = key_block_validity(key_padding_mask, nk, block_size, b)
-    full_size = block_token_counts(nk, block_size, device=q.device)  # [nkb]
-    full = counts == full_size[None, :]
-    partial = (counts > 0) & ~full
-    full_mask = block_mask & full[:, None, None, :]
-    selected_partial = partial[:, None, None, :] & block_mask
-    if not bool(selected_partial.any()):
-        return block_sparse_attention(q, k, v, full_mask, block_size, scale=scale, backend=backend)
-    out_full, lse_full = block_sparse_attention(
-        q, k, v, full_mask, block_size, return_lse=True, scale=scale, backend=backend
-    )
-    out_part, lse_part = _partial_block_attention(
-        q, k, v, block_mask, block_size, key_padding_mask, partial, scale
-    )
-    lse = torch.logaddexp(lse_full, lse_part)
-    safe = lse.clamp_min(torch.finfo(torch.float32).min)[..., None]
-    w_full = torch.exp(lse_full[..., None] - safe)
-    w_part = torch.exp(lse_part[..., None] - safe)
-    out = w_full * out_full.float() + w_part * out_part
-    return out.nan_to_num_(0.0).to(q.dtype)
+    key_valid = None
+    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+        counts, _ = key_block_validity(key_padding_mask, nk, block_size, b)
+        block_mask = block_mask & (counts > 0)[:, None, None, :]  # fully padded blocks: never attended
+        key_valid = key_padding_mask
+    plan = SelectionPlan.from_block_mask(block_mask, block_size, q.shape[2], nk, batch=b, key_valid=key_valid)
+    return execute_plan(q, k, v, plan, backend=backend, scale=scale)
 
 
 def save_patterns(path: str | os.PathLike, patterns: dict, block_size: int | None = None) -> None:

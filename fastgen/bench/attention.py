@@ -4,9 +4,13 @@ error against dense next to it.
 For each method (``block_sparse`` top-k on pooled scores; ``rectified`` Rectified SpaAttn; ``sparsed``
 SparseD patterns) and sparsity, on a structured synthetic workload (:mod:`fastgen.bench.workloads`):
 
-- speedup over ``torch.nn.functional.scaled_dot_product_attention`` on the same inputs, best and
-  median of several repeats after a warm-up call (compiles, caches); CUDA is synchronised;
-- the density actually computed (fraction of query-block x key-block tiles);
+- speedup over ``torch.nn.functional.scaled_dot_product_attention`` on the same inputs: wall clock,
+  SDPA and every method interleaved in each of several rounds after a warm-up call (compiles,
+  caches), the ratio of medians (and of bests); CUDA is synchronised; the load average is printed;
+- every method's timed call includes its selection (SparseD's pattern is fixed after its dense
+  warm-up and reused, so its call is the attention alone); the selection alone is timed too;
+- the density actually computed (fraction of query-block x key-block tiles) and the keys each query
+  attends to (extra keys counted) with the effective density they give;
 - relative L2 error and cosine similarity against the SDPA output;
 - peak memory of one call: ``torch.cuda.max_memory_allocated`` growth on CUDA; on CPU the growth of
   the process's resident set size (RSS) over its value before the call, sampled every 0.5 ms by a
@@ -15,8 +19,9 @@ SparseD patterns) and sparsity, on a structured synthetic workload (:mod:`fastge
   the sampling period, and allocator memory reused from earlier calls is not counted as new.
 
 ``fastgen bench attention --target`` measures the CPU headline: ``block_sparse_attention`` at 15%
-block density, 12 heads x 14,080 tokens x head_dim 128, block 128, fp32, against SDPA, and prints
-the ratio and the fraction of the ideal speedup ``1/density``.
+block density, 12 heads x 14,080 tokens x head_dim 128, block 128, fp32, against SDPA, for the
+structured workload's mask and for a random mask with the same per-row counts, and prints the
+ratios and the fractions of the ideal speedup ``1/density``.
 """
 
 from __future__ import annotations
@@ -210,10 +215,11 @@ def _sdpa_fn(w: Workload) -> Callable[[], torch.Tensor]:
 
 def prepare_method(
     method: str, w: Workload, sparsity: float, block_size: int, backend: str | None
-) -> tuple[Callable[[], torch.Tensor], float, float] | None:
-    """The timed call of ``method`` on ``w``, its density and its selection time (seconds, not in
-    the timed call); None when the method does not apply here (logged)."""
-    device = w.q.device
+) -> tuple[Callable[[], torch.Tensor], Callable[[], object] | None, float, float] | None:
+    """The timed call of ``method`` on ``w`` (selection included for ``block_sparse`` and
+    ``rectified``; SparseD's pattern is fixed after its warm-up and reused, so its call is the
+    attention alone), the selection alone (timed separately), the block density and the keys per
+    query (extra keys counted); None when the method does not apply here (logged)."""
     n = w.k.shape[2]
     if method == "block_sparse":
         valid_len = _suffix_valid_length(w.key_padding_mask, n)
@@ -221,41 +227,41 @@ def prepare_method(
             logger.warning("block_sparse skipped: key padding is not one trailing run shared by the batch")
             return None
         k, v = w.k[:, :, :valid_len], w.v[:, :, :valid_len]  # padded keys dropped exactly
-        start = time.perf_counter()
-        mask = topk_pooled_block_mask(w.q, k, sparsity, block_size)
-        _synchronize(device)
-        select_s = time.perf_counter() - start
-        fn = lambda: block_sparse_attention(w.q, k, v, mask, block_size, backend=backend)  # noqa: E731
-        return fn, float(mask.float().mean()), select_s
+
+        def select():
+            return topk_pooled_block_mask(w.q, k, sparsity, block_size)
+
+        def fn():
+            return block_sparse_attention(w.q, k, v, select(), block_size, backend=backend)
+
+        mask = select()
+        density = float(mask.float().mean())
+        return fn, select, density, density * valid_len
     if method == "rectified":
         if importlib.util.find_spec("fastgen.attention.rectified") is None:
             logger.warning("rectified skipped: fastgen.attention.rectified is not available")
             return None
-        from fastgen.attention import rectified_sparse_attention
+        from fastgen.attention.rectified import plan_rectified, rectified_attention
+        from fastgen.configs import RectifiedSpaAttnConfig
 
-        kwargs = dict(
-            sparsity=sparsity,
-            block_size=block_size,
-            num_text_tokens=w.num_text_tokens,
-            key_padding_mask=w.key_padding_mask,
-            grid=w.grid,
-            backend=backend,
-        )
-        _, stats = rectified_sparse_attention(w.q, w.k, w.v, return_stats=True, **kwargs)
-        fn = lambda: rectified_sparse_attention(w.q, w.k, w.v, **kwargs)  # noqa: E731
-        return fn, float(stats["density"]), 0.0  # selection is inside the timed call
+        config = RectifiedSpaAttnConfig(sparsity=sparsity, block_size=block_size)
+        args = dict(num_text_tokens=w.num_text_tokens, key_padding_mask=w.key_padding_mask, grid=w.grid)
+        _, stats = rectified_attention(w.q, w.k, w.v, config, return_stats=True, backend=backend, **args)
+        fn = lambda: rectified_attention(w.q, w.k, w.v, config, backend=backend, **args)  # noqa: E731
+        select = lambda: plan_rectified(w.q, w.k, w.v, config, **args)  # noqa: E731
+        return fn, select, float(stats["density"]), float(stats["keys_per_query"])
     if method == "sparsed":
         if importlib.util.find_spec("fastgen.attention.sparsed") is None:
             logger.warning("sparsed skipped: fastgen.attention.sparsed is not available")
             return None
         from fastgen.attention.sparsed import compute_sparsed_pattern, sparsed_attention
 
-        start = time.perf_counter()
-        pattern = compute_sparsed_pattern(
-            w.q, w.k, select=1.0 - sparsity, block_size=block_size, key_padding_mask=w.key_padding_mask
-        )
-        _synchronize(device)
-        select_s = time.perf_counter() - start
+        def select():
+            return compute_sparsed_pattern(
+                w.q, w.k, select=1.0 - sparsity, block_size=block_size, key_padding_mask=w.key_padding_mask
+            )
+
+        pattern = select()
         fn = lambda: sparsed_attention(  # noqa: E731
             w.q,
             w.k,
@@ -265,7 +271,7 @@ def prepare_method(
             key_padding_mask=w.key_padding_mask,
             backend=backend,
         )
-        return fn, pattern.density, select_s
+        return fn, select, pattern.density, pattern.density * n
     raise ValueError(f"method={method!r} is unknown; allowed: {list(METHODS)}")
 
 
@@ -283,8 +289,11 @@ def run_attention_bench(
 ) -> dict:
     """Benchmark every method x sparsity on ``w`` against SDPA; returns ``{"config", "dense", "rows"}``.
 
-    Each row has ``method, sparsity, density, ideal, speedup, speedup_median, fraction_of_ideal,
-    time_s, time_median_s, select_s, rel_l2, cosine, peak_bytes, dense_peak_bytes``.
+    Wall clock, interleaved: each of ``repeats`` rounds times SDPA, then every (method, sparsity)
+    call, then every selection alone, so all share the same load; ratios use the medians (and the
+    best). Each row has ``method, sparsity, density, keys_per_query, effective_density, ideal,
+    speedup (median), speedup_best, fraction_of_ideal, time_s (median), select_s (median),
+    rel_l2, cosine, peak_bytes, dense_peak_bytes``.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be >= 1")
@@ -293,49 +302,71 @@ def run_attention_bench(
             raise ValueError(f"method={m!r} is unknown; allowed: {list(METHODS)}")
     device = w.q.device
     dense_fn = _sdpa_fn(w)
+    n = w.k.shape[2]
     with torch.no_grad():
         reference = dense_fn()  # warm-up and reference output
-        dense_times = [time_call(dense_fn, device) for _ in range(repeats)]
         dense_peak = peak_memory(dense_fn, device) if measure_memory else None
-        rows = []
+        cases = []
         for method in methods:
             for sparsity in sparsities:
                 prepared = prepare_method(method, w, sparsity, block_size, backend)
                 if prepared is None:
                     continue
-                fn, density, select_s = prepared
+                fn, select, density, kpq = prepared
                 out = fn()  # warm-up (compiles) and the output checked for error
                 rel, cos = errors(out, reference)
                 del out
-                times = [time_call(fn, device) for _ in range(repeats)]
                 peak = peak_memory(fn, device) if measure_memory else None
-                speedup = min(dense_times) / min(times)
-                rows.append(
-                    {
-                        "method": method,
-                        "sparsity": sparsity,
-                        "density": density,
-                        "ideal": 1.0 / density if density > 0 else float("inf"),
-                        "speedup": speedup,
-                        "speedup_median": statistics.median(dense_times) / statistics.median(times),
-                        "fraction_of_ideal": speedup * density,
-                        "time_s": min(times),
-                        "time_median_s": statistics.median(times),
-                        "select_s": select_s,
-                        "rel_l2": rel,
-                        "cosine": cos,
-                        "peak_bytes": peak,
-                        "dense_peak_bytes": dense_peak,
-                    }
+                cases.append(
+                    dict(
+                        method=method,
+                        sparsity=sparsity,
+                        fn=fn,
+                        select=select,
+                        density=density,
+                        kpq=kpq,
+                        rel=rel,
+                        cos=cos,
+                        peak=peak,
+                        times=[],
+                        select_times=[],
+                    )
                 )
-                logger.info("%s sparsity %.2f: %.2fx, rel L2 %.4f", method, sparsity, speedup, rel)
+        dense_times = []
+        for _ in range(repeats):  # interleaved rounds
+            dense_times.append(time_call(dense_fn, device))
+            for case in cases:
+                case["times"].append(time_call(case["fn"], device))
+            for case in cases:
+                case["select_times"].append(time_call(case["select"], device))
+    rows = []
+    dense_median = statistics.median(dense_times)
+    for c in cases:
+        median = statistics.median(c["times"])
+        speedup = dense_median / median
+        rows.append(
+            {
+                "method": c["method"],
+                "sparsity": c["sparsity"],
+                "density": c["density"],
+                "keys_per_query": c["kpq"],
+                "effective_density": c["kpq"] / n,
+                "ideal": 1.0 / c["density"] if c["density"] > 0 else float("inf"),
+                "speedup": speedup,
+                "speedup_best": min(dense_times) / min(c["times"]),
+                "fraction_of_ideal": speedup * c["density"],
+                "time_s": median,
+                "select_s": statistics.median(c["select_times"]),
+                "rel_l2": c["rel"],
+                "cosine": c["cos"],
+                "peak_bytes": c["peak"],
+                "dense_peak_bytes": dense_peak,
+            }
+        )
+        logger.info("%s sparsity %.2f: %.2fx, rel L2 %.4f", c["method"], c["sparsity"], speedup, c["rel"])
     return {
         "config": _config_of(w, block_size, backend, repeats),
-        "dense": {
-            "time_s": min(dense_times),
-            "time_median_s": statistics.median(dense_times),
-            "peak_bytes": dense_peak,
-        },
+        "dense": {"time_s": dense_median, "time_best_s": min(dense_times), "peak_bytes": dense_peak},
         "rows": rows,
     }
 
@@ -345,7 +376,7 @@ def _config_of(w: Workload, block_size: int, backend: str | None, repeats: int) 
     from fastgen.attention.gather import native_kernel_serves
 
     b, h, n, d = w.shape
-    name = resolve_backend(backend, w.q.device)
+    name = resolve_backend(backend, w.q.device, dtype=w.q.dtype, head_dim=d)
     if name == "gather":  # which engine the CPU fast path runs
         name += " (native kernel)" if native_kernel_serves(w.q) else " (PyTorch flash kernel on slabs)"
     return {
@@ -379,50 +410,72 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def random_block_mask(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random block mask with the same number of selected key blocks in every row as ``like``."""
+    counts = like.sum(-1, keepdim=True)  # [B, H, nqb, 1]
+    scores = torch.rand(like.shape, generator=generator)
+    ranks = scores.argsort(-1).argsort(-1)
+    return ranks < counts
+
+
 def run_target(
     backend: str | None = None, repeats: int = 3, device: str = "cpu", measure_memory: bool = True
 ) -> dict:
     """The headline: block_sparse_attention at 15% block density, 12 heads x 14,080 tokens x 128,
-    block 128, fp32, vs SDPA. Dense and sparse calls alternate so each ratio is measured under the
-    same load; returns best and median ratio, fraction of ideal, error and peak memory."""
+    block 128, fp32, vs SDPA, for the structured workload's top-k mask and for a random mask of the
+    same per-row counts. SDPA, structured and random calls alternate in every round so each ratio is
+    measured under the same load; returns median and best ratios, fractions of ideal, error and
+    peak memory."""
     device = torch.device(device)
     w = make_workload("video", TARGET_HEADS, TARGET_HEAD_DIM, grid=TARGET_GRID, device=device)
     block_size = 128
     nkb = -(-w.k.shape[2] // block_size)
     sparsity = 1.0 - TARGET_DENSITY
-    mask = topk_pooled_block_mask(w.q, w.k, sparsity, block_size)
-    density = float(mask.float().mean())
+    masks = {"structured": topk_pooled_block_mask(w.q, w.k, sparsity, block_size)}
+    masks["random"] = random_block_mask(masks["structured"].cpu(), torch.Generator().manual_seed(0)).to(
+        device
+    )
+    density = float(masks["structured"].float().mean())
     dense_fn = _sdpa_fn(w)
-    sparse_fn = lambda: block_sparse_attention(w.q, w.k, w.v, mask, block_size, backend=backend)  # noqa: E731
+    fns = {
+        name: (lambda m=m: block_sparse_attention(w.q, w.k, w.v, m, block_size, backend=backend))
+        for name, m in masks.items()
+    }
     with torch.no_grad():
         reference = dense_fn()
-        out = sparse_fn()
+        out = fns["structured"]()
         rel, cos = errors(out, reference)
         del out, reference
-        dense_times, sparse_times = [], []
+        for fn in fns.values():
+            fn()  # warm-up
+        dense_times, times = [], {name: [] for name in fns}
         for _ in range(repeats):
             dense_times.append(time_call(dense_fn, device))
-            sparse_times.append(time_call(sparse_fn, device))
-        sparse_peak = peak_memory(sparse_fn, device) if measure_memory else None
+            for name, fn in fns.items():
+                times[name].append(time_call(fn, device))
+        sparse_peak = peak_memory(fns["structured"], device) if measure_memory else None
         dense_peak = peak_memory(dense_fn, device) if measure_memory else None
-    ratios = [d / s for d, s in zip(dense_times, sparse_times)]
-    best = min(dense_times) / min(sparse_times)
-    return {
+    result = {
         "config": _config_of(w, block_size, backend, repeats),
         "kept_blocks_per_query_block": keep_count(sparsity, nkb),
         "density": density,
         "ideal": 1.0 / density,
-        "speedup": best,
-        "speedup_median": statistics.median(ratios),
-        "fraction_of_ideal": best * density,
-        "fraction_of_ideal_median": statistics.median(ratios) * density,
         "dense_times_s": dense_times,
-        "sparse_times_s": sparse_times,
         "rel_l2": rel,
         "cosine": cos,
         "peak_bytes": sparse_peak,
         "dense_peak_bytes": dense_peak,
     }
+    for name, samples in times.items():
+        ratios = [d / s for d, s in zip(dense_times, samples)]
+        result[name] = {
+            "times_s": samples,
+            "speedup_median": statistics.median(ratios),
+            "speedup_best": min(dense_times) / min(samples),
+            "fraction_of_ideal_median": statistics.median(ratios) * density,
+            "fraction_of_ideal_best": min(dense_times) / min(samples) * density,
+        }
+    return result
 
 
 # ------------------------------------------------------------------------------------ output
@@ -438,18 +491,19 @@ def format_table(result: dict) -> str:
     lines = [
         f"workload {c['workload']} B={c['batch']} H={c['heads']} N={c['tokens']} D={c['head_dim']} "
         f"{c['dtype']} on {c['device']}, block {c['block_size']}, backend {c['backend']}, "
-        f"{c['repeats']} repeats, load {c['load_average']}",
-        f"SDPA: {dense['time_s'] * 1e3:.1f} ms best, {dense['time_median_s'] * 1e3:.1f} ms median, "
+        f"{c['repeats']} interleaved rounds (wall clock, medians), load {c['load_average']}",
+        f"SDPA: {dense['time_s'] * 1e3:.1f} ms median, {dense['time_best_s'] * 1e3:.1f} ms best, "
         f"peak {_mib(dense['peak_bytes'])} MiB",
         "",
-        f"{'method':<13}{'sparsity':>9}{'density':>9}{'speedup':>9}{'median':>8}{'ideal':>7}{'frac':>6}"
-        f"{'select ms':>10}{'rel L2':>9}{'cosine':>9}{'peak MiB':>10}",
+        f"{'method':<13}{'sparsity':>9}{'density':>9}{'keys/q':>8}{'eff.dens':>9}{'speedup':>9}{'best':>7}"
+        f"{'ideal':>7}{'frac':>6}{'select ms':>10}{'rel L2':>9}{'cosine':>9}{'peak MiB':>10}{'SDPA MiB':>10}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['method']:<13}{r['sparsity']:>9.2f}{r['density']:>9.3f}{r['speedup']:>8.2f}x"
-            f"{r['speedup_median']:>7.2f}x{r['ideal']:>7.2f}{r['fraction_of_ideal']:>6.2f}"
-            f"{r['select_s'] * 1e3:>10.1f}{r['rel_l2']:>9.4f}{r['cosine']:>9.5f}{_mib(r['peak_bytes']):>10}"
+            f"{r['method']:<13}{r['sparsity']:>9.2f}{r['density']:>9.3f}{r['keys_per_query']:>8.0f}"
+            f"{r['effective_density']:>9.3f}{r['speedup']:>8.2f}x{r['speedup_best']:>6.2f}x{r['ideal']:>7.2f}"
+            f"{r['fraction_of_ideal']:>6.2f}{r['select_s'] * 1e3:>10.1f}{r['rel_l2']:>9.4f}{r['cosine']:>9.5f}"
+            f"{_mib(r['peak_bytes']):>10}{_mib(r['dense_peak_bytes']):>10}"
         )
     return "\n".join(lines)
 
@@ -457,29 +511,33 @@ def format_table(result: dict) -> str:
 def format_target(result: dict) -> str:
     """Plain-text summary of :func:`run_target`."""
     c = result["config"]
-    return "\n".join(
-        [
-            f"target: block_sparse_attention, {c['heads']} heads x {c['tokens']} tokens x head_dim "
-            f"{c['head_dim']}, block {c['block_size']}, {c['dtype']}, backend {c['backend']}, "
-            f"{c['threads']} threads, load {c['load_average']}",
-            f"density {result['density']:.4f} ({result['kept_blocks_per_query_block']} key blocks per query "
-            f"block), ideal speedup {result['ideal']:.2f}x",
-            f"speedup vs SDPA: best {result['speedup']:.2f}x ({result['fraction_of_ideal']:.2f} of ideal), "
-            f"median {result['speedup_median']:.2f}x ({result['fraction_of_ideal_median']:.2f} of ideal)",
-            "SDPA s: " + " ".join(f"{t:.2f}" for t in result["dense_times_s"]),
-            "sparse s: " + " ".join(f"{t:.2f}" for t in result["sparse_times_s"]),
-            f"rel L2 {result['rel_l2']:.4f}, cosine {result['cosine']:.5f}; peak memory sparse "
-            f"{_mib(result['peak_bytes'])} MiB, SDPA {_mib(result['dense_peak_bytes'])} MiB "
-            f"({c['memory_measure']})",
-        ]
+    lines = [
+        f"target: block_sparse_attention, {c['heads']} heads x {c['tokens']} tokens x head_dim "
+        f"{c['head_dim']}, block {c['block_size']}, {c['dtype']}, backend {c['backend']}, "
+        f"{c['threads']} threads, load {c['load_average']}",
+        f"density {result['density']:.4f} ({result['kept_blocks_per_query_block']} key blocks per query "
+        f"block), ideal speedup {result['ideal']:.2f}x; wall clock, {c['repeats']} interleaved rounds",
+        "SDPA s: " + " ".join(f"{t:.2f}" for t in result["dense_times_s"]),
+    ]
+    for name in ("structured", "random"):
+        r = result[name]
+        lines.append(
+            f"{name} mask: median {r['speedup_median']:.2f}x ({r['fraction_of_ideal_median']:.2f} of ideal), "
+            f"best {r['speedup_best']:.2f}x ({r['fraction_of_ideal_best']:.2f}); s: "
+            + " ".join(f"{t:.2f}" for t in r["times_s"])
+        )
+    lines.append(
+        f"rel L2 {result['rel_l2']:.4f}, cosine {result['cosine']:.5f}; peak memory sparse "
+        f"{_mib(result['peak_bytes'])} MiB, SDPA {_mib(result['dense_peak_bytes'])} MiB ({c['memory_measure']})"
     )
+    return "\n".join(lines)
 
 
 def write_plot(result: dict, path: str) -> None:
     """PNG of speedup (x) vs relative L2 error (y), one series per method, points labelled by sparsity."""
-    import matplotlib
+    from fastgen.optional import require
 
-    matplotlib.use("Agg")
+    require("matplotlib").use("Agg")
     import matplotlib.pyplot as plt
 
     from fastgen.io import atomic_path

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
 import sys
 import time
 
@@ -32,14 +34,24 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device):
-    """``(result, seconds)``: wall-clock on CUDA; on CPU the process's CPU time, which a shared,
-    oversubscribed CPU disturbs far less than wall-clock (both threads' work is counted)."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    """``(result, seconds)``: wall clock (synchronised on CUDA)."""
     _sync(device)
-    start = clock()
+    start = time.perf_counter()
     result = fn()
     _sync(device)
-    return result, clock() - start
+    return result, time.perf_counter() - start
+
+
+def _interleaved(fns: dict, device: torch.device, rounds: int) -> tuple[dict, dict]:
+    """Run every function of ``fns`` once per round, in turn, ``rounds`` times: ``(last results,
+    median wall-clock seconds)`` per name, all measured under the same load."""
+    samples = {name: [] for name in fns}
+    results = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            results[name], seconds = _timed(fn, device)
+            samples[name].append(seconds)
+    return results, {name: statistics.median(x) for name, x in samples.items()}
 
 
 def structured_qkv(
@@ -75,29 +87,38 @@ def bench_op(
     head_dim: int = 128,
     device=None,
     dtype=None,
+    rounds: int = 3,
 ) -> dict:
-    """Pattern computation + SparseD attention vs SDPA on one structured input of ``length`` tokens."""
+    """Pattern computation + SparseD attention vs SDPA on one structured input of ``length`` tokens
+    (wall clock, interleaved rounds, medians)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     q, k, v = structured_qkv(length, heads, head_dim, device=device, dtype=dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.no_grad():
         sdpa(q[:, :, :256], k, v)  # warm-up
-        dense, t_dense = _timed(lambda: sdpa(q, k, v), device)
-        pattern, t_pattern = _timed(
-            lambda: compute_sparsed_pattern(q, k, select=select, block_size=block_size), device
-        )
+        pattern = compute_sparsed_pattern(q, k, select=select, block_size=block_size)
         sparsed_attention(q[:, :, :block_size], k, v, pattern.block_mask[:, :, :1], block_size)  # warm-up
-        sparse, t_sparse = _timed(lambda: sparsed_attention(q, k, v, pattern.block_mask, block_size), device)
-    err = (sparse.float() - dense.float()).pow(2).mean().sqrt() / dense.float().pow(2).mean().sqrt()
+        results, seconds = _interleaved(
+            {
+                "sdpa": lambda: sdpa(q, k, v),
+                "pattern": lambda: compute_sparsed_pattern(q, k, select=select, block_size=block_size),
+                "sparse": lambda: sparsed_attention(q, k, v, pattern.block_mask, block_size),
+            },
+            device,
+            rounds,
+        )
+    dense, sparse = results["sdpa"].float(), results["sparse"].float()
+    err = (sparse - dense).pow(2).mean().sqrt() / dense.pow(2).mean().sqrt()
     return {
         "length": length,
         "density": pattern.density,
-        "sdpa_s": t_dense,
-        "pattern_s": t_pattern,
-        "sparse_s": t_sparse,
-        "speedup": t_dense / t_sparse,
+        "sdpa_s": seconds["sdpa"],
+        "pattern_s": seconds["pattern"],
+        "sparse_s": seconds["sparse"],
+        "speedup": seconds["sdpa"] / seconds["sparse"],
         "rel_rmse": float(err),
+        "rounds": rounds,
     }
 
 
@@ -119,8 +140,10 @@ def run_sparsed_bench(
     dtype: str | None = None,
     seed: int = 0,
     backend: str | None = None,
+    rounds: int = 3,
 ) -> dict:
-    """End-to-end sparse vs dense generation (speedup, token agreement) and the op at ``op_lengths``."""
+    """End-to-end sparse vs dense generation (speedup, token agreement) and the op at ``op_lengths``;
+    wall clock, dense and sparse interleaved in each of ``rounds`` rounds, medians."""
     from fastgen.attention import set_default_backend
     from fastgen.pipelines.tiny_lm import build_attention_bound_llama
 
@@ -148,15 +171,24 @@ def run_sparsed_bench(
         warm = input_ids[:, : min(prompt_length, 4 * block_size)]
         pipe(input_ids=warm, **common)
         pipe(input_ids=warm, acceleration=[config], **common)
-        dense, t_dense = _timed(lambda: pipe(input_ids=input_ids, **common), dev)
-        sparse, t_sparse = _timed(lambda: pipe(input_ids=input_ids, acceleration=[config], **common), dev)
+        runs, seconds = _interleaved(
+            {
+                "dense": lambda: pipe(input_ids=input_ids, **common),
+                "sparse": lambda: pipe(input_ids=input_ids, acceleration=[config], **common),
+            },
+            dev,
+            rounds,
+        )
+        dense, sparse = runs["dense"], runs["sparse"]
+        t_dense, t_sparse = seconds["dense"], seconds["sparse"]
         p = dense.prompt_length
         agreement = token_agreement(dense.sequences[0, p:].tolist(), sparse.sequences[0, p:].tolist())
         result = {
             "device": str(dev),
             "dtype": str(pipe.dtype),
             "threads": torch.get_num_threads(),
-            "clock": "wall" if dev.type == "cuda" else "process CPU time",
+            "clock": f"wall clock, {rounds} interleaved rounds, median",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "backend": backend or "auto",
             "end_to_end": {
                 "prompt_length": prompt_length,
@@ -171,7 +203,15 @@ def run_sparsed_bench(
                 "dense_steps": dense_step_count(skip, steps),
             },
             "op": [
-                bench_op(n, select=select, block_size=block_size, heads=heads, head_dim=head_dim, device=dev)
+                bench_op(
+                    n,
+                    select=select,
+                    block_size=block_size,
+                    heads=heads,
+                    head_dim=head_dim,
+                    device=dev,
+                    rounds=rounds,
+                )
                 for n in op_lengths
             ],
         }
@@ -207,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--small", action="store_true", help="prompt 2048, op at 8192 only (about a minute on CPU)"
     )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median; default 3)")
     p.add_argument("--json", default=None, help="also write the report to this path")
     args = p.parse_args(argv)
     if args.small:
@@ -224,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
+        rounds=args.rounds,
     )
     text = json.dumps(result, indent=2)
     if args.json:

@@ -21,6 +21,7 @@ Where the layer index and the step come from:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -41,11 +42,11 @@ def head_dim_supported(head_dim: int) -> bool:
     return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
 
 
-def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
-    """``fastgen.attention.rectified_sparse_attention`` on ``[B, H, N, D]`` tensors, returning ``(out, stats)``."""
-    from fastgen.attention.rectified import rectified_sparse_attention
+def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config, **kwargs):
+    """``fastgen.attention.rectified.rectified_attention`` on ``[B, H, N, D]`` tensors."""
+    from fastgen.attention.rectified import rectified_attention as attention
 
-    return rectified_sparse_attention(q, k, v, return_stats=True, **kwargs)
+    return attention(q, k, v, config, **kwargs)
 
 
 def grid_from_rope_table(table: torch.Tensor) -> tuple[int, int, int] | None:
@@ -124,6 +125,9 @@ class RectifiedProcessorBase:
         self._layer_of: dict[int, int] = {}
         self._own_forwards = -1
         self._last: dict[int, dict] = {}
+        self.record_stats = "summary"
+        """Statistics kept per layer: ``"off"``, ``"summary"`` (0-dim device tensors) or ``"masks"``
+        (also the block masks); see :mod:`fastgen.attention_stats`."""
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
         self.workspace = Workspace()
@@ -238,32 +242,30 @@ class RectifiedProcessorBase:
         """Rectified sparse self-attention on ``[B, N, H, D]`` tensors; records the layer's statistics."""
         cfg = self.config
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out, stats = rectified_attention(
+        record = self.record_stats != "off"
+        result = rectified_attention(
             q,
             k,
             v,
-            sparsity=cfg.sparsity,
-            block_size=cfg.block_size,
+            cfg if grid is not None or not cfg.reorder else replace(cfg, reorder=False),
             num_text_tokens=num_text_tokens,
             key_padding_mask=key_padding_mask,
             grid=grid,
-            form=cfg.form,
-            mass_threshold=cfg.mass_threshold,
-            variance_correction=cfg.variance_correction,
-            value_tilt=cfg.value_tilt,
-            reorder=cfg.reorder and grid is not None,
-            selection=cfg.selection,
-            pool_splits=cfg.pool_splits,
-            isolated_keys=cfg.isolated_keys,
-            compensation_splits=cfg.compensation_splits,
-            gapr=cfg.gapr,
+            return_stats=record,
             workspace=self.workspace,
         )
-        self._last[layer] = stats
+        out = result[0] if record else result
+        if record:
+            stats = result[1]
+            kept = ("density", "compensated_fraction", "keys_per_query", "head_density")
+            if self.record_stats == "masks":
+                kept += ("block_mask", "compensated_mask")
+            self._last[layer] = {name: stats[name] for name in kept}
         return out.transpose(1, 2)
 
     def layer_stats(self) -> list[dict]:
-        """Statistics of the last sparse call of each layer this processor serves (block mask of batch 0, on CPU)."""
+        """Statistics of the last sparse call of each layer this processor serves (floats; with
+        ``record_stats="masks"`` also the block mask of batch 0 as a CPU bool ``[H, nqb, nkb]``)."""
         rows = []
         for layer in sorted(self._last):
             stats = self._last[layer]
@@ -273,6 +275,7 @@ class RectifiedProcessorBase:
                     "layer": layer,
                     "density": _as_float(stats.get("density")),
                     "compensated_fraction": _as_float(stats.get("compensated_fraction")),
+                    "keys_per_query": _as_float(stats.get("keys_per_query")),
                     "block_mask": mask[0].detach().to("cpu", torch.bool) if mask is not None else None,
                 }
             )
@@ -288,13 +291,11 @@ def _as_float(value) -> float | None:
 
 
 def collect_stats(model: torch.nn.Module) -> list[dict]:
-    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer."""
-    rows, seen = [], set()
-    for proc in getattr(model, "attn_processors", {}).values():
-        if isinstance(proc, RectifiedProcessorBase) and id(proc) not in seen:
-            seen.add(id(proc))
-            rows.extend(proc.layer_stats())
-    return sorted(rows, key=lambda r: r["layer"])
+    """Per-layer statistics of every fastgen processor on ``model``, sorted by layer
+    (:func:`fastgen.attention_stats`)."""
+    from fastgen.attention_stats import attention_stats
+
+    return attention_stats(model)
 
 
 def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
@@ -328,10 +329,15 @@ def restore_processors(model: torch.nn.Module, state_attr: str) -> None:
     state = getattr(model, state_attr, None)
     if state is None:
         return
-    for proc in model.attn_processors.values():
+    saved = dict(state["saved"])
+    for name, proc in model.attn_processors.items():
         if isinstance(proc, RectifiedProcessorBase):
             proc.detach()
-    model.set_attn_processor(dict(state["saved"]))
+        if name in saved:  # set_attention_backend / context parallelism made while applied are kept
+            for attr in ("_attention_backend", "_parallel_config"):
+                if getattr(proc, attr, None) is not getattr(saved[name], attr, None):
+                    setattr(saved[name], attr, getattr(proc, attr, None))
+    model.set_attn_processor(saved)
     if state["owns_tracker"]:
         remove_step_tracker(model)
     setattr(model, state_attr, None)

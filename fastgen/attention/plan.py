@@ -1,0 +1,263 @@
+"""The selection plan: what a sparse-attention method decided, in one form every engine executes.
+
+A method (Rectified SpaAttn, SparseD, Light Forcing, ...) looks at q/k and decides, per (batch,
+head, query block), which key blocks to attend to and which extra keys (pooled block means,
+isolated outlier keys, text keys) to add with which log-weight. It writes that into a
+:class:`SelectionPlan`. :func:`execute_plan` then runs one softmax per query over exactly those
+keys on an engine (``torch`` reference, ``gather`` = CPU native kernel, ``triton``, ``flex``);
+engines never decide anything.
+
+The softmax a plan defines, for query row ``i`` in query block ``I``::
+
+    keys:   every key j < kv_len of each key block listed for I (and key_valid[b, j] when given)
+            every extra key p with extra_log_weight[b, h, p] > -inf and extra_visible[b, h, I, p]
+    logits: scale * q_i . k_j                               (selected keys)
+            scale * q_i . extra_k[p] + extra_log_weight[p]  (extra keys; log n_J for a pooled key
+                                                             standing for n_J keys)
+
+Rows that see no key give zeros and ``lse = -inf``. The query length may differ from the key
+length (Light Forcing: queries = the current chunk, keys = KV cache + chunk); query blocks and key
+blocks are both ``block_size`` tokens, the last ones may be partial.
+
+Interface note: the fields and :func:`execute_plan`'s signature are the stable contract other
+methods build on; add fields only with defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .blocks import block_mask_to_indices, num_blocks
+
+
+@dataclass(frozen=True, eq=False)
+class SelectionPlan:
+    """Per (batch, head, query block): selected key blocks and optional extra keys with log-weights.
+
+    Build one with :meth:`from_block_mask` (or directly from an index table); run it with
+    :func:`execute_plan`.
+    """
+
+    block_size: int
+    """Tokens per query block and per key block (a power of two >= 16)."""
+    q_len: int
+    """Query tokens ``Nq`` the plan covers (``ceil(Nq / block_size)`` query blocks)."""
+    kv_len: int
+    """Key tokens ``Nk``: keys at positions ``>= kv_len`` are never attended (a padded tail)."""
+    block_indices: torch.Tensor
+    """int32 ``[B, H, nqb, K]``: selected key blocks of each query block; the first
+    ``block_counts`` entries are read, the rest are ignored."""
+    block_counts: torch.Tensor
+    """int32 ``[B, H, nqb]``: number of selected key blocks of each query block."""
+    extra_k: torch.Tensor | None = None
+    """``[B, H, P', D]`` extra keys (pooled / isolated / text); rows ``>= P`` (P =
+    ``extra_log_weight.shape[-1]``) are padding and never read. Any float dtype."""
+    extra_v: torch.Tensor | None = None
+    """``[B, H, P', D]`` values of the extra keys."""
+    extra_log_weight: torch.Tensor | None = None
+    """fp32 ``[B, H, P]``: added to the logit of each extra key (``log n_J`` for a pooled key that
+    stands for ``n_J`` keys, 0 for a single key, ``-inf`` for an absent one)."""
+    extra_visible: torch.Tensor | None = None
+    """bool ``[B, H, nqb, P]``: which query blocks see which extra key (None: all see all)."""
+    key_valid: torch.Tensor | None = None
+    """bool ``[B, Nk]`` (or None): False marks padded keys inside the selected blocks. Set it only
+    when some key is padded (engines serve it through one extra head dimension)."""
+    stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Optional statistics the method recorded (device tensors, never read by an engine)."""
+
+    def __post_init__(self):
+        # engines read int32 contiguous tables
+        for name in ("block_indices", "block_counts"):
+            table = getattr(self, name)
+            if table.dtype != torch.int32 or not table.is_contiguous():
+                object.__setattr__(self, name, table.to(torch.int32).contiguous())
+
+    @classmethod
+    def from_block_mask(
+        cls,
+        block_mask: torch.Tensor,
+        block_size: int,
+        q_len: int,
+        kv_len: int,
+        *,
+        batch: int | None = None,
+        max_count: int | None = None,
+        **extras,
+    ) -> SelectionPlan:
+        """A plan from a bool block mask ``[B or 1, H, nqb, nkb]`` (``batch`` expands a broadcast
+        batch of 1); ``max_count``: an upper bound of the selected blocks per row when the method
+        knows one (top-k), which spares a host synchronisation; ``extras`` are the optional fields."""
+        if batch is not None:
+            block_mask = block_mask.expand(batch, -1, -1, -1)
+        indices, counts = block_mask_to_indices(block_mask, max_count)
+        return cls(block_size, int(q_len), int(kv_len), indices, counts, **extras)
+
+    @property
+    def num_query_blocks(self) -> int:
+        """``ceil(q_len / block_size)``."""
+        return num_blocks(self.q_len, self.block_size)
+
+    @property
+    def num_key_blocks(self) -> int:
+        """``ceil(kv_len / block_size)``."""
+        return num_blocks(self.kv_len, self.block_size)
+
+    @property
+    def has_extra_keys(self) -> bool:
+        """Whether the plan adds extra keys to the selected blocks."""
+        return self.extra_log_weight is not None and self.extra_log_weight.shape[-1] > 0
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """The selected key blocks as a bool mask ``[B, H, nqb, nkb]``."""
+        b, h, nqb, width = self.block_indices.shape
+        slot = torch.arange(width, device=self.block_indices.device)
+        used = slot < self.block_counts[..., None]
+        mask = torch.zeros(b, h, nqb, self.num_key_blocks + 1, dtype=torch.bool, device=used.device)
+        target = torch.where(used, self.block_indices.long(), self.num_key_blocks)  # unused -> sink col
+        return mask.scatter_(-1, target, True)[..., :-1]
+
+    def extra_bias(self) -> torch.Tensor | None:
+        """The CPU gather kernel's packed form of the extra keys: the additive fp32 logit bias
+        ``[B, H, nqb, P]`` of every extra key for every query block (``-inf``: not seen)."""
+        if not self.has_extra_keys:
+            return None
+        b, h, p = self.extra_log_weight.shape
+        bias = self.extra_log_weight.float()[:, :, None, :].expand(b, h, self.num_query_blocks, p)
+        if self.extra_visible is not None:
+            bias = bias.masked_fill(~self.extra_visible, float("-inf"))
+        return bias
+
+    def density(self) -> torch.Tensor:
+        """Selected fraction of the (query block, key block) tiles, a 0-dim fp32 device tensor."""
+        tiles = self.block_counts.numel() * max(1, self.num_key_blocks)
+        return self.block_counts.sum(dtype=torch.float32) / tiles
+
+    def keys_per_query(self) -> torch.Tensor:
+        """Mean keys each query row attends to, counting the extra keys: 0-dim fp32 device tensor.
+        Key blocks count their valid tokens (a partial last block counts less)."""
+        bs, nkb = self.block_size, self.num_key_blocks
+        lengths = (self.kv_len - torch.arange(nkb, device=self.block_counts.device) * bs).clamp(0, bs)
+        width = self.block_indices.shape[-1]
+        used = torch.arange(width, device=lengths.device) < self.block_counts[..., None]
+        idx = self.block_indices.long().clamp(0, max(0, nkb - 1))
+        per_block = (lengths[idx] * used).sum(-1, dtype=torch.float32)  # [B, H, nqb]
+        if self.has_extra_keys:
+            bias = self.extra_bias()
+            per_block = per_block + torch.isfinite(bias).sum(-1, dtype=torch.float32)
+        return per_block.mean()
+
+    def with_stats(self, **stats: torch.Tensor) -> SelectionPlan:
+        """A copy of the plan with more statistics recorded."""
+        return replace(self, stats={**self.stats, **stats})
+
+
+def check_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelectionPlan) -> None:
+    """ValueError unless ``plan`` fits q ``[B, H, Nq, D]`` and k/v ``[B, H, Nk', D]``."""
+    if not isinstance(plan, SelectionPlan):
+        raise ValueError(f"plan must be a SelectionPlan, got {type(plan).__name__}")
+    b, h, nq, d = q.shape
+    if plan.q_len != nq:
+        raise ValueError(f"plan.q_len={plan.q_len} but q has {nq} tokens; they must match")
+    if not 0 < plan.kv_len <= k.shape[2]:
+        raise ValueError(f"plan.kv_len={plan.kv_len} is out of range; allowed: 1..{k.shape[2]} (k's tokens)")
+    nqb = plan.num_query_blocks
+    if plan.block_indices.dim() != 4 or tuple(plan.block_indices.shape[:3]) != (b, h, nqb):
+        raise ValueError(
+            f"plan.block_indices has shape {tuple(plan.block_indices.shape)}; expected [{b}, {h}, {nqb}, K]"
+        )
+    if tuple(plan.block_counts.shape) != (b, h, nqb):
+        raise ValueError(
+            f"plan.block_counts has shape {tuple(plan.block_counts.shape)}; expected {(b, h, nqb)}"
+        )
+    if plan.has_extra_keys:
+        p = plan.extra_log_weight.shape[-1]
+        if plan.extra_k is None or plan.extra_v is None:
+            raise ValueError("plan.extra_log_weight is set but plan.extra_k / plan.extra_v are missing")
+        for name, x in (("extra_k", plan.extra_k), ("extra_v", plan.extra_v)):
+            if x.dim() != 4 or x.shape[:2] != (b, h) or x.shape[3] != d or x.shape[2] < p:
+                raise ValueError(f"plan.{name} has shape {tuple(x.shape)}; expected [{b}, {h}, >= {p}, {d}]")
+        if tuple(plan.extra_log_weight.shape) != (b, h, p):
+            raise ValueError(
+                f"plan.extra_log_weight has shape {tuple(plan.extra_log_weight.shape)}; expected {(b, h, p)}"
+            )
+        if plan.extra_visible is not None and tuple(plan.extra_visible.shape) != (b, h, nqb, p):
+            raise ValueError(
+                f"plan.extra_visible has shape {tuple(plan.extra_visible.shape)}; expected {(b, h, nqb, p)}"
+            )
+    if plan.key_valid is not None and (
+        plan.key_valid.dtype != torch.bool or tuple(plan.key_valid.shape) != (b, k.shape[2])
+    ):
+        raise ValueError(
+            f"plan.key_valid must be bool [{b}, {k.shape[2]}], got {plan.key_valid.dtype} "
+            f"{tuple(plan.key_valid.shape)}"
+        )
+
+
+_PAD_LOGIT = -3.0e4  # logit bias of a padded key (finite in every supported dtype; weight exactly 0)
+
+
+def _fold_key_valid(q, k, v, plan: SelectionPlan):
+    """Padded keys as one more head dimension: q gets a 1, k the bias 0 (real) or -3e4 (padded),
+    v a 0, extra keys a 0 (their weights stay in ``extra_log_weight``). Exact: a padded key's weight
+    underflows to 0. Returns the widened tensors and the plan without ``key_valid``."""
+    bias = torch.where(plan.key_valid, 0.0, _PAD_LOGIT).to(k.dtype)[:, None, :, None]
+    q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
+    k = torch.cat([k, bias.expand(*k.shape[:3], 1)], dim=-1)
+    v = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)
+    extra = {}
+    if plan.has_extra_keys:
+        extra = {
+            name: torch.cat([x, torch.zeros_like(x[..., :1])], dim=-1)
+            for name, x in (("extra_k", plan.extra_k), ("extra_v", plan.extra_v))
+        }
+    return q, k, v, replace(plan, key_valid=None, **extra)
+
+
+def execute_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SelectionPlan,
+    *,
+    backend: str | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run ``plan`` on q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]``: one softmax per query over its
+    selected key blocks and visible extra keys (see the module docstring).
+
+    Args:
+        backend: ``"triton"``, ``"gather"``, ``"flex"``, ``"torch"`` or None/``"auto"``; a backend
+            that cannot serve the call (device, dtype, head_dim, gradients, extra keys) falls back
+            with one log line (:func:`~fastgen.attention.backends.resolve_backend`).
+        scale: softmax scale (default ``1/sqrt(D)``).
+        return_lse: also return the natural-log log-sum-exp ``[B, H, Nq]`` fp32.
+
+    Returns:
+        ``out`` ``[B, H, Nq, D]`` in q's dtype (and ``lse``).
+    """
+    from ._checks import check_qkv
+    from .backends import default_scale, resolve_backend, run_plan
+
+    check_qkv(q, k, v)
+    check_plan(q, k, v, plan)
+    d = q.shape[-1]
+    scale = default_scale(d) if scale is None else float(scale)
+    if plan.key_valid is not None:
+        q, k, v, plan = _fold_key_valid(q, k, v, plan)
+    requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    name = resolve_backend(
+        backend,
+        q.device,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        requires_grad=requires_grad,
+        extra_keys=plan.has_extra_keys,
+    )
+    out, lse = run_plan(name, q, k, v, plan, scale, need_lse=return_lse)
+    out = out[..., :d]
+    return (out, lse) if return_lse else out
