@@ -519,3 +519,17 @@ def test_demo_window_tab_handler_and_picture(tmp_path):
     assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
     assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
     assert os.path.getsize(picture) > 0
+
+
+@pytest.mark.slow
+def test_window_bench_report_at_a_tiny_size():
+    from fastgen.bench.window import format_table, run_window_bench
+
+    report = run_window_bench(families=("llada", "dream"), prompt_length=16, gen_lengths=(32,), agreement_up_to=32,
+                              sparsed=SparseDConfig(block_size=16))  # fmt: skip
+    assert [r["family"] for r in report["results"]] == ["llada", "dream"]
+    for row in report["results"]:
+        for name in ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold"):
+            assert row[name]["tokens_per_s"] > 0 and row[name]["predicted_flop_ratio"] >= 1.0
+            assert 0.0 <= row[name]["token_agreement"] <= 1.0
+    assert "window_diffusion+threshold" in format_table(report)
