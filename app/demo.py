@@ -1,7 +1,8 @@
 """Gradio demo of fastgen: dense vs sparse attention side by side, for video and for diffusion LMs.
 
-The Video tab runs a video DiT (Wan / HunyuanVideo) with Rectified SpaAttn, the Text tab a diffusion LM
-with SparseD. Generate runs dense and accelerated with the same seed and shows both outputs with time,
+The Video tab runs a video DiT (Wan / HunyuanVideo) with Rectified SpaAttn, the Causal tab the
+autoregressive (Self-Forcing) Wan with Light Forcing (per-chunk density and the mask of a chosen chunk /
+layer / head), the Text tab a diffusion LM with SparseD. Generate runs dense and accelerated with the same seed and shows both outputs with time,
 speedup and fidelity (PSNR/SSIM for video, token agreement and tokens/s for text), plus a heatmap of the
 block mask the sparse attention kept for a chosen layer and head.
 
@@ -57,17 +58,38 @@ class DemoLimits:
     """Request folders older than this are deleted."""
 
 
-VIDEO_DEFAULTS = {"steps": 4, "height": 128, "width": 160, "frames": 9, "sparsity": 0.8, "block_size": 128}
-"""Initial values of the Video tab (small, so the tiny presets answer in seconds on a CPU)."""
+VIDEO_DEFAULTS = {
+    "steps": 4,
+    "height": 128,
+    "width": 160,
+    "frames": 9,
+    "sparsity": 0.9,
+    "block_size": 128,
+    "dense_layers": 0,
+    "warmup_steps": 1,
+}
+"""Initial values of the Video tab: the ``tiny-wan-long`` preset's own (6400 tokens, attention-bound)."""
 TEXT_DEFAULTS = {
-    "steps": 16,
-    "gen_length": 32,
-    "block_length": 16,
+    "steps": 4,
+    "gen_length": 4,
+    "block_length": 4,
     "skip": 0.2,
     "select": 0.3,
     "block_size": 32,
 }
-"""Initial values of the Text tab."""
+"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card."""
+
+TEXT_EXAMPLE_SEEDS = (1_000_000, 1_000_001, 1_000_002)
+"""Held-out task examples offered as prompts in the Text tab (seeds of ``KVTask.example``)."""
+
+
+def task_examples(preset: str | None) -> list[str]:
+    """Example prompts from the task generator when ``preset`` is a model trained on a checkable task."""
+    if preset != "tiny-llada-kv":
+        return []
+    from fastgen.pipelines.kv_task import KVTask
+
+    return [KVTask().example(seed).prompt for seed in TEXT_EXAMPLE_SEEDS]
 
 
 class LazyPipeline:
@@ -195,9 +217,10 @@ def _num_heads(stats: list[dict] | None, layer: str | None) -> int:
 
 
 def _mean_density(stats) -> float | None:
-    from fastgen.batch import mean_stat
+    """Mean density over the recorded sparse layers: the same rows the heatmap draws (``None`` if none)."""
+    from fastgen.stats import mean_stat, stats_layers
 
-    return mean_stat(stats, "density")
+    return mean_stat(stats_layers(stats), "density")
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -238,8 +261,8 @@ class DemoBackend:
                   seed, height, width, frames, image=None, progress=None):  # fmt: skip
         """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
         ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
+        from fastgen.compare import compare_with_dense, video_fidelity
         from fastgen.configs import RectifiedSpaAttnConfig
-        from fastgen.metrics import psnr, ssim
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
@@ -270,10 +293,13 @@ class DemoBackend:
             if image:
                 common["image"] = image
             try:
-                dense = self.video_generate(pipe, method="dense", config=None, **common)
-                sparse = self.video_generate(pipe, method="rectified", config=config, **common)
+                comparison = compare_with_dense(
+                    self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
+                    warm_up={"steps": 1}, **common,
+                )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
+        dense, sparse = comparison.dense, comparison.accelerated
         from fastgen.io import write_video
 
         dense_path = write_video(
@@ -282,14 +308,16 @@ class DemoBackend:
         sparse_path = write_video(
             os.path.join(folder, "rectified.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
         )
-        value = psnr(dense["frames"], sparse["frames"])
+        fid = comparison.fidelity
+        value = math.inf if fid["identical"] else fid["psnr"]
         metrics = {
             "dense_seconds": float(dense["seconds"]),
             "sparse_seconds": float(sparse["seconds"]),
-            "speedup": float(dense["seconds"]) / max(float(sparse["seconds"]), 1e-9),
-            "psnr": None if math.isinf(value) else float(value),
-            "identical": bool(math.isinf(value)),
-            "ssim": float(ssim(dense["frames"], sparse["frames"])),
+            "speedup": comparison.speedup,
+            "speedup_excludes_warm_up": True,
+            "psnr": fid["psnr"],
+            "identical": fid["identical"],
+            "ssim": fid["ssim"],
             "density": _mean_density(sparse.get("stats")),
             "seed": seed,
             "config": config.to_dict(),
@@ -298,7 +326,7 @@ class DemoBackend:
             [
                 ("dense time (s)", metrics["dense_seconds"]),
                 ("Rectified SpaAttn time (s)", metrics["sparse_seconds"]),
-                ("speedup", metrics["speedup"]),
+                ("speedup (warm-up excluded)", metrics["speedup"]),
                 ("PSNR vs dense (dB)", value),
                 ("SSIM vs dense", metrics["ssim"]),
                 ("mean density of sparse layers", metrics["density"]),
@@ -309,8 +337,8 @@ class DemoBackend:
     def run_text(self, prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
                  progress=None):  # fmt: skip
         """Dense and SparseD with one seed; returns both texts, metrics and the mask heatmap."""
+        from fastgen.compare import compare_with_dense, text_fidelity
         from fastgen.configs import SparseDConfig
-        from fastgen.metrics import token_agreement
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
@@ -335,41 +363,57 @@ class DemoBackend:
             if progress is not None:
                 progress(0, desc="loading the diffusion LM")
             pipe = self.text_pipeline.get()
+            task = getattr(pipe, "fastgen_task", None)
+            answer = task.answer_of(prompt) if task is not None else None
             common = {"prompt": prompt, "seed": seed, **params}
+            warm = min(4, gen_length)
             try:
-                dense = self.text_generate(pipe, method="dense", config=None, **common)
-                sparse = self.text_generate(pipe, method="sparsed", config=config, **common)
+                comparison = compare_with_dense(
+                    self.text_generate, pipe, method="sparsed", config=config,
+                    fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+                    warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+                )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
+        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
         metrics = {
             "dense_seconds": float(dense["seconds"]),
             "sparse_seconds": float(sparse["seconds"]),
-            "speedup": float(dense["seconds"]) / max(float(sparse["seconds"]), 1e-9),
-            "token_agreement": float(token_agreement(dense["tokens"], sparse["tokens"])),
+            "speedup": comparison.speedup,
+            "speedup_excludes_warm_up": True,
+            "token_agreement": fid["token_agreement"],
             "dense_tokens_per_s": float(dense["tokens_per_s"]),
             "sparse_tokens_per_s": float(sparse["tokens_per_s"]),
             "density": _mean_density(sparse.get("stats")),
             "seed": seed,
             "config": config.to_dict(),
         }
-        table = _metrics_table(
-            [
-                ("dense time (s)", metrics["dense_seconds"]),
-                ("SparseD time (s)", metrics["sparse_seconds"]),
-                ("speedup", metrics["speedup"]),
-                ("token agreement", metrics["token_agreement"]),
-                ("dense tokens/s", metrics["dense_tokens_per_s"]),
-                ("SparseD tokens/s", metrics["sparse_tokens_per_s"]),
-                ("mean density of sparse layers", metrics["density"]),
+        rows = [
+            ("dense time (s)", metrics["dense_seconds"]),
+            ("SparseD time (s)", metrics["sparse_seconds"]),
+            ("speedup (warm-up excluded)", metrics["speedup"]),
+            ("token agreement", metrics["token_agreement"]),
+            ("dense tokens/s", metrics["dense_tokens_per_s"]),
+            ("SparseD tokens/s", metrics["sparse_tokens_per_s"]),
+            ("mean density of sparse layers", metrics["density"]),
+        ]
+        if answer is not None:
+            metrics.update(
+                answer=answer, dense_correct=fid["dense_correct"], sparse_correct=fid["accelerated_correct"]
+            )
+            rows += [
+                ("expected answer", answer),
+                ("dense answer right", "yes" if fid["dense_correct"] else "no"),
+                ("SparseD answer right", "yes" if fid["accelerated_correct"] else "no"),
             ]
-        )
+        table = _metrics_table(rows)
         return dense["text"], sparse["text"], table, metrics, *self._mask_outputs(sparse.get("stats"), folder)
 
     def _mask_outputs(self, stats, folder):
         """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
         gr = require("gradio")
 
-        from fastgen.batch import stats_layers
+        from fastgen.stats import stats_layers
 
         stats = [dict(s) for s in stats_layers(stats)]
         choices = layer_choices(stats)
@@ -391,6 +435,260 @@ class DemoBackend:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"mask-{layer}-{int(head or 0)}-{time.time_ns()}.png")
         return draw_block_mask(state["stats"], layer, head, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# causal (autoregressive) Wan: dense vs Light Forcing
+
+
+CAUSAL_DEFAULTS = {"height": 128, "width": 128, "frames": 33, "sparsity": 0.88, "sparsity_base": 0.98,
+                   "block_size": 128}  # fmt: skip
+"""Initial values of the Causal tab (the tiny-causal-wan preset: 9 latent frames = 3 chunks)."""
+
+
+def chunk_choices(stats: list[dict] | None) -> list[str]:
+    """Chunks that recorded a block mask (dropdown choices), as strings."""
+    return sorted({str(s["chunk"]) for s in stats or [] if s.get("block_mask") is not None}, key=int)
+
+
+def causal_layer_choices(stats: list[dict] | None, chunk: str | None) -> list[str]:
+    """Layers of ``chunk`` that recorded a block mask."""
+    return [
+        str(s["layer"])
+        for s in stats or []
+        if str(s.get("chunk")) == str(chunk) and s.get("block_mask") is not None
+    ]
+
+
+def draw_chunk_mask(
+    stats: list[dict] | None, chunk: str | None, layer: str | None, head: int, path: str
+) -> str:
+    """PNG heatmap of the block mask Light Forcing kept in ``chunk`` / ``layer`` / ``head`` (query blocks x
+    key blocks over cache + chunk)."""
+    rows = [
+        {k: v for k, v in s.items() if k != "model"} for s in stats or [] if str(s.get("chunk")) == str(chunk)
+    ]
+    return draw_block_mask(rows, layer, head, path)
+
+
+def draw_chunk_density(stats: list[dict] | None, path: str) -> str:
+    """PNG bar chart: density computed per chunk (mean over layers) next to the Chunk-Aware Growth budget."""
+    from matplotlib.figure import Figure
+
+    from fastgen.processors.light_forcing_wan import chunk_densities
+
+    fig = Figure(figsize=(4.2, 3.0), dpi=100)
+    ax = fig.add_subplot()
+    densities = chunk_densities(stats)
+    if not densities:
+        ax.text(0.5, 0.5, "no Light Forcing statistics", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        chunks = list(densities)
+        ax.bar(chunks, [densities[c] for c in chunks], color="tab:blue", label="computed")
+        budget = {}
+        for s in stats or []:
+            if s.get("chunk") is not None and s.get("sparsity") is not None:
+                budget[int(s["chunk"])] = 1.0 - float(s["sparsity"])
+        ax.plot(
+            chunks, [budget.get(c, 1.0) for c in chunks], "o--", color="tab:orange", label="CAG budget 1 - s"
+        )
+        ax.set_xlabel("chunk")
+        ax.set_ylabel("density")
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(chunks)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _default_causal_loader(preset, model):
+    def load():
+        from fastgen.pipelines.video_runner import load_video_pipeline
+
+        return load_video_pipeline(preset=preset if model is None else None, model=model)
+
+    return load
+
+
+def _default_causal_generate(pipe, **kwargs):
+    from fastgen.pipelines.causal_video_runner import generate_causal_video
+
+    return generate_causal_video(pipe, **kwargs)
+
+
+@dataclass
+class CausalDemoBackend:
+    """Pipeline, generator and limits behind the Causal tab (dense vs Light Forcing)."""
+
+    pipeline: LazyPipeline
+    """Lazily loaded ``CausalWanPipeline``."""
+    generate: Callable[..., dict]
+    """``generate_causal_video`` or a compatible function."""
+    limits: DemoLimits = field(default_factory=DemoLimits)
+    """Request bounds."""
+
+    def __post_init__(self):
+        self.folders = RequestFolders(self.limits.keep_seconds)
+
+    def run(self, prompt, sparsity, sparsity_base, block_size, rectify, steps, seed, height, width, frames,
+            progress=None):  # fmt: skip
+        """Dense and Light Forcing with one seed: both videos, metrics, per-chunk density, a mask heatmap."""
+        from fastgen.configs import LightForcingConfig
+        from fastgen.metrics import psnr, ssim
+        from fastgen.processors.light_forcing_wan import chunk_densities
+
+        lim = self.limits
+        prompt = _check_prompt(prompt, lim)
+        params = {
+            "steps": check_range("steps", steps, 1, lim.max_steps),
+            "height": check_range("height", height, lim.min_side, lim.max_side),
+            "width": check_range("width", width, lim.min_side, lim.max_side),
+            "frames": check_range("frames", frames, 1, lim.max_frames),
+        }
+        seed = check_range("seed", seed, 0, 2**31 - 1)
+        try:
+            config = LightForcingConfig(
+                sparsity=check_range("sparsity", sparsity, 0.0, 0.99, integer=False),
+                sparsity_base=check_range("sparsity base", sparsity_base, 0.0, 0.99, integer=False),
+                block_size=int(check_range("block size", block_size, 16, 1024)),
+                rectify=bool(rectify),
+            )
+        except ValueError as err:
+            raise _gr_error(str(err)) from None
+        folder = self.folders.new()
+        with self.pipeline.lock:
+            if progress is not None:
+                progress(0, desc="loading the causal Wan pipeline")
+            pipe = self.pipeline.get()
+            common = {"prompt": prompt, "seed": seed, **params}
+            try:
+                dense = self.generate(pipe, method="dense", config=None, **common)
+                sparse = self.generate(pipe, method="light_forcing", config=config, **common)
+            except ValueError as err:
+                raise _gr_error(str(err)) from None
+        from fastgen.io import write_video
+
+        dense_path = write_video(
+            os.path.join(folder, "dense.mp4"), dense["frames"], fps=int(dense.get("fps") or 16)
+        )
+        sparse_path = write_video(
+            os.path.join(folder, "light_forcing.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
+        )
+        value = psnr(dense["frames"], sparse["frames"])
+        stats = list(sparse.get("stats") or [])
+        per_chunk = chunk_densities(stats)
+        metrics = {
+            "dense_seconds": float(dense["seconds"]),
+            "light_forcing_seconds": float(sparse["seconds"]),
+            "speedup": float(dense["seconds"]) / max(float(sparse["seconds"]), 1e-9),
+            "psnr": None if math.isinf(value) else float(value),
+            "identical": bool(math.isinf(value)),
+            "ssim": float(ssim(dense["frames"], sparse["frames"])),
+            "chunk_density": {str(c): d for c, d in per_chunk.items()},
+            "seed": seed,
+            "config": config.to_dict(),
+        }
+        table = _metrics_table(
+            [
+                ("dense time (s)", metrics["dense_seconds"]),
+                ("Light Forcing time (s)", metrics["light_forcing_seconds"]),
+                ("speedup", metrics["speedup"]),
+                ("PSNR vs dense (dB)", value),
+                ("SSIM vs dense", metrics["ssim"]),
+                *[(f"density of chunk {c}", d) for c, d in per_chunk.items()],
+            ]
+        )
+        density_png = draw_chunk_density(stats, os.path.join(folder, "density.png"))
+        return dense_path, sparse_path, table, metrics, density_png, *self._mask_outputs(stats, folder)
+
+    def _mask_outputs(self, stats, folder):
+        import gradio as gr
+
+        chunks = chunk_choices(stats)
+        chunk = chunks[-1] if chunks else None
+        layers = causal_layer_choices(stats, chunk)
+        layer = layers[0] if layers else None
+        picture = draw_chunk_mask(stats, chunk, layer, 0, os.path.join(folder, "mask.png"))
+        heads = _num_heads([s for s in stats if str(s.get("chunk")) == str(chunk)], layer)
+        return (
+            picture,
+            gr.Dropdown(choices=chunks, value=chunk),
+            gr.Dropdown(choices=layers, value=layer),
+            gr.Number(value=0, minimum=0, maximum=max(heads - 1, 0)),
+            {"stats": stats, "folder": folder},
+        )
+
+    def redraw_mask(self, state, chunk, layer, head):
+        """Heatmap for another chunk / layer / head of the last generation (no new generation)."""
+        if not state:
+            return None
+        folder = state["folder"]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"mask-{chunk}-{layer}-{int(head or 0)}-{time.time_ns()}.png")
+        return draw_chunk_mask(state["stats"], chunk, layer, head, path)
+
+
+def add_causal_tab(backend: CausalDemoBackend, source: str, defaults: dict | None = None) -> None:
+    """The "Causal (Light Forcing)" tab, built inside an open ``gr.Blocks``."""
+    import gradio as gr
+
+    limits = backend.limits
+    cd = {**CAUSAL_DEFAULTS, **(defaults or {})}
+    track = gr.Progress(track_tqdm=True)
+
+    def run(prompt, sparsity, sparsity_base, block_size, rectify, steps, seed, height, width, frames,
+            progress=track):  # fmt: skip
+        return backend.run(prompt, sparsity, sparsity_base, block_size, rectify, steps, seed, height, width,
+                           frames, progress=progress)  # fmt: skip
+
+    with gr.Tab("Causal video (Light Forcing)"):
+        gr.Markdown(
+            f"Model: `{source}`: autoregressive Wan (Self-Forcing chunks of 3 latent frames, KV cache) with "
+            "Light Forcing (Chunk-Aware Growth + Hierarchical Sparse Attention)."
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="prompt", value="A paper boat drifting down a stream", lines=2)
+            with gr.Column(scale=1):
+                button = gr.Button("Generate", variant="primary", elem_id="causal-generate")
+        with gr.Row():
+            steps = gr.Slider(1, limits.max_steps, value=4, step=1, label="denoising steps per chunk")
+            seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1)
+            height = gr.Slider(limits.min_side, limits.max_side, value=cd["height"], step=16, label="height")
+            width = gr.Slider(limits.min_side, limits.max_side, value=cd["width"], step=16, label="width")
+            frames = gr.Slider(1, limits.max_frames, value=cd["frames"], step=4, label="frames (4k+1)")
+        with gr.Accordion("Light Forcing options", open=True), gr.Row():
+            sparsity = gr.Slider(0.0, 0.99, value=cd["sparsity"], step=0.01, label="target sparsity")
+            sparsity_base = gr.Slider(0.0, 0.99, value=cd["sparsity_base"], step=0.01, label="sparsity base")
+            block = gr.Dropdown([16, 32, 64, 128, 256], value=cd["block_size"], label="block size")
+            rectify = gr.Checkbox(value=False, label="rectify dropped blocks (beyond the paper)")
+        with gr.Row():
+            dense_out = gr.Video(label="dense", format="mp4", elem_id="causal-dense")
+            sparse_out = gr.Video(label="Light Forcing", format="mp4", elem_id="causal-sparse")
+        with gr.Row():
+            with gr.Column():
+                table = gr.Markdown(elem_id="causal-metrics")
+                metrics = gr.JSON(label="metrics")
+                density = gr.Image(label="density per chunk", type="filepath", elem_id="causal-density")
+            with gr.Column():
+                mask = gr.Image(label="block mask (kept key blocks)", type="filepath", elem_id="causal-mask")
+                with gr.Row():
+                    chunk = gr.Dropdown([], label="chunk", allow_custom_value=True)
+                    layer = gr.Dropdown([], label="layer", allow_custom_value=True)
+                    head = gr.Number(value=0, precision=0, minimum=0, label="head")
+        state = gr.State()
+        button.click(
+            run,
+            [prompt, sparsity, sparsity_base, block, rectify, steps, seed, height, width, frames],
+            [dense_out, sparse_out, table, metrics, density, mask, chunk, layer, head, state],
+            api_name="generate_causal",
+            concurrency_limit=limits.concurrency,
+            concurrency_id="causal",
+        )
+        for control in (chunk, layer, head):
+            control.input(backend.redraw_mask, [state, chunk, layer, head], mask, api_name=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,18 +732,25 @@ def build_demo(
     text_generate: Callable[..., dict] | None = None,
     limits: DemoLimits | None = None,
     *,
-    video_preset: str = "tiny-wan",
-    text_preset: str = "tiny-llada",
+    video_preset: str = "tiny-wan-long",
+    text_preset: str = "tiny-llada-kv",
     video_model: str | None = None,
     text_model: str | None = None,
     video_defaults: dict | None = None,
     text_defaults: dict | None = None,
+    causal_loader: Callable[[], object] | None = None,
+    causal_generate: Callable[..., dict] | None = None,
+    causal_preset: str = "tiny-causal-wan",
+    causal_model: str | None = None,
+    causal_defaults: dict | None = None,
 ):
     """The demo as a ``gr.Blocks`` (queue already on with ``limits.concurrency`` per tab).
 
     Loaders are zero-argument callables returning a pipeline; generators follow
     ``fastgen.pipelines.video_runner.generate_video`` / ``text_runner.generate_text``. Defaults: those
-    runners on ``video_preset`` / ``text_preset`` (or ``video_model`` / ``text_model``).
+    runners on ``video_preset`` / ``text_preset`` (or ``video_model`` / ``text_model``). The Causal tab
+    (dense vs Light Forcing) uses ``causal_loader`` / ``causal_generate`` (default
+    ``causal_video_runner.generate_causal_video`` on ``causal_preset`` or ``causal_model``).
     """
     gr = require("gradio")
 
@@ -511,8 +816,12 @@ def build_demo(
                     0.0, 0.99, value=vd["sparsity"], step=0.01, label="sparsity (blocks dropped)"
                 )
                 v_block = gr.Dropdown(block_sizes, value=vd["block_size"], label="block size")
-                v_dense_layers = gr.Number(value=1, precision=0, minimum=0, label="dense layers (first N)")
-                v_warmup = gr.Number(value=1, precision=0, minimum=0, label="dense warm-up steps")
+                v_dense_layers = gr.Number(
+                    value=vd["dense_layers"], precision=0, minimum=0, label="dense layers (first N)"
+                )
+                v_warmup = gr.Number(
+                    value=vd["warmup_steps"], precision=0, minimum=0, label="dense warm-up steps"
+                )
                 v_form = gr.Radio(["exact", "paper", "none"], value="exact", label="rectification")
             with gr.Row():
                 v_dense_out = gr.Video(label="dense", format="mp4", elem_id="video-dense")
@@ -554,13 +863,26 @@ def build_demo(
             for control in (v_layer, v_head):
                 control.input(backend.redraw_mask, [v_state, v_layer, v_head], v_mask, api_name=False)
 
+        causal_backend = CausalDemoBackend(
+            pipeline=LazyPipeline(causal_loader or _default_causal_loader(causal_preset, causal_model)),
+            generate=causal_generate or _default_causal_generate,
+            limits=limits,
+        )
+        add_causal_tab(causal_backend, causal_model or causal_preset, causal_defaults)
+
         with gr.Tab("Text (SparseD)"):
             gr.Markdown(f"Model: `{source_text}`: masked-diffusion LM with SparseD.")
             with gr.Row():
                 with gr.Column(scale=2):
+                    examples = task_examples(text_model or text_preset)
                     t_prompt = gr.Textbox(
-                        label="prompt", value="Write a haiku about sparse attention.", lines=2
+                        label="prompt"
+                        + (" (a held-out task example; the answer is checked)" if examples else ""),
+                        value=examples[0] if examples else "Write a haiku about sparse attention.",
+                        lines=4 if examples else 2,
                     )
+                    if examples:
+                        gr.Examples([[e] for e in examples], inputs=[t_prompt], label="task examples")
                 with gr.Column(scale=1):
                     t_button = gr.Button("Generate", variant="primary", elem_id="text-generate")
             with gr.Row():
@@ -621,6 +943,7 @@ def build_demo(
         build_window_tab(gr, backend, limits, source_text, track)
     demo.queue(max_size=32, default_concurrency_limit=limits.concurrency)
     demo.fastgen_backend = backend
+    demo.fastgen_causal_backend = causal_backend
     return demo
 
 
@@ -637,11 +960,15 @@ def launch(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "CausalDemoBackend",
     "DemoBackend",
     "DemoLimits",
     "LazyPipeline",
     "build_demo",
+    "add_causal_tab",
     "check_range",
     "draw_block_mask",
+    "draw_chunk_density",
+    "draw_chunk_mask",
     "launch",
 ]

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # adapter modules, tried in order; imported lazily so a missing optional stack never breaks import
 ADAPTERS = (
     "fastgen.processors.wan",
+    "fastgen.processors.light_forcing_wan",
     "fastgen.processors.hunyuan_video",
     "fastgen.processors.transformers_lm",
 )

@@ -1,5 +1,9 @@
 """``fastgen batch``: generate a video or text for every prompt of a file, with a resumable manifest.
 
+This module is the runner and the command; prompt files are read by :mod:`fastgen.batch_prompts`, the
+manifest is kept by :mod:`fastgen.batch_manifest`, statistics are summarised by :mod:`fastgen.stats`, and
+``--compare-dense`` goes through :func:`fastgen.compare.compare_with_dense` (warm-up excluded).
+
 Prompt files are ``.txt`` (one prompt per line; blank lines and ``#`` comments skipped), ``.jsonl``
 (one object per line with a ``prompt`` key, or a bare JSON string) or ``.csv`` (a header row with a
 ``prompt`` column). Optional columns: ``seed``, ``negative_prompt`` and per-row overrides of generation
@@ -23,56 +27,43 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import dataclasses
-import fcntl
 import glob
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from fastgen.batch_manifest import (
+    MANIFEST,
+    append_record,
+    batch_run_id,
+    journal_path,
+    latest_records,
+    merge_manifests,
+    read_progress,
+    read_records,
+    write_progress,
+)
+from fastgen.batch_prompts import (
+    COMPOSITE_METHODS,
+    DEFAULT_METHOD,
+    TEXT_PARAMS,
+    VIDEO_PARAMS,
+    Item,
+    allowed_columns,
+    output_name,
+    read_prompt_file,
+    slugify,
+)
 from fastgen.configs import METHOD_CONFIGS
+from fastgen.stats import finite as _finite
+from fastgen.stats import mean_stat, stats_layers  # noqa: F401 - re-exported for the demo and old imports
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.jsonl"
-"""Name of the merged manifest in the output folder."""
-
-_INT, _FLOAT, _STR = int, float, str
-
-VIDEO_PARAMS: dict[str, type] = {
-    "negative_prompt": _STR,
-    "steps": _INT,
-    "height": _INT,
-    "width": _INT,
-    "frames": _INT,
-    "guidance_scale": _FLOAT,
-}
-"""Per-item generation parameters of video runners and their types."""
-
-TEXT_PARAMS: dict[str, type] = {
-    "steps": _INT,
-    "gen_length": _INT,
-    "block_length": _INT,
-    "temperature": _FLOAT,
-    "cfg_scale": _FLOAT,
-}
-"""Per-item generation parameters of text runners and their types."""
-
-DEFAULT_METHOD = {"video": "rectified", "text": "sparsed"}
-"""Sparse method used when ``--method`` is not given, per kind of model."""
-
-COMPOSITE_METHODS = {"sparsed+window_diffusion": ("window_diffusion", "sparsed")}
-"""Methods that run several configs together, and the methods they are made of."""
 
 
 def _method_parts(method: str) -> tuple[str, ...]:
@@ -95,156 +86,6 @@ def _config_record(config):
     return config.to_dict()
 
 
-def _config_field_types(method: str) -> dict[str, type]:
-    """Column types of the config fields of ``method`` (bool/int/float/str, optional allowed)."""
-    types = {}
-    for f in dataclasses.fields(METHOD_CONFIGS[method]):
-        annotation = str(f.type)
-        for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-            if annotation.startswith(name):
-                types[f.name] = typ
-                break
-    return types
-
-
-def allowed_columns(kind: str | None = None, method: str | None = None) -> dict[str, type]:
-    """Columns a prompt file may have for ``kind``/``method`` (all known columns when ``None``; no method
-    options for ``"dense"``)."""
-    columns: dict[str, type] = {"prompt": _STR, "seed": _INT}
-    kinds = [kind] if kind else ["video", "text"]
-    for k in kinds:
-        columns.update(VIDEO_PARAMS if k == "video" else TEXT_PARAMS)
-    methods = [method] if method else list(METHOD_CONFIGS)
-    for m in methods:
-        for part in _method_parts(m):
-            if part in METHOD_CONFIGS:
-                columns.update(_config_field_types(part))
-    return columns
-
-
-@dataclass
-class Item:
-    """One prompt of a batch with its optional seed and per-row overrides."""
-
-    index: int
-    """Position in the prompt file (0-based, after skipping blanks and comments)."""
-    prompt: str
-    """The prompt text."""
-    seed: int | None = None
-    """The row's own seed; ``None`` means ``base_seed + index``."""
-    overrides: dict = field(default_factory=dict)
-    """Per-row generation parameters and method options (e.g. ``steps``, ``sparsity``)."""
-
-    def resolved_seed(self, base_seed: int) -> int:
-        """The seed this item runs with: its own, else ``base_seed + index``."""
-        return self.seed if self.seed is not None else base_seed + self.index
-
-
-def _coerce(value, typ: type, where: str):
-    """Convert a cell to ``typ``; empty cells become ``None`` (not overridden)."""
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        return None
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.strip().lower() in ("true", "1", "yes")
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                return int(value)
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}={value!r} must be of type {typ.__name__}") from None
-
-
-def _item_from_row(row: dict, index: int, where: str, columns: dict[str, type]) -> Item:
-    unknown = sorted(set(row) - set(columns))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(columns))}"
-        )
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: column 'prompt' is missing or empty")
-    values = {k: _coerce(v, columns[k], f"{where}: column {k!r}") for k, v in row.items() if k != "prompt"}
-    seed = values.pop("seed", None)
-    overrides = {k: v for k, v in values.items() if v is not None}
-    return Item(index=index, prompt=prompt.strip(), seed=seed, overrides=overrides)
-
-
-def read_prompt_file(path: str | os.PathLike, columns: dict[str, type] | None = None) -> list[Item]:
-    """Read a ``.txt``, ``.jsonl`` or ``.csv`` prompt file into items (columns checked against ``columns``).
-
-    Unknown columns raise a ``ValueError`` naming the column and the allowed ones.
-    """
-    path = os.fspath(path)
-    columns = columns if columns is not None else allowed_columns()
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".txt", ".jsonl", ".csv"):
-        raise ValueError(f"prompt file {path!r} has extension {ext!r}; allowed: .txt, .jsonl, .csv")
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r} does not exist")
-    rows: list[tuple[dict, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext == ".txt":
-            for lineno, line in enumerate(f, 1):
-                text = line.strip()
-                if text and not text.startswith("#"):
-                    rows.append(({"prompt": text}, f"{path}:{lineno}"))
-        elif ext == ".jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-                if isinstance(row, str):
-                    row = {"prompt": row}
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: each line must be a JSON object or string, got {row!r}")
-                rows.append((row, where))
-        else:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV prompt file needs a header row with a 'prompt' column")
-            for row in reader:
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue
-                if None in row:
-                    raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
-                rows.append((row, f"{path}:{reader.line_num}"))
-    return [_item_from_row(row, i, where, columns) for i, (row, where) in enumerate(rows)]
-
-
-def slugify(text: str, max_len: int = 40) -> str:
-    """Short lowercase ASCII slug of a prompt for file names (``"A cat, surfing!"`` -> ``a-cat-surfing``)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if len(slug) > max_len:
-        cut = slug[: max_len + 1]
-        slug = cut.rsplit("-", 1)[0] if "-" in cut else slug[:max_len]
-    return slug.strip("-") or "prompt"
-
-
-def output_name(item: Item, kind: str) -> str:
-    """Deterministic output file name: index and slug, ``.mp4`` for video, ``.txt`` for text."""
-    return f"{item.index:04d}-{slugify(item.prompt)}.{'mp4' if kind == 'video' else 'txt'}"
-
-
 def distributed_rank() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from the launcher's environment (torchrun, accelerate)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -258,115 +99,7 @@ def distributed_rank() -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# manifest: per-rank append-only journals merged into manifest.jsonl
-
-
-def append_record(path: str, record: dict) -> None:
-    """Append one JSON line: a single write of the full line, flushed and fsynced."""
-    line = json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_records(path: str) -> list[dict]:
-    """Records of a jsonl manifest; a truncated or corrupt line (an interrupted append) is skipped."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s:%d: skipping a truncated manifest line", path, lineno)
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("index"), int):
-                    records.append(record)
-    except FileNotFoundError:
-        pass
-    return records
-
-
-def journal_path(out_dir: str, rank: int) -> str:
-    """The append-only journal of ``rank`` in ``out_dir``."""
-    return os.path.join(out_dir, f"manifest.rank{rank}.jsonl")
-
-
-def latest_records(out_dir: str) -> dict[int, dict]:
-    """The latest record per item index over ``manifest.jsonl`` and every rank journal."""
-    paths = [
-        os.path.join(out_dir, MANIFEST),
-        *sorted(glob.glob(os.path.join(out_dir, "manifest.rank*.jsonl"))),
-    ]
-    latest: dict[int, dict] = {}
-    for path in paths:
-        for record in read_records(path):
-            old = latest.get(record["index"])
-            if old is None or record.get("finished_at", 0.0) >= old.get("finished_at", 0.0):
-                latest[record["index"]] = record
-    return latest
-
-
-@contextlib.contextmanager
-def _manifest_lock(out_dir: str):
-    with open(os.path.join(out_dir, ".manifest.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def merge_manifests(out_dir: str, remove_journals: Sequence[str] = ()) -> list[dict]:
-    """Merge journals into ``manifest.jsonl`` (sorted by index, one record per item) under a file lock.
-
-    ``remove_journals`` are deleted after the merge (a process only removes journals no one else writes).
-    """
-    from fastgen.io import atomic_path
-
-    with _manifest_lock(out_dir):
-        records = [r for _, r in sorted(latest_records(out_dir).items())]
-        with atomic_path(os.path.join(out_dir, MANIFEST)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, allow_nan=False, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        for path in remove_journals:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    return records
-
-
-# ----------------------------------------------------------------------------------------------------
 # the runner
-
-
-def _finite(x) -> float | None:
-    """A float for JSON (``None`` for inf/nan)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def stats_layers(stats) -> list[dict]:
-    """Per-layer stat dicts from a runner's ``stats`` (a list of layer dicts, or a dict with ``layers``)."""
-    if isinstance(stats, dict):
-        stats = stats.get("layers")
-    return [s for s in stats or [] if isinstance(s, dict)]
-
-
-def mean_stat(stats, key: str) -> float | None:
-    """Mean of ``key`` over the layers of a runner's ``stats`` (or its own summary value)."""
-    if isinstance(stats, dict) and stats.get(key) is not None:
-        return float(stats[key])
-    values = [float(s[key]) for s in stats_layers(stats) if s.get(key) is not None]
-    return float(np.mean(values)) if values else None
 
 
 def reported_config(result: dict) -> dict | None:
@@ -413,6 +146,10 @@ class BatchRunner:
     """Number of processes splitting the items."""
     progress: bool = True
     """Show the bar over items and the pipeline's own bar per item."""
+    stall_seconds: float = 600.0
+    """Rank 0 stops waiting for the other ranks' final counts after this long without any report."""
+    poll_seconds: float = 1.0
+    """How often rank 0 reads the other ranks' progress."""
 
     def __post_init__(self):
         if self.kind not in ("video", "text"):
@@ -491,8 +228,11 @@ class BatchRunner:
             write_text(path, result["text"])
 
     def run_item(self, item: Item) -> dict:
-        """Generate, write and measure one item; returns its manifest record (status ``ok``)."""
-        from fastgen.metrics import psnr, ssim, token_agreement
+        """Generate, write and measure one item; returns its manifest record (status ``ok``).
+
+        With ``compare_dense`` the item runs through :func:`fastgen.compare.compare_with_dense` (the
+        same helper and warm-up policy as ``fastgen generate`` and the demo; warm-up excluded)."""
+        from fastgen.compare import compare_with_dense, text_fidelity, video_fidelity
 
         seed = item.resolved_seed(self.base_seed)
         config = self.build_config(self.method_options(item))
@@ -504,15 +244,20 @@ class BatchRunner:
             os.remove(stale)  # temp file of an interrupted earlier attempt at this (same-rank) item
         pipe = self._pipeline()
         started = time.perf_counter()
-        result = self.generate(
-            pipe,
-            prompt=item.prompt,
-            seed=seed,
-            method=self.method,
-            config=config,
-            progress=self.progress,
-            **params,
-        )
+        options = dict(prompt=item.prompt, seed=seed, progress=self.progress and self.rank == 0, **params)
+        comparison = None
+        if self.compare_dense and self.method != "dense":
+            if self.kind == "video":
+                fidelity, warm_up = video_fidelity, {"steps": 1}
+            else:
+                fidelity, warm_up = text_fidelity, {"gen_length": 4, "steps": 1, "block_length": 4}
+            comparison = compare_with_dense(
+                self.generate, pipe, method=self.method, config=config, fidelity=fidelity, warm_up=warm_up,
+                **options,
+            )  # fmt: skip
+            result = comparison.accelerated
+        else:
+            result = self.generate(pipe, method=self.method, config=config, **options)
         self._write_output(path, result)
         record = {
             "config": _config_record(config) if config is not None else reported_config(result),
@@ -523,26 +268,16 @@ class BatchRunner:
         }
         if self.kind == "text":
             record["tokens_per_s"] = _finite(result.get("tokens_per_s"))
-        if self.compare_dense and self.method != "dense":
-            dense = self.generate(
-                pipe,
-                prompt=item.prompt,
-                seed=seed,
-                method="dense",
-                config=None,
-                progress=self.progress,
-                **params,
-            )
+        if comparison is not None:
+            dense = comparison.dense
             record["dense_seconds"] = _finite(dense.get("seconds"))
-            if result.get("seconds") and dense.get("seconds"):
-                record["speedup"] = _finite(dense["seconds"] / result["seconds"])
+            record["speedup"] = _finite(comparison.speedup)
             if self.kind == "video":
-                value = psnr(dense["frames"], result["frames"])
-                record["psnr"] = _finite(value)
-                record["identical"] = bool(math.isinf(value))
-                record["ssim"] = _finite(ssim(dense["frames"], result["frames"]))
+                record["psnr"] = _finite(comparison.fidelity["psnr"])
+                record["identical"] = comparison.fidelity["identical"]
+                record["ssim"] = _finite(comparison.fidelity["ssim"])
             else:
-                record["token_agreement"] = token_agreement(dense["tokens"], result["tokens"])
+                record["token_agreement"] = comparison.fidelity["token_agreement"]
                 record["dense_tokens_per_s"] = _finite(dense.get("tokens_per_s"))
         record["wall_seconds"] = time.perf_counter() - started
         if result.get("method") is not None:
@@ -552,7 +287,13 @@ class BatchRunner:
         return record
 
     def run(self, items: Sequence[Item]) -> dict:
-        """Run this rank's share of ``items``; returns counts ``{"ok", "skipped", "failed", "total"}``."""
+        """Run this rank's share of ``items``; returns counts ``{"ok", "skipped", "failed", "total"}``.
+
+        With several ranks, each rank publishes its counts after every item (:mod:`fastgen.batch_manifest`
+        progress files); rank 0 draws ONE bar over all ranks' items (the others draw none) and, once its
+        own share is done, waits for the others' final counts (never forever: it stops waiting when no
+        rank has reported for ``stall_seconds``) so its summary counts every rank (``counts["ranks"]``).
+        """
         from tqdm.auto import tqdm
 
         os.makedirs(self.out_dir, exist_ok=True)
@@ -561,14 +302,27 @@ class BatchRunner:
         mine = [item for item in items if item.index % self.world_size == self.rank]
         journal = journal_path(self.out_dir, self.rank)
         counts = {"ok": 0, "skipped": 0, "failed": 0, "total": len(mine)}
+        run_id, started_at = batch_run_id(), time.time()
+        multi = self.world_size > 1
+        if multi:
+            write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
         bar = tqdm(
-            mine,
-            desc=f"batch rank {self.rank}" if self.world_size > 1 else "batch",
+            total=len(items) if multi else len(mine),
+            desc=f"batch ({self.world_size} ranks)" if multi else "batch",
             unit="item",
-            disable=not self.progress,
-            position=self.rank if self.world_size > 1 else None,
+            disable=not self.progress or self.rank != 0,
         )
-        for item in bar:
+
+        def refresh():
+            if multi and self.rank == 0:
+                others = read_progress(self.out_dir, self.world_size, run_id, started_at)
+                done = sum(c["ok"] + c["skipped"] + c["failed"] for r, c in others.items() if r != 0)
+                bar.n = done + counts["ok"] + counts["skipped"] + counts["failed"]
+                bar.refresh()
+            else:
+                bar.update(1)
+
+        for item in mine:
             seed = item.resolved_seed(self.base_seed)
             base = {
                 "index": item.index,
@@ -585,6 +339,9 @@ class BatchRunner:
             try:
                 if self._is_done(item, previous.get(item.index), seed):
                     counts["skipped"] += 1
+                    if multi:
+                        write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
+                    refresh()
                     continue
                 record = {**base, **self.run_item(item), "status": "ok", "error": None}
                 counts["ok"] += 1
@@ -597,6 +354,13 @@ class BatchRunner:
                 counts["failed"] += 1
             record["finished_at"] = time.time()
             append_record(journal, record)
+            if multi:
+                write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
+            refresh()
+        if multi:
+            write_progress(self.out_dir, self.rank, run_id, counts, True, started_at)
+            if self.rank == 0:
+                counts["ranks"] = self._wait_for_ranks(run_id, started_at, refresh)
         bar.close()
         # a single process owns every journal; with several ranks others may still be appending to theirs
         leftovers = (
@@ -605,13 +369,35 @@ class BatchRunner:
         merge_manifests(self.out_dir, remove_journals=leftovers)
         return counts
 
+    def _wait_for_ranks(self, run_id: str, started_at: float, refresh: Callable[[], None]) -> dict[int, dict]:
+        """Rank 0: the final counts of every rank of this run (missing ranks left out after a stall)."""
+        last_change, seen = time.monotonic(), None
+        while True:
+            reports = read_progress(self.out_dir, self.world_size, run_id, started_at)
+            refresh()
+            if len(reports) == self.world_size and all(r.get("done") for r in reports.values()):
+                return reports
+            state = json.dumps(reports, sort_keys=True)
+            if state != seen:
+                seen, last_change = state, time.monotonic()
+            elif time.monotonic() - last_change > self.stall_seconds:
+                missing = sorted(
+                    set(range(self.world_size)) - {r for r, c in reports.items() if c.get("done")}
+                )
+                logger.warning("ranks %s did not finish (no report for %.0f s); summary without them",
+                               missing, self.stall_seconds)  # fmt: skip
+                return {r: c for r, c in reports.items() if c.get("done")}
+            time.sleep(self.poll_seconds)
+
 
 # ----------------------------------------------------------------------------------------------------
 # the command
 
 
 def _resolve_method(args: argparse.Namespace, kind: str) -> str:
-    method = args.method or DEFAULT_METHOD[kind]
+    from fastgen.cli_generate import is_causal_request
+
+    method = args.method or ("dense" if kind == "video" and is_causal_request(args) else DEFAULT_METHOD[kind])
     if method != "dense" and not _known_method(method):
         raise ValueError(f"--method={method!r} is unknown; allowed: {_allowed_methods()}")
     return method
@@ -643,7 +429,11 @@ def runner_from_args(
 
             def default_load():
                 return load_video_pipeline(
-                    preset=args.preset, model=args.model, device=device, dtype=args.dtype
+                    preset=args.preset,
+                    model=args.model,
+                    device=device,
+                    dtype=args.dtype,
+                    self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
                 )
 
             default_generate = generate_video
@@ -698,13 +488,23 @@ def run_batch(
     runner = runner_from_args(args, kind=kind, load=load, generate=generate)
     items = read_prompt_file(args.prompts, runner.columns())
     counts = runner.run(items)
-    who = f"rank {runner.rank}/{runner.world_size}: " if runner.world_size > 1 else ""
-    summary = (
-        f"fastgen batch: {who}{counts['ok']} generated, {counts['skipped']} already done, "
-        f"{counts['failed']} failed, of {counts['total']} items; manifest: "
-        f"{os.path.join(runner.out_dir, MANIFEST)}\n"
-    )
-    sys.stderr.write(summary)
+    if runner.world_size > 1 and runner.rank != 0:
+        logger.info("rank %d: %s (rank 0 prints the summary of all ranks)", runner.rank, counts)
+    else:
+        who, total = "", counts
+        if runner.world_size > 1:
+            reports = counts.get("ranks", {})
+            total = {k: sum(c[k] for c in reports.values()) for k in ("ok", "skipped", "failed", "total")}
+            missing = runner.world_size - len(reports)
+            who = f"{len(reports)} of {runner.world_size} ranks" + (
+                f" ({missing} did not report)" if missing else ""
+            )
+            who += ": "
+        sys.stderr.write(
+            f"fastgen batch: {who}{total['ok']} generated, {total['skipped']} already done, "
+            f"{total['failed']} failed, of {total['total']} items; manifest: "
+            f"{os.path.join(runner.out_dir, MANIFEST)}\n"
+        )
     if counts["failed"]:
         logger.warning(
             "%d item(s) failed; see 'error' in the manifest; re-run to retry them", counts["failed"]
@@ -713,11 +513,16 @@ def run_batch(
 
 
 __all__ = [
+    "DEFAULT_METHOD",
     "MANIFEST",
+    "TEXT_PARAMS",
+    "VIDEO_PARAMS",
     "BatchRunner",
     "Item",
     "allowed_columns",
     "append_record",
+    "distributed_rank",
+    "journal_path",
     "latest_records",
     "merge_manifests",
     "output_name",
@@ -726,4 +531,6 @@ __all__ = [
     "run_batch",
     "runner_from_args",
     "slugify",
+    "mean_stat",
+    "stats_layers",
 ]

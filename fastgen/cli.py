@@ -15,7 +15,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--preset",
         default=None,
-        help="embedded tiny preset (no download): tiny-wan, tiny-hunyuan, tiny-llada",
+        help="embedded tiny preset (no download): tiny-wan, tiny-wan-long, tiny-hunyuan, tiny-causal-wan, "
+        "tiny-llada-kv (trained), tiny-llada",
     )
     src.add_argument(
         "--model",
@@ -25,8 +26,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=None,
-        help="rectified | sparsed | window_diffusion | sparsed+window_diffusion | dense "
-        "(default: the model's sparse method)",
+        help="rectified | light_forcing (causal Wan) | sparsed | window_diffusion | sparsed+window_diffusion | "
+        "dense (default: the model's sparse method)",
     )
     p.add_argument(
         "--window", type=int, default=None, help="window_diffusion: masks in the window (default per family)"
@@ -36,6 +37,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--refresh-cycle", type=int, default=None, help="window_diffusion: steps per refresh (default 32)"
+    )
+    p.add_argument(
+        "--self-forcing-checkpoint",
+        default=None,
+        help="Self-Forcing .pt (generator_ema / generator) loaded into the --model Wan 2.1 T2V folder: "
+        "autoregressive chunked generation (CausalWanPipeline)",
     )
     p.add_argument(
         "--sparsity", type=float, default=None, help="video: fraction of key blocks dropped, in [0, 1)"
@@ -97,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate one video or text", description="Generate one video or text."
     )
     _add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt")
+    gen.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt (required, except for a task-trained preset such as tiny-llada-kv, which then "
+        "uses the held-out task example of --seed)",
+    )
     gen.add_argument(
         "--image", default=None, help="video, image-to-video pipelines (Wan I2V): the first frame (png/jpg)"
     )
@@ -130,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     demo.add_argument("--share", action="store_true", help="create a public Gradio share link")
-    demo.add_argument("--video-preset", default="tiny-wan", help="video preset (default tiny-wan)")
-    demo.add_argument("--text-preset", default="tiny-llada", help="text preset (default tiny-llada)")
+    demo.add_argument("--video-preset", default="tiny-wan-long", help="video preset (default tiny-wan-long)")
+    demo.add_argument("--text-preset", default="tiny-llada-kv", help="text preset (default tiny-llada-kv)")
     demo.add_argument("--video-model", default=None, help="real video checkpoint instead of the preset")
     demo.add_argument("--text-model", default=None, help="real diffusion-LM checkpoint instead of the preset")
     return parser

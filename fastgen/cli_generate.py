@@ -34,6 +34,15 @@ def model_kind(args: argparse.Namespace) -> str:
         return "text"
 
 
+def is_causal_request(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for the autoregressive causal Wan (``--self-forcing-checkpoint`` or a causal preset)."""
+    from fastgen.pipelines import get_preset
+
+    if getattr(args, "self_forcing_checkpoint", None) is not None:
+        return True
+    return args.preset is not None and get_preset(args.preset).family == "causal-wan"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
     if model_kind(args) == "video":
@@ -42,16 +51,32 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def generate_video_from_args(args: argparse.Namespace) -> int:
-    """``fastgen generate`` for video: generate, write ``--out`` (mp4, atomic), report; returns the exit status."""
+    """``fastgen generate`` for video: generate, write ``--out`` (mp4, atomic), report; returns the exit status.
+
+    With ``--compare-dense`` the run goes through :func:`fastgen.compare.compare_with_dense` (warm-up
+    excluded, the same helper as batch and the demo)."""
+    from fastgen.compare import compare_with_dense, video_fidelity
     from fastgen.io import write_video
-    from fastgen.metrics import psnr, ssim
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
-    method = args.method or "rectified"
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
-    config = config_from_args(args) if method == "rectified" else None
-    pipe = load_video_pipeline(preset=args.preset, model=args.model, device=args.device, dtype=args.dtype)
+    if not args.prompt:
+        raise ValueError("--prompt is required for video")
+    pipe = load_video_pipeline(
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
+    )
+    from fastgen.pipelines.causal_video_runner import is_causal_pipeline
+
+    if is_causal_pipeline(pipe):
+        method, config = causal_method_from_args(args)
+    else:
+        method = args.method or "rectified"
+        if method not in METHODS:
+            raise ValueError(f"--method={method!r} is not allowed for video; allowed: {', '.join(METHODS)}")
+        config = config_from_args(args, pipe) if method == "rectified" else None
     common = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -63,37 +88,79 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance_scale,
         "image": getattr(args, "image", None),
     }
+    comparison = None
     if getattr(args, "compare_dense", False) and method != "dense":
-        # one untimed 1-step call first, so neither timed run pays the one-time costs
-        generate_video(pipe, method=method, config=config, **{**common, "steps": 1}, progress=False)
-    result = generate_video(pipe, method=method, config=config, **common)
+        comparison = compare_with_dense(
+            generate_video, pipe, method=method, config=config, fidelity=video_fidelity, warm_up={"steps": 1},
+            **common,
+        )  # fmt: skip
+        result = comparison.accelerated
+    else:
+        result = generate_video(pipe, method=method, config=config, **common)
     out = args.out or "output.mp4"
     write_video(out, result["frames"], fps=result["fps"])
     t, h, w, _ = result["frames"].shape
     print(f"wrote {out}: {t} frames {h}x{w} in {result['seconds']:.2f}s ({method})")
-    if result["stats"]:
+    if result["stats"] and method == "light_forcing":
+        from fastgen.pipelines.causal_video_runner import chunk_densities
+
+        per_chunk = ", ".join(f"{c}: {d:.3f}" for c, d in chunk_densities(result["stats"]).items())
+        print(f"Light Forcing density per chunk (mean over layers): {per_chunk}")
+    elif result["stats"]:
         density = np.mean([row["density"] for row in result["stats"]])
         print(f"sparse layers: {len(result['stats'])}, mean density {density:.3f}")
-    if getattr(args, "compare_dense", False) and method != "dense":
-        dense = generate_video(pipe, method="dense", **common)
+    if comparison is not None:
+        fid = comparison.fidelity
+        psnr_text = "PSNR inf dB (identical frames)" if fid["identical"] else f"PSNR {fid['psnr']:.2f} dB"
         print(
-            f"dense: {dense['seconds']:.2f}s; speedup {dense['seconds'] / result['seconds']:.2f}x; "
-            f"PSNR {psnr(result['frames'], dense['frames']):.2f} dB; "
-            f"SSIM {ssim(result['frames'], dense['frames']):.4f}"
+            f"dense: {comparison.dense['seconds']:.2f}s; speedup {_fmt_speedup(comparison.speedup)} "
+            f"(warm-up excluded); {psnr_text}; SSIM {fid['ssim']:.4f}"
         )
     return 0
 
 
+def _fmt_speedup(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def causal_method_from_args(args: argparse.Namespace):
+    """``(method, LightForcingConfig or None)`` for a causal Wan from ``--method`` (default
+    ``light_forcing``), ``--sparsity`` and ``--block-size``."""
+    from fastgen.configs import LightForcingConfig
+    from fastgen.pipelines.causal_video_runner import METHODS as CAUSAL_METHODS
+
+    method = args.method or "light_forcing"
+    if method not in CAUSAL_METHODS:
+        raise ValueError(
+            f"--method={method!r} is not allowed for a causal Wan; allowed: {', '.join(CAUSAL_METHODS)}"
+        )
+    if method == "dense":
+        return method, None
+    options = {"sparsity": getattr(args, "sparsity", None), "block_size": getattr(args, "block_size", None)}
+    options = {k: v for k, v in options.items() if v is not None}
+    if "sparsity" in options and options["sparsity"] > LightForcingConfig.sparsity_base:
+        options["sparsity_base"] = min(0.99, options["sparsity"] + 0.1)  # keep s_base >= s_target
+        logger.warning(
+            "--sparsity=%s is above Light Forcing's default sparsity_base; using sparsity_base=%s",
+            options["sparsity"],
+            options["sparsity_base"],
+        )
+    return method, LightForcingConfig(**options)
+
+
 def generate_text_from_args(args: argparse.Namespace) -> int:
     """``fastgen generate`` for text: print the text and tokens/s (and speedup + token agreement vs dense
-    with ``--compare-dense``); ``--out`` is written atomically. Returns the exit status."""
+    with ``--compare-dense``, through :func:`fastgen.compare.compare_with_dense`, warm-up excluded); for a
+    model trained on a checkable task (``tiny-llada-kv``) also whether each answer is right. ``--out`` is
+    written atomically. Returns the exit status."""
+    from fastgen.compare import compare_with_dense, text_fidelity
     from fastgen.io import write_text
-    from fastgen.metrics import token_agreement
     from fastgen.pipelines.text_runner import (
         METHODS,
         default_sparsed_config,
         generate_text,
         load_text_pipeline,
+        text_defaults,
     )
 
     method = args.method or "sparsed"
@@ -108,20 +175,34 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
     )
-    common = dict(
-        prompt=args.prompt,
-        seed=args.seed,
+    prompt = args.prompt
+    task = getattr(pipe, "fastgen_task", None)
+    if task is not None and (prompt is None or task.answer_of(prompt) is None):
+        example = task.example(int(args.seed))
+        if prompt is not None:
+            logger.warning(
+                "the prompt is not in the task's format; using held-out example seed %d", args.seed
+            )
+        prompt = example.prompt
+        print(f"prompt (task example seed {args.seed}): ...{prompt[-60:]}")
+    if not prompt:
+        raise ValueError(
+            "--prompt is required (only task-trained presets such as tiny-llada-kv pick an example)"
+        )
+    answer = task.answer_of(prompt) if task is not None else None
+    settings = text_defaults(
+        pipe,
         steps=args.steps,
         gen_length=args.gen_length,
         block_length=args.block_length,
         temperature=args.temperature,
         cfg_scale=args.cfg_scale,
-        progress=not getattr(args, "quiet", False),
     )
+    common = dict(prompt=prompt, seed=args.seed, progress=not getattr(args, "quiet", False), **settings)
     config = None
     if method in ("window_diffusion", "sparsed+window_diffusion"):
-        if common["block_length"] is None:  # Window-Diffusion and its dense baseline: one block
-            common["block_length"] = args.gen_length or 128
+        if args.block_length is None:  # Window-Diffusion and its dense baseline: one block
+            common["block_length"] = settings["gen_length"]
         from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 
         config = [
@@ -135,18 +216,24 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
         if method == "sparsed+window_diffusion" and any(v is not None for v in sparsed_fields.values()):
             config.append(SparseDConfig(**{k: v for k, v in sparsed_fields.items() if v is not None}))
     if method == "sparsed":
-        prompt_tokens = len(pipe.tokenizer(args.prompt)["input_ids"]) if pipe.tokenizer is not None else 0
+        prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
         config = default_sparsed_config(
-            prompt_tokens + (args.gen_length or 128),
+            prompt_tokens + settings["gen_length"],
             skip=args.skip,
             select=args.select,
             block_size=args.block_size,
         )
-    if args.compare_dense:
-        # one short untimed call first, so neither timed run pays the one-time costs
-        warm = min(32, args.gen_length or 128)
-        pipe(prompt=args.prompt, gen_length=warm, steps=1, block_length=warm, progress=False)
-    result = generate_text(pipe, method=method, config=config, **common)
+    comparison = None
+    if args.compare_dense and method != "dense":
+        warm = min(32, settings["gen_length"])
+        comparison = compare_with_dense(
+            generate_text, pipe, method=method, config=config,
+            fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+            warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+        )  # fmt: skip
+        result = comparison.accelerated
+    else:
+        result = generate_text(pipe, method=method, config=config, **common)
     print(result["text"])
     print(f"[{result['method']}] {result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.3f} s)")
     if "refresh_steps" in result["stats"]:
@@ -155,14 +242,22 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
             f"[{result['method']}] refresh steps {st['refresh_steps']}, pruned steps {st['pruned_steps']}, "
             f"mean rows run {st['mean_queries']:.1f}, mean keys {st['mean_keys']:.1f}"
         )
+    if answer is not None:
+        print(f"[{result['method']}] answer {'correct' if result['text'].split() == answer.split() else 'WRONG'}"
+              f" (expected: {answer})")  # fmt: skip
     if "density" in result["stats"]:
         print(f"[{result['method']}] attention density: {result['stats']['density']:.3f}")
-    if args.compare_dense:
-        dense = generate_text(pipe, method="dense", **common)
-        speedup = dense["seconds"] / result["seconds"] if result["seconds"] > 0 else float("inf")
-        agreement = token_agreement(result["tokens"], dense["tokens"])
+    if comparison is not None:
+        dense, fid = comparison.dense, comparison.fidelity
+        print(f"[dense] {dense['text']}")
         print(f"[dense] {dense['tokens_per_s']:.1f} tokens/s ({dense['seconds']:.3f} s)")
-        print(f"speedup vs dense: {speedup:.2f}x  token agreement: {agreement:.3f}")
+        line = f"speedup vs dense: {_fmt_speedup(comparison.speedup)} (warm-up excluded)"
+        line += f"  token agreement: {fid['token_agreement']:.3f}"
+        if "dense_correct" in fid:
+            line += (
+                f"  correct: {result['method']} {fid['accelerated_correct']}, dense {fid['dense_correct']}"
+            )
+        print(line)
     if args.out:
         write_text(args.out, result["text"])
         logger.info("wrote %s", args.out)

@@ -9,7 +9,24 @@ def __getattr__(name):
         from . import diffusion_lm
 
         return getattr(diffusion_lm, name)
+    if name == "CausalWanPipeline":
+        from .causal_wan import CausalWanPipeline
+
+        return CausalWanPipeline
+    if name == "load_self_forcing_checkpoint":
+        from .self_forcing import load_self_forcing_checkpoint
+
+        return load_self_forcing_checkpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PRESETS", "DiffusionLMOutput", "DiffusionLMPipeline", "Preset", "get_preset", "load_preset"]
+__all__ = [
+    "PRESETS",
+    "CausalWanPipeline",
+    "DiffusionLMOutput",
+    "DiffusionLMPipeline",
+    "Preset",
+    "get_preset",
+    "load_preset",
+    "load_self_forcing_checkpoint",
+]

@@ -22,6 +22,8 @@ class Preset:
     """``"module:function"`` returning a ready pipeline; called with keyword options."""
     description: str
     """One line for ``--help`` and the demo."""
+    family: str | None = None
+    """Model family when the kind alone does not say how to run it (``"causal-wan"``: chunked autoregressive)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -34,6 +36,19 @@ PRESETS: dict[str, Preset] = {
             "tiny Wan 2.1 T2V (random weights)",
         ),
         Preset(
+            "tiny-wan-long",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_wan_long",
+            "tiny Wan 2.1 T2V at 6400 tokens, attention-bound: shows the speed-up (random weights)",
+        ),
+        Preset(
+            "tiny-causal-wan",
+            "video",
+            "fastgen.pipelines.tiny_video:build_tiny_causal_wan",
+            "tiny autoregressive Wan, Self-Forcing chunks with a KV cache (random weights)",
+            family="causal-wan",
+        ),
+        Preset(
             "tiny-hunyuan",
             "video",
             "fastgen.pipelines.tiny_video:build_tiny_hunyuan",
@@ -43,7 +58,13 @@ PRESETS: dict[str, Preset] = {
             "tiny-llada",
             "text",
             "fastgen.pipelines.tiny_lm:build_tiny_llada",
-            "tiny LLaDA-style diffusion LM",
+            "tiny LLaDA-style diffusion LM (random weights, character tokenizer; for tests)",
+        ),
+        Preset(
+            "tiny-llada-kv",
+            "text",
+            "fastgen.pipelines.tiny_llada_kv:build_tiny_llada_kv",
+            "tiny LLaDA trained on key-value retrieval (samples/tiny-llada-kv); answers can be checked",
         ),
     )
 }

@@ -62,7 +62,7 @@ def load_text_pipeline(
 
     preset = preset or DEFAULT_PRESET
     if get_preset(preset).kind != "text":
-        raise ValueError(f"preset={preset!r} makes video; text presets: tiny-llada")
+        raise ValueError(f"preset={preset!r} makes video; text presets: tiny-llada-kv, tiny-llada")
     return load_preset(preset, device=device, dtype=dtype)
 
 
@@ -133,6 +133,33 @@ def _sparse_stats(model) -> dict:
     return {**summary, "layers": layers}
 
 
+def text_defaults(
+    pipe,
+    *,
+    steps: int | None = None,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
+) -> dict:
+    """Generation settings: the given ones, else the pipeline's ``fastgen_defaults`` (a trained preset's
+    model card), else 128 tokens in blocks of 32, one token per step, greedy, no guidance."""
+    own = getattr(pipe, "fastgen_defaults", {}) or {}
+
+    def pick(name, value, fallback):
+        return value if value is not None else own.get(name, fallback)
+
+    gen_length = pick("gen_length", gen_length, 128)
+    block_length = pick("block_length", block_length, min(32, gen_length))
+    return dict(
+        gen_length=gen_length,
+        steps=pick("steps", steps, gen_length),
+        block_length=block_length,
+        temperature=pick("temperature", temperature, 0.0),
+        cfg_scale=pick("cfg_scale", cfg_scale, 0.0),
+    )
+
+
 def generate_text(
     pipe: DiffusionLMPipeline,
     *,
@@ -155,18 +182,18 @@ def generate_text(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed for text; allowed: {', '.join(METHODS)}")
-    gen_length = 128 if gen_length is None else gen_length
     windowed = method in WINDOW_METHODS
-    if block_length is None:  # Window-Diffusion has no blocks in its reference: one block
-        block_length = gen_length if windowed else min(32, gen_length)
-    steps = gen_length if steps is None else steps
-    settings = dict(
-        gen_length=gen_length,
+    settings = text_defaults(
+        pipe,
         steps=steps,
+        gen_length=gen_length,
         block_length=block_length,
-        temperature=0.0 if temperature is None else temperature,
-        cfg_scale=0.0 if cfg_scale is None else cfg_scale,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
     )
+    gen_length = settings["gen_length"]
+    if windowed and block_length is None:  # Window-Diffusion has no blocks in its reference: one block
+        settings["block_length"] = gen_length
     if method == "sparsed" and not sparsed_available():
         logger.warning("SparseD (fastgen.processors.transformers_lm) is not installed yet; running dense")
         method = "dense"
@@ -232,4 +259,5 @@ __all__ = [
     "generate_text",
     "load_text_pipeline",
     "sparsed_available",
+    "text_defaults",
 ]

@@ -1,6 +1,7 @@
 """Tiny, randomly initialised video pipelines built from configs in code (no downloads).
 
-``build_tiny_wan`` returns a real diffusers ``WanPipeline`` and ``build_tiny_hunyuan`` a real
+``build_tiny_wan`` returns a real diffusers ``WanPipeline``, ``build_tiny_causal_wan`` a
+``fastgen.pipelines.CausalWanPipeline`` over the same components, and ``build_tiny_hunyuan`` a real
 ``HunyuanVideoPipeline``: tiny transformer, tiny VAE, tiny text encoder(s) and a character-level
 tokenizer made with the ``tokenizers`` library, scheduler from config. Weights come from a fixed
 seed, so two builds are identical. The default video size gives the transformer enough tokens
@@ -23,6 +24,15 @@ import torch
 
 WAN_DEFAULTS = {"steps": 8, "height": 128, "width": 160, "frames": 17, "guidance_scale": 5.0}
 """Generation defaults of the tiny Wan preset (latent 5 x 16 x 20 = 1600 video tokens)."""
+WAN_LONG_DEFAULTS = {"steps": 4, "height": 128, "width": 160, "frames": 9, "guidance_scale": 5.0}
+"""Generation defaults of the attention-bound ``tiny-wan-long`` preset (light VAE: latent 5 x 32 x 40 = 6400
+video tokens for a 9 x 128 x 160 video)."""
+WAN_LONG_RECTIFIED = {"sparsity": 0.9, "dense_layers": 0, "warmup_steps": 1}
+"""Rectified SpaAttn defaults of ``tiny-wan-long``: its 2 layers and 4 steps leave no room for the
+real-checkpoint defaults (first layer and first 5 steps dense), so only the first step runs dense."""
+CAUSAL_WAN_DEFAULTS = {"height": 128, "width": 128, "frames": 33, "guidance_scale": 1.0, "fps": 16}
+"""Generation defaults of the tiny causal Wan preset: 9 latent frames = 3 chunks of 3, 16 x 16 = 256 tokens
+per frame (2 blocks of 128), Self-Forcing's 4 denoising steps per chunk."""
 HUNYUAN_DEFAULTS = {"steps": 6, "height": 192, "width": 256, "frames": 17, "guidance_scale": 6.0}
 """Generation defaults of the tiny HunyuanVideo preset (latent 5 x 12 x 16 = 960 video tokens)."""
 
@@ -71,13 +81,15 @@ def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def build_tiny_wan(device=None, dtype=None, num_layers: int = 3):
+def build_tiny_wan(device=None, dtype=None, num_layers: int = 3, light_vae: bool = False):
     """A ``WanPipeline`` with a tiny ``WanTransformer3DModel`` (2 heads x 32, ``num_layers`` blocks, 1x1x1 patches).
 
     Args:
         device: where the pipeline lives (default CPU).
         dtype: transformer dtype (default float32); the VAE and text encoder stay float32.
         num_layers: transformer blocks.
+        light_vae: a VAE with 4x spatial / 2x temporal compression instead of Wan's 8x / 4x, so a video
+            of many transformer tokens has 8x fewer pixels to decode.
     """
     from diffusers import (
         AutoencoderKLWan,
@@ -105,9 +117,24 @@ def build_tiny_wan(device=None, dtype=None, num_layers: int = 3):
         )
     ).eval()
     torch.manual_seed(SEED + 1)
-    vae = AutoencoderKLWan(
-        base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
+    if light_vae:
+        vae = AutoencoderKLWan(
+            base_dim=4,
+            z_dim=16,
+            dim_mult=[1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            scale_factor_temporal=2,
+            scale_factor_spatial=4,
+        ).eval()
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=4,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ).eval()
     torch.manual_seed(SEED + 2)
     transformer = WanTransformer3DModel(
         patch_size=(1, 1, 1),  # 1x1 patches: many tokens for a small (cheap to decode) video
@@ -131,6 +158,36 @@ def build_tiny_wan(device=None, dtype=None, num_layers: int = 3):
     if dtype != torch.float32:
         pipe.transformer.to(dtype)
     pipe.fastgen_defaults = dict(WAN_DEFAULTS)
+    return pipe
+
+
+def build_tiny_wan_long(device=None, dtype=None, num_layers: int = 2):
+    """The ``tiny-wan-long`` preset: the tiny Wan with a light VAE at 9x128x160 (6400 tokens), where
+    attention is the cost.
+
+    The transformer has the weights of :func:`build_tiny_wan` (fewer blocks); the VAE compresses less, so
+    the transformer sees many tokens while the video stays cheap to decode, and dense attention takes
+    most of the time on a CPU: sparse attention shows its speed-up.
+    """
+    pipe = build_tiny_wan(device=device, dtype=dtype, num_layers=num_layers, light_vae=True)
+    pipe.fastgen_defaults = dict(WAN_LONG_DEFAULTS)
+    pipe.fastgen_rectified = dict(WAN_LONG_RECTIFIED)
+    return pipe
+
+
+def build_tiny_causal_wan(device=None, dtype=None, num_layers: int = 3):
+    """A ``fastgen.pipelines.CausalWanPipeline`` over the components of :func:`build_tiny_wan` (same weights)."""
+    from .causal_wan import CausalWanPipeline
+
+    wan = build_tiny_wan(device=device, dtype=dtype, num_layers=num_layers)
+    pipe = CausalWanPipeline(
+        tokenizer=wan.tokenizer,
+        text_encoder=wan.text_encoder,
+        vae=wan.vae,
+        transformer=wan.transformer,
+        scheduler=wan.scheduler,
+    )
+    pipe.fastgen_defaults = dict(CAUSAL_WAN_DEFAULTS)
     return pipe
 
 
@@ -226,4 +283,15 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
     return pipe
 
 
-__all__ = ["HUNYUAN_DEFAULTS", "WAN_DEFAULTS", "build_tiny_hunyuan", "build_tiny_wan", "char_tokenizer"]
+__all__ = [
+    "CAUSAL_WAN_DEFAULTS",
+    "HUNYUAN_DEFAULTS",
+    "WAN_DEFAULTS",
+    "WAN_LONG_DEFAULTS",
+    "WAN_LONG_RECTIFIED",
+    "build_tiny_causal_wan",
+    "build_tiny_hunyuan",
+    "build_tiny_wan",
+    "build_tiny_wan_long",
+    "char_tokenizer",
+]

@@ -51,4 +51,24 @@ def load_video_checkpoint(source: str, device=None, dtype=None):
     return pipe
 
 
-__all__ = ["SUPPORTED_PREFIXES", "load_video_checkpoint", "pipeline_class_name"]
+def load_causal_wan_checkpoint(source: str, self_forcing_checkpoint: str, device=None, dtype=None):
+    """A ``CausalWanPipeline`` from the diffusers Wan 2.1 T2V pipeline ``source`` (hub id or folder) with the
+    transformer weights of the Self-Forcing ``.pt`` (EMA), on ``device`` in ``dtype``."""
+    from .causal_wan import CausalWanPipeline
+    from .self_forcing import load_self_forcing_checkpoint
+    from .video_runner import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(device, dtype)
+    name = pipeline_class_name(source)
+    if name != "WanPipeline":
+        raise ValueError(
+            f"model={source!r} holds pipeline {name!r}; a Self-Forcing checkpoint needs a Wan 2.1 T2V "
+            "folder (WanPipeline)"
+        )
+    pipe = CausalWanPipeline.from_pretrained(source, dtype=dtype)
+    load_self_forcing_checkpoint(pipe.transformer, self_forcing_checkpoint)
+    pipe.to(device)
+    return pipe
+
+
+__all__ = ["SUPPORTED_PREFIXES", "load_causal_wan_checkpoint", "load_video_checkpoint", "pipeline_class_name"]

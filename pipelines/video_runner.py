@@ -59,11 +59,26 @@ def pipeline_family(pipe) -> str:
     raise ValueError(f"pipe={name} is not a supported video pipeline; allowed: Wan*, HunyuanVideo*")
 
 
-def load_video_pipeline(preset: str | None = None, model: str | None = None, device=None, dtype=None):
-    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder)."""
+def load_video_pipeline(
+    preset: str | None = None,
+    model: str | None = None,
+    device=None,
+    dtype=None,
+    self_forcing_checkpoint: str | None = None,
+):
+    """A ready video pipeline: a tiny preset (default ``"tiny-wan"``) or a real checkpoint (hub id / folder);
+    with ``self_forcing_checkpoint`` the Wan folder becomes a ``CausalWanPipeline`` with those weights."""
     if preset is not None and model is not None:
         raise ValueError(f"give preset={preset!r} or model={model!r}, not both")
     device, dtype = resolve_device_dtype(device, dtype)
+    if self_forcing_checkpoint is not None:
+        if model is None:
+            raise ValueError(
+                "self_forcing_checkpoint needs model= (a diffusers Wan 2.1 T2V folder or hub id)"
+            )
+        from .video_loaders import load_causal_wan_checkpoint
+
+        return load_causal_wan_checkpoint(model, self_forcing_checkpoint, device=device, dtype=dtype)
     if model is not None:
         from .video_loaders import load_video_checkpoint
 
@@ -148,10 +163,29 @@ def generate_video(
     from fastgen.api import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors.common import collect_stats
 
+    from .causal_video_runner import generate_causal_video, is_causal_pipeline
+
+    if is_causal_pipeline(pipe):  # autoregressive Wan: dense or Light Forcing, chunk by chunk
+        if image is not None:
+            raise ValueError(f"image={image!r} is not allowed: {type(pipe).__name__} is text-to-video")
+        return generate_causal_video(
+            pipe,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            height=height,
+            width=width,
+            frames=frames,
+            guidance_scale=guidance_scale,
+            method=method,
+            config=config,
+            progress=progress,
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     if method == "rectified":
-        config = config if config is not None else RectifiedSpaAttnConfig()
+        config = config if config is not None else default_rectified_config(pipe)
         if not isinstance(config, RectifiedSpaAttnConfig):
             raise ValueError(f"config={type(config).__name__} does not match method='rectified'")
     defaults = _defaults(pipe)
@@ -202,8 +236,15 @@ def generate_video(
     }
 
 
-def config_from_args(args: argparse.Namespace) -> RectifiedSpaAttnConfig:
-    """``RectifiedSpaAttnConfig`` from the CLI options that were given (the rest keep their defaults)."""
+def default_rectified_config(pipe=None, **fields) -> RectifiedSpaAttnConfig:
+    """``RectifiedSpaAttnConfig`` with the pipeline's own defaults (``pipe.fastgen_rectified``, set by presets
+    such as ``tiny-wan-long``) under ``fields``; the class defaults for the rest."""
+    return RectifiedSpaAttnConfig(**{**getattr(pipe, "fastgen_rectified", {}), **fields})
+
+
+def config_from_args(args: argparse.Namespace, pipe=None) -> RectifiedSpaAttnConfig:
+    """``RectifiedSpaAttnConfig`` from the CLI options that were given (the rest keep the defaults of
+    :func:`default_rectified_config` for ``pipe``)."""
     options = {
         "sparsity": getattr(args, "sparsity", None),
         "block_size": getattr(args, "block_size", None),
@@ -211,13 +252,14 @@ def config_from_args(args: argparse.Namespace) -> RectifiedSpaAttnConfig:
         "warmup_steps": getattr(args, "warmup_steps", None),
         "form": getattr(args, "form", None),
     }
-    return RectifiedSpaAttnConfig(**{k: v for k, v in options.items() if v is not None})
+    return default_rectified_config(pipe, **{k: v for k, v in options.items() if v is not None})
 
 
 __all__ = [
     "FAMILY_DEFAULTS",
     "METHODS",
     "config_from_args",
+    "default_rectified_config",
     "execution_device",
     "generate_video",
     "load_image",

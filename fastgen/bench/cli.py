@@ -1,8 +1,8 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed``, ``gpu``, ``window`` whose modules parse their own options: everything after the
-suite name
+``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu``, ``window`` whose modules parse their own
+options: everything after the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
 
@@ -18,6 +18,14 @@ PASS_THROUGH_SUITES = {
         "tiny Wan or HunyuanVideo transformer: sparse vs dense speed",
     ),
     "sparsed": ("fastgen.bench.sparsed", "SparseD on a diffusion LM: speed and agreement"),
+    "causal": (
+        "fastgen.bench.causal",
+        "Light Forcing on a tiny causal Wan: generation speed, ideal, error, memory",
+    ),
+    "accuracy": (
+        "fastgen.bench.accuracy",
+        "trained tiny diffusion LM: task accuracy and tokens/s, dense vs SparseD / threshold / Window-Diffusion",
+    ),
     "gpu": (
         "fastgen.bench.gpu",
         "the prepared GPU check: every Triton kernel vs its reference, timed vs SDPA",
