@@ -938,6 +938,9 @@ def build_demo(
             )
             for control in (t_layer, t_head):
                 control.input(backend.redraw_mask, [t_state, t_layer, t_head], t_mask, api_name=False)
+        from .window_demo import build_window_tab
+
+        build_window_tab(gr, backend, limits, source_text, track)
     demo.queue(max_size=32, default_concurrency_limit=limits.concurrency)
     demo.fastgen_backend = backend
     demo.fastgen_causal_backend = causal_backend

@@ -81,7 +81,8 @@ def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
     raise ValueError(
         f"apply_sparse_attention: no adapter supports model={type(model).__name__} with "
         f"config={type(config).__name__}; supported: Wan and HunyuanVideo diffusers transformers "
-        "(RectifiedSpaAttnConfig, LightForcingConfig) and transformers diffusion LMs (SparseDConfig, WindowDiffusionConfig)"
+        "(RectifiedSpaAttnConfig, LightForcingConfig) and transformers diffusion LMs (SparseDConfig; "
+        "WindowDiffusionConfig, recorded for DiffusionLMPipeline, which runs it and composes it with SparseD)"
     )
 
 

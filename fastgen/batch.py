@@ -49,6 +49,7 @@ from fastgen.batch_manifest import (
     write_progress,
 )
 from fastgen.batch_prompts import (
+    COMPOSITE_METHODS,
     DEFAULT_METHOD,
     TEXT_PARAMS,
     VIDEO_PARAMS,
@@ -63,6 +64,26 @@ from fastgen.stats import finite as _finite
 from fastgen.stats import mean_stat, stats_layers  # noqa: F401 - re-exported for the demo and old imports
 
 logger = logging.getLogger(__name__)
+
+
+def _method_parts(method: str) -> tuple[str, ...]:
+    """The config methods behind ``method`` (itself, or the parts of a composite method)."""
+    return COMPOSITE_METHODS.get(method, (method,))
+
+
+def _known_method(method: str) -> bool:
+    return method in METHOD_CONFIGS or method in COMPOSITE_METHODS
+
+
+def _allowed_methods() -> str:
+    return ", ".join(["dense", *sorted(METHOD_CONFIGS), *sorted(COMPOSITE_METHODS)])
+
+
+def _config_record(config):
+    """Manifest form of a config or of a list of configs."""
+    if isinstance(config, (list, tuple)):
+        return [c.to_dict() for c in config]
+    return config.to_dict()
 
 
 def distributed_rank() -> tuple[int, int, int]:
@@ -86,6 +107,8 @@ def reported_config(result: dict) -> dict | None:
     config = result.get("config")
     if not isinstance(config, dict):
         return None
+    if isinstance(config.get("acceleration"), list):
+        return config["acceleration"]
     if isinstance(config.get("method"), dict):
         config = config["method"]
     return config if config.get("method") in METHOD_CONFIGS else None
@@ -131,10 +154,8 @@ class BatchRunner:
     def __post_init__(self):
         if self.kind not in ("video", "text"):
             raise ValueError(f"kind={self.kind!r} is not allowed; allowed: 'video', 'text'")
-        if self.method != "dense" and self.method not in METHOD_CONFIGS:
-            raise ValueError(
-                f"method={self.method!r} is unknown; allowed: dense, {', '.join(sorted(METHOD_CONFIGS))}"
-            )
+        if self.method != "dense" and not _known_method(self.method):
+            raise ValueError(f"method={self.method!r} is unknown; allowed: {_allowed_methods()}")
         self._pipe = None
         self.build_config(self.method_options(None))  # validates the command-line options before any work
 
@@ -146,7 +167,9 @@ class BatchRunner:
         """Method options of one item: the command line's, then the row's overrides."""
         if self.method == "dense":
             return {}
-        names = {f.name for f in dataclasses.fields(METHOD_CONFIGS[self.method])}
+        names = {
+            f.name for part in _method_parts(self.method) for f in dataclasses.fields(METHOD_CONFIGS[part])
+        }
         overrides = item.overrides if item is not None else {}
         return {**self.config_options, **{k: v for k, v in overrides.items() if k in names}}
 
@@ -155,6 +178,15 @@ class BatchRunner:
         so that the runner picks its own (model-aware) default config."""
         if self.method == "dense":
             return None
+        if self.method in COMPOSITE_METHODS:
+            configs = []
+            for part in _method_parts(self.method):
+                cls = METHOD_CONFIGS[part]
+                names = {f.name for f in dataclasses.fields(cls)}
+                mine = {k: v for k, v in options.items() if k in names}
+                if mine or part == "window_diffusion":
+                    configs.append(cls(**mine))
+            return configs if options else None
         config = METHOD_CONFIGS[self.method](**options)
         return config if options else None
 
@@ -228,7 +260,7 @@ class BatchRunner:
             result = self.generate(pipe, method=self.method, config=config, **options)
         self._write_output(path, result)
         record = {
-            "config": config.to_dict() if config is not None else reported_config(result),
+            "config": _config_record(config) if config is not None else reported_config(result),
             "output": name,
             "seconds": _finite(result.get("seconds")),
             "density": mean_stat(result.get("stats"), "density"),
@@ -366,10 +398,8 @@ def _resolve_method(args: argparse.Namespace, kind: str) -> str:
     from fastgen.cli_generate import is_causal_request
 
     method = args.method or ("dense" if kind == "video" and is_causal_request(args) else DEFAULT_METHOD[kind])
-    if method != "dense" and method not in METHOD_CONFIGS:
-        raise ValueError(
-            f"--method={method!r} is unknown; allowed: dense, {', '.join(sorted(METHOD_CONFIGS))}"
-        )
+    if method != "dense" and not _known_method(method):
+        raise ValueError(f"--method={method!r} is unknown; allowed: {_allowed_methods()}")
     return method
 
 
@@ -424,7 +454,7 @@ def runner_from_args(
         generate = generate or default_generate
     config_options = {}
     if method != "dense":
-        for f in dataclasses.fields(METHOD_CONFIGS[method]):
+        for f in (f for part in _method_parts(method) for f in dataclasses.fields(METHOD_CONFIGS[part])):
             value = getattr(args, f.name, None)
             if value is not None:
                 config_options[f.name] = value

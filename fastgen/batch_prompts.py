@@ -55,6 +55,10 @@ def _config_field_types(method: str) -> dict[str, type]:
     return types
 
 
+COMPOSITE_METHODS = {"sparsed+window_diffusion": ("window_diffusion", "sparsed")}
+"""Methods that run several configs together, and the methods they are made of."""
+
+
 def allowed_columns(kind: str | None = None, method: str | None = None) -> dict[str, type]:
     """Columns a prompt file may have for ``kind``/``method`` (all known columns when ``None``; no method
     options for ``"dense"``)."""
@@ -64,8 +68,9 @@ def allowed_columns(kind: str | None = None, method: str | None = None) -> dict[
         columns.update(VIDEO_PARAMS if k == "video" else TEXT_PARAMS)
     methods = [method] if method else list(METHOD_CONFIGS)
     for m in methods:
-        if m in METHOD_CONFIGS:
-            columns.update(_config_field_types(m))
+        for part in COMPOSITE_METHODS.get(m, (m,)):
+            if part in METHOD_CONFIGS:
+                columns.update(_config_field_types(part))
     return columns
 
 

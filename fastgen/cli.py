@@ -26,7 +26,17 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=None,
-        help="rectified | light_forcing (causal Wan) | sparsed | dense (default: the model's sparse method)",
+        help="rectified | light_forcing (causal Wan) | sparsed | window_diffusion | sparsed+window_diffusion | "
+        "dense (default: the model's sparse method)",
+    )
+    p.add_argument(
+        "--window", type=int, default=None, help="window_diffusion: masks in the window (default per family)"
+    )
+    p.add_argument(
+        "--active", type=int, default=None, help="window_diffusion: masks recomputed per step (default 16)"
+    )
+    p.add_argument(
+        "--refresh-cycle", type=int, default=None, help="window_diffusion: steps per refresh (default 32)"
     )
     p.add_argument(
         "--self-forcing-checkpoint",

@@ -200,6 +200,21 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
     )
     common = dict(prompt=prompt, seed=args.seed, progress=not getattr(args, "quiet", False), **settings)
     config = None
+    if method in ("window_diffusion", "sparsed+window_diffusion"):
+        if args.block_length is None:  # Window-Diffusion and its dense baseline: one block
+            common["block_length"] = settings["gen_length"]
+        from fastgen.configs import SparseDConfig, WindowDiffusionConfig
+
+        config = [
+            WindowDiffusionConfig(
+                window=getattr(args, "window", None),
+                active=getattr(args, "active", None),
+                refresh_cycle=getattr(args, "refresh_cycle", None),
+            )
+        ]
+        sparsed_fields = {"skip": args.skip, "select": args.select, "block_size": args.block_size}
+        if method == "sparsed+window_diffusion" and any(v is not None for v in sparsed_fields.values()):
+            config.append(SparseDConfig(**{k: v for k, v in sparsed_fields.items() if v is not None}))
     if method == "sparsed":
         prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
         config = default_sparsed_config(
@@ -221,6 +236,12 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
         result = generate_text(pipe, method=method, config=config, **common)
     print(result["text"])
     print(f"[{result['method']}] {result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.3f} s)")
+    if "refresh_steps" in result["stats"]:
+        st = result["stats"]
+        print(
+            f"[{result['method']}] refresh steps {st['refresh_steps']}, pruned steps {st['pruned_steps']}, "
+            f"mean rows run {st['mean_queries']:.1f}, mean keys {st['mean_keys']:.1f}"
+        )
     if answer is not None:
         print(f"[{result['method']}] answer {'correct' if result['text'].split() == answer.split() else 'WRONG'}"
               f" (expected: {answer})")  # fmt: skip

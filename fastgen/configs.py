@@ -222,25 +222,60 @@ class SparseDConfig(_ConfigMixin):
         _check_block_size(self)
 
 
+WINDOW_DIFFUSION_DEFAULTS = {
+    "llada": {"window": 64, "active": 16, "refresh_cycle": 32, "sliding": False},
+    "dream": {"window": 128, "active": 16, "refresh_cycle": 32, "sliding": True},
+}
+"""Window-Diffusion defaults per model family: the authors' evaluation settings (LLaDA-8B-Base
+GSM8K: 64/16/32; Dream-v0-7B: 128/16/32 with the sliding inner window). Other families get LLaDA's."""
+
+
 @dataclass
 class WindowDiffusionConfig(_ConfigMixin):
-    """Window-Diffusion for diffusion LMs: windowed active tokens with a periodically refreshed KV cache."""
+    """Window-Diffusion for diffusion LMs: windowed active tokens with a periodically refreshed KV cache.
 
-    window: int = 64
-    """Masked tokens (leftmost) kept in the attention window; the rest are pruned."""
-    active: int = 16
-    """Leftmost masked tokens recomputed each step (plus tokens decoded since the refresh)."""
-    refresh_cycle: int = 32
-    """Steps between dense refreshes of the cache."""
+    A field left ``None`` takes the model family's default (:data:`WINDOW_DIFFUSION_DEFAULTS`) when the
+    pipeline runs; :meth:`resolved` does the same by hand.
+    """
+
+    window: int | None = None
+    """Leftmost masks kept in the phase's frozen window (LLaDA rules), or the masks before the refresh
+    step truncates the sequence (sliding); farther masks are pruned. None: family default (64 / 128)."""
+    active: int | None = None
+    """Leftmost masks recomputed at each pruned step (plus, LLaDA rules, the tokens decoded in the
+    phase). None: family default (16)."""
+    refresh_cycle: int | None = None
+    """Steps per phase: one refresh step (full forward, cache rewritten) then ``refresh_cycle - 1``
+    pruned steps. None: family default (32)."""
+    sliding: bool | None = None
+    """Dream's rules: the refresh step runs the prefix before the ``window``-th mask and decodes the
+    leftmost mask; pruned steps run the contiguous span from that token to the ``active``-th mask
+    (its end slides as masks are decoded). False: LLaDA's rules. None: family default (Dream True)."""
 
     method = "window_diffusion"
 
     def __post_init__(self):
-        _check_int(self, "window", minimum=1)
-        _check_int(self, "active", minimum=1)
-        _check_int(self, "refresh_cycle", minimum=1)
-        if self.active > self.window:
-            raise ValueError(f"WindowDiffusionConfig.active={self.active} must be <= window={self.window}")
+        for name in ("window", "active", "refresh_cycle"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        if self.sliding is not None:
+            _check_choice(self, "sliding", (True, False))
+        if self.window is not None and self.active is not None and self.active > self.window:
+            raise ValueError(
+                f"WindowDiffusionConfig.active={self.active} must be <= window={self.window} "
+                "(allowed: 1 <= active <= window)"
+            )
+
+    def resolved(self, family: str | None = None) -> WindowDiffusionConfig:
+        """A copy with every ``None`` field set to ``family``'s default (LLaDA's for unknown families)."""
+        defaults = WINDOW_DIFFUSION_DEFAULTS.get(family or "llada", WINDOW_DIFFUSION_DEFAULTS["llada"])
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return WindowDiffusionConfig(**{k: defaults[k] if v is None else v for k, v in values.items()})
+
+    @classmethod
+    def for_family(cls, family: str | None, **overrides) -> WindowDiffusionConfig:
+        """The defaults of ``family`` (``"llada"``, ``"dream"``), with ``overrides`` applied."""
+        return cls(**overrides).resolved(family)
 
 
 METHOD_CONFIGS = {
@@ -263,6 +298,7 @@ __all__ = [
     "METHOD_CONFIGS",
     "RectifiedSpaAttnConfig",
     "SparseDConfig",
+    "WINDOW_DIFFUSION_DEFAULTS",
     "WindowDiffusionConfig",
     "config_from_dict",
 ]

@@ -46,6 +46,15 @@ logger = logging.getLogger(__name__)
 REMASKING = ("low_confidence", "random", "entropy", "margin")
 """Allowed ``remasking`` (confidence) strategies."""
 
+SAMPLERS = ("llada", "dream")
+"""Allowed ``sampler`` values: LLaDA's linear schedule or Dream's ``diffusion_generate`` schedule."""
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+"""Allowed ``alg`` (confidence) values of Dream's sampler."""
+
+DREAM_EPS = 1e-3
+"""Dream's final timestep: ``timesteps = linspace(1, eps, steps + 1)``."""
+
 KNOWN_MASK_TOKEN_IDS = {"llada": 126336, "dream": 151666}
 """Mask token id per model family (LLaDA-8B / LLaDA-1.5: 126336; Dream-v0-7B: 151666)."""
 
@@ -64,6 +73,9 @@ class DiffusionLMOutput:
     """Network function evaluations per row (a CFG step counts 2: conditional + unconditional)."""
     prompt_length: int = 0
     """``P``: padded prompt length; the generated part is ``sequences[:, P:]``."""
+    window_trace: list[dict] | None = None
+    """Window-Diffusion only: one dict per step (``step``, ``refresh``, ``queries`` and ``keys`` = rows run
+    and keys attended per row (max over rows), ``active`` / ``window`` = batch row 0's positions, CPU)."""
 
 
 def model_family(model) -> str | None:
@@ -99,6 +111,23 @@ def resolve_mask_token_id(model, tokenizer=None) -> int:
         f"mask_token_id=None and it cannot be inferred for model={type(model).__name__}; pass the id of the "
         f"mask token (known families: {KNOWN_MASK_TOKEN_IDS})"
     )
+
+
+def dream_transfer_count(
+    mask_count: torch.Tensor, step: int, steps: int, eps: float = DREAM_EPS
+) -> torch.Tensor:
+    """Tokens Dream's sampler commits at ``step`` (0-based) of ``steps`` for ``mask_count [B]`` masks.
+
+    As Dream's ``diffusion_generate``: with ``timesteps = linspace(1, eps, steps + 1)`` (float32),
+    ``t = timesteps[step]``, ``s = timesteps[step + 1]``, it commits ``int(mask_count * (1 - s / t))``
+    and, at the last step, every mask left. (Dream averages ``mask_count`` over the batch; here each
+    row uses its own, so a row in a batch commits what it commits alone.)
+    """
+    if step == steps - 1:
+        return mask_count.clone()
+    timesteps = torch.linspace(1, eps, steps + 1, device=mask_count.device)
+    t, s = timesteps[step], timesteps[step + 1]
+    return (mask_count.float() * (1 - s / t)).long()
 
 
 def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -141,6 +170,297 @@ def _lm_processor_module(model):
     if not all(hasattr(module, f) for f in ("begin_generation", "set_step", "end_generation")):
         return None
     return module
+
+
+def _dream_p_transfer(step: int, steps: int, eps: float = DREAM_EPS) -> float:
+    """Dream's ``1 - s / t`` at ``step`` of ``steps`` (float32 timesteps, as its sampler)."""
+    timesteps = torch.linspace(1, eps, steps + 1)
+    return float(1 - timesteps[step + 1] / timesteps[step])
+
+
+def _recorded_window_config(model):
+    """The WindowDiffusionConfig recorded on ``model`` by ``apply_sparse_attention`` (None if none)."""
+    return getattr(model, "_fastgen_window_config", None)
+
+
+@dataclass
+class _Run:
+    """Tensors of one generation shared by the dense and the windowed loops."""
+
+    x: torch.Tensor
+    key_valid: torch.Tensor
+    prompt_here: torch.Tensor
+    position_ids: torch.Tensor
+    gens: list
+    cfg_scale: float
+    model_valid: torch.Tensor
+    model_positions: torch.Tensor
+    mask_4d: torch.Tensor | None
+
+
+class _WindowedRun:
+    """The Window-Diffusion loop body: refresh and pruned steps, the phase plan, the trace.
+
+    Sets are bool ``[B, N]`` over positions. LLaDA rules (``sliding=False``): after a refresh, window =
+    every non-mask position plus the ``window`` leftmost masks of the current block; active = the
+    ``active`` leftmost masks, plus the tokens decoded at this phase's pruned steps, plus (first pruned
+    step only) the tokens decoded at the refresh. Dream rules (``sliding=True``): the refresh runs the
+    prefix before the ``window``-th mask of the block and decodes the leftmost mask; pruned steps run the
+    span from that token to the current ``active``-th mask and attend to the refresh prefix. With a logit
+    shift, the position before every candidate mask also runs (its logits predict the mask). A pruned
+    step whose rows would leave the frozen window (only possible with confidence-threshold decoding or
+    Dream's schedule committing more than ``ceil(block/steps)`` tokens) becomes a refresh step instead.
+    """
+
+    def __init__(self, pipe, run, config, num_blocks, steps_per_block, logits_shift, decide):
+        self.pipe, self.run, self.config = pipe, run, config
+        self.logits_shift, self.decide = logits_shift, decide
+        self.planned_refreshes = num_blocks * -(-steps_per_block // config.refresh_cycle)
+        self.trace: list[dict] = []
+        self.refreshes = 0
+        self.state = None
+        self.processor = None
+        batch, total = run.x.shape
+        self.cols = torch.arange(total, device=run.x.device)
+        self.total = total
+
+    # ------------------------------------------------------------ lifecycle
+    def begin(self, processor) -> None:
+        from fastgen.processors import transformers_lm as adapter
+
+        self.processor = processor
+        self.state = adapter.begin_window(self.pipe.model, self.total)
+
+    def end(self) -> None:
+        from fastgen.processors import transformers_lm as adapter
+
+        adapter.end_window(self.pipe.model)
+
+    def begin_block(self, start: int, end: int) -> None:
+        self.block_start, self.block_end = start, end
+        self.region = (self.cols >= start) & (self.cols < end)
+        self.phase = 0
+        self.plan = None
+
+    # ------------------------------------------------------------ one step
+    def step(
+        self,
+        step: int,
+        active: torch.Tensor,
+        count: torch.Tensor,
+        p_transfer: float,
+        keep,
+        last: bool = False,
+    ) -> int:
+        """Run step ``step`` (refresh or pruned) and commit its tokens into ``run.x``; returns its NFE.
+
+        On the ``last`` step of a block, masks the pruned step could not reach (outside its candidates)
+        are decoded by a full step instead, so a block always ends complete.
+        """
+        sets = None
+        full = False
+        if self.phase > 0 and self.plan is not None:
+            sets = self._pruned_sets(active)
+            if sets is None:
+                logger.debug("Window-Diffusion: step %d leaves the frozen window; refreshing early", step)
+            elif last and bool((self._masks() & active[:, None] & ~sets[1]).any()):
+                logger.debug(
+                    "Window-Diffusion: last step %d of the block decodes its far masks in full", step
+                )
+                sets, full = None, True
+        if sets is None:
+            nfe = self._refresh(step, active, count, p_transfer, keep, full=full)
+            self.phase = 1 % self.config.refresh_cycle
+        else:
+            nfe = self._pruned(step, active, count, p_transfer, sets)
+            self.phase = (self.phase + 1) % self.config.refresh_cycle
+        return nfe
+
+    def _masks(self) -> torch.Tensor:
+        return (self.run.x == self.pipe.mask_token_id) & self.region
+
+    def _refresh(self, step, active, count, p_transfer, keep, full: bool = False) -> int:
+        from fastgen.attention.window import leftmost
+
+        run, cfg = self.run, self.config
+        if self.processor is not None:
+            self.processor.set_step(self.pipe.model, min(self.refreshes, self.planned_refreshes - 1))
+        self.refreshes += 1
+        self.state.refresh()
+        x, start, end = run.x, self.block_start, self.block_end
+        masks = self._masks()
+        if not cfg.sliding or full:
+            # a dense step: full forward (keys/values cached), decoded exactly as the dense pipeline
+            logits, nfe = self.pipe._full_logits(run, keep)
+            in_block = masks[:, start:end]
+            chosen, commit = self.pipe._decide(
+                logits, in_block, count, active, p_transfer=p_transfer, **self.decide
+            )
+            x[:, start:end] = torch.where(commit, chosen, x[:, start:end])
+            decoded = torch.zeros_like(masks)
+            decoded[:, start:end] = commit
+            masks = self._masks()
+            window_set = (~(x == self.pipe.mask_token_id) & run.key_valid) | leftmost(masks, cfg.window)
+            self.plan = {
+                "window": window_set,
+                "refresh_decoded": decoded,
+                "pruned_decoded": torch.zeros_like(masks),
+            }
+            self._record(
+                step, True, torch.ones_like(masks) & run.key_valid, window_set, self.total, self.total
+            )
+            return nfe
+        # Dream rules: run the prefix before the window-th mask of the block; decode its leftmost mask
+        rank = torch.cumsum(masks.long(), dim=1)
+        at_window = masks & (rank == cfg.window)
+        cut = torch.where(at_window.any(1), at_window.long().argmax(1), torch.full_like(rank[:, 0], end))
+        length = int(cut.max().item())
+        prefix = (self.cols[None, :length] < cut[:, None]) & run.key_valid[:, :length]
+        span_masks = leftmost(masks, cfg.active)
+        first = leftmost(masks, 1)
+        logits, nfe = self._prefix_logits(prefix, length, span_masks)
+        c_index, c_valid = self._pack(span_masks)
+        force = first.gather(1, c_index.clamp(max=self.total - 1)) & c_valid
+        chosen, commit = self.pipe._decide(
+            logits, c_valid, torch.ones_like(count), active, p_transfer=p_transfer, force=force, **self.decide
+        )
+        self._commit(c_index, chosen, commit)
+        window_set = torch.zeros_like(masks)
+        window_set[:, :length] = prefix
+        span_start = torch.where(first.any(1), first.long().argmax(1), torch.full_like(cut, self.total))
+        self.plan = {"window": window_set, "span_start": span_start}
+        self._record(step, True, window_set, window_set, length, length)
+        return nfe
+
+    def _pruned_sets(self, active):
+        """``(query, candidates)`` bool ``[B, N]`` of the next pruned step, or None if it would leave the window."""
+        from fastgen.attention.window import leftmost
+
+        cfg, plan = self.config, self.plan
+        masks = self._masks()
+        if not cfg.sliding:
+            query = leftmost(masks, cfg.active) | plan["pruned_decoded"]
+            if plan.get("first", True):
+                query = query | plan["refresh_decoded"]
+            candidates = query & masks
+        else:
+            rank = torch.cumsum(masks.long(), dim=1)
+            last = masks & ((rank == cfg.active) | ((rank == rank[:, -1:]) & (rank[:, -1:] < cfg.active)))
+            span_end = torch.where(last.any(1), last.long().argmax(1) + 1, plan["span_start"])
+            query = (self.cols[None] >= plan["span_start"][:, None]) & (self.cols[None] < span_end[:, None])
+            candidates = query & masks
+        if self.logits_shift:
+            query = query | torch.roll(candidates, -1, dims=1)  # position p - 1 predicts mask p
+        outside = query & ~plan["window"] & active[:, None]
+        if bool(outside.any()):
+            return None
+        return query & active[:, None], candidates & active[:, None]
+
+    def _pruned(self, step, active, count, p_transfer, sets) -> int:
+        from fastgen.attention.window import pack_positions
+
+        pipe, run = self.pipe, self.run
+        query, candidates = sets
+        q_index, q_valid = self._pack(query)
+        w_index, w_valid = pack_positions(self.plan["window"] & run.key_valid, self.total)
+        clamped = q_index.clamp(max=self.total - 1)
+        ids = torch.where(q_valid, run.x.gather(1, clamped), pipe.mask_token_id)
+        positions = run.position_ids.gather(1, clamped)
+        use_cfg = run.cfg_scale > 0
+        if use_cfg:  # the unconditional rows run the same tokens (never prompt) on their own cache
+            ids, positions = torch.cat([ids, ids]), torch.cat([positions, positions])
+            q_all, w_all, wv_all = (
+                torch.cat([q_index, q_index]),
+                torch.cat([w_index, w_index]),
+                torch.cat([w_valid, w_valid]),
+            )
+        else:
+            q_all, w_all, wv_all = q_index, w_index, w_valid
+        self.state.pruned(q_all, w_all, wv_all)
+        mask = torch.zeros(wv_all.shape, dtype=pipe.dtype, device=ids.device)
+        mask.masked_fill_(~wv_all, torch.finfo(pipe.dtype).min)
+        kwargs = {"use_cache": False} if pipe._takes_use_cache else {}
+        mask_4d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        logits = pipe.model(
+            input_ids=ids, attention_mask=mask_4d, position_ids=positions, **kwargs
+        ).logits.float()
+        nfe = 1
+        if use_cfg:
+            batch = run.x.shape[0]
+            cond, uncond = logits[:batch], logits[batch:]
+            logits = uncond + (run.cfg_scale + 1.0) * (cond - uncond)
+            nfe = 2
+        c_index, c_valid = self._pack(candidates)
+        source = (c_index - 1) if self.logits_shift else c_index
+        row = torch.searchsorted(q_index, source.contiguous()).clamp(max=q_index.shape[1] - 1)
+        c_logits = logits.gather(1, row[..., None].expand(-1, -1, logits.shape[-1]))
+        chosen, commit = pipe._decide(c_logits, c_valid, count, active, p_transfer=p_transfer, **self.decide)
+        decoded = self._commit(c_index, chosen, commit)
+        if not self.config.sliding:
+            self.plan["pruned_decoded"] |= decoded
+            self.plan["first"] = False
+        self._record(
+            step, False, query, self.plan["window"] & run.key_valid, q_index.shape[1], w_index.shape[1]
+        )
+        return nfe
+
+    # ------------------------------------------------------------ helpers
+    def _pack(self, selected):
+        from fastgen.attention.window import pack_positions
+
+        return pack_positions(selected, self.total)
+
+    def _commit(self, index, chosen, commit) -> torch.Tensor:
+        """Write ``chosen`` at ``index`` where ``commit``; returns the committed positions ``[B, N]``."""
+        b_idx, j_idx = commit.nonzero(as_tuple=True)
+        pos = index[b_idx, j_idx]
+        self.run.x[b_idx, pos] = chosen[b_idx, j_idx]
+        decoded = torch.zeros_like(self.run.key_valid)
+        decoded[b_idx, pos] = True
+        return decoded
+
+    def _prefix_logits(self, prefix, length, wanted):
+        """Logits ``[B, K, V]`` at the packed positions of ``wanted`` from a forward of ``x[:, :length]``
+        whose keys are ``prefix [B, length]`` (CFG combined); and the NFE."""
+        pipe, run = self.pipe, self.run
+        index, valid = self._pack(wanted)
+        source = (index - 1) if self.logits_shift else index
+        keep = (
+            torch.unique(source[valid])
+            if bool(valid.any())
+            else torch.zeros(1, dtype=torch.long, device=index.device)
+        )
+        x = run.x[:, :length]
+        positions = run.position_ids[:, :length]
+        if run.cfg_scale > 0:
+            unconditional = x.masked_fill(run.prompt_here[:, :length], pipe.mask_token_id)
+            ids, valid_keys, positions = (
+                torch.cat([x, unconditional]),
+                torch.cat([prefix, prefix]),
+                torch.cat([positions, positions]),
+            )
+        else:
+            ids, valid_keys = x, prefix
+        logits = pipe._logits(ids, bidirectional_mask(valid_keys, pipe.dtype), valid_keys, positions, keep)
+        nfe = 1
+        if run.cfg_scale > 0:
+            batch = x.shape[0]
+            logits = logits[batch:] + (run.cfg_scale + 1.0) * (logits[:batch] - logits[batch:])
+            nfe = 2
+        row = torch.searchsorted(keep, source.clamp(max=length - 1).contiguous()).clamp(max=keep.numel() - 1)
+        return logits.gather(1, row[..., None].expand(-1, -1, logits.shape[-1])), nfe
+
+    def _record(self, step, refresh, query, window, queries, keys) -> None:
+        self.trace.append(
+            {
+                "step": step,
+                "refresh": refresh,
+                "queries": int(queries),
+                "keys": int(keys),
+                "active": query[0].nonzero().flatten().cpu(),
+                "window": window[0].nonzero().flatten().cpu(),
+            }
+        )
 
 
 class DiffusionLMPipeline:
@@ -268,12 +588,17 @@ class DiffusionLMPipeline:
         attention_mask: torch.Tensor | None = None,
         gen_length: int = 128,
         steps: int = 128,
-        block_length: int = 32,
+        block_length: int | None = None,
         remasking: str = "low_confidence",
         temperature: float = 0.0,
         cfg_scale: float = 0.0,
         confidence_threshold: float | None = None,
         logits_shift: bool | None = None,
+        sampler: str | None = None,
+        alg: str | None = None,
+        alg_temp: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         generator: int | torch.Generator | Sequence[int] | None = None,
         acceleration=None,
@@ -289,28 +614,96 @@ class DiffusionLMPipeline:
             gen_length: tokens to generate (a multiple of ``block_length``).
             steps: denoising steps over the whole generation (a multiple of the number of blocks).
             block_length: semi-autoregressive block length; tokens are committed inside the current
-                block only.
-            remasking: confidence used to pick tokens to commit: ``"low_confidence"`` (probability of the
-                chosen token), ``"random"``, ``"entropy"`` (minus the entropy) or ``"margin"`` (top-1 minus
-                top-2 probability).
+                block only. ``None``: ``gen_length`` (one block) with Window-Diffusion or Dream's sampler
+                (neither has blocks in its reference), else 32. With Window-Diffusion and
+                ``block_length < gen_length`` the active and window sets stay inside the current block
+                (later blocks are far field) and every block starts with a refresh step.
+            remasking: LLaDA sampler's confidence used to pick tokens to commit: ``"low_confidence"``
+                (probability of the chosen token), ``"random"``, ``"entropy"`` (minus the entropy) or
+                ``"margin"`` (top-1 minus top-2 probability).
             temperature: 0 = greedy; > 0 samples with float64 Gumbel-max noise as LLaDA.
             cfg_scale: classifier-free guidance, ``un + (cfg_scale + 1)(cond - un)``; the unconditional
                 branch has the prompt replaced by masks; both run in one batched forward.
             confidence_threshold: also commit every masked token of the block whose confidence exceeds
                 this (at least the scheduled count, at least one); a block may end in fewer steps.
             logits_shift: shift logits right by one (Dream); ``None`` = on for the Dream family.
+            sampler: ``"llada"`` (linear schedule, ``remasking``, Gumbel-max sampling) or ``"dream"`` (Dream's
+                ``diffusion_generate``: ``int(n_masked * (1 - s / t))`` tokens per step on the timesteps
+                ``linspace(1, 1e-3, steps + 1)`` of each block, ``alg`` confidences); ``None`` = Dream's for
+                the Dream family, LLaDA's otherwise.
+            alg: Dream's confidence: ``"origin"`` (each mask commits with probability ``1 - s / t``),
+                ``"maskgit_plus"`` (probability), ``"topk_margin"`` (top-1 minus top-2) or ``"entropy"``
+                (minus the entropy; the default, as Dream's published settings).
+            alg_temp: Dream: > 0 draws the committed positions from ``softmax(confidence / alg_temp)``
+                instead of taking the most confident.
+            top_p: Dream: nucleus filtering of the logits before sampling, in (0, 1].
+            top_k: Dream: keep the ``top_k`` largest logits before sampling.
             eos_token_id: id(s) of EOS/EoT; once a block of a row is complete and the row holds one, the
                 rest of that row is filled with it and the row stops; all rows stopped ends generation.
             generator: int seed (row ``b`` uses ``seed + b``), a list of per-row seeds, a
                 ``torch.Generator`` (draws the base seed) or ``None`` (base seed from torch's global RNG).
             acceleration: a config or list of configs (e.g. ``SparseDConfig``) applied with
                 ``fastgen.apply_sparse_attention`` for this call only (skipped if the model already has
-                fastgen attention applied by the user).
+                fastgen attention applied by the user). A ``WindowDiffusionConfig`` in the list (at most
+                one) runs Window-Diffusion; ``[WindowDiffusionConfig(), SparseDConfig()]`` composes the
+                two (SparseD's patterns on the refresh steps). ``None`` fields of the config take the
+                model family's defaults.
             progress: show a tqdm bar over steps.
             callback: ``callback(step, sequences)`` after every step (``sequences`` is a copy).
         """
+        from fastgen.configs import WindowDiffusionConfig
+
         _check_int("gen_length", gen_length)
         _check_int("steps", steps)
+        family = model_family(self.model)
+        configs = (
+            []
+            if acceleration is None
+            else list(acceleration)
+            if isinstance(acceleration, (list, tuple))
+            else [acceleration]
+        )
+        window_configs = [c for c in configs if isinstance(c, WindowDiffusionConfig)]
+        configs = [c for c in configs if not isinstance(c, WindowDiffusionConfig)]
+        if len(window_configs) > 1:
+            raise ValueError(
+                f"acceleration holds {len(window_configs)} WindowDiffusionConfig; allowed: at most one"
+            )
+        window = window_configs[0] if window_configs else _recorded_window_config(self.model)
+        if window is not None:
+            window = window.resolved(family)
+        if sampler is None:
+            sampler = "dream" if family == "dream" else "llada"
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+        dream_options = {"alg": alg, "alg_temp": alg_temp, "top_p": top_p, "top_k": top_k}
+        if sampler != "dream":
+            for name, value in dream_options.items():
+                if value is not None:
+                    what = f"a {family!r} checkpoint" if family else "this model"
+                    raise ValueError(
+                        f"{name}={value!r} is an option of Dream's sampler, but {what} uses sampler="
+                        f"{sampler!r}; allowed: {name}=None, or pass sampler='dream'"
+                    )
+        else:
+            alg = "entropy" if alg is None else alg
+            if alg not in DREAM_ALGS:
+                raise ValueError(f"alg={alg!r} is unknown; allowed: {', '.join(DREAM_ALGS)}")
+            if alg_temp is not None and (
+                isinstance(alg_temp, bool)
+                or not isinstance(alg_temp, (int, float))
+                or not math.isfinite(alg_temp)
+                or alg_temp < 0
+            ):
+                raise ValueError(f"alg_temp={alg_temp!r} must be None or a finite number >= 0")
+            if top_p is not None and (
+                isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+            ):
+                raise ValueError(f"top_p={top_p!r} is out of range; allowed: None or 0 < top_p <= 1")
+            if top_k is not None:
+                _check_int("top_k", top_k)
+        if block_length is None:
+            block_length = gen_length if (window is not None or sampler == "dream") else 32
         _check_int("block_length", block_length)
         if gen_length % block_length:
             raise ValueError(
@@ -347,14 +740,9 @@ class DiffusionLMPipeline:
             raise ValueError("logits_shift=True needs a prompt of at least one token")
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
 
+        if window is not None:
+            self._check_window(window, gen_length, steps, block_length)
         user_applied = getattr(self.model, "_fastgen_adapter", None) is not None
-        configs = (
-            []
-            if acceleration is None
-            else acceleration
-            if isinstance(acceleration, (list, tuple))
-            else [acceleration]
-        )
         if configs and user_applied:
             logger.info("model already has fastgen attention applied; ignoring acceleration=%s", configs)
             configs = []
@@ -364,8 +752,11 @@ class DiffusionLMPipeline:
             for config in configs:
                 fastgen.apply_sparse_attention(self.model, config)
             with torch.no_grad():
-                sequences, steps_run, nfe = self._generate(
+                sequences, steps_run, nfe, trace = self._generate(
                     rows,
+                    window=window,
+                    sampler=sampler,
+                    dream=dict(alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k),
                     prompt_length=prompt_length,
                     gen_length=gen_length,
                     steps=steps,
@@ -394,13 +785,158 @@ class DiffusionLMPipeline:
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
                 texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
         return DiffusionLMOutput(
-            sequences=sequences, texts=texts, steps_run=steps_run, nfe=nfe, prompt_length=prompt_length
+            sequences=sequences,
+            texts=texts,
+            steps_run=steps_run,
+            nfe=nfe,
+            prompt_length=prompt_length,
+            window_trace=trace,
         )
+
+    def _check_window(self, window, gen_length: int, steps: int, block_length: int) -> None:
+        """Validate a resolved :class:`WindowDiffusionConfig` against this call (``ValueError``)."""
+        if not self._takes_position_ids:
+            raise ValueError(
+                f"Window-Diffusion needs a model whose forward takes position_ids (the active tokens run at "
+                f"their absolute positions); model={type(self.model).__name__} does not; allowed: "
+                "transformers models using AttentionInterface (LlamaForCausalLM, Qwen2ForCausalLM, ...)"
+            )
+        if gen_length % block_length or steps % (gen_length // block_length):
+            return  # reported by the block checks of __call__
+        steps_per_block = steps // (gen_length // block_length)
+        per_step = -(-block_length // steps_per_block)
+        if window.sliding:
+            need = window.active + window.refresh_cycle * per_step
+            if not need < window.window:
+                raise ValueError(
+                    f"WindowDiffusionConfig(sliding=True): active={window.active} + refresh_cycle="
+                    f"{window.refresh_cycle} * tokens_per_step={per_step} = {need} must be < window="
+                    f"{window.window}, so the active span stays inside the refresh step's prefix "
+                    "(tokens_per_step = ceil(block_length / steps per block)); allowed: a larger window, a "
+                    "smaller active or refresh_cycle, or more steps"
+                )
+        else:
+            need = window.active + (window.refresh_cycle - 1) * per_step
+            if need > window.window:
+                raise ValueError(
+                    f"WindowDiffusionConfig: active={window.active} + (refresh_cycle={window.refresh_cycle} - 1) "
+                    f"* tokens_per_step={per_step} = {need} must be <= window={window.window}, so every active "
+                    "query stays inside the phase's frozen window (tokens_per_step = ceil(block_length / steps "
+                    "per block)); allowed: a larger window, a smaller active or refresh_cycle, or more steps"
+                )
+
+    def _prepare(self, rows, prompt_length: int, gen_length: int, cfg_scale: float, generator) -> _Run:
+        """The initial sequences, masks and position ids of one generation."""
+        device, mask_id = self.device, self.mask_token_id
+        batch, total = len(rows), prompt_length + gen_length
+        x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
+        key_valid = torch.ones(batch, total, dtype=torch.bool, device=device)
+        prompt_here = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        for b, row in enumerate(rows):
+            pad = prompt_length - len(row)
+            x[b, :pad] = self._pad_id()
+            x[b, pad:prompt_length] = torch.tensor(row, dtype=torch.long, device=device)
+            key_valid[b, :pad] = False
+            prompt_here[b, pad:prompt_length] = True
+        # positions start at 0 on each row's first real token (as the prompt alone would have them)
+        position_ids = (torch.cumsum(key_valid.long(), dim=1) - 1).clamp_min(0)
+        use_cfg = cfg_scale > 0
+        model_valid = torch.cat([key_valid, key_valid]) if use_cfg else key_valid
+        model_positions = torch.cat([position_ids, position_ids]) if use_cfg else position_ids
+        return _Run(
+            x=x,
+            key_valid=key_valid,
+            prompt_here=prompt_here,
+            position_ids=position_ids,
+            gens=self._generators(generator, batch, device),
+            cfg_scale=cfg_scale,
+            model_valid=model_valid,
+            model_positions=model_positions,
+            mask_4d=bidirectional_mask(model_valid, self.dtype) if self._takes_position_ids else None,
+        )
+
+    def _full_logits(self, run: _Run, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Logits ``[B, len(keep), V]`` of a forward over the whole sequence (CFG combined) and its NFE."""
+        x = run.x
+        if run.cfg_scale > 0:
+            unconditional = x.masked_fill(run.prompt_here, self.mask_token_id)
+            both = self._logits(
+                torch.cat([x, unconditional]), run.mask_4d, run.model_valid, run.model_positions, keep
+            )
+            batch = x.shape[0]
+            cond, uncond = both[:batch], both[batch:]
+            return uncond + (run.cfg_scale + 1.0) * (cond - uncond), 2
+        return self._logits(x, run.mask_4d, run.model_valid, run.model_positions, keep), 1
+
+    def _decide(
+        self,
+        logits: torch.Tensor,
+        candidates: torch.Tensor,
+        count: torch.Tensor,
+        active: torch.Tensor,
+        *,
+        sampler: str,
+        remasking: str,
+        temperature: float,
+        dream: dict,
+        confidence_threshold: float | None,
+        gens,
+        p_transfer: float = 1.0,
+        force: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen tokens and the commit decision ``[B, L]`` for candidate slots ``candidates [B, L]``.
+
+        ``count [B]`` tokens are committed per active row (more with ``confidence_threshold``, at least
+        one then); ``force`` marks slots committed first whatever their confidence.
+        """
+        if self.mask_token_id < logits.shape[-1]:
+            # never "commit" the mask token itself (an untrained model may predict it)
+            logits[..., self.mask_token_id] = -math.inf
+        if sampler == "dream":
+            chosen, confidence = self._predict_dream(logits, dream, temperature, gens, active)
+        else:
+            chosen, confidence = self._predict(logits, remasking, temperature, gens, active)
+        confidence = confidence.masked_fill(~candidates, -math.inf)
+        if force is not None:
+            confidence = confidence.masked_fill(force & candidates, math.inf)
+        count = torch.where(active, count, 0)
+        if confidence_threshold is not None:
+            above = ((confidence > confidence_threshold) & candidates).sum(1)
+            count = torch.where(active, torch.maximum(torch.maximum(count, above), torch.ones_like(count)), 0)
+        batch, length = candidates.shape
+        if sampler == "dream" and dream["alg"] == "origin" and force is None:
+            # Dream's "origin": every mask commits with probability 1 - s / t (1 at the last step)
+            draw = torch.ones(batch, length, dtype=torch.float64, device=logits.device)
+            for b in range(batch):
+                if bool(active[b]):
+                    draw[b] = torch.rand(length, generator=gens[b], dtype=torch.float64, device=logits.device)
+            commit = (draw < p_transfer) & candidates & active[:, None]
+            if confidence_threshold is not None:
+                commit |= (confidence > confidence_threshold) & candidates & active[:, None]
+            return chosen, commit
+        if sampler == "dream" and dream["alg_temp"] and force is None:
+            # positions drawn from softmax(confidence / alg_temp) without replacement
+            commit = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+            weights = torch.softmax(confidence / dream["alg_temp"], dim=-1)
+            for b in range(batch):
+                n = int(min(int(count[b]), int(candidates[b].sum())))
+                if bool(active[b]) and n > 0:
+                    picked = torch.multinomial(weights[b].float(), n, replacement=False, generator=gens[b])
+                    commit[b, picked] = True
+            return chosen, commit & candidates
+        order = confidence.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(length, device=logits.device).expand_as(order)
+        )
+        return chosen, (rank < count[:, None]) & candidates
 
     def _generate(
         self,
         rows,
         *,
+        window,
+        sampler,
+        dream,
         prompt_length,
         gen_length,
         steps,
@@ -417,75 +953,65 @@ class DiffusionLMPipeline:
     ):
         from tqdm.auto import tqdm
 
+        run = self._prepare(rows, prompt_length, gen_length, cfg_scale, generator)
         device, mask_id = self.device, self.mask_token_id
-        batch, total = len(rows), prompt_length + gen_length
-        x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
-        key_valid = torch.ones(batch, total, dtype=torch.bool, device=device)
-        prompt_here = torch.zeros(batch, total, dtype=torch.bool, device=device)
-        for b, row in enumerate(rows):
-            pad = prompt_length - len(row)
-            x[b, :pad] = self._pad_id()
-            x[b, pad:prompt_length] = torch.tensor(row, dtype=torch.long, device=device)
-            key_valid[b, :pad] = False
-            prompt_here[b, pad:prompt_length] = True
-        # positions start at 0 on each row's first real token (as the prompt alone would have them)
-        position_ids = (torch.cumsum(key_valid.long(), dim=1) - 1).clamp_min(0)
-        gens = self._generators(generator, batch, device)
-
-        use_cfg = cfg_scale > 0
-        model_valid = torch.cat([key_valid, key_valid]) if use_cfg else key_valid
-        model_positions = torch.cat([position_ids, position_ids]) if use_cfg else position_ids
-        mask_4d = bidirectional_mask(model_valid, self.dtype) if self._takes_position_ids else None
-
+        x = run.x
+        batch = x.shape[0]
+        decide = dict(
+            sampler=sampler,
+            remasking=remasking,
+            temperature=temperature,
+            dream=dream,
+            confidence_threshold=confidence_threshold,
+            gens=run.gens,
+        )
         processor = _lm_processor_module(self.model)
-        steps_per_block = steps // (gen_length // block_length)
+        num_blocks = gen_length // block_length
+        steps_per_block = steps // num_blocks
+        windowed = None
+        if window is not None:
+            windowed = _WindowedRun(self, run, window, num_blocks, steps_per_block, logits_shift, decide)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         step = nfe = 0
         bar = tqdm(total=steps, disable=not progress, desc="diffusion-LM steps", leave=False)
         if processor is not None:
-            processor.begin_generation(self.model, total_steps=steps, prompt_length=prompt_length)
+            total_steps = windowed.planned_refreshes if windowed is not None else steps
+            processor.begin_generation(self.model, total_steps=total_steps, prompt_length=prompt_length)
         try:
-            for block in range(gen_length // block_length):
+            if windowed is not None:
+                windowed.begin(processor)
+            for block in range(num_blocks):
                 start = prompt_length + block * block_length
                 end = start + block_length
                 positions = torch.arange(start, end, device=device)
                 keep = (positions - 1).clamp_min(0) if logits_shift else positions
                 schedule = num_transfer_tokens((x[:, start:end] == mask_id).sum(1), steps_per_block)
+                if windowed is not None:
+                    windowed.begin_block(start, end)
                 for i in range(steps_per_block):
                     in_block = x[:, start:end] == mask_id  # [B, bl]
                     active = in_block.any(1) & ~done
                     if not bool(active.any()):
                         break
-                    if processor is not None:
-                        processor.set_step(self.model, step)
-                    if use_cfg:
-                        unconditional = x.masked_fill(prompt_here, mask_id)
-                        both = self._logits(
-                            torch.cat([x, unconditional]), mask_4d, model_valid, model_positions, keep
+                    if sampler == "dream":
+                        count = dream_transfer_count(in_block.sum(1), i, steps_per_block)
+                        p_transfer = (
+                            1.0 if i == steps_per_block - 1 else _dream_p_transfer(i, steps_per_block)
                         )
-                        cond, uncond = both[:batch], both[batch:]
-                        logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
-                        nfe += 2
                     else:
-                        logits = self._logits(x, mask_4d, model_valid, model_positions, keep)
-                        nfe += 1
-                    if mask_id < logits.shape[-1]:
-                        # never "commit" the mask token itself (an untrained model may predict it)
-                        logits[..., mask_id] = -math.inf
-                    chosen, confidence = self._predict(logits, remasking, temperature, gens, active)
-                    confidence = confidence.masked_fill(~in_block, -math.inf)
-                    count = torch.where(active, schedule[:, i], 0)
-                    if confidence_threshold is not None:
-                        above = ((confidence > confidence_threshold) & in_block).sum(1)
-                        count = torch.where(
-                            active, torch.maximum(torch.maximum(count, above), torch.ones_like(count)), 0
+                        count, p_transfer = schedule[:, i], 1.0
+                    if windowed is not None:
+                        last = i == steps_per_block - 1
+                        nfe += windowed.step(step, active, count, p_transfer, keep, last=last)
+                    else:
+                        if processor is not None:
+                            processor.set_step(self.model, step)
+                        logits, calls = self._full_logits(run, keep)
+                        nfe += calls
+                        chosen, commit = self._decide(
+                            logits, in_block, count, active, p_transfer=p_transfer, **decide
                         )
-                    order = confidence.argsort(dim=1, descending=True, stable=True)
-                    rank = torch.empty_like(order).scatter_(
-                        1, order, torch.arange(block_length, device=device).expand_as(order)
-                    )
-                    commit = (rank < count[:, None]) & in_block
-                    x[:, start:end] = torch.where(commit, chosen, x[:, start:end])
+                        x[:, start:end] = torch.where(commit, chosen, x[:, start:end])
                     step += 1
                     bar.update(1)
                     if callback is not None:
@@ -502,9 +1028,54 @@ class DiffusionLMPipeline:
                         break
         finally:
             bar.close()
+            if windowed is not None:
+                windowed.end()
             if processor is not None:
                 processor.end_generation(self.model)
-        return x, step, nfe
+        return x, step, nfe, (windowed.trace if windowed is not None else None)
+
+    @staticmethod
+    def _predict_dream(logits, dream, temperature, gens, active):
+        """Dream's ``sample_tokens``: chosen tokens ``[B, L]`` and confidences ``[B, L]`` (float64).
+
+        Logits are divided by ``temperature`` (> 0), filtered by ``top_p`` / ``top_k``; greedy takes the
+        most probable token, otherwise a token is drawn from each row's generator. Confidence: its
+        probability (``origin`` / ``maskgit_plus``), top-1 minus top-2 probability (``topk_margin``) or
+        minus the entropy (``entropy``).
+        """
+        logits = logits.float()
+        if temperature > 0:
+            logits = logits / temperature
+        top_p, top_k = dream["top_p"], dream["top_k"]
+        if top_p is not None and top_p < 1:
+            sorted_logits, sorted_index = torch.sort(logits, descending=True)
+            cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+            remove = cumulative > top_p
+            remove[..., 1:] = remove[..., :-1].clone()  # keep the first token above the threshold
+            remove[..., 0] = False
+            drop = torch.zeros_like(remove).scatter_(-1, sorted_index, remove)
+            logits = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+        if top_k is not None:
+            k = min(int(top_k), logits.shape[-1])
+            logits = logits.masked_fill(
+                logits < torch.topk(logits, k)[0][..., -1, None], torch.finfo(logits.dtype).min
+            )
+        probs = torch.softmax(logits, dim=-1)
+        if temperature > 0:
+            batch, length, _ = probs.shape
+            chosen = probs.argmax(-1)
+            for b in range(batch):
+                if bool(active[b]) and length:
+                    chosen[b] = torch.multinomial(probs[b], 1, generator=gens[b]).squeeze(-1)
+            confidence = probs.gather(-1, chosen[..., None]).squeeze(-1)
+        else:
+            confidence, chosen = probs.max(dim=-1)
+        if dream["alg"] == "topk_margin":
+            top2 = probs.topk(2, dim=-1).values
+            confidence = top2[..., 0] - top2[..., 1]
+        elif dream["alg"] == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        return chosen, confidence.double()
 
     @staticmethod
     def _predict(logits, remasking, temperature, gens, active):
@@ -552,7 +1123,10 @@ __all__ = [
     "REMASKING",
     "DiffusionLMOutput",
     "DiffusionLMPipeline",
+    "DREAM_ALGS",
+    "SAMPLERS",
     "bidirectional_mask",
+    "dream_transfer_count",
     "model_family",
     "num_transfer_tokens",
     "resolve_mask_token_id",

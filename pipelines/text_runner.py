@@ -1,5 +1,5 @@
 """Text generation for the CLI and the demo: load a diffusion-LM pipeline (preset or checkpoint), run it
-dense or with SparseD, time it, and compare with dense.
+dense, with SparseD, with Window-Diffusion or with both, time it, and compare with dense.
 
 ``fastgen generate --preset tiny-llada --method sparsed --prompt "..." --compare-dense --out out.txt``
 lands in :func:`fastgen.cli_generate.generate_text_from_args`, which uses the functions here.
@@ -18,7 +18,10 @@ from .diffusion_lm import DiffusionLMPipeline
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sparsed", "dense")
+WINDOW_METHODS = ("window_diffusion", "sparsed+window_diffusion")
+"""Methods that run Window-Diffusion (driven by the pipeline through ``acceleration=[...]``)."""
+
+METHODS = ("sparsed", "dense", *WINDOW_METHODS)
 """Methods the text runner offers."""
 
 DEFAULT_PRESET = "tiny-llada"
@@ -77,6 +80,41 @@ def default_sparsed_config(sequence_length: int, **fields):
     if "block_size" not in fields and sequence_length <= SHORT_CONTEXT:
         fields["block_size"] = 32
     return SparseDConfig(**fields)
+
+
+def default_window_configs(pipe: DiffusionLMPipeline, method: str, sequence_length: int, config=None) -> list:
+    """The ``acceleration`` list of a Window-Diffusion method: ``config`` (a ``WindowDiffusionConfig``, a
+    list of configs, or ``None`` for the model family's defaults), plus a default ``SparseDConfig`` for
+    ``"sparsed+window_diffusion"`` when the list has none."""
+    from fastgen.configs import SparseDConfig, WindowDiffusionConfig
+
+    from .diffusion_lm import model_family
+
+    configs = list(config) if isinstance(config, (list, tuple)) else ([] if config is None else [config])
+    family = model_family(pipe.model)
+    window = next((c for c in configs if isinstance(c, WindowDiffusionConfig)), None)
+    others = [c for c in configs if not isinstance(c, WindowDiffusionConfig)]
+    window = (window or WindowDiffusionConfig()).resolved(family)
+    if method == "sparsed+window_diffusion" and not any(isinstance(c, SparseDConfig) for c in others):
+        others.append(default_sparsed_config(sequence_length))
+    return [window, *others]
+
+
+def _window_stats(out) -> dict:
+    """Summary of a Window-Diffusion run: refresh / pruned steps, mean rows run and keys per step, and the
+    per-step trace (active and window positions of batch row 0) for pictures."""
+    trace = out.window_trace or []
+    if not trace:
+        return {}
+    return {
+        "refresh_steps": sum(1 for t in trace if t["refresh"]),
+        "pruned_steps": sum(1 for t in trace if not t["refresh"]),
+        "mean_queries": sum(t["queries"] for t in trace) / len(trace),
+        "mean_keys": sum(t["keys"] for t in trace) / len(trace),
+        "positions": int(out.sequences.shape[1]),
+        "prompt_length": int(out.prompt_length),
+        "trace": trace,
+    }
 
 
 def _sparse_stats(model) -> dict:
@@ -144,6 +182,7 @@ def generate_text(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed for text; allowed: {', '.join(METHODS)}")
+    windowed = method in WINDOW_METHODS
     settings = text_defaults(
         pipe,
         steps=steps,
@@ -153,12 +192,20 @@ def generate_text(
         cfg_scale=cfg_scale,
     )
     gen_length = settings["gen_length"]
+    if windowed and block_length is None:  # Window-Diffusion has no blocks in its reference: one block
+        settings["block_length"] = gen_length
     if method == "sparsed" and not sparsed_available():
         logger.warning("SparseD (fastgen.processors.transformers_lm) is not installed yet; running dense")
         method = "dense"
     if method == "sparsed" and config is None:
         prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
         config = default_sparsed_config(prompt_tokens + gen_length)
+    acceleration = None
+    if windowed:
+        prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
+        acceleration = default_window_configs(pipe, method, prompt_tokens + gen_length, config)
+        if method == "sparsed+window_diffusion" and pipe.device.type == "cpu":
+            warm_up_cpu_kernel()
     import fastgen
 
     model = pipe.model
@@ -171,11 +218,12 @@ def generate_text(
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         start = time.perf_counter()
-        out = pipe(prompt=prompt, generator=seed, progress=progress, **settings)
+        extra = {"acceleration": acceleration} if acceleration is not None else {}
+        out = pipe(prompt=prompt, generator=seed, progress=progress, **settings, **extra)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds = time.perf_counter() - start
-        stats = _sparse_stats(model) if method == "sparsed" else {}
+        stats = _sparse_stats(model) if method == "sparsed" else _window_stats(out) if windowed else {}
     finally:
         if applied_here:
             fastgen.remove_sparse_attention(model)
@@ -191,13 +239,22 @@ def generate_text(
             **settings,
             "seed": seed,
             "steps_run": out.steps_run,
-            "method": config.to_dict() if method == "sparsed" else {"method": "dense"},
+            "method": (
+                acceleration[0].to_dict()
+                if windowed
+                else config.to_dict()
+                if method == "sparsed"
+                else {"method": "dense"}
+            ),
+            **({"acceleration": [c.to_dict() for c in acceleration]} if windowed else {}),
         },
     }
 
 
 __all__ = [
     "METHODS",
+    "WINDOW_METHODS",
+    "default_window_configs",
     "default_sparsed_config",
     "generate_text",
     "load_text_pipeline",

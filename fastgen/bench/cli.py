@@ -1,8 +1,8 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu`` whose modules parse their own options:
-everything after the suite name
+``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu``, ``window`` whose modules parse their own
+options: everything after the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
 
@@ -29,6 +29,10 @@ PASS_THROUGH_SUITES = {
     "gpu": (
         "fastgen.bench.gpu",
         "the prepared GPU check: every Triton kernel vs its reference, timed vs SDPA",
+    ),
+    "window": (
+        "fastgen.bench.window",
+        "Window-Diffusion on tiny LLaDA/Dream-shaped LMs: tokens/s vs dense, with SparseD and threshold",
     ),
 }
 """Suite name -> (module with ``main(argv)``, one-line help)."""

@@ -1,4 +1,5 @@
-"""SparseD on transformers diffusion LMs (Llama, Qwen2, ... any model using ``ALL_ATTENTION_FUNCTIONS``).
+"""SparseD and Window-Diffusion on transformers diffusion LMs (Llama, Qwen2, ... any model using
+``ALL_ATTENTION_FUNCTIONS``).
 
 The adapter registers one transformers attention function, ``"fastgen_sparsed"``, and switches the
 model to it. Per-model state (config, current step, per-layer patterns) lives on a
@@ -25,6 +26,21 @@ pipeline's padding-aware full mask; rows of padded queries may hold anything). P
 never selected and partially padded key blocks are handled exactly. Any other mask (causal, sliding
 window, biases), a missing mask on a causal module (SDPA would run it causally), a KV cache, or
 dropout falls back to SDPA, logged once.
+
+Window-Diffusion (:class:`~fastgen.configs.WindowDiffusionConfig`) is driven by the diffusion-LM
+pipeline, which decides the active and window sets of each step. For the length of one generation
+:func:`begin_window` switches the model to a second attention function, ``"fastgen_window"``, that
+wraps the implementation the model had (SDPA, eager, or SparseD's function when the two are composed):
+
+- refresh step (:meth:`WindowState.refresh`): the layer's post-RoPE keys/values of the positions run
+  are written into the :class:`~fastgen.attention.window.WindowKVCache`, then the wrapped function
+  computes attention as it would without Window-Diffusion (SparseD's pattern applies here);
+- pruned step (:meth:`WindowState.pruned`): the model was called with the active tokens only (their
+  absolute ``position_ids``); their fresh keys/values are scattered into the cache at their positions
+  and they attend to the cached keys/values gathered at the window positions.
+
+``apply_sparse_attention(model, WindowDiffusionConfig(...))`` only records the config on the model
+(the pipeline then uses it for every call); nothing in the model changes until a generation starts.
 """
 
 from __future__ import annotations
@@ -41,7 +57,8 @@ from fastgen.attention.sparsed import (
     dense_step_count,
     sparsed_attention,
 )
-from fastgen.configs import SparseDConfig
+from fastgen.attention.window import WindowKVCache, window_attention
+from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +250,16 @@ def supports(model: torch.nn.Module, config) -> bool:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    return isinstance(model, PreTrainedModel) and isinstance(config, SparseDConfig)
+    return isinstance(model, PreTrainedModel) and isinstance(config, (SparseDConfig, WindowDiffusionConfig))
 
 
 def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
-    """Switch ``model`` to the SparseD attention function and attach a fresh state."""
+    """Switch ``model`` to the SparseD attention function and attach a fresh state; for a
+    :class:`WindowDiffusionConfig`, record it on the model for the diffusion-LM pipeline."""
+    if supports(model, config) and isinstance(config, WindowDiffusionConfig):
+        remove(model)
+        setattr(model, WINDOW_CONFIG_ATTR, config)
+        return
     if not supports(model, config):
         raise ValueError(
             f"SparseD needs a transformers PreTrainedModel and a SparseDConfig, got {type(model).__name__} "
@@ -262,6 +284,8 @@ def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
 
 def remove(model: torch.nn.Module) -> None:
     """Restore the attention implementation the model had before :func:`apply` and drop the state."""
+    if model.__dict__.get(WINDOW_CONFIG_ATTR) is not None:
+        delattr(model, WINDOW_CONFIG_ATTR)
     state = _state(model)
     if state is None:
         return
@@ -333,8 +357,173 @@ def end_generation(model: torch.nn.Module) -> None:
     state._mask_cache = None
 
 
+# ---------------------------------------------------------------- Window-Diffusion
+
+WINDOW_IMPLEMENTATION = "fastgen_window"
+"""Name under which the Window-Diffusion attention function is registered with transformers."""
+
+WINDOW_CONFIG_ATTR = "_fastgen_window_config"
+"""Attribute holding the :class:`WindowDiffusionConfig` recorded by ``apply_sparse_attention``."""
+
+_WINDOW_ATTR = "_fastgen_window"
+
+
+@dataclass
+class WindowState:
+    """Window-Diffusion state of one model during one generation."""
+
+    cache: WindowKVCache
+    """Post-RoPE keys/values per layer and position."""
+    saved_implementation: str | dict | None
+    """``config._attn_implementation`` before :func:`begin_window` (the wrapped function)."""
+    mode: str = "off"
+    """``"refresh"``, ``"pruned"`` or ``"off"`` (plain forward, cache untouched)."""
+    query_index: torch.Tensor | None = None
+    """Pruned step: positions ``[B, Q]`` of the rows the model runs (padding: the dump slot)."""
+    window_index: torch.Tensor | None = None
+    """Pruned step: positions ``[B, W]`` of the keys attended (padding: the dump slot)."""
+    window_valid: torch.Tensor | None = None
+    """Pruned step: ``[B, W]`` bool, real window entries."""
+    pruned_calls: int = 0
+    """Attention calls served from the cache in this generation."""
+
+    def refresh(self) -> None:
+        """Next forward is a refresh: write keys/values of the positions run, attend as usual."""
+        self.mode = "refresh"
+        self.query_index = self.window_index = self.window_valid = None
+
+    def pruned(
+        self, query_index: torch.Tensor, window_index: torch.Tensor, window_valid: torch.Tensor
+    ) -> None:
+        """Next forward runs the rows at ``query_index``; they attend to the cache at ``window_index``."""
+        self.mode = "pruned"
+        self.query_index, self.window_index, self.window_valid = query_index, window_index, window_valid
+
+
+def _wrapped_function(module: torch.nn.Module, implementation):
+    """The attention function ``implementation`` names for ``module`` (eager: the model's own)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in (None, "eager") or not isinstance(implementation, str):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        log_once("fastgen Window-Diffusion: no eager attention function found; refresh steps use SDPA")
+        return sdpa_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def window_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function of Window-Diffusion (q ``[B, H, Q, D]``, k/v ``[B, H_kv, Q, D]``).
+
+    Refresh: cache the keys/values of positions ``[0, Q)`` and call the wrapped function. Pruned:
+    scatter them at the state's ``query_index``, gather the window and attend. Returns
+    ``(attn_output [B, Q, H, D], None)``.
+    """
+    state: WindowState | None = getattr(module, _WINDOW_ATTR, None)
+    layer = getattr(module, "layer_idx", None)
+    if state is None or state.mode == "off" or not isinstance(layer, int):
+        inner = _wrapped_function(module, state.saved_implementation if state else None)
+        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if state.mode == "refresh":
+        state.cache.write_prefix(layer, key, value)
+        inner = _wrapped_function(module, state.saved_implementation)
+        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if state.query_index.shape != (query.shape[0], query.shape[2]):
+        raise ValueError(
+            f"pruned step: the model ran {tuple(query.shape[::2])} (batch, rows) but the plan has "
+            f"query_index of shape {tuple(state.query_index.shape)}"
+        )
+    state.cache.scatter(layer, state.query_index, key, value)
+    k_window, v_window = state.cache.gather(layer, state.window_index)
+    out = window_attention(query, k_window, v_window, state.window_valid, scale=scaling)
+    state.pruned_calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_window() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(WINDOW_IMPLEMENTATION, window_attention_forward)
+    AttentionMaskInterface.register(WINDOW_IMPLEMENTATION, sdpa_mask)
+
+
+def window_config(model: torch.nn.Module) -> WindowDiffusionConfig | None:
+    """The :class:`WindowDiffusionConfig` recorded on ``model`` by ``apply_sparse_attention`` (or None)."""
+    return getattr(model, WINDOW_CONFIG_ATTR, None)
+
+
+def begin_window(model: torch.nn.Module, num_positions: int) -> WindowState:
+    """Switch ``model`` to the Window-Diffusion attention function for one generation of
+    ``num_positions`` tokens (prompt + generated) and return its fresh state (mode ``"off"``)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"Window-Diffusion needs a transformers PreTrainedModel using AttentionInterface, got model="
+            f"{type(model).__name__}"
+        )
+    end_window(model)
+    _register_window()
+    state = WindowState(
+        cache=WindowKVCache(num_positions), saved_implementation=model.config._attn_implementation
+    )
+    model.set_attn_implementation(WINDOW_IMPLEMENTATION)
+    if model.config._attn_implementation != WINDOW_IMPLEMENTATION:
+        model.set_attn_implementation(state.saved_implementation)
+        raise ValueError(
+            f"model={type(model).__name__} cannot switch its attention implementation (it does not use "
+            "transformers' AttentionInterface); Window-Diffusion is not available for it"
+        )
+    setattr(model, _WINDOW_ATTR, state)
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and module is not model:
+            setattr(module, _WINDOW_ATTR, state)
+            count += 1
+    if count == 0:
+        end_window(model)
+        raise ValueError(
+            f"model={type(model).__name__} has no attention modules with a layer_idx; Window-Diffusion needs "
+            "them to address its per-layer cache"
+        )
+    return state
+
+
+def end_window(model: torch.nn.Module) -> None:
+    """Restore the attention implementation of before :func:`begin_window` and drop the cache."""
+    state = getattr(model, _WINDOW_ATTR, None)
+    if state is None:
+        return
+    model.set_attn_implementation(state.saved_implementation)
+    for module in model.modules():
+        if module.__dict__.get(_WINDOW_ATTR) is not None:
+            delattr(module, _WINDOW_ATTR)
+
+
 __all__ = [
     "IMPLEMENTATION",
+    "WINDOW_CONFIG_ATTR",
+    "WINDOW_IMPLEMENTATION",
+    "WindowState",
+    "begin_window",
+    "end_window",
+    "window_attention_forward",
+    "window_config",
     "SparseDState",
     "apply",
     "begin_generation",

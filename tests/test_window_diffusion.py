@@ -1,0 +1,535 @@
+"""Window-Diffusion in the diffusion-LM pipeline: exactness oracles, a slow plain-PyTorch statement of
+the rules, batch / padding / CFG, composition with SparseD and threshold decoding, bad input."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import SparseDConfig, WindowDiffusionConfig
+from fastgen.attention.window import WindowKVCache, leftmost, pack_positions, window_attention
+from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, num_transfer_tokens
+from fastgen.pipelines.tiny_lm import build_tiny_llama
+from fastgen.processors import transformers_lm
+
+MASK = 63
+VOCAB = 64
+
+
+def tiny_pipe(family="llada", dtype=torch.float32, kv_heads=None, seed=0):
+    """A tiny bidirectional Llama (LLaDA-shaped) or Qwen2 (Dream-shaped, GQA, logit shift)."""
+    if family == "dream":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads or 2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            use_cache=False,
+            initializer_range=0.1,
+            tie_word_embeddings=False,
+        )
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).eval()
+    else:
+        model = build_tiny_llama(
+            VOCAB, hidden=64, heads=4, kv_heads=kv_heads, layers=2, max_positions=512, seed=seed
+        )
+    model.config.fastgen_family = family
+    model.config.fastgen_mask_token_id = MASK
+    return DiffusionLMPipeline(model.to(dtype), mask_token_id=MASK)
+
+
+def prompts(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [9, 5, 7][:batch]
+    ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, -n:] = torch.randint(4, MASK, (n,), generator=g)
+        attn[b, -n:] = 1
+    return ids, attn
+
+
+# ------------------------------------------------------------------------------------------- model-agnostic parts
+
+
+def test_leftmost_and_pack_positions():
+    sel = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    assert leftmost(sel, 2).long().tolist() == [[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]]
+    assert leftmost(sel, torch.tensor([1, 0])).long().tolist() == [[1, 0, 0, 0, 0, 0], [0] * 6]
+    index, valid = pack_positions(sel, dump_index=6)
+    assert index.tolist() == [[0, 2, 3, 5], [3, 6, 6, 6]]
+    assert valid.tolist() == [[True] * 4, [True, False, False, False]]
+
+
+def test_cache_scatter_gather_and_window_attention_match_reference():
+    torch.manual_seed(0)
+    cache = WindowKVCache(10)
+    k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    for layer in (0, 3):
+        cache.write_prefix(layer, k, v)
+    index = torch.tensor([[1, 4, 10], [0, 9, 2]])  # row 0 pads with the dump slot
+    k_new, v_new = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
+    cache.scatter(3, index, k_new, v_new)
+    expect_k = k.clone()
+    expect_k[0, :, 1], expect_k[0, :, 4] = k_new[0, :, 0], k_new[0, :, 1]
+    expect_k[1, :, 0], expect_k[1, :, 9], expect_k[1, :, 2] = k_new[1, :, 0], k_new[1, :, 1], k_new[1, :, 2]
+    assert torch.equal(cache.keys[3][:, :, :10], expect_k) and torch.equal(cache.keys[0][:, :, :10], k)
+    w_index = torch.tensor([[0, 1, 4, 10], [2, 3, 9, 5]])
+    w_valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    kw, vw = cache.gather(3, w_index)
+    q = torch.randn(2, 4, 3, 8)  # 4 query heads over 2 key/value heads
+    out = window_attention(q, kw, vw, w_valid)
+    for b in range(2):
+        keys = [int(i) for i, ok in zip(w_index[b], w_valid[b]) if ok]
+        kk = cache.keys[3][b][:, keys].repeat_interleave(2, 0)
+        vv = cache.values[3][b][:, keys].repeat_interleave(2, 0)
+        ref = torch.softmax(q[b] @ kk.transpose(-1, -2) / 8**0.5, -1) @ vv
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="refresh"):
+        cache.gather(1, w_index)
+
+
+# ------------------------------------------------------------------------------------------- exactness oracles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_full_window_every_step_refresh_equals_dense_bit_for_bit(dtype, cfg_scale):
+    pipe = tiny_pipe(dtype=dtype)
+    ids, attn = prompts()
+    kw = dict(input_ids=ids, attention_mask=attn, gen_length=20, steps=20, block_length=10, progress=False)
+    kw.update(generator=0, cfg_scale=cfg_scale)
+    dense = pipe(**kw)
+    wd = pipe(acceleration=[WindowDiffusionConfig(window=20, active=20, refresh_cycle=1)], **kw)
+    assert torch.equal(dense.sequences, wd.sequences)
+    assert all(t["refresh"] for t in wd.window_trace)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_refresh_cache_equals_fresh_forward_keys_values(family):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    pipe = tiny_pipe(family)
+    model = pipe.model
+    ids, attn = prompts()
+    x = torch.cat([ids, torch.full((2, 6), MASK)], 1)
+    valid = torch.cat([attn.bool(), torch.ones(2, 6, dtype=torch.bool)], 1)
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    captured = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            captured[name] = output.detach()
+
+        return fn
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook(("k", i))))
+        handles.append(layer.self_attn.v_proj.register_forward_hook(hook(("v", i))))
+    try:
+        state = transformers_lm.begin_window(model, x.shape[1])
+        state.refresh()
+        with torch.no_grad():
+            from fastgen.pipelines.diffusion_lm import bidirectional_mask
+
+            model(
+                input_ids=x, attention_mask=bidirectional_mask(valid, torch.float32), position_ids=positions
+            )
+    finally:
+        transformers_lm.end_window(model)
+        for h in handles:
+            h.remove()
+    cos, sin = model.model.rotary_emb(torch.zeros(1), positions)
+    heads, dim = (
+        model.config.num_key_value_heads,
+        model.config.hidden_size // model.config.num_attention_heads,
+    )
+    for i in range(model.config.num_hidden_layers):
+        k = captured[("k", i)].view(2, -1, heads, dim).transpose(1, 2)
+        v = captured[("v", i)].view(2, -1, heads, dim).transpose(1, 2)
+        _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+        torch.testing.assert_close(state.cache.keys[i][:, :, : x.shape[1]], k_rot, rtol=1e-6, atol=1e-6)
+        assert torch.equal(state.cache.values[i][:, :, : x.shape[1]], v)
+    assert model.config._attn_implementation == "sdpa"
+
+
+class StaleKV:
+    """The slow statement of a pruned step: a FULL forward in which the keys/values of every position
+    not run fresh are replaced by stale copies kept in a dict, and every query sees only the window."""
+
+    def __init__(self):
+        self.stale: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fresh = None  # [B, N] bool: positions whose K/V are recomputed this step (None: all)
+        self.window = None  # [B, N] bool: keys attended
+
+    def __call__(self, module, q, k, v, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layer = module.layer_idx
+        if self.fresh is None:
+            self.stale[layer] = (k.clone(), v.clone())
+            keys_ok = attention_mask[:, 0, 0] == 0  # the pipeline's padding-aware additive mask
+        else:
+            old_k, old_v = self.stale[layer]
+            f = self.fresh[:, None, :, None]
+            k, v = torch.where(f, k, old_k), torch.where(f, v, old_v)
+            self.stale[layer] = (k.clone(), v.clone())
+            keys_ok = self.window
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = (q @ k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~keys_ok[:, None, None, :], float("-inf"))
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2), None
+
+
+def reference_window_generation(
+    pipe, ids, attn, *, gen_length, steps, window, active, refresh_cycle, cfg_scale=0.0, shift=False
+):
+    """LLaDA rules of Window-Diffusion, one block, greedy low-confidence, written plainly. With ``shift``
+    the logits of position p - 1 predict p, so p - 1 is recomputed with every active mask p."""
+    from transformers import AttentionInterface
+
+    from fastgen.pipelines.diffusion_lm import bidirectional_mask
+
+    model = pipe.model
+    attention = StaleKV()
+    AttentionInterface.register("test_stale_kv", attention)
+    saved = model.config._attn_implementation
+    model.set_attn_implementation("test_stale_kv")
+    batch, plen = ids.shape
+    total = plen + gen_length
+    x = torch.cat([ids.masked_fill(attn == 0, 0), torch.full((batch, gen_length), MASK)], 1)
+    valid = torch.cat([attn.bool(), torch.ones(batch, gen_length, dtype=torch.bool)], 1)
+    prompt = torch.zeros_like(valid)
+    prompt[:, :plen] = attn.bool()
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    schedule = num_transfer_tokens(torch.full((batch,), gen_length), steps)
+    gen = torch.zeros(batch, total, dtype=torch.bool)
+    gen[:, plen:] = True
+
+    def forward(fresh, window_set):
+        both = cfg_scale > 0
+        seq = torch.cat([x, x.masked_fill(prompt, MASK)]) if both else x
+        v2 = torch.cat([valid, valid]) if both else valid
+        attention.fresh = None if fresh is None else (torch.cat([fresh, fresh]) if both else fresh)
+        attention.window = (
+            None if window_set is None else (torch.cat([window_set, window_set]) if both else window_set)
+        )
+        pos = torch.cat([positions, positions]) if both else positions
+        logits = model(
+            input_ids=seq, attention_mask=bidirectional_mask(v2, torch.float32), position_ids=pos
+        ).logits
+        if both:
+            logits = logits[batch:] + (cfg_scale + 1) * (logits[:batch] - logits[batch:])
+        return logits.float()
+
+    def commit(logits, allowed, counts):
+        if shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+        logits[..., MASK] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        conf, tok = probs.max(-1)
+        decoded = torch.zeros_like(allowed)
+        for b in range(batch):
+            cand = allowed[b].nonzero().flatten().tolist()
+            cand.sort(key=lambda p: -conf[b, p].item())  # stable: ties keep position order
+            for p in cand[: int(counts[b])]:
+                x[b, p] = tok[b, p]
+                decoded[b, p] = True
+        return decoded
+
+    try:
+        with torch.no_grad():
+            for step in range(steps):
+                masks = (x == MASK) & gen
+                if step % refresh_cycle == 0:
+                    logits = forward(None, None)
+                    refresh_decoded = commit(logits, masks, schedule[:, step])
+                    masks = (x == MASK) & gen
+                    rank = masks.long().cumsum(1)
+                    window_set = (~masks & valid) | (masks & (rank <= window))
+                    pruned_decoded = torch.zeros_like(masks)
+                    first = True
+                else:
+                    rank = masks.long().cumsum(1)
+                    act = (
+                        (masks & (rank <= active))
+                        | pruned_decoded
+                        | (refresh_decoded if first else pruned_decoded)
+                    )
+                    assert not (act & ~window_set).any()  # the constraint keeps queries in the window
+                    fresh = act | torch.roll(act & masks, -1, 1) if shift else act
+                    logits = forward(fresh, window_set)
+                    pruned_decoded |= commit(logits, act & masks, schedule[:, step])
+                    first = False
+    finally:
+        model.set_attn_implementation(saved)
+    return x
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
+def test_generation_equals_slow_stale_kv_statement_of_the_rules(cfg_scale):
+    pipe = tiny_pipe()
+    ids, attn = prompts()
+    cfg = WindowDiffusionConfig(window=16, active=6, refresh_cycle=6)
+    kw = dict(gen_length=30, steps=30)
+    got = pipe(
+        input_ids=ids, attention_mask=attn, acceleration=[cfg], cfg_scale=cfg_scale, progress=False, **kw
+    )
+    want = reference_window_generation(
+        pipe, ids, attn, window=16, active=6, refresh_cycle=6, cfg_scale=cfg_scale, **kw
+    )
+    assert torch.equal(got.sequences, want)
+    dense = pipe(
+        input_ids=ids, attention_mask=attn, block_length=30, cfg_scale=cfg_scale, progress=False, **kw
+    )
+    assert not torch.equal(dense.sequences, got.sequences)  # the oracle is not the dense run in disguise
+    pruned = [t for t in got.window_trace if not t["refresh"]]
+    assert len(pruned) == 25 and max(t["queries"] for t in pruned) < 30
+    assert all(set(t["active"].tolist()) <= set(t["window"].tolist()) for t in pruned)
+
+
+def test_logit_shift_recomputes_the_position_before_each_active_mask():
+    pipe = tiny_pipe("dream")
+    ids, attn = prompts()
+    cfg = WindowDiffusionConfig(window=16, active=5, refresh_cycle=6, sliding=False)
+    kw = dict(gen_length=24, steps=24)
+    got = pipe(input_ids=ids, attention_mask=attn, acceleration=[cfg], sampler="llada", progress=False, **kw)
+    want = reference_window_generation(
+        pipe, ids, attn, window=16, active=5, refresh_cycle=6, shift=True, **kw
+    )
+    assert torch.equal(got.sequences, want)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_batch_with_left_padding_equals_each_row_alone(family, cfg_scale):
+    pipe = tiny_pipe(family)
+    ids, attn = prompts(3)
+    cfg = WindowDiffusionConfig(window=14, active=4, refresh_cycle=5)
+    kw = dict(gen_length=24, steps=24, acceleration=[cfg], cfg_scale=cfg_scale, progress=False, generator=0)
+    batch = pipe(input_ids=ids, attention_mask=attn, **kw)
+    for b in range(3):
+        alone = pipe(
+            input_ids=ids[b][attn[b].bool()], generator=b, **{k: v for k, v in kw.items() if k != "generator"}
+        )
+        assert batch.sequences[b, -24:].tolist() == alone.sequences[0, -24:].tolist()
+
+
+def test_dream_rules_trace_span_and_prefix():
+    pipe = tiny_pipe("dream")
+    ids, attn = prompts(1)
+    out = pipe(input_ids=ids, gen_length=40, steps=40, progress=False,
+               acceleration=[WindowDiffusionConfig(window=20, active=6, refresh_cycle=8)])  # fmt: skip
+    assert not (out.sequences == MASK).any()
+    trace = out.window_trace
+    assert [t["refresh"] for t in trace[:9]] == [True] + [False] * 7 + [True]
+    plen = ids.shape[1]
+    first = trace[0]
+    assert first["keys"] == plen + 19  # the prefix stops before the 20th mask
+    for t in trace[1:8]:
+        span = t["active"].tolist()
+        assert span == list(range(span[0], span[-1] + 1))  # contiguous span
+        assert span[0] == plen  # starts at the token the refresh decoded (its logits predict the next)
+        assert set(span) <= set(t["window"].tolist())
+
+
+def test_defaults_per_family_and_block_length():
+    assert WindowDiffusionConfig().resolved("llada") == WindowDiffusionConfig(64, 16, 32, False)
+    assert WindowDiffusionConfig().resolved("dream") == WindowDiffusionConfig(128, 16, 32, True)
+    assert WindowDiffusionConfig(window=80).resolved("dream").window == 80
+    pipe = tiny_pipe()
+    ids, _ = prompts(1)
+    out = pipe(input_ids=ids, gen_length=64, steps=64, acceleration=WindowDiffusionConfig(), progress=False)
+    # block_length defaults to gen_length: one phase of 32 steps then a refresh, as the reference
+    assert [t["step"] for t in out.window_trace if t["refresh"]] == [0, 32]
+
+
+def test_block_length_keeps_sets_inside_the_block():
+    pipe = tiny_pipe()
+    ids, _ = prompts(1)
+    plen = ids.shape[1]
+    cfg = WindowDiffusionConfig(window=12, active=4, refresh_cycle=4)
+    out = pipe(input_ids=ids, gen_length=32, steps=32, block_length=16, acceleration=[cfg], progress=False)
+    refresh_steps = [t["step"] for t in out.window_trace if t["refresh"]]
+    assert refresh_steps == [0, 4, 8, 12, 16, 20, 24, 28]  # every block starts with a refresh
+    for t in out.window_trace:
+        block_end = plen + 16 * (t["step"] // 16 + 1)
+        if not t["refresh"]:
+            assert max(t["active"].tolist()) < block_end and max(t["window"].tolist()) < block_end
+
+
+def test_apply_sparse_attention_records_config_for_the_pipeline():
+    pipe = tiny_pipe()
+    ids, _ = prompts(1)
+    fastgen.apply_sparse_attention(pipe.model, WindowDiffusionConfig(window=16, active=4, refresh_cycle=4))
+    try:
+        out = pipe(input_ids=ids, gen_length=16, steps=16, progress=False)
+        assert out.window_trace is not None and not out.window_trace[1]["refresh"]
+    finally:
+        fastgen.remove_sparse_attention(pipe.model)
+    assert pipe(input_ids=ids, gen_length=16, steps=16, block_length=16, progress=False).window_trace is None
+
+
+# ------------------------------------------------------------------------------------------- composition
+
+
+def test_composition_with_sparsed_runs_sparse_refresh_steps(monkeypatch):
+    pipe = tiny_pipe()
+    ids, attn = prompts()
+    calls = []
+    real = transformers_lm.sparsed_attention
+    monkeypatch.setattr(
+        transformers_lm, "sparsed_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    wd = WindowDiffusionConfig(window=24, active=8, refresh_cycle=4)
+    kw = dict(input_ids=ids, attention_mask=attn, gen_length=32, steps=32, progress=False)
+    alone = pipe(acceleration=[wd], **kw)
+    full_select = pipe(acceleration=[wd, SparseDConfig(skip=0.0, select=1.0, block_size=16)], **kw)
+    assert calls  # refresh steps after the warm-up went through SparseD's block-sparse attention
+    assert torch.equal(alone.sequences, full_select.sequences)  # select=1 keeps every block: same tokens
+    calls.clear()
+    sparse = pipe(acceleration=[SparseDConfig(skip=0.25, select=0.5, block_size=16), wd], **kw)
+    # 8 refresh steps, 2 dense warm-up refreshes, 6 sparse ones x 2 layers
+    assert len(calls) == 12 and not (sparse.sequences == MASK).any()
+    assert pipe.model.config._attn_implementation == "sdpa"
+
+
+def test_threshold_decoding_commits_more_and_stays_in_window():
+    pipe = tiny_pipe()
+    ids, attn = prompts()
+    wd = WindowDiffusionConfig(window=20, active=8, refresh_cycle=8)
+    kw = dict(input_ids=ids, attention_mask=attn, gen_length=40, steps=40, progress=False, acceleration=[wd])
+    out = pipe(confidence_threshold=0.05, **kw)
+    assert out.steps_run < 40 and not (out.sequences == MASK).any()
+    assert all(set(t["active"].tolist()) <= set(t["window"].tolist()) for t in out.window_trace)
+    everything = pipe(confidence_threshold=-1.0, **kw)
+    assert everything.steps_run == 1  # the refresh step commits every mask above the threshold
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [(dict(window=8, active=16), "active"), (dict(window=0), "window"), (dict(refresh_cycle=-1), "refresh_cycle"),
+     (dict(active=0), "active"), (dict(sliding="yes"), "sliding")],
+)  # fmt: skip
+def test_config_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        WindowDiffusionConfig(**kwargs)
+
+
+def test_pipeline_bad_input_names_parameter():
+    pipe = tiny_pipe()
+    ids, _ = prompts(1)
+    kw = dict(input_ids=ids, gen_length=32, steps=32, progress=False)
+    with pytest.raises(ValueError, match=r"active=16 \+ \(refresh_cycle=32 - 1\).*window=20"):
+        pipe(acceleration=[WindowDiffusionConfig(window=20)], **kw)
+    with pytest.raises(ValueError, match="refresh_cycle=8.*window=12"):
+        pipe(acceleration=[WindowDiffusionConfig(window=12, active=4, refresh_cycle=8, sliding=True)], **kw)
+    with pytest.raises(ValueError, match="at most one"):
+        pipe(acceleration=[WindowDiffusionConfig(), WindowDiffusionConfig()], **kw)
+    with pytest.raises(ValueError, match="alg='entropy'.*sampler='dream'"):
+        pipe(alg="entropy", **kw)
+    with pytest.raises(ValueError, match="top_k"):
+        pipe(top_k=5, **kw)
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(mask_token_id=MASK, max_position_embeddings=64)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+    with pytest.raises(ValueError, match="position_ids"):
+        DiffusionLMPipeline(NoPositions())(acceleration=[WindowDiffusionConfig(window=32)], **kw)
+
+
+# ------------------------------------------------------------------------------------------- CLI, batch, runner
+
+
+@pytest.mark.slow
+def test_generate_cli_window_methods(capsys):
+    from fastgen.cli import main
+
+    for method in ("window_diffusion", "sparsed+window_diffusion"):
+        argv = ["generate", "--preset", "tiny-llada", "--method", method, "--prompt", "Hi", "--gen-length", "32",
+                "--steps", "32", "--window", "16", "--active", "4", "--refresh-cycle", "8", "--compare-dense"]  # fmt: skip
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert (
+            f"[{method}]" in text and "refresh steps 4, pruned steps 28" in text and "token agreement" in text
+        )
+
+
+def test_batch_records_every_config_of_the_composition(tmp_path):
+    from fastgen.batch import MANIFEST, read_records, run_batch
+    from fastgen.cli import build_parser
+
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"prompt": "Hello", "window": 16, "select": 0.5}\n{"prompt": "Why"}\n')
+    out = tmp_path / "out"
+    argv = ["batch", str(prompts_file), "--preset", "tiny-llada", "--method", "sparsed+window_diffusion",
+            "--out-dir", str(out), "--gen-length", "16", "--steps", "16", "--active", "4", "--refresh-cycle", "4"]  # fmt: skip
+    assert run_batch(build_parser().parse_args(argv)) == 0
+    first, second = read_records(str(out / MANIFEST))
+    assert first["status"] == second["status"] == "ok"
+    wd, sp = first["config"]
+    assert (wd["method"], wd["window"], wd["active"], wd["refresh_cycle"]) == ("window_diffusion", 16, 4, 4)
+    assert (sp["method"], sp["select"]) == ("sparsed", 0.5)
+    assert [c["method"] for c in second["config"]] == ["window_diffusion"]  # only the WD options were given
+
+
+def test_demo_window_tab_handler_and_picture(tmp_path):
+    pytest.importorskip("gradio")
+    from fastgen.app.demo import DemoBackend, DemoLimits, LazyPipeline
+    from fastgen.app.window_demo import draw_window_sets, run_window_text, window_sets_image
+    from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
+
+    trace = [
+        {"refresh": True, "active": torch.arange(6), "window": torch.arange(6)},
+        {"refresh": False, "active": torch.tensor([3]), "window": torch.tensor([0, 1, 2, 3, 4])},
+    ]
+    assert window_sets_image(trace, 6).tolist() == [[2] * 6, [1, 1, 1, 2, 1, 0]]
+    assert os.path.getsize(draw_window_sets(trace, 6, 2, str(tmp_path / "w.png"))) > 0
+    backend = DemoBackend(
+        video_pipeline=LazyPipeline(lambda: None),
+        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
+        video_generate=None,
+        text_generate=generate_text,
+        limits=DemoLimits(max_gen_length=64),
+    )
+    dense, fast, table, metrics, picture = run_window_text(
+        backend, "Hello", "window_diffusion", 16, 4, 8, 32, 0.0, 0
+    )
+    assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
+    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
+    assert os.path.getsize(picture) > 0
+
+
+@pytest.mark.slow
+def test_window_bench_report_at_a_tiny_size():
+    from fastgen.bench.window import format_table, run_window_bench
+
+    report = run_window_bench(families=("llada", "dream"), prompt_length=16, gen_lengths=(32,), agreement_up_to=32,
+                              sparsed=SparseDConfig(block_size=16))  # fmt: skip
+    assert [r["family"] for r in report["results"]] == ["llada", "dream"]
+    for row in report["results"]:
+        for name in ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold"):
+            assert row[name]["tokens_per_s"] > 0 and row[name]["predicted_flop_ratio"] >= 1.0
+            assert 0.0 <= row[name]["token_agreement"] <= 1.0
+    assert "window_diffusion+threshold" in format_table(report)
