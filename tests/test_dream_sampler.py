@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, dream_transfer_count
+
 from tests.test_window_diffusion import MASK, prompts, tiny_pipe
 
 

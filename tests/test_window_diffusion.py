@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
+from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, num_transfer_tokens
+from fastgen.pipelines.tiny_lm import build_tiny_llama
 
 import fastgen
 from fastgen import SparseDConfig, WindowDiffusionConfig
 from fastgen.attention.window import WindowKVCache, leftmost, pack_positions, window_attention
-from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, num_transfer_tokens
-from fastgen.pipelines.tiny_lm import build_tiny_llama
 from fastgen.processors import transformers_lm
 
 MASK = 63
@@ -198,9 +198,8 @@ def reference_window_generation(
 ):
     """LLaDA rules of Window-Diffusion, one block, greedy low-confidence, written plainly. With ``shift``
     the logits of position p - 1 predict p, so p - 1 is recomputed with every active mask p."""
-    from transformers import AttentionInterface
-
     from fastgen.pipelines.diffusion_lm import bidirectional_mask
+    from transformers import AttentionInterface
 
     model = pipe.model
     attention = StaleKV()
