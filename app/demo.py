@@ -50,8 +50,8 @@ class DemoLimits:
     """Smallest video height or width in pixels."""
     max_gen_length: int = 512
     """Most generated tokens."""
-    max_prompt_chars: int = 2000
-    """Longest prompt in characters."""
+    max_prompt_chars: int = 4000
+    """Longest prompt in characters (the trained preset's task prompts are about 2,400)."""
     concurrency: int = 1
     """Requests served at once per tab (a pipeline runs one generation at a time)."""
     keep_seconds: float = 3600.0

@@ -175,7 +175,7 @@ def test_client_text_tab_returns_both_texts_and_metrics(fake_app):
         ),
         ("/generate_text", {"gen_length": 100000}, "Value 100000 is greater than maximum value 64"),
         ("/generate_text", {"block_length": 50}, r"block length=50 is out of range; allowed: 1\.\.8"),
-        ("/generate_text", {"prompt": "x" * 5000}, "prompt has 5000 characters; allowed: at most 2000"),
+        ("/generate_text", {"prompt": "x" * 5000}, "prompt has 5000 characters; allowed: at most 4000"),
     ],
 )
 def test_out_of_range_inputs_are_clear_errors(fake_app, api, change, message):
@@ -314,3 +314,13 @@ def test_video_handler_passes_the_first_frame_to_image_to_video_pipelines(fake_a
     finally:
         backend.video_generate = real
     assert seen == [str(tmp_path / "first.png")] * 2 + ["absent"] * 2
+
+
+def test_task_example_prompts_fit_the_demo_prompt_limit():
+    # the Text tab offers these as its default prompt: each must pass the demo's own input check
+    from app.demo import DemoLimits, _check_prompt, task_examples
+
+    examples = task_examples("tiny-llada-kv")
+    assert examples
+    for prompt in examples:
+        assert _check_prompt(prompt, DemoLimits()) == prompt.strip()  # raises when over the limit
