@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from fastgen.configs import LightForcingConfig
 from fastgen.processors.light_forcing_wan import chunk_densities
+
+from .video_runner import _to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ def denoising_timesteps(steps: int | None) -> list[float] | None:
     from .causal_wan import warp_timesteps
 
     return warp_timesteps([1000.0 * (1.0 - i / steps) for i in range(steps)])
-
-
-def _to_uint8(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return frames
 
 
 def generate_causal_video(
