@@ -354,7 +354,31 @@ def block_sparse_attention_triton(
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, float(sm_scale))
+    return torch.ops.fastgen.block_sparse_attention_triton(
+        q, k, v, kv_block_indices, kv_block_counts, int(block_size), float(sm_scale)
+    )
+
+
+# The launcher as a ``torch.library`` custom op (``torch.ops.fastgen.block_sparse_attention_triton``):
+# ``torch.compile`` traces through it with the fake implementation below (no Triton at trace time).
+@torch.library.custom_op("fastgen::block_sparse_attention_triton", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_size: int,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of :func:`_block_sparse_attn_fwd` with the default tiles."""
+    return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale)
+
+
+@_block_sparse_attention_op.register_fake
+def _(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def block_mask_to_indices(

@@ -187,6 +187,96 @@ def cpu_kernel_unavailable() -> str | None:
         return _build()
 
 
+def _require_kernel() -> None:
+    why = cpu_kernel_unavailable()
+    if why is not None:
+        raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
+
+
+# The kernels as ``torch.library`` custom ops (namespace ``fastgen``): opaque to ``torch.compile``,
+# which traces through them with their fake (meta) implementations; the build and the lock files
+# are touched only when an op really runs. Functional: each op allocates what it returns.
+
+
+@torch.library.custom_op("fastgen::block_sparse_cpu", mutates_args=())
+def _block_sparse_cpu_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    block_len: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    need_lse: bool,
+    k_start: torch.Tensor | None,
+    q_start: torch.Tensor | None,
+    q_len: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [q.shape], lse [q.shape[:-1]] or [0])`` of the native kernel (see :func:`block_sparse_attention_cpu`)."""
+    _require_kernel()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
+    torch.ops.fastgen_cpu.block_sparse_fwd(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        indices.contiguous(),
+        counts.contiguous(),
+        block_size,
+        block_len,
+        bias,
+        scale,
+        out,
+        None,
+        lse if need_lse else None,
+        k_start,
+        q_start,
+        q_len,
+    )
+    return out, lse
+
+
+@_block_sparse_cpu_op.register_fake
+def _(q, k, v, indices, counts, block_size, block_len, bias, scale, need_lse, k_start, q_start, q_len):
+    out = q.new_empty(q.shape, dtype=torch.float32)
+    return out, q.new_empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgen::block_mass_cpu", mutates_args=())
+def _block_mass_cpu_op(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    nqb: int,
+    nkb: int,
+    rows_per_batch: int,
+    key_bias: torch.Tensor | None,
+    q_weight: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """``[R, nkb]`` fp32 block mass of the native kernel (see :func:`block_mass_cpu`)."""
+    _require_kernel()
+    out = torch.empty(q_blocks.shape[0], nkb, dtype=torch.float32)
+    torch.ops.fastgen_cpu.block_mass(
+        q_blocks.contiguous(),
+        k_blocks.contiguous(),
+        nqb,
+        nkb,
+        rows_per_batch,
+        key_bias,
+        q_weight,
+        scale,
+        out,
+    )
+    return out
+
+
+@_block_mass_cpu_op.register_fake
+def _(q_blocks, k_blocks, nqb, nkb, rows_per_batch, key_bias, q_weight, scale):
+    return q_blocks.new_empty((q_blocks.shape[0], nkb), dtype=torch.float32)
+
+
 def block_sparse_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -217,13 +307,17 @@ def block_sparse_attention_cpu(
     keys per key block (default all). ``out`` has q's shape by default, or is ``[M, D]`` with
     ``out_rows [R*bs]`` int64 giving each query row's destination row; ``lse`` has q's shape without
     its last dim. Query rows that see no key get zeros and LSE ``-inf``.
+
+    Without ``out`` this is the custom op ``torch.ops.fastgen.block_sparse_cpu`` (traceable by
+    ``torch.compile``); writing into a given ``out`` calls the kernel directly (eager only).
     """
-    why = cpu_kernel_unavailable()
-    if why is not None:
-        raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
     bs = int(block_size) if block_size is not None else q.shape[1]
     if out is None:
-        out = torch.empty(q.shape, dtype=torch.float32)
+        out, lse = torch.ops.fastgen.block_sparse_cpu(
+            q, k, v, indices, counts, bs, block_len, bias, float(scale), return_lse, k_start, q_start, q_len
+        )
+        return out, lse if return_lse else None
+    _require_kernel()
     lse = torch.empty(q.shape[:-1], dtype=torch.float32) if return_lse else None
     torch.ops.fastgen_cpu.block_sparse_fwd(
         q.contiguous(),
@@ -260,26 +354,21 @@ def block_mass_cpu(
     ``q_blocks [R, bs, D]`` with ``R = B*H*nqb``, ``k_blocks [B*H*nkb, bs, D]``; the softmax of each
     query runs over all keys of its head plus ``key_bias`` (fp32 ``[B or 1, nkb*bs]``, 0 or ``-inf``;
     it must hide padded tail keys); ``q_weight [R*bs]`` fp32 weights each query row's mass (0 for
-    padding). One ``Q Kᵀ`` pass, no ``N x N`` storage (SparseD's importance).
+    padding). One ``Q Kᵀ`` pass, no ``N x N`` storage (SparseD's importance). The custom op
+    ``torch.ops.fastgen.block_mass_cpu``.
     """
-    why = cpu_kernel_unavailable()
-    if why is not None:
-        raise RuntimeError(f"fastgen: native CPU block-sparse kernel unavailable ({why})")
     r = q_blocks.shape[0]
     rows_per_batch = r if key_bias is None or key_bias.shape[0] == 1 else r // key_bias.shape[0]
-    out = torch.empty(r, nkb, dtype=torch.float32)
-    torch.ops.fastgen_cpu.block_mass(
-        q_blocks.contiguous(),
-        k_blocks.contiguous(),
-        nqb,
-        nkb,
+    return torch.ops.fastgen.block_mass_cpu(
+        q_blocks,
+        k_blocks,
+        int(nqb),
+        int(nkb),
         rows_per_batch,
         None if key_bias is None else key_bias.float().contiguous(),
         None if q_weight is None else q_weight.float().contiguous(),
         float(scale),
-        out,
     )
-    return out
 
 
 def warm_up_cpu_kernel() -> str | None:

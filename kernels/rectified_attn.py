@@ -554,6 +554,48 @@ def rectified_exact_attention_triton(
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.fastgen.rectified_exact_attention_triton(
+        q,
+        k,
+        v,
+        kv_block_indices,
+        kv_block_counts,
+        pooled_k,
+        pooled_v,
+        pooled_block_indices,
+        pooled_block_counts,
+        pooled_log_counts,
+        int(block_size),
+        float(sm_scale),
+        pooled_key_variance,
+        text_k,
+        text_v,
+        text_valid,
+    )
+
+
+# The launcher as a ``torch.library`` custom op (``torch.ops.fastgen.rectified_exact_attention_triton``):
+# ``torch.compile`` traces through it with the fake implementation below (no Triton at trace time).
+@torch.library.custom_op("fastgen::rectified_exact_attention_triton", mutates_args=())
+def _rectified_exact_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    pooled_k: torch.Tensor,
+    pooled_v: torch.Tensor,
+    pooled_block_indices: torch.Tensor,
+    pooled_block_counts: torch.Tensor,
+    pooled_log_counts: torch.Tensor,
+    block_size: int,
+    sm_scale: float,
+    pooled_key_variance: torch.Tensor | None,
+    text_k: torch.Tensor | None,
+    text_v: torch.Tensor | None,
+    text_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of :func:`_rectified_exact_attn_fwd` with the default tiles."""
     return _rectified_exact_attn_fwd(
         q,
         k,
@@ -566,9 +608,15 @@ def rectified_exact_attention_triton(
         pooled_block_counts,
         pooled_log_counts,
         block_size,
-        float(sm_scale),
+        sm_scale,
         pooled_key_variance=pooled_key_variance,
         text_k=text_k,
         text_v=text_v,
         text_valid=text_valid,
     )
+
+
+@_rectified_exact_attention_op.register_fake
+def _(q, k, v, *args):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
