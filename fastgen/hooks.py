@@ -62,8 +62,8 @@ class StepTracker:
         self.pipeline_driven: bool = pipeline_driven
         """True when a pipeline marks each generation (scheduler hook or :meth:`begin_generation`): a
         timestep that goes back up is then a further step, never a guessed new generation."""
-        self.step: int = -1
-        """Index of the current denoising step in this generation (-1 before the first call)."""
+        self._step: int = -1
+        self._reached: dict[int, bool] = {}
         self.generation: int = 0
         """Number of generations started (bumped when the timestep goes back up or on reset)."""
         self.calls: int = 0
@@ -78,10 +78,42 @@ class StepTracker:
         self._guess_logged = False
         self._listeners: list[Callable[[], None]] = []
         self._call_end_listeners: list[Callable[[], None]] = []
+        self.compiled_calls: bool = False
+        """True when the last forward call ran under ``torch.compile`` (the hook could not read its
+        timestep): a pipeline-driven tracker then counts steps from the scheduler's ``step``."""
+
+    @property
+    def step(self) -> int:
+        """Index of the current denoising step in this generation (-1 before the first call)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+        for n in self._reached:
+            self._reached[n] = value >= n
+
+    def watch_step(self, n: int) -> None:
+        """Keep :meth:`step_reached` ``(n)`` as a precomputed bool (a processor's ``warmup_steps``)."""
+        self._reached[int(n)] = self._step >= n
+
+    def step_reached(self, n: int) -> bool:
+        """``step >= n`` (the step before the first call counts as 0). Watched thresholds
+        (:meth:`watch_step`) are read from a bool, so a compiled forward guards on that bool, which
+        flips once per generation, instead of on the step value (a recompile at every step)."""
+        reached = self._reached.get(n)
+        return max(self._step, 0) >= n if reached is None else reached
+
+    def scheduler_stepped(self) -> None:
+        """The pipeline's scheduler finished a step: under ``torch.compile`` (no timestep read in the
+        traced forward) that is what advances the step of a pipeline-driven tracker."""
+        if self.compiled_calls and self.pipeline_driven and not self.explicit:
+            self.step = max(self.step, 0) + 1
 
     def observe(self, timestep: float | None, grid: tuple[int, int, int] | None = None) -> None:
         """Record one forward call at ``timestep`` (largest value of the timestep tensor)."""
         self.grid = grid
+        self.compiled_calls = False
         if self.explicit:
             self.calls += 1
             return
@@ -198,6 +230,13 @@ class _StepTrackingHook(_diffusers_model_hook_base()):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: no timestep read (a host sync and a graph break), no Python
+            # state read (a guard per value). Only the grid (from shapes) is written; the step comes
+            # from the pipeline (scheduler hook: StepTracker.scheduler_stepped, or mark_step).
+            self.tracker.grid = self.grid_fn(module, hidden_states)
+            self.tracker.compiled_calls = True
+            return self.fn_ref.original_forward(*args, **kwargs)
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         self.tracker.observe(_timestep_value(timestep), self.grid_fn(module, hidden_states))
         token = _ACTIVE.set(self.tracker)
@@ -293,6 +332,17 @@ def _hook_scheduler(scheduler, tracker: StepTracker) -> None:
 
     set_timesteps.__wrapped__ = original
     scheduler.set_timesteps = set_timesteps
+    original_step = getattr(scheduler, "step", None)
+    if callable(original_step):
+
+        def step(*args, **kwargs):
+            out = original_step(*args, **kwargs)
+            for t in list(trackers):
+                t.scheduler_stepped()
+            return out
+
+        step.__wrapped__ = original_step
+        scheduler.step = step
     setattr(scheduler, SCHEDULER_HOOK_ATTR, trackers)
 
 
@@ -304,6 +354,8 @@ def _unhook_scheduler(scheduler, tracker: StepTracker) -> None:
         trackers.remove(tracker)
     if not trackers:
         del scheduler.set_timesteps  # the class's method shows through again
+        if "step" in vars(scheduler):
+            del scheduler.step
         delattr(scheduler, SCHEDULER_HOOK_ATTR)
 
 

@@ -43,6 +43,19 @@ def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, i
     return max(1, int(budget // per_row))
 
 
+def _kernel_unavailable() -> str | None:
+    from fastgen.kernels.cpu_attn import cpu_kernel_unavailable
+
+    return cpu_kernel_unavailable()
+
+
+@torch.compiler.assume_constant_result
+def _kernel_unavailable_when_traced() -> str | None:
+    """:func:`cpu_kernel_unavailable` as a constant of a ``torch.compile`` trace (the build, its lock
+    files and ``FASTGEN_CPU_KERNEL`` are read once, when the graph is traced)."""
+    return _kernel_unavailable()
+
+
 def native_kernel_serves(*tensors: torch.Tensor) -> bool:
     """Whether the native CPU kernel (fp32, forward only) serves a call on these tensors; logs once
     when fp32 CPU tensors cannot use it."""
@@ -50,9 +63,7 @@ def native_kernel_serves(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False  # forward only: PyTorch's flash kernel keeps gradients
-    from fastgen.kernels.cpu_attn import cpu_kernel_unavailable
-
-    why = cpu_kernel_unavailable()
+    why = _kernel_unavailable_when_traced() if torch.compiler.is_compiling() else _kernel_unavailable()
     if why is not None:
         log_once(
             f"fastgen: native CPU block-sparse kernel unavailable ({why}); using PyTorch's flash kernel on gathered blocks"
@@ -192,12 +203,12 @@ def _joined_blocks(blocks: torch.Tensor, extra: torch.Tensor, extra_blocks: int,
     d = blocks.shape[-1]
     b, h = extra.shape[:2]
     size = extra_blocks * bs
-    end = blocks.data_ptr() + blocks.numel() * blocks.element_size()
     if (
-        extra.dtype == blocks.dtype
+        not torch.compiler.is_compiling()  # no data pointers in a trace: the compiler plans memory
+        and extra.dtype == blocks.dtype
         and extra.shape[2] == size
         and extra.is_contiguous()
-        and extra.data_ptr() == end
+        and extra.data_ptr() == blocks.data_ptr() + blocks.numel() * blocks.element_size()
         and extra.untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
     ):
         rows = blocks.shape[0] + b * h * extra_blocks

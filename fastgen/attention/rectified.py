@@ -467,6 +467,7 @@ def plan_rectified(
     key_padding_mask: torch.Tensor | None = None,
     grid: tuple[int, int, int] | None = None,
     workspace: Workspace | None = None,
+    padded_video_keys: bool | None = None,
 ) -> RectifiedCall:
     """Everything of :func:`rectified_attention` before the attention pass: reorder + pad, block
     statistics, selection, and the plan (what a benchmark times as "selection")."""
@@ -488,7 +489,12 @@ def plan_rectified(
     # the reordered copies (in the input dtype) and, right after k/v, room for the extra keys
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     space = None if grad else workspace
-    padded_video = video_valid is not None and not bool(video_valid.all())  # rare: padded video keys
+    if video_valid is None:
+        padded_video = False
+    elif padded_video_keys is None:  # read from the mask: a host sync the caller can spare
+        padded_video = not bool(video_valid.all())  # rare: padded video keys
+    else:
+        padded_video = bool(padded_video_keys)
     fewest_keys = int(video_valid.sum(-1).min()) if padded_video else n_video
     n_isolated = min(round(config.resolved_isolated_keys * nb), fewest_keys)
     n_extra = num_text_tokens + (nb if config.form == "exact" else 0) + n_isolated
@@ -529,12 +535,15 @@ def plan_rectified(
     keys, values, log_weights, visible = extra_keys(kp, vp, kt, vt, text_valid, stats, sel, config.form, bs)
     extra_k, extra_v = _extras_into(keys, values, k.dtype, kp_extra, vp_extra)
     top_k = config.selection != "paper" and config.mass_threshold is None  # rows hold <= keep_count
+    # the table width: keep_count bounds a top-k selection; otherwise the widest row, read back (a
+    # host sync) in eager mode, all key blocks (no read) under torch.compile
+    width = keep_count(config.sparsity, nb) if top_k else (nb if torch.compiler.is_compiling() else None)
     plan = SelectionPlan.from_block_mask(
         sel.critical.expand(b, -1, -1, -1),
         bs,
         n_pad,
         n_video if key_valid is None else n_pad,
-        max_count=keep_count(config.sparsity, nb) if top_k else None,
+        max_count=width,
         extra_k=extra_k,
         extra_v=extra_v,
         extra_log_weight=torch.cat(log_weights, -1) if log_weights else None,
@@ -556,10 +565,15 @@ def rectified_attention(
     return_stats: bool = False,
     backend: str | None = None,
     workspace: Workspace | None = None,
+    padded_video_keys: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Rectified block-sparse self-attention on ``[B, H, N, D]`` (video tokens first, then text),
     with the method's settings in ``config`` (its ``dense_layers``/``warmup_steps``/``min_tokens``
-    belong to the processors and are not read here). See :func:`rectified_sparse_attention`."""
+    belong to the processors and are not read here). See :func:`rectified_sparse_attention`.
+
+    ``padded_video_keys``: whether ``key_padding_mask`` marks any video key as padding; None reads
+    it from the mask (one host sync), False/True is the caller's knowledge (HunyuanVideo's mask
+    only ever pads text)."""
     call = plan_rectified(
         q,
         k,
@@ -569,6 +583,7 @@ def rectified_attention(
         key_padding_mask=key_padding_mask,
         grid=grid,
         workspace=workspace,
+        padded_video_keys=padded_video_keys,
     )
     video_out = execute_plan(call.qp, call.kp, call.vp, call.plan, backend=backend, scale=call.scale)
     if config.form == "paper":

@@ -45,6 +45,9 @@ class SparseDPattern:
     """Tokens per block."""
     num_tokens: int
     """Sequence length the pattern was computed for (query and key length)."""
+    max_blocks: int | None = None
+    """Most key blocks any query block selects (read once, when the pattern is made): the index
+    table width of every later call, so those calls read nothing back from the device."""
 
     @property
     def density(self) -> float:
@@ -286,7 +289,8 @@ def compute_sparsed_pattern(
     mask = sparsed_select(
         importance, select, key_valid_blocks=valid_blocks.to(q.device), prompt_blocks=prompt
     )
-    return SparseDPattern(block_mask=mask, block_size=block_size, num_tokens=n)
+    widest = int(mask.sum(-1).max()) if mask.numel() else 0  # one read, at the pattern step only
+    return SparseDPattern(block_mask=mask, block_size=block_size, num_tokens=n, max_blocks=widest)
 
 
 def sparsed_attention(
@@ -299,6 +303,8 @@ def sparsed_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    max_count: int | None = None,
+    padded_keys: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention under a SparseD pattern, exact with respect to key padding.
 
@@ -314,6 +320,10 @@ def sparsed_attention(
         key_padding_mask: optional bool ``[B, Nk]``, True for real keys.
         scale: softmax scale (default ``1/sqrt(D)``).
         backend: block-sparse backend name (None = automatic).
+        max_count: an upper bound of the blocks any query block selects
+            (:attr:`SparseDPattern.max_blocks`); None reads it back from the device.
+        padded_keys: whether ``key_padding_mask`` pads any key; None reads it from the mask.
+            Given both, the call makes no host synchronisation.
 
     Returns:
         ``[B, H, Nq, D]`` in q's dtype. Query rows whose blocks select no valid key give 0.
@@ -324,11 +334,15 @@ def sparsed_attention(
     check_key_padding_mask(key_padding_mask, k)
     b, nk = q.shape[0], k.shape[2]
     key_valid = None
-    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+    if key_padding_mask is not None and padded_keys is None:
+        padded_keys = not bool(key_padding_mask.all())
+    if key_padding_mask is not None and padded_keys:
         counts, _ = key_block_validity(key_padding_mask, nk, block_size, b)
         block_mask = block_mask & (counts > 0)[:, None, None, :]  # fully padded blocks: never attended
         key_valid = key_padding_mask
-    plan = SelectionPlan.from_block_mask(block_mask, block_size, q.shape[2], nk, batch=b, key_valid=key_valid)
+    plan = SelectionPlan.from_block_mask(
+        block_mask, block_size, q.shape[2], nk, batch=b, max_count=max_count, key_valid=key_valid
+    )
     return execute_plan(q, k, v, plan, backend=backend, scale=scale)
 
 

@@ -149,6 +149,7 @@ class RectifiedProcessorBase:
             self._stop_listening()
             tracker.add_reset_listener(self.reset)
             tracker.add_call_end_listener(self.release_scratch)
+            tracker.watch_step(self.config.warmup_steps)
             self._listening = tracker
 
     def _stop_listening(self) -> None:
@@ -180,10 +181,14 @@ class RectifiedProcessorBase:
         return self._layer_of[key]
 
     def _step_and_grid(self, layer: int) -> tuple[int, tuple[int, int, int] | None]:
+        """The step (for the warm-up decision only) and the latent grid of this call. With a tracker
+        the step is read as "warm-up over or not" (:meth:`StepTracker.step_reached`, a bool that a
+        compiled forward guards on) and returned as 0 or ``warmup_steps``."""
         tracker = self.tracker or active_tracker()
         if tracker is not None:
             self._listen(tracker)
-            return max(tracker.step, 0), tracker.grid
+            warmup = self.config.warmup_steps
+            return (warmup if tracker.step_reached(warmup) else 0), tracker.grid
         if layer == 0:  # first layer called again: a new forward pass
             self._own_forwards += 1
             if self._own_forwards == 0:
@@ -238,11 +243,15 @@ class RectifiedProcessorBase:
         num_text_tokens: int = 0,
         key_padding_mask: torch.Tensor | None = None,
         grid: tuple[int, int, int] | None = None,
+        padded_video_keys: bool | None = None,
     ) -> torch.Tensor:
-        """Rectified sparse self-attention on ``[B, N, H, D]`` tensors; records the layer's statistics."""
+        """Rectified sparse self-attention on ``[B, N, H, D]`` tensors; records the layer's statistics
+        (``padded_video_keys``: see :func:`~fastgen.attention.rectified.rectified_attention`)."""
         cfg = self.config
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         record = self.record_stats != "off"
+        # under torch.compile the compiler owns the memory: no scratch buffers kept across calls
+        workspace = None if torch.compiler.is_compiling() else self.workspace
         result = rectified_attention(
             q,
             k,
@@ -252,7 +261,8 @@ class RectifiedProcessorBase:
             key_padding_mask=key_padding_mask,
             grid=grid,
             return_stats=record,
-            workspace=self.workspace,
+            workspace=workspace,
+            padded_video_keys=padded_video_keys,
         )
         out = result[0] if record else result
         if record:

@@ -129,15 +129,22 @@ class HunyuanVideoRectifiedProcessor(RectifiedProcessorBase):
         if reason is not None:
             self.fallback(reason)
             return self.dense(query, key, value, attention_mask, self._parallel_config)
-        if padding is not None and bool(padding.all()):
-            padding = None
         n_video = n_tokens - n_text
         if grid is None and rotary is not None:
             grid = grid_from_rope_table(rotary[0])
         if grid is not None and grid[0] * grid[1] * grid[2] != n_video:
             grid = None
+        # diffusers' HunyuanVideo mask keeps every latent token and pads only the text tail: the
+        # video keys are known valid (no host read of the mask; an unpadded text is an all-True mask)
         return self.sparse(
-            layer, query, key, value, num_text_tokens=n_text, key_padding_mask=padding, grid=grid
+            layer,
+            query,
+            key,
+            value,
+            num_text_tokens=n_text,
+            key_padding_mask=padding,
+            grid=grid,
+            padded_video_keys=False if padding is not None else None,
         )
 
 

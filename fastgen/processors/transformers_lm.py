@@ -100,11 +100,15 @@ class SparseDState:
         return "pattern" if self.step == n_dense - 1 else "sparse"
 
     def key_padding(self, attention_mask: torch.Tensor, num_tokens: int):
-        """``(ok, key_padding_mask)`` for a 4D mask; cached per mask tensor (one check per forward)."""
+        """``(ok, key_padding_mask)`` for a 4D mask, the mask None when no key is padded; cached per
+        mask tensor (one check per forward, not one per layer)."""
         cache = self._mask_cache
         if cache is not None and cache[0] is attention_mask and cache[1] == attention_mask._version:
             return cache[2]
-        result = key_padding_from_mask(attention_mask, num_tokens)
+        ok, key_padding_mask = key_padding_from_mask(attention_mask, num_tokens)
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None
+        result = (ok, key_padding_mask)
         self._mask_cache = (attention_mask, attention_mask._version, result)
         return result
 
@@ -177,8 +181,6 @@ def sparsed_attention_forward(
     if reason is not None:
         log_once(f"fastgen SparseD: dense attention ({reason})", logging.INFO)
         return dense()
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None
     layer = module.layer_idx
     groups = getattr(module, "num_key_value_groups", 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -205,6 +207,8 @@ def sparsed_attention_forward(
         pattern.block_size,
         key_padding_mask=key_padding_mask,
         scale=scale,
+        max_count=pattern.max_blocks,
+        padded_keys=key_padding_mask is not None,  # None when no key is padded (SparseDState.key_padding)
     )
     state.sparse_calls += 1
     return out.transpose(1, 2).contiguous(), None
