@@ -17,6 +17,11 @@ forward call:
   still guesses: there a timestep that goes back up starts a new generation, and the first such
   guess is logged.
 
+- under ``torch.compile`` the hook is traced with the forward, so it reads no timestep there (a host
+  sync and a graph break): a pipeline-driven tracker then advances at each ``scheduler.step`` (the
+  scheduler hook), and processors read the warm-up decision as a per-threshold bool
+  (:meth:`StepTracker.step_reached`) that a compiled graph guards on, not the step value.
+
 The hook also records the latent video grid ``(frames, height, width)`` after patchify, read from
 the shape of ``hidden_states`` and the model's patch size.
 

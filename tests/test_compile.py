@@ -49,3 +49,38 @@ def fastgen_rows(model):
     from fastgen import attention_stats
 
     return attention_stats(model)
+
+
+@pytest.mark.slow  # two traces of the tiny Wan (dense warm-up step, then sparse), eager backend
+def test_compiled_pipeline_compiles_once_per_phase_and_matches_eager():
+    """A compiled transformer inside a pipeline: the warm-up step runs dense and the later steps
+    sparse (the step comes from the scheduler, no timestep read in the trace), with one graph per
+    phase, not one per step, and the same frames as the eager pipeline."""
+    from torch._dynamo.testing import CompileCounter
+
+    import fastgen
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    config = RectifiedSpaAttnConfig(
+        sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=1, min_tokens=64
+    )
+    small = dict(height=64, width=64, num_frames=5, output_type="np", guidance_scale=1.0)
+
+    def run(pipe):
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return pipe(prompt="a fox", num_inference_steps=4, generator=gen, **small).frames[0]
+
+    torch._dynamo.reset()
+    pipe = build_tiny_wan(num_layers=2)
+    fastgen.apply_sparse_attention(pipe, config)
+    eager = run(pipe)
+    counter = CompileCounter()
+    pipe.transformer.compile(backend=counter)
+    compiled = run(pipe)
+    assert counter.frame_count == 2  # the warm-up graph and the sparse graph
+    assert len(fastgen.attention_stats(pipe.transformer)) == 2  # the last step ran sparse
+    again = run(pipe)  # a second generation: the warm-up graph again, from the cache
+    assert counter.frame_count == 2
+    torch.testing.assert_close(torch.as_tensor(compiled), torch.as_tensor(eager), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(eager), rtol=1e-4, atol=1e-4)

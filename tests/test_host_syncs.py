@@ -139,3 +139,39 @@ def test_sparsed_sparse_step_reads_the_mask_once_per_forward():
     assert model._fastgen_sparsed.sparse_calls == calls_before + 2  # both layers ran sparse
     assert all(where.startswith("transformers_lm.py") for _, where in calls), calls
     assert len(calls) <= 2, f"host reads grow with the layers: {calls}"
+
+
+def test_step_tracker_under_compile_counts_scheduler_steps_and_keeps_a_bool():
+    """What a compiled forward relies on: the warm-up decision is a watched bool (flips once per
+    generation, so the graph guards on it, not on the step), and a pipeline-driven tracker whose
+    forwards ran compiled (no timestep read) advances at each scheduler step, once per step."""
+    from fastgen.hooks import StepTracker, _hook_scheduler, _unhook_scheduler
+
+    class Scheduler:
+        def set_timesteps(self, n):
+            self.timesteps = list(range(n))
+
+        def step(self, output, t, sample):
+            return sample
+
+    tracker = StepTracker(pipeline_driven=True)
+    tracker.watch_step(2)
+    scheduler = Scheduler()
+    _hook_scheduler(scheduler, tracker)
+    scheduler.set_timesteps(4)
+    seen = []
+    for t in (900.0, 600.0, 300.0, 100.0):
+        tracker.compiled_calls = True  # what the hook writes while traced
+        seen.append((tracker.step_reached(2), tracker._reached[2]))
+        scheduler.step(None, t, None)
+    assert [reached for reached, _ in seen] == [False, False, True, True]
+    assert all(reached == watched for reached, watched in seen)
+    scheduler.set_timesteps(4)  # a new generation: back to the warm-up
+    assert tracker.step == -1 and not tracker.step_reached(2)
+    # eager forwards count from their timesteps; the scheduler step then adds nothing
+    for t in (900.0, 600.0, 300.0):
+        tracker.observe(t)
+        scheduler.step(None, t, None)
+    assert tracker.step == 2 and tracker.step_reached(2)
+    _unhook_scheduler(scheduler, tracker)
+    assert "step" not in vars(scheduler) and "set_timesteps" not in vars(scheduler)
