@@ -46,6 +46,12 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _op_defined(qualname: str) -> bool:
+    """Whether the custom op ``namespace::name`` is registered in this process already."""
+    namespace, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
 def _block_sparse_attn_fwd_kernel(
     Q,
     K,
@@ -354,6 +360,8 @@ def block_sparse_attention_triton(
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if not torch.compiler.is_compiling():
+        _load_kernel()  # Triton missing: this module's RuntimeError, before the op
     return torch.ops.fastgen.block_sparse_attention_triton(
         q, k, v, kv_block_indices, kv_block_counts, int(block_size), float(sm_scale)
     )
@@ -361,24 +369,27 @@ def block_sparse_attention_triton(
 
 # The launcher as a ``torch.library`` custom op (``torch.ops.fastgen.block_sparse_attention_triton``):
 # ``torch.compile`` traces through it with the fake implementation below (no Triton at trace time).
-@torch.library.custom_op("fastgen::block_sparse_attention_triton", mutates_args=())
-def _block_sparse_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_block_indices: torch.Tensor,
-    kv_block_counts: torch.Tensor,
-    block_size: int,
-    sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of :func:`_block_sparse_attn_fwd` with the default tiles."""
-    return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale)
+if not _op_defined(
+    "fastgen::block_sparse_attention_triton"
+):  # a second copy of this module keeps the first registration
 
+    @torch.library.custom_op("fastgen::block_sparse_attention_triton", mutates_args=())
+    def _block_sparse_attention_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_block_indices: torch.Tensor,
+        kv_block_counts: torch.Tensor,
+        block_size: int,
+        sm_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)`` of :func:`_block_sparse_attn_fwd` with the default tiles."""
+        return _block_sparse_attn_fwd(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale)
 
-@_block_sparse_attention_op.register_fake
-def _(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale):
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+    @_block_sparse_attention_op.register_fake
+    def _(q, k, v, kv_block_indices, kv_block_counts, block_size, sm_scale):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def block_mask_to_indices(

@@ -187,6 +187,12 @@ def cpu_kernel_unavailable() -> str | None:
         return _build()
 
 
+def _op_defined(qualname: str) -> bool:
+    """Whether the custom op ``namespace::name`` is registered in this process already."""
+    namespace, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
 def _require_kernel() -> None:
     why = cpu_kernel_unavailable()
     if why is not None:
@@ -198,83 +204,85 @@ def _require_kernel() -> None:
 # are touched only when an op really runs. Functional: each op allocates what it returns.
 
 
-@torch.library.custom_op("fastgen::block_sparse_cpu", mutates_args=())
-def _block_sparse_cpu_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indices: torch.Tensor,
-    counts: torch.Tensor,
-    block_size: int,
-    block_len: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scale: float,
-    need_lse: bool,
-    k_start: torch.Tensor | None,
-    q_start: torch.Tensor | None,
-    q_len: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [q.shape], lse [q.shape[:-1]] or [0])`` of the native kernel (see :func:`block_sparse_attention_cpu`)."""
-    _require_kernel()
-    out = torch.empty(q.shape, dtype=torch.float32)
-    lse = torch.empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
-    torch.ops.fastgen_cpu.block_sparse_fwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        indices.contiguous(),
-        counts.contiguous(),
-        block_size,
-        block_len,
-        bias,
-        scale,
-        out,
-        None,
-        lse if need_lse else None,
-        k_start,
-        q_start,
-        q_len,
-    )
-    return out, lse
+if not _op_defined("fastgen::block_sparse_cpu"):  # a second copy of this module keeps the first registration
+
+    @torch.library.custom_op("fastgen::block_sparse_cpu", mutates_args=())
+    def _block_sparse_cpu_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        block_size: int,
+        block_len: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        scale: float,
+        need_lse: bool,
+        k_start: torch.Tensor | None,
+        q_start: torch.Tensor | None,
+        q_len: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [q.shape], lse [q.shape[:-1]] or [0])`` of the native kernel (see :func:`block_sparse_attention_cpu`)."""
+        _require_kernel()
+        out = torch.empty(q.shape, dtype=torch.float32)
+        lse = torch.empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
+        torch.ops.fastgen_cpu.block_sparse_fwd(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            indices.contiguous(),
+            counts.contiguous(),
+            block_size,
+            block_len,
+            bias,
+            scale,
+            out,
+            None,
+            lse if need_lse else None,
+            k_start,
+            q_start,
+            q_len,
+        )
+        return out, lse
+
+    @_block_sparse_cpu_op.register_fake
+    def _(q, k, v, indices, counts, block_size, block_len, bias, scale, need_lse, k_start, q_start, q_len):
+        out = q.new_empty(q.shape, dtype=torch.float32)
+        return out, q.new_empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
 
 
-@_block_sparse_cpu_op.register_fake
-def _(q, k, v, indices, counts, block_size, block_len, bias, scale, need_lse, k_start, q_start, q_len):
-    out = q.new_empty(q.shape, dtype=torch.float32)
-    return out, q.new_empty(q.shape[:-1] if need_lse else (0,), dtype=torch.float32)
+if not _op_defined("fastgen::block_mass_cpu"):  # a second copy of this module keeps the first registration
 
+    @torch.library.custom_op("fastgen::block_mass_cpu", mutates_args=())
+    def _block_mass_cpu_op(
+        q_blocks: torch.Tensor,
+        k_blocks: torch.Tensor,
+        nqb: int,
+        nkb: int,
+        rows_per_batch: int,
+        key_bias: torch.Tensor | None,
+        q_weight: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """``[R, nkb]`` fp32 block mass of the native kernel (see :func:`block_mass_cpu`)."""
+        _require_kernel()
+        out = torch.empty(q_blocks.shape[0], nkb, dtype=torch.float32)
+        torch.ops.fastgen_cpu.block_mass(
+            q_blocks.contiguous(),
+            k_blocks.contiguous(),
+            nqb,
+            nkb,
+            rows_per_batch,
+            key_bias,
+            q_weight,
+            scale,
+            out,
+        )
+        return out
 
-@torch.library.custom_op("fastgen::block_mass_cpu", mutates_args=())
-def _block_mass_cpu_op(
-    q_blocks: torch.Tensor,
-    k_blocks: torch.Tensor,
-    nqb: int,
-    nkb: int,
-    rows_per_batch: int,
-    key_bias: torch.Tensor | None,
-    q_weight: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """``[R, nkb]`` fp32 block mass of the native kernel (see :func:`block_mass_cpu`)."""
-    _require_kernel()
-    out = torch.empty(q_blocks.shape[0], nkb, dtype=torch.float32)
-    torch.ops.fastgen_cpu.block_mass(
-        q_blocks.contiguous(),
-        k_blocks.contiguous(),
-        nqb,
-        nkb,
-        rows_per_batch,
-        key_bias,
-        q_weight,
-        scale,
-        out,
-    )
-    return out
-
-
-@_block_mass_cpu_op.register_fake
-def _(q_blocks, k_blocks, nqb, nkb, rows_per_batch, key_bias, q_weight, scale):
-    return q_blocks.new_empty((q_blocks.shape[0], nkb), dtype=torch.float32)
+    @_block_mass_cpu_op.register_fake
+    def _(q_blocks, k_blocks, nqb, nkb, rows_per_batch, key_bias, q_weight, scale):
+        return q_blocks.new_empty((q_blocks.shape[0], nkb), dtype=torch.float32)
 
 
 def block_sparse_attention_cpu(

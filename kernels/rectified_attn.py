@@ -28,6 +28,7 @@ import math
 import torch
 
 from . import block_sparse_attn as _bsa
+from .block_sparse_attn import _op_defined
 
 triton = None  # the ``triton`` module once loaded
 tl = None  # ``triton.language`` once loaded; the kernel bodies resolve it here
@@ -554,6 +555,8 @@ def rectified_exact_attention_triton(
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if not torch.compiler.is_compiling():
+        _load_kernel()  # Triton missing: its RuntimeError, before the op
     return torch.ops.fastgen.rectified_exact_attention_triton(
         q,
         k,
@@ -576,47 +579,50 @@ def rectified_exact_attention_triton(
 
 # The launcher as a ``torch.library`` custom op (``torch.ops.fastgen.rectified_exact_attention_triton``):
 # ``torch.compile`` traces through it with the fake implementation below (no Triton at trace time).
-@torch.library.custom_op("fastgen::rectified_exact_attention_triton", mutates_args=())
-def _rectified_exact_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_block_indices: torch.Tensor,
-    kv_block_counts: torch.Tensor,
-    pooled_k: torch.Tensor,
-    pooled_v: torch.Tensor,
-    pooled_block_indices: torch.Tensor,
-    pooled_block_counts: torch.Tensor,
-    pooled_log_counts: torch.Tensor,
-    block_size: int,
-    sm_scale: float,
-    pooled_key_variance: torch.Tensor | None,
-    text_k: torch.Tensor | None,
-    text_v: torch.Tensor | None,
-    text_valid: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of :func:`_rectified_exact_attn_fwd` with the default tiles."""
-    return _rectified_exact_attn_fwd(
-        q,
-        k,
-        v,
-        kv_block_indices,
-        kv_block_counts,
-        pooled_k,
-        pooled_v,
-        pooled_block_indices,
-        pooled_block_counts,
-        pooled_log_counts,
-        block_size,
-        sm_scale,
-        pooled_key_variance=pooled_key_variance,
-        text_k=text_k,
-        text_v=text_v,
-        text_valid=text_valid,
-    )
+if not _op_defined(
+    "fastgen::rectified_exact_attention_triton"
+):  # a second copy of this module keeps the first registration
 
+    @torch.library.custom_op("fastgen::rectified_exact_attention_triton", mutates_args=())
+    def _rectified_exact_attention_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_block_indices: torch.Tensor,
+        kv_block_counts: torch.Tensor,
+        pooled_k: torch.Tensor,
+        pooled_v: torch.Tensor,
+        pooled_block_indices: torch.Tensor,
+        pooled_block_counts: torch.Tensor,
+        pooled_log_counts: torch.Tensor,
+        block_size: int,
+        sm_scale: float,
+        pooled_key_variance: torch.Tensor | None,
+        text_k: torch.Tensor | None,
+        text_v: torch.Tensor | None,
+        text_valid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)`` of :func:`_rectified_exact_attn_fwd` with the default tiles."""
+        return _rectified_exact_attn_fwd(
+            q,
+            k,
+            v,
+            kv_block_indices,
+            kv_block_counts,
+            pooled_k,
+            pooled_v,
+            pooled_block_indices,
+            pooled_block_counts,
+            pooled_log_counts,
+            block_size,
+            sm_scale,
+            pooled_key_variance=pooled_key_variance,
+            text_k=text_k,
+            text_v=text_v,
+            text_valid=text_valid,
+        )
 
-@_rectified_exact_attention_op.register_fake
-def _(q, k, v, *args):
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+    @_rectified_exact_attention_op.register_fake
+    def _(q, k, v, *args):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out, q.new_empty(q.shape[:3], dtype=torch.float32)

@@ -84,3 +84,61 @@ def test_compiled_pipeline_compiles_once_per_phase_and_matches_eager():
     assert counter.frame_count == 2
     torch.testing.assert_close(torch.as_tensor(compiled), torch.as_tensor(eager), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(eager), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # one dynamo trace of a tiny HunyuanVideo (~4 min on the loaded 2-core machine)
+def test_rectified_hunyuan_traces_as_one_graph_and_matches_eager():
+    """HunyuanVideo's joint video + padded-text attention: one graph (no break) and eager's output."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tests.test_processors_hunyuan import inputs, tiny_hunyuan
+
+    torch._dynamo.reset()
+    model = tiny_hunyuan()
+    apply_sparse_attention(
+        model,
+        RectifiedSpaAttnConfig(sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=64),
+    )
+    kw = inputs(text_lengths=(6, 10))
+    counter = CompileCounter()
+    with torch.no_grad():
+        eager = model(**kw, return_dict=False)[0]
+        compiled = torch.compile(model, backend=counter)(**kw, return_dict=False)[0]
+    assert counter.frame_count == 1  # one graph: no graph break
+    assert len(fastgen_rows(model)) == 2  # both blocks ran sparse
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # one dynamo trace of a tiny causal Wan chunk forward (~3 min on the loaded machine)
+def test_light_forcing_chunk_forward_traces_as_one_graph_and_matches_eager():
+    """A Light Forcing chunk forward (chunk 1: KV cache of chunk 0 read, its own K/V written): one
+    graph and eager's output. The chunk index is a Python int, so each chunk is its own graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    import tests.test_light_forcing as lf
+    from fastgen import LightForcingConfig
+    from fastgen.processors.causal_wan import causal_generation
+
+    torch._dynamo.reset()
+    model = lf.lf_wan()
+    apply_sparse_attention(model, LightForcingConfig(**lf.LF_TEST_CONFIG))
+    clean, noisy, text = lf.lf_inputs()
+    b, k, t = clean.shape[0], 3, lf.LF_STEPS[0]
+    counter = CompileCounter()
+    compiled_model = torch.compile(model, backend=counter)
+    with (
+        torch.no_grad(),
+        causal_generation(
+            model, batch_size=b, num_frames=12, frame_tokens=lf.LF_FRAME_TOKENS, frames_per_chunk=k
+        ) as session,
+    ):
+        session.begin_chunk(0)
+        session.begin_step(0, t)
+        model(noisy[0][:, :, :k], torch.full((b,), t), text, return_dict=False)
+        session.begin_chunk(1)
+        session.begin_step(0, t)
+        x = noisy[0][:, :, k : 2 * k]
+        eager = model(x, torch.full((b,), t), text, return_dict=False)[0]
+        compiled = compiled_model(x, torch.full((b,), t), text, return_dict=False)[0]  # same slot rewritten
+    assert counter.frame_count == 1  # one graph: no graph break
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
