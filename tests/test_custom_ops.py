@@ -62,7 +62,6 @@ def test_rectified_triton_op():
         log_counts,
         bs,
         0.25,
-        None,
         text_k,
         text_v,
         None,
