@@ -124,7 +124,9 @@ class RectifiedProcessorBase:
         self._parallel_config = None
         self._layer_of: dict[int, int] = {}
         self._own_forwards = -1
-        self._last: dict[int, dict] = {}
+        # statistics of the last sparse call per layer; the layer's key exists from the start and
+        # is never removed (reset writes None), so a compiled forward sees the same dict keys always
+        self._last: dict[int, dict | None] = {} if layer is None else {layer: None}
         self.record_stats = "summary"
         """Statistics kept per layer: ``"off"``, ``"summary"`` (0-dim device tensors) or ``"masks"``
         (also the block masks); see :mod:`fastgen.attention_stats`."""
@@ -140,7 +142,8 @@ class RectifiedProcessorBase:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget per-generation state (statistics, own forward counter) and free the scratch buffers."""
-        self._last.clear()
+        for layer in self._last:
+            self._last[layer] = None
         self._own_forwards = -1
         self.workspace.clear()
 
@@ -279,6 +282,8 @@ class RectifiedProcessorBase:
         rows = []
         for layer in sorted(self._last):
             stats = self._last[layer]
+            if stats is None:
+                continue
             mask = stats.get("block_mask")
             rows.append(
                 {
