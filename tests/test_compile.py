@@ -12,6 +12,13 @@ import torch
 from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
 
 
+@pytest.fixture(autouse=True)
+def _plain_torch_empty(monkeypatch):
+    """The suite's NaN-filling ``torch.empty`` (tests/conftest.py) is a Python wrapper that dynamo
+    would trace and break on; the traced code gets the real one."""
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+
+
 def _tiny_wan():
     from fastgen.pipelines.tiny_video import build_tiny_wan
 
