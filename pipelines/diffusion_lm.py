@@ -206,8 +206,9 @@ class _WindowedRun:
     ``active`` leftmost masks, plus the tokens decoded at this phase's pruned steps, plus (first pruned
     step only) the tokens decoded at the refresh. Dream rules (``sliding=True``): the refresh runs the
     prefix before the ``window``-th mask of the block and decodes the leftmost mask; pruned steps run the
-    span from that token to the current ``active``-th mask and attend to the refresh prefix. With a logit
-    shift, the position before every candidate mask also runs (its logits predict the mask). A pruned
+    span from that token to just before the current ``active + 1``-th mask (the block's end when there is
+    none) and attend to the refresh prefix. With a logit shift, the position before every candidate mask
+    also runs (its logits predict the mask). A pruned
     step whose rows would leave the frozen window (only possible with confidence-threshold decoding or
     Dream's schedule committing more than ``ceil(block/steps)`` tokens) becomes a refresh step instead.
     """
@@ -344,9 +345,12 @@ class _WindowedRun:
                 query = query | plan["refresh_decoded"]
             candidates = query & masks
         else:
+            # the span ends before the (active + 1)-th mask, or at the block's end when there is none: the
+            # reference's `ranks <= active`, so tokens decoded after the last mask stay recomputed
             rank = torch.cumsum(masks.long(), dim=1)
-            last = masks & ((rank == cfg.active) | ((rank == rank[:, -1:]) & (rank[:, -1:] < cfg.active)))
-            span_end = torch.where(last.any(1), last.long().argmax(1) + 1, plan["span_start"])
+            after = masks & (rank == cfg.active + 1)
+            block_end = torch.full_like(plan["span_start"], self.block_end)
+            span_end = torch.where(after.any(1), after.long().argmax(1), block_end)
             query = (self.cols[None] >= plan["span_start"][:, None]) & (self.cols[None] < span_end[:, None])
             candidates = query & masks
         if self.logits_shift:
