@@ -194,14 +194,19 @@ def sparsed_attention_forward(
         )
         return dense()
     pattern = state.patterns.get(layer)
-    if pattern is None or not pattern.matches(query.shape[0], query.shape[1], query.shape[2]):
+    if pattern is None or tuple(pattern.block_mask.shape[:2]) != (query.shape[0], query.shape[1]):
         log_once("fastgen SparseD: dense attention (no pattern for this layer and shape)", logging.INFO)
         return dense()
+    if pattern.num_tokens != query.shape[2]:  # Window-Diffusion's Dream rules: refresh prefixes grow
+        log_once(
+            "fastgen SparseD: pattern reused on a call of another length (tiles it never saw run dense)",
+            logging.INFO,
+        )
     out = sparsed_attention(
         query,
         repeat_kv(key, groups),
         repeat_kv(value, groups),
-        pattern.block_mask,
+        pattern.for_length(query.shape[2]),
         pattern.block_size,
         key_padding_mask=key_padding_mask,
         scale=scale,
