@@ -226,10 +226,12 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
     comparison = None
     if args.compare_dense and method != "dense":
         warm = min(32, settings["gen_length"])
+        # Window-Diffusion: one token per step, so a config valid for the real run is valid for the warm-up
+        warm_steps = warm if method in ("window_diffusion", "sparsed+window_diffusion") else 1
         comparison = compare_with_dense(
             generate_text, pipe, method=method, config=config,
             fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-            warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+            warm_up={"gen_length": warm, "steps": warm_steps, "block_length": warm}, **common,
         )  # fmt: skip
         result = comparison.accelerated
     else:
