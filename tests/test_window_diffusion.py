@@ -3,7 +3,6 @@ the rules, batch / padding / CFG, composition with SparseD and threshold decodin
 
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
@@ -491,33 +490,6 @@ def test_batch_records_every_config_of_the_composition(tmp_path):
     assert (wd["method"], wd["window"], wd["active"], wd["refresh_cycle"]) == ("window_diffusion", 16, 4, 4)
     assert (sp["method"], sp["select"]) == ("sparsed", 0.5)
     assert [c["method"] for c in second["config"]] == ["window_diffusion"]  # only the WD options were given
-
-
-def test_demo_window_tab_handler_and_picture(tmp_path):
-    pytest.importorskip("gradio")
-    from fastgen.app.demo import DemoBackend, DemoLimits, LazyPipeline
-    from fastgen.app.window_demo import draw_window_sets, run_window_text, window_sets_image
-    from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
-
-    trace = [
-        {"refresh": True, "active": torch.arange(6), "window": torch.arange(6)},
-        {"refresh": False, "active": torch.tensor([3]), "window": torch.tensor([0, 1, 2, 3, 4])},
-    ]
-    assert window_sets_image(trace, 6).tolist() == [[2] * 6, [1, 1, 1, 2, 1, 0]]
-    assert os.path.getsize(draw_window_sets(trace, 6, 2, str(tmp_path / "w.png"))) > 0
-    backend = DemoBackend(
-        video_pipeline=LazyPipeline(lambda: None),
-        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
-        video_generate=None,
-        text_generate=generate_text,
-        limits=DemoLimits(max_gen_length=64),
-    )
-    dense, fast, table, metrics, picture = run_window_text(
-        backend, "Hello", "window_diffusion", 16, 4, 8, 32, 0.0, 0
-    )
-    assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
-    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
-    assert os.path.getsize(picture) > 0
 
 
 @pytest.mark.slow
