@@ -216,7 +216,7 @@ def test_client_text_tab_window_methods_show_the_window_sets_and_their_statistic
         ("/generate_text", {"block_length": 50}, r"block length=50 is out of range; allowed: 1\.\.8"),
         ("/generate_text", {"prompt": "x" * 5000}, "prompt has 5000 characters; allowed: at most 4000"),
         ("/generate_text", {"method": "window_diffusion", "active": 9}, "active=9 must be <= window=8"),
-        ("/generate_text", {"method": "rectified"}, "Value: rectified is not in the list of choices"),
+        ("/generate_text", {"method": "rectified"}, r"not in the list of choices: \['sparsed'"),
     ],
 )
 def test_out_of_range_inputs_are_clear_errors(fake_app, api, change, message):
@@ -254,7 +254,7 @@ def test_client_text_tab_with_tiny_llada():
     try:
         out = Client(url, verbose=False).predict(*{**TEXT_ARGS, "gen_length": 16, "block_length": 16}.values(),
                                                  api_name="/generate_text")  # fmt: skip
-        dense, sparse, table, metrics, mask, layer, head = out
+        dense, sparse, table, metrics, mask, layer, head, sets = out
         assert isinstance(dense, str) and isinstance(sparse, str)
         assert 0.0 <= metrics["token_agreement"] <= 1.0
         assert metrics["dense_tokens_per_s"] > 0 and metrics["sparse_tokens_per_s"] > 0
@@ -293,7 +293,8 @@ def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
     assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
     assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
     # SparseD's statistics of the composed run: the heatmap's layer rows, averaged in the table
-    assert state["stats"] and 0 < metrics["density"] <= 1 and _value(layer) == "0"
+    assert state["stats"] and 0 < metrics["density"] <= 1
+    assert layer.value in {str(row["layer"]) for row in state["stats"]}
     assert metrics["density"] == pytest.approx(float(np.mean([s["density"] for s in state["stats"]])))
     assert os.path.getsize(mask) > 0 and os.path.getsize(sets) > 0
     with pytest.raises(gr.Error, match=r"active=4 \+ \(refresh_cycle=8 - 1\).*window=8"):
