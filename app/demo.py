@@ -307,7 +307,7 @@ class DemoBackend:
                   seed, height, width, frames, image=None, progress=None):  # fmt: skip
         """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
         ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
-        from fastgen.compare import compare_with_dense, video_fidelity
+        from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
         from fastgen.configs import RectifiedSpaAttnConfig
 
         lim = self.limits
@@ -341,7 +341,7 @@ class DemoBackend:
             try:
                 comparison = compare_with_dense(
                     self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
-                    warm_up={"steps": 1}, **common,
+                    warm_up=VIDEO_WARM_UP, **common,
                 )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
@@ -384,7 +384,7 @@ class DemoBackend:
                  block_length, temperature, seed, progress=None):  # fmt: skip
         """Dense and ``method`` (SparseD, Window-Diffusion or both) with one seed; returns both texts, the
         metrics, the block-mask heatmap (with its selectors and state) and the picture of the window sets."""
-        from fastgen.compare import compare_with_dense, text_fidelity
+        from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
@@ -408,13 +408,11 @@ class DemoBackend:
             task = getattr(pipe, "fastgen_task", None)
             answer = task.answer_of(prompt) if task is not None else None
             common = {"prompt": prompt, "seed": seed, **params}
-            warm = min(4, gen_length)  # one token per step keeps a valid Window-Diffusion config valid
             try:
                 comparison = compare_with_dense(
                     self.text_generate, pipe, method=method, config=configs if windowed else configs[0],
                     fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-                    warm_up={"gen_length": warm, "steps": warm if windowed else 1, "block_length": warm},
-                    **common,
+                    warm_up=text_warm_up(gen_length), **common,
                 )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
