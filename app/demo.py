@@ -80,12 +80,12 @@ TEXT_DEFAULTS = {
     "skip": 0.2,
     "select": 0.3,
     "block_size": 32,
-    "window": 4,
-    "active": 2,
-    "refresh_cycle": 3,
+    "window": 64,
+    "active": 16,
+    "refresh_cycle": 32,
 }
-"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card; Window-Diffusion
-settings that satisfy its constraint at one token per step (``active + (refresh_cycle - 1) <= window``)."""
+"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card; Window-Diffusion at the
+authors' LLaDA settings 64 / 16 / 32 (within both rules' constraints at one token per step)."""
 
 TEXT_METHODS = ("sparsed", "window_diffusion", "sparsed+window_diffusion")
 """Methods the Text tab compares with dense."""
