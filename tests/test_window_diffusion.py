@@ -585,3 +585,13 @@ def test_window_bench_report_at_a_tiny_size():
             assert row[name]["tokens_per_s"] > 0 and row[name]["predicted_flop_ratio"] >= 1.0
             assert 0.0 <= row[name]["token_agreement"] <= 1.0
     assert "window_diffusion+threshold" in format_table(report)
+
+
+def test_window_bench_pruned_attention_section():
+    from fastgen.bench.window import format_table, pruned_attention_bench
+
+    rows = pruned_attention_bench(((5, 40),), block_sizes=(16,), heads=2, head_dim=16, rounds=1, calls=1)
+    names = [r["variant"] for r in rows]
+    assert names[0] == "sdpa" and {"sparsed block 16 gather", "sparsed block 16 torch"} <= set(names)
+    assert all(r["ms"] > 0 and r["queries"] == 5 and r["keys"] == 40 for r in rows)
+    assert "sparsed block 16 torch" in format_table({"results": [], "pruned_attention": rows})
