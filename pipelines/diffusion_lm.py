@@ -383,20 +383,26 @@ class _WindowedRun:
         else:
             self.state.pruned(q_index)
         kwargs = {"use_cache": False} if pipe._takes_use_cache else {}
+        # the LM head runs only on the rows whose logits predict a candidate mask
+        c_index, c_valid = self._pack(candidates)
+        source = (c_index - 1) if self.logits_shift else c_index
+        row = torch.searchsorted(q_index, source.contiguous()).clamp(max=q_index.shape[1] - 1)
+        if pipe._takes_logits_to_keep:
+            keep = torch.unique(row[c_valid]) if bool(c_valid.any()) else row.new_zeros(1)
+            kwargs["logits_to_keep"] = keep
+            row = torch.searchsorted(keep, row.contiguous()).clamp(max=keep.numel() - 1)
         # the window attention function reads the cache's key mask; this one only satisfies the model
         mask_4d = frozen["key_mask"].expand(-1, 1, ids.shape[1], -1)
-        logits = pipe.model(
-            input_ids=ids, attention_mask=mask_4d, position_ids=positions, **kwargs
-        ).logits.float()
+        logits = pipe.model(input_ids=ids, attention_mask=mask_4d, position_ids=positions, **kwargs).logits
+        if "logits_to_keep" in kwargs and logits.shape[1] != kwargs["logits_to_keep"].numel():
+            logits = logits[:, kwargs["logits_to_keep"]]  # a model that takes the argument but ignores it
+        logits = logits.float()
         nfe = 1
         if use_cfg:
             batch = run.x.shape[0]
             cond, uncond = logits[:batch], logits[batch:]
             logits = uncond + (run.cfg_scale + 1.0) * (cond - uncond)
             nfe = 2
-        c_index, c_valid = self._pack(candidates)
-        source = (c_index - 1) if self.logits_shift else c_index
-        row = torch.searchsorted(q_index, source.contiguous()).clamp(max=q_index.shape[1] - 1)
         c_logits = logits.gather(1, row[..., None].expand(-1, -1, logits.shape[-1]))
         chosen, commit = pipe._decide(c_logits, c_valid, count, active, p_transfer=p_transfer, **self.decide)
         decoded = self._commit(c_index, chosen, commit)
