@@ -261,7 +261,7 @@ class DemoBackend:
                   seed, height, width, frames, image=None, progress=None):  # fmt: skip
         """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
         ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
-        from fastgen.compare import compare_with_dense, video_fidelity
+        from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
         from fastgen.configs import RectifiedSpaAttnConfig
 
         lim = self.limits
@@ -295,7 +295,7 @@ class DemoBackend:
             try:
                 comparison = compare_with_dense(
                     self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
-                    warm_up={"steps": 1}, **common,
+                    warm_up=VIDEO_WARM_UP, **common,
                 )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
@@ -337,7 +337,7 @@ class DemoBackend:
     def run_text(self, prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
                  progress=None):  # fmt: skip
         """Dense and SparseD with one seed; returns both texts, metrics and the mask heatmap."""
-        from fastgen.compare import compare_with_dense, text_fidelity
+        from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
         from fastgen.configs import SparseDConfig
 
         lim = self.limits
@@ -366,12 +366,11 @@ class DemoBackend:
             task = getattr(pipe, "fastgen_task", None)
             answer = task.answer_of(prompt) if task is not None else None
             common = {"prompt": prompt, "seed": seed, **params}
-            warm = min(4, gen_length)
             try:
                 comparison = compare_with_dense(
                     self.text_generate, pipe, method="sparsed", config=config,
                     fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-                    warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+                    warm_up=text_warm_up(gen_length), **common,
                 )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None

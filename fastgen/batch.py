@@ -232,7 +232,13 @@ class BatchRunner:
 
         With ``compare_dense`` the item runs through :func:`fastgen.compare.compare_with_dense` (the
         same helper and warm-up policy as ``fastgen generate`` and the demo; warm-up excluded)."""
-        from fastgen.compare import compare_with_dense, text_fidelity, video_fidelity
+        from fastgen.compare import (
+            VIDEO_WARM_UP,
+            compare_with_dense,
+            text_fidelity,
+            text_warm_up,
+            video_fidelity,
+        )
 
         seed = item.resolved_seed(self.base_seed)
         config = self.build_config(self.method_options(item))
@@ -248,9 +254,9 @@ class BatchRunner:
         comparison = None
         if self.compare_dense and self.method != "dense":
             if self.kind == "video":
-                fidelity, warm_up = video_fidelity, {"steps": 1}
+                fidelity, warm_up = video_fidelity, VIDEO_WARM_UP
             else:
-                fidelity, warm_up = text_fidelity, {"gen_length": 4, "steps": 1, "block_length": 4}
+                fidelity, warm_up = text_fidelity, text_warm_up(params.get("gen_length") or 4)
             comparison = compare_with_dense(
                 self.generate, pipe, method=self.method, config=config, fidelity=fidelity, warm_up=warm_up,
                 **options,

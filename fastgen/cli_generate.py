@@ -55,7 +55,7 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
 
     With ``--compare-dense`` the run goes through :func:`fastgen.compare.compare_with_dense` (warm-up
     excluded, the same helper as batch and the demo)."""
-    from fastgen.compare import compare_with_dense, video_fidelity
+    from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
     from fastgen.io import write_video
     from fastgen.pipelines.video_runner import METHODS, config_from_args, generate_video, load_video_pipeline
 
@@ -91,7 +91,7 @@ def generate_video_from_args(args: argparse.Namespace) -> int:
     comparison = None
     if getattr(args, "compare_dense", False) and method != "dense":
         comparison = compare_with_dense(
-            generate_video, pipe, method=method, config=config, fidelity=video_fidelity, warm_up={"steps": 1},
+            generate_video, pipe, method=method, config=config, fidelity=video_fidelity, warm_up=VIDEO_WARM_UP,
             **common,
         )  # fmt: skip
         result = comparison.accelerated
@@ -153,7 +153,7 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
     with ``--compare-dense``, through :func:`fastgen.compare.compare_with_dense`, warm-up excluded); for a
     model trained on a checkable task (``tiny-llada-kv``) also whether each answer is right. ``--out`` is
     written atomically. Returns the exit status."""
-    from fastgen.compare import compare_with_dense, text_fidelity
+    from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
     from fastgen.io import write_text
     from fastgen.pipelines.text_runner import (
         METHODS,
@@ -225,11 +225,10 @@ def generate_text_from_args(args: argparse.Namespace) -> int:
         )
     comparison = None
     if args.compare_dense and method != "dense":
-        warm = min(32, settings["gen_length"])
         comparison = compare_with_dense(
             generate_text, pipe, method=method, config=config,
             fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-            warm_up={"gen_length": warm, "steps": 1, "block_length": warm}, **common,
+            warm_up=text_warm_up(settings["gen_length"]), **common,
         )  # fmt: skip
         result = comparison.accelerated
     else:

@@ -2,8 +2,8 @@
 --compare-dense`` and the demo, so the three report the same speed-up for the same run.
 
 Warm-up policy (the only one): before the first timed comparison of a (pipeline, method) pair in a
-process, one short untimed call of that method runs (1 denoising step for video, a short generation
-for text), so neither timed run pays one-time costs (kernel builds, lazy initialisation, allocator
+process, one short untimed call of that method runs (:data:`VIDEO_WARM_UP`: 1 denoising step for video;
+:func:`text_warm_up`: a 4-token generation for text), so neither timed run pays one-time costs (kernel builds, lazy initialisation, allocator
 growth); later comparisons in the same process (a batch, the next demo request) skip it. The
 accelerated run is timed first, then dense, both with the same seed and options.
 
@@ -44,6 +44,18 @@ class Comparison:
     """Figures of the accelerated output against dense (e.g. ``psnr``/``ssim`` or ``token_agreement``)."""
     warmed_up: bool = False
     """True if this call ran the untimed warm-up (first comparison of this pipeline and method)."""
+
+
+VIDEO_WARM_UP = {"steps": 1}
+"""Options of the untimed video warm-up call: one denoising step."""
+
+
+def text_warm_up(gen_length: int) -> dict:
+    """Options of the untimed text warm-up call: a generation of ``min(4, gen_length)`` tokens, one per
+    step, in one block (one token per step keeps every method's own constraints, e.g.
+    Window-Diffusion's ``active + (refresh_cycle - 1) * tokens_per_step <= window``)."""
+    w = max(1, min(4, int(gen_length)))
+    return {"gen_length": w, "steps": w, "block_length": w}
 
 
 def _finite(x) -> float | None:

@@ -69,7 +69,6 @@ def _rectified_exact_attn_fwd_kernel(
     TEXT_BIAS,
     POOLED_K,
     POOLED_V,
-    POOLED_VAR,
     POOLED_LOG_COUNTS,
     Out,
     LSE,
@@ -105,13 +104,8 @@ def _rectified_exact_attn_fwd_kernel(
     stride_pkd,
     stride_pvb,
     stride_pvh,
-    stride_pvq,
     stride_pvn,
     stride_pvd,
-    stride_varb,
-    stride_varh,
-    stride_varn,
-    stride_vard,
     stride_lcb,
     stride_lch,
     stride_lcn,
@@ -141,13 +135,11 @@ def _rectified_exact_attn_fwd_kernel(
     kv_len,
     text_len,
     qk_scale_log2,
-    variance_scale_log2,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HAS_VARIANCE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -156,8 +148,7 @@ def _rectified_exact_attn_fwd_kernel(
     ``BLOCK_M`` and ``BLOCK_N`` divide ``BLOCK_SIZE``; text keys are walked in ``BLOCK_N`` tiles and
     pooled keys in ``BLOCK_P`` tiles of the compensated-block list. ``qk_scale_log2`` is
     ``sm_scale * log2(e)``; ``POOLED_LOG_COUNTS`` and ``TEXT_BIAS`` hold natural-log biases
-    (``-inf`` = no key); ``variance_scale_log2`` is ``½ sm_scale² log2(e)``. ``stride_pvq`` is 0
-    for pooled values shared by every query block. ``DOT_IN_FP32`` as in the block-sparse kernel.
+    (``-inf`` = no key). ``DOT_IN_FP32`` as in the block-sparse kernel.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -173,11 +164,6 @@ def _rectified_exact_attn_fwd_kernel(
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)  # [BM, D]
-    if HAS_VARIANCE:
-        q_sq = q.to(tl.float32)
-        q_sq = (q_sq * q_sq).to(Q.dtype.element_ty)  # [BM, D]
-        if DOT_IN_FP32:
-            q_sq = q_sq.to(tl.float32)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
 
@@ -238,8 +224,7 @@ def _rectified_exact_attn_fwd_kernel(
 
     # (c) one pooled key per compensated block: logit sm_scale·q·k̄_J + log n_J, value v̄_J
     pk_base = POOLED_K + b * stride_pkb + h * stride_pkh
-    pv_base = POOLED_V + b * stride_pvb + h * stride_pvh + query_block * stride_pvq
-    var_base = POOLED_VAR + b * stride_varb + h * stride_varh
+    pv_base = POOLED_V + b * stride_pvb + h * stride_pvh
     lc_base = POOLED_LOG_COUNTS + b * stride_lcb + h * stride_lch
     num_pooled = tl.load(POOLED_BLOCK_COUNTS + b * stride_pcb + h * stride_pch + query_block * stride_pcq)
     pooled_index_base = POOLED_BLOCK_INDICES + b * stride_pib + h * stride_pih + query_block * stride_piq
@@ -257,15 +242,6 @@ def _rectified_exact_attn_fwd_kernel(
         if DOT_IN_FP32:
             k = k.to(tl.float32)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BP]
-        if HAS_VARIANCE:
-            var = tl.load(
-                var_base + pooled_block[None, :] * stride_varn + offs_d[:, None] * stride_vard,
-                mask=entry_valid[None, :],
-                other=0.0,
-            )  # [D, BP]
-            if DOT_IN_FP32:
-                var = var.to(tl.float32)
-            scores += tl.dot(q_sq, var, input_precision=DOT_PRECISION) * variance_scale_log2
         scores = scores + log_count[None, :] * 1.4426950408889634  # log n_J in base 2
         scores = tl.where(log_count[None, :] > float("-inf"), scores, float("-inf"))
         v = tl.load(
@@ -318,7 +294,6 @@ def _rectified_exact_attn_fwd(
     pooled_log_counts: torch.Tensor,
     block_size: int,
     sm_scale: float,
-    pooled_key_variance: torch.Tensor | None = None,
     text_k: torch.Tensor | None = None,
     text_v: torch.Tensor | None = None,
     text_valid: torch.Tensor | None = None,
@@ -374,37 +349,17 @@ def _rectified_exact_attn_fwd(
             f"pooled_k must be [B, H, NKB, D] = [{batch}, {heads}, NKB, {head_dim}], got {tuple(pooled_k.shape)}"
         )
     pooled_k = pooled_k.to(device=device, dtype=dtype)
-    if pooled_v.dim() == 4:
-        if not (pooled_v.shape == pooled_k.shape):
-            raise ValueError(
-                f"pooled_v must be [B, H, NKB, D] = {tuple(pooled_k.shape)}, got {tuple(pooled_v.shape)}"
-            )
-        pooled_v = pooled_v.to(device=device, dtype=dtype)[:, :, None]  # query-block stride 0
-    else:
-        if not (tuple(pooled_v.shape) == (batch, heads, num_q_blocks, num_pooled, head_dim)):
-            raise ValueError(
-                f"pooled_v must be [B, H, NKB, D] or [B, H, NQB, NKB, D] = "
-                f"[{batch}, {heads}, {num_q_blocks}, {num_pooled}, {head_dim}], got {tuple(pooled_v.shape)}"
-            )
-        pooled_v = pooled_v.to(device=device, dtype=dtype)
-    pooled_v_strides = list(pooled_v.stride())
-    if pooled_v.shape[2] == 1:
-        pooled_v_strides[2] = 0
+    if not (pooled_v.shape == pooled_k.shape):
+        raise ValueError(
+            f"pooled_v must be [B, H, NKB, D] = {tuple(pooled_k.shape)}, got {tuple(pooled_v.shape)}"
+        )
+    pooled_v = pooled_v.to(device=device, dtype=dtype)
     pooled_log_counts = _per_head(pooled_log_counts, batch, heads, "pooled_log_counts")
     if not (pooled_log_counts.shape[2] == num_pooled):
         raise ValueError(
             f"pooled_log_counts has {pooled_log_counts.shape[2]} blocks, pooled_k has {num_pooled}"
         )
     pooled_log_counts = pooled_log_counts.to(device=device, dtype=torch.float32)
-    has_variance = pooled_key_variance is not None
-    if has_variance:
-        if not (pooled_key_variance.shape == pooled_k.shape):
-            raise ValueError(
-                f"pooled_key_variance must be {tuple(pooled_k.shape)}, got {tuple(pooled_key_variance.shape)}"
-            )
-        pooled_key_variance = pooled_key_variance.to(device=device, dtype=dtype)
-    else:
-        pooled_key_variance = pooled_k  # never read
 
     if text_k is None or text_k.shape[2] == 0:
         if not (text_v is None or text_v.shape[2] == 0):
@@ -457,7 +412,6 @@ def _rectified_exact_attn_fwd(
         text_bias,
         pooled_k,
         pooled_v,
-        pooled_key_variance,
         pooled_log_counts,
         out,
         lse,
@@ -472,8 +426,7 @@ def _rectified_exact_attn_fwd(
         *text_v.stride(),
         *text_bias.stride(),
         *pooled_k.stride(),
-        *pooled_v_strides,
-        *pooled_key_variance.stride(),
+        *pooled_v.stride(),
         *pooled_log_counts.stride(),
         *out.stride(),
         *lse.stride(),
@@ -486,13 +439,11 @@ def _rectified_exact_attn_fwd(
         k.shape[2],
         text_len,
         sm_scale * _LOG2_E,
-        0.5 * sm_scale**2 * _LOG2_E,
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_P=block_p,
         HEAD_DIM=head_dim,
-        HAS_VARIANCE=has_variance,
         DOT_PRECISION="ieee" if (dtype == torch.float32 or dot_in_fp32) else "tf32",
         DOT_IN_FP32=dot_in_fp32,
         num_warps=num_warps,
@@ -515,7 +466,6 @@ def rectified_exact_attention_triton(
     block_size: int = 128,
     sm_scale: float | None = None,
     *,
-    pooled_key_variance: torch.Tensor | None = None,
     text_k: torch.Tensor | None = None,
     text_v: torch.Tensor | None = None,
     text_valid: torch.Tensor | None = None,
@@ -524,8 +474,8 @@ def rectified_exact_attention_triton(
 
     Each query ``i`` of query block ``I`` gets one softmax over (a) the keys of the key blocks
     listed for ``I``, (b) the text keys (optional; padded ones excluded) and (c) one pooled key per
-    compensated block ``J`` listed for ``I``, with logit ``sm_scale·q_i·k̄_J + log n_J`` (``+ ½
-    sm_scale²·(q_i²)·σ²_J`` with ``pooled_key_variance``) and value ``v̄_J`` (or ``v̄_{I,J}``).
+    compensated block ``J`` listed for ``I``, with logit ``sm_scale·q_i·k̄_J + log n_J`` and value ``v̄_J``.
+    (The plan engines pass every extra key, pooled or isolated, as a "pooled" key with its log-weight.)
 
     Args:
         q: queries ``[B, H, Nq, D]``, fp16 / bf16 / fp32, ``D`` in {16, 32, 64, 128}.
@@ -534,8 +484,7 @@ def rectified_exact_attention_triton(
             selected key blocks of each query block; the first ``kv_block_counts`` entries are read.
         kv_block_counts: int32 ``[B, H, NQB]``.
         pooled_k: pooled keys ``[B, H, NKB, D]`` (any float dtype, cast to ``q.dtype``).
-        pooled_v: pooled values ``[B, H, NKB, D]``, or ``[B, H, NQB, NKB, D]`` per query block
-            (value tilt).
+        pooled_v: pooled values ``[B, H, NKB, D]``.
         pooled_block_indices: int32 ``[B, H, NQB, MAXP]``: the compensated blocks (indices into
             ``pooled_k``) of each query block; the first ``pooled_block_counts`` entries are read.
             Must be disjoint from the selected blocks of the same query block.
@@ -543,7 +492,6 @@ def rectified_exact_attention_triton(
         pooled_log_counts: fp32 ``[B, NKB]`` or ``[B, H, NKB]``: ``log n_J`` (``-inf`` = no key).
         block_size: tokens per query / key block, a power of two >= 16; last blocks may be partial.
         sm_scale: softmax scale, ``1 / sqrt(D)`` when ``None``.
-        pooled_key_variance: optional ``[B, H, NKB, D]`` per-dimension key variance ``σ²_J``.
         text_k, text_v: optional text keys / values ``[B, H, T, D]`` seen by every query.
         text_valid: optional bool ``[B, T]`` (True = real text key).
 
@@ -567,7 +515,6 @@ def rectified_exact_attention_triton(
         pooled_log_counts,
         block_size,
         float(sm_scale),
-        pooled_key_variance=pooled_key_variance,
         text_k=text_k,
         text_v=text_v,
         text_valid=text_valid,

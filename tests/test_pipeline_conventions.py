@@ -140,7 +140,8 @@ def test_timestep_guess_only_without_a_pipeline_and_it_says_so(caplog):
 
 SEQUENTIAL_ON_CPU = (
     "accelerate's sequential offload to device='cpu' fails inside accelerate (TypeError in "
-    "set_module_tensor_to_device) with or without fastgen; it runs in `fastgen bench gpu` on CUDA"
+    "set_module_tensor_to_device) with or without fastgen; the same hooks installed per component "
+    "(accelerate.cpu_offload) run here, and the pipeline method runs in `fastgen bench gpu` on CUDA"
 )
 
 
@@ -148,6 +149,7 @@ SEQUENTIAL_ON_CPU = (
     "offload",
     [
         "model",
+        "accelerate_cpu_offload_hooks",
         pytest.param(
             "sequential",
             marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=SEQUENTIAL_ON_CPU),
@@ -165,8 +167,15 @@ def test_cpu_offload_works_with_the_processors(offload):
     pipe = build_tiny_wan(num_layers=2)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
-    else:
+    elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    else:  # the hooks enable_sequential_cpu_offload installs, one component at a time, onto the CPU
+        from accelerate import cpu_offload
+
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                cpu_offload(component, torch.device(device), offload_buffers=len(component._parameters) > 0)
+        assert pipe.transformer.proj_out.weight.device.type == "meta"  # weights live in the hook's map
     result = generate_video(pipe, config=cfg, **kw)
     assert np.abs(result["frames"].astype(int) - reference["frames"].astype(int)).max() <= 1
     assert [r["density"] for r in result["stats"]] == [0.5, 0.5]

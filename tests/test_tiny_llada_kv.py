@@ -177,20 +177,44 @@ def test_shipped_checkpoint_size_card_and_layout():
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SAMPLE, "config.json")), reason="checkpoint not shipped")
 def test_shipped_checkpoint_dense_accuracy_on_held_out_sample():
-    """Dense exact match on 16 held-out prompts, with the card's decoding, matches the card's figure."""
+    """Dense exact match on 16 held-out prompts, with the card's decoding: the issue's 90% bar."""
     from fastgen.pipelines import load_preset
 
     pipe = load_preset("tiny-llada-kv", device="cpu", dtype="float32")
     examples = pipe.fastgen_task.held_out(16)
     out = pipe(prompt=[e.prompt for e in examples], generator=0, progress=False, **pipe.fastgen_defaults)
     exact = sum(KVTask.is_correct(t, e.answer) for t, e in zip(out.texts, examples)) / len(examples)
-    tokens = sum(a == b for t, e in zip(out.texts, examples) for a, b in zip(t.split(), e.answer.split()))
-    token_acc = tokens / (len(examples) * pipe.fastgen_task.num_fields)
-    card = _card()
-    # well above chance (1/16 per answer token) and within sampling error of the card's 200-prompt figure
-    assert token_acc > 4 / 16
-    assert abs(exact - card["dense_exact_match"]) <= 0.3
-    assert out.texts[0].split()[0].startswith("a")  # the first answer token is a field-a code
+    assert exact >= 0.9, out.texts
+    assert _card()["dense_exact_match"] >= 0.9 and _card()["meets_target"] is True
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SAMPLE, "config.json")), reason="checkpoint not shipped")
+@pytest.mark.parametrize("method", ["sparsed", "window_diffusion", "threshold"])
+def test_shipped_checkpoint_keeps_its_answers_under_each_method(method):
+    """Each method at its default keeps the trained model's answers on 16 held-out prompts (and ran)."""
+    from fastgen.pipelines import load_preset
+
+    from fastgen import SparseDConfig, WindowDiffusionConfig
+
+    pipe = load_preset("tiny-llada-kv", device="cpu", dtype="float32")
+    examples = pipe.fastgen_task.held_out(16)
+    options = dict(pipe.fastgen_defaults)
+    acceleration = None
+    if method == "sparsed":
+        acceleration = [SparseDConfig(block_size=32)]
+    elif method == "window_diffusion":
+        acceleration = [WindowDiffusionConfig()]
+    else:
+        options["confidence_threshold"] = 0.9
+    out = pipe(
+        prompt=[e.prompt for e in examples], generator=0, progress=False, acceleration=acceleration, **options
+    )
+    exact = sum(KVTask.is_correct(t, e.answer) for t, e in zip(out.texts, examples)) / len(examples)
+    assert exact >= 0.9, (method, out.texts)
+    if method == "threshold":  # confident answers: fewer forwards than one per token
+        assert out.steps_run < options["steps"]
+    if method == "window_diffusion":  # pruned steps ran (only the answer rows, over the cached prompt)
+        assert any(not s["refresh"] for s in out.window_trace)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SAMPLE, "config.json")), reason="checkpoint not shipped")
@@ -210,3 +234,17 @@ def test_accuracy_bench_reports_every_supported_method(tmp_path):
     # left-out variants (Window-Diffusion on builds without it) are named, not silently dropped
     assert set(result["left_out"]).isdisjoint(names)
     assert "| dense |" in markdown_table(result)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SAMPLE, "config.json")), reason="checkpoint not shipped")
+@pytest.mark.parametrize("method", ["window_diffusion", "sparsed+window_diffusion"])
+def test_cli_compare_dense_on_the_trained_preset(method, capsys):
+    """``fastgen generate --preset tiny-llada-kv --method <WD> --compare-dense`` answers the held-out task
+    prompt right (its untimed warm-up once ran 1 step for 4 tokens, which Window-Diffusion's window
+    constraint refuses, so the command failed)."""
+    from fastgen.cli import main
+
+    assert main(["generate", "--preset", "tiny-llada-kv", "--method", method, "--compare-dense"]) == 0
+    printed = capsys.readouterr().out
+    assert f"correct: {method} True, dense True" in printed
+    assert "speedup vs dense" in printed

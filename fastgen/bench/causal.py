@@ -21,9 +21,9 @@ the computed fraction ``d`` of the dense attention work (tiles weighted by their
 the per-chunk statistics): ``ideal = 1 / ((1 - a) + a d)``; ``fraction_of_ideal = speedup / ideal``. Error:
 relative L2 of the final latents against dense. Memory: the KV cache (allocated once, same for every
 variant) and, with ``--memory``, the peak extra memory of the last chunk's attention call in a child
-process: ``max_memory_allocated`` on CUDA; on the CPU only the ``ru_maxrss`` growth, a lower bound that
-reads 0 when the allocator reuses pages freed before the call (it does at the default size), so the CPU
-figure is not reported in README.
+process: ``max_memory_allocated`` on CUDA; on the CPU (Linux) the growth of the peak resident size over
+the call, with the peak reset just before it and every buffer its own mapping (glibc
+``MALLOC_MMAP_THRESHOLD_``), so freed memory leaves the process.
 
 With 9 frames and ``keep_frames=6`` no chunk has more than 6 past frames, so Light Forcing's HSA runs its
 one-stage regime and selects exactly what ``topk`` selects; ``--frames 21`` (7 chunks) reaches the
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -291,22 +290,36 @@ def _per_chunk(rows: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------- memory
 
 
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _probe(kind: str, frames: int, block_size: int, device: str, frame_hw=FRAME_HW) -> int:
-    """Peak extra bytes of the last chunk's self-attention call (``kind``: dense | light_forcing)."""
+    """Peak extra bytes of the last chunk's self-attention call (``kind``: dense | light_forcing).
+
+    CUDA: ``max_memory_allocated`` minus the allocation before the call. CPU (Linux): the child runs
+    with glibc's ``MALLOC_MMAP_THRESHOLD_`` at 64 KiB (set by :func:`attention_memory`), so every tensor
+    buffer is its own mapping, returned to the system when freed; after a warm-up call at a small size
+    (code paged in), the peak resident size is reset to the current one (``/proc/self/clear_refs``)
+    and the call's peak is ``VmHWM`` after it minus ``VmRSS`` before it.
+    """
     from fastgen.attention.light_forcing import chunk_sparsities, light_forcing_attention
     from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
 
     dev = torch.device(device)
-    if dev.type == "cpu":
-        warm_up_cpu_kernel()
     heads, d, t = 12, 128, (frame_hw[0] // 2) * (frame_hw[1] // 2)
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, 3 * t, d, generator=g).to(dev)
-    k = torch.randn(1, heads, frames * t, d, generator=g).to(dev)
-    v = torch.randn(1, heads, frames * t, d, generator=g).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.empty(1, heads, 3 * t, d, device=dev).normal_(generator=g)
+    k = torch.empty(1, heads, frames * t, d, device=dev).normal_(generator=g)
+    v = torch.empty(1, heads, frames * t, d, device=dev).normal_(generator=g)
     sparsity = chunk_sparsities(frames, 3, 0.88, 0.98)[-1]
 
-    def call():
+    def call(q=q, k=k, v=v, frame_tokens=t):
         if kind == "dense":
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -317,7 +330,7 @@ def _probe(kind: str, frames: int, block_size: int, device: str, frame_hw=FRAME_
             v,
             sparsity=sparsity,
             block_size=block_size,
-            frame_tokens=t,
+            frame_tokens=frame_tokens,
             keep_frames=6,
             keep_sink=1,
             keep_near=2,
@@ -332,14 +345,22 @@ def _probe(kind: str, frames: int, block_size: int, device: str, frame_hw=FRAME_
             call()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        call()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+        warm_up_cpu_kernel()
+        small = block_size  # one block per frame: pages in the code paths at a negligible size
+        call(q[:, :, : 3 * small], k[:, :, : frames * small], v[:, :, : frames * small], small)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        base = _status_bytes("VmRSS")
+        out = call()
+        peak = _status_bytes("VmHWM")
+        del out
+        return peak - base
 
 
 def attention_memory(frames: int, block_size: int, device: torch.device, frame_hw=FRAME_HW) -> dict:
     """Peak extra memory of the last chunk's attention, dense vs Light Forcing, each in a child process."""
     out = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for kind in ("dense", "light_forcing"):
         cmd = [
             sys.executable,
@@ -357,9 +378,13 @@ def attention_memory(frames: int, block_size: int, device: torch.device, frame_h
             str(frame_hw[0]),
             str(frame_hw[1]),
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[f"{kind}_attention_peak_bytes"] = int(done.stdout.strip().splitlines()[-1])
-    out["how"] = "CUDA max_memory_allocated" if device.type == "cuda" else "child-process ru_maxrss growth"
+    out["how"] = (
+        "CUDA max_memory_allocated"
+        if device.type == "cuda"
+        else "child-process VmHWM - VmRSS over the call (peak reset before it), every buffer mmap-ed"
+    )
     return out
 
 
