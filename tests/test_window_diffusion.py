@@ -584,7 +584,9 @@ def test_window_bench_report_at_a_tiny_size():
         for name in ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold"):
             assert row[name]["tokens_per_s"] > 0 and row[name]["predicted_flop_ratio"] >= 1.0
             assert 0.0 <= row[name]["token_agreement"] <= 1.0
-    assert "window_diffusion+threshold" in format_table(report)
+        cost = row["forward_cost"]
+        assert cost["full_over_pruned_forward"] > 0 and cost["speedup_bound"] > 0
+    assert "window_diffusion+threshold" in format_table(report) and "speed-up bound" in format_table(report)
 
 
 def test_window_bench_pruned_attention_section():

@@ -110,6 +110,29 @@ def _timed(fn, **kwargs):
     return out, time.perf_counter() - start
 
 
+def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
+    """Wall time of a plain forward over ``total`` tokens over one over ``rows`` tokens (interleaved,
+    median of ``rounds``): what a pruned step of ``rows`` rows can cost at best relative to a dense step
+    on this machine (small matrix products stream the same weights for fewer rows)."""
+    from fastgen.pipelines.diffusion_lm import bidirectional_mask
+
+    times = {total: [], rows: []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for n in (total, rows):
+                ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
+                positions = torch.arange(n, device=model.device)[None]
+                mask = bidirectional_mask(
+                    torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
+                )
+                calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                times[n].append((time.perf_counter() - start) / calls)
+    return statistics.median(times[total]) / statistics.median(times[rows])
+
+
 def _plan_flops(out, total: int, shape: dict) -> float:
     trace = out.window_trace or []
     queries = [t["queries"] for t in trace]
@@ -163,8 +186,9 @@ def run_window_bench(
             raise ValueError(f"variants={variants!r}: allowed a non-empty subset of {', '.join(every)}")
         variants_here = {name: every[name] for name in variants}
         # warm-up: first-call overheads (kernel builds, allocator) of every path
-        warm = dict(gen_length=64, steps=64, progress=False, generator=seed)
-        pipe(input_ids=input_ids[:, :64], **warm, block_length=64)
+        warm_gen = min(64, min(gen_lengths))  # fits the model's positions (prompt + longest generation)
+        warm = dict(gen_length=warm_gen, steps=warm_gen, progress=False, generator=seed)
+        pipe(input_ids=input_ids[:, :64], **warm, block_length=warm_gen)
         for options in variants_here.values():
             pipe(input_ids=input_ids[:, :64], **warm, **options)
         for gen in gen_lengths:
@@ -221,6 +245,20 @@ def run_window_bench(
                         dense_tokens, out.sequences[0, prompt_length:].tolist()
                     )
                 row[name] = entry
+            first = row[next(iter(variants_here))]
+            trace = outs[next(iter(variants_here))].window_trace or []
+            pruned_rows = [t["queries"] for t in trace if not t["refresh"]]
+            if pruned_rows:
+                rows_run = round(statistics.mean(pruned_rows))
+                ratio = _forward_cost_ratio(pipe.model, total, rows_run, rounds=3)
+                # refresh steps in dense-step units (Dream rules run a prefix: its share of the tokens)
+                refreshes = sum(t["queries"] / total for t in trace if t["refresh"])
+                row["forward_cost"] = {
+                    "pruned_rows_mean": rows_run,
+                    "full_over_pruned_forward": ratio,
+                    # the speed-up if a pruned step cost exactly a plain forward of its rows
+                    "speedup_bound": first["steps_run"] / (refreshes + len(pruned_rows) / ratio),
+                }
             row["loadavg"] = os.getloadavg()
             report["results"].append(row)
             logger.info("window bench %s gen %d done", family, gen)
@@ -391,6 +429,19 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"| {row['family']} | {row['gen_length']} | {name} | {e['tokens_per_s']:.1f} | {e['speedup']:.1f}x "
                 f"| {e['predicted_flop_ratio']:.1f} | {e['steps_run']} | {agreement} |"
+            )
+    bounds = [r for r in report["results"] if "forward_cost" in r]
+    if bounds:
+        lines += [
+            "",
+            "| model | gen | pruned rows (mean) | full / pruned-rows forward time | speed-up bound |",
+            "|---|---|---|---|---|",
+        ]
+        for r in bounds:
+            f = r["forward_cost"]
+            lines.append(
+                f"| {r['family']} | {r['gen_length']} | {f['pruned_rows_mean']} | "
+                f"{f['full_over_pruned_forward']:.1f} | {f['speedup_bound']:.1f}x |"
             )
     if report.get("pruned_attention"):
         lines += [
