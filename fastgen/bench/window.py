@@ -497,7 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pruned-attention", type=int, default=1, help="1: also time a pruned step's attention call alone"
     )
-    p.add_argument("--trained", type=int, default=50, help="held-out prompts for the trained rows (0: skip)")
+    p.add_argument(
+        "--trained",
+        type=int,
+        default=None,
+        help="held-out prompts for the trained rows (default 50, --quick 5; 0: skip)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -522,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         shapes = ((16, 100), (31, 120)) if args.quick else ((16, 600), (31, 700), (50, 1100), (50, 1600))
         report["pruned_attention"] = pruned_attention_bench(shapes, rounds=2 if args.quick else 7)
         _write(args.json, report)
-    if args.trained:
-        report["trained"] = trained_bench(examples=args.trained, rounds=1 if args.quick else 3)
+    trained = args.trained if args.trained is not None else (5 if args.quick else 50)
+    if trained:
+        report["trained"] = trained_bench(
+            examples=trained, batch=min(10, trained), rounds=1 if args.quick else 3
+        )
     report["loadavg_end"] = os.getloadavg()
     text = _write(args.json, report)
     sys.stdout.write(format_table(report) + "\n" + text + "\n")
