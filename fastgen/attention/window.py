@@ -64,7 +64,11 @@ class WindowKVCache:
 
     Tensors are allocated at the first write of each layer, at their full size for the generation
     (``num_positions + 1`` slots; the last is a dump slot for padded indices), and written in place
-    afterwards: refresh steps overwrite positions ``[0, L)``, pruned steps scatter by index.
+    afterwards: refresh steps overwrite positions ``[0, L)``; :meth:`scatter` / :meth:`gather` address
+    them by position. The pipeline's pruned steps work on the phase's window buffer instead
+    (:meth:`freeze_window`, :meth:`scatter_window`, :meth:`window`): during a phase the buffer holds the
+    current keys/values of the window and the full-size tensors those of the refresh step; a pruned row
+    is always inside the window, and the next refresh rewrites every position a pruned step touched.
     """
 
     def __init__(self, num_positions: int):
