@@ -69,6 +69,14 @@ def build_variants(quick: bool = False, block_size: int = 32) -> list[Variant]:
         variants.append(
             Variant("Window-Diffusion + SparseD", "window_diffusion+sparsed", [default_sparsed, wd])
         )
+        variants.append(
+            Variant(
+                "Window-Diffusion + threshold 0.9",
+                "window_diffusion+threshold",
+                [wd],
+                {"confidence_threshold": 0.9},
+            )
+        )
     if quick:
         return variants
     for select in (0.2, 0.1, 0.05):
