@@ -2,9 +2,12 @@
 
 The Video tab runs a video DiT (Wan / HunyuanVideo) with Rectified SpaAttn, the Causal tab the
 autoregressive (Self-Forcing) Wan with Light Forcing (per-chunk density and the mask of a chosen chunk /
-layer / head), the Text tab a diffusion LM with SparseD. Generate runs dense and accelerated with the same seed and shows both outputs with time,
-speedup and fidelity (PSNR/SSIM for video, token agreement and tokens/s for text), plus a heatmap of the
-block mask the sparse attention kept for a chosen layer and head.
+layer / head), the Text tab a diffusion LM with the method chosen there: SparseD, Window-Diffusion or both
+(window / active / refresh controls, and a picture of the active / window / far-field positions at every
+step). Generate runs dense and accelerated with the same seed and shows both outputs with time, speedup
+and fidelity (PSNR/SSIM for video, token agreement, tokens/s and, for the trained task's prompts, whether
+each answer is right for text), plus a heatmap of the block mask the sparse attention kept for a chosen
+layer and head.
 
 ``build_demo`` takes its loaders and generators as arguments (tests pass tiny presets or fakes); by
 default they are ``fastgen.pipelines.video_runner`` / ``text_runner`` on the tiny presets. Pipelines are
@@ -70,14 +73,22 @@ VIDEO_DEFAULTS = {
 }
 """Initial values of the Video tab: the ``tiny-wan-long`` preset's own (6400 tokens, attention-bound)."""
 TEXT_DEFAULTS = {
+    "method": "sparsed",
     "steps": 4,
     "gen_length": 4,
     "block_length": 4,
     "skip": 0.2,
     "select": 0.3,
     "block_size": 32,
+    "window": 64,
+    "active": 16,
+    "refresh_cycle": 32,
 }
-"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card."""
+"""Initial values of the Text tab: the decoding of the ``tiny-llada-kv`` model card; Window-Diffusion at the
+authors' LLaDA settings 64 / 16 / 32 (within both rules' constraints at one token per step)."""
+
+TEXT_METHODS = ("sparsed", "window_diffusion", "sparsed+window_diffusion")
+"""Methods the Text tab compares with dense."""
 
 TEXT_EXAMPLE_SEEDS = (1_000_000, 1_000_001, 1_000_002)
 """Held-out task examples offered as prompts in the Text tab (seeds of ``KVTask.example``)."""
@@ -235,6 +246,41 @@ def _metrics_table(rows: list[tuple[str, object]]) -> str:
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in rows)
 
 
+TEXT_METHOD_NAMES = {
+    "sparsed": "SparseD",
+    "window_diffusion": "Window-Diffusion",
+    "sparsed+window_diffusion": "Window-Diffusion + SparseD",
+}
+"""Display name of each Text-tab method."""
+
+
+def _text_configs(method, skip, select, block_size, window, active, refresh_cycle, limits) -> list:
+    """The configs of a Text-tab ``method`` from its controls (Window-Diffusion first), checked."""
+    from fastgen.configs import SparseDConfig, WindowDiffusionConfig
+
+    configs = []
+    try:
+        if "window_diffusion" in method:
+            configs.append(
+                WindowDiffusionConfig(
+                    window=int(check_range("window", window, 1, limits.max_gen_length)),
+                    active=int(check_range("active", active, 1, limits.max_gen_length)),
+                    refresh_cycle=int(check_range("refresh cycle", refresh_cycle, 1, limits.max_gen_length)),
+                )
+            )
+        if "sparsed" in method:
+            configs.append(
+                SparseDConfig(
+                    skip=check_range("skip", skip, 0.0, 1.0, integer=False),
+                    select=check_range("select", select, 0.01, 1.0, integer=False),
+                    block_size=int(check_range("block size", block_size, 16, 1024)),
+                )
+            )
+    except ValueError as err:
+        raise _gr_error(str(err)) from None
+    return configs
+
+
 # ----------------------------------------------------------------------------------------------------
 # request handlers (plain functions of a DemoBackend, so tests can call them without a browser)
 
@@ -334,14 +380,16 @@ class DemoBackend:
         )
         return dense_path, sparse_path, table, metrics, *self._mask_outputs(sparse.get("stats"), folder)
 
-    def run_text(self, prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
-                 progress=None):  # fmt: skip
-        """Dense and SparseD with one seed; returns both texts, metrics and the mask heatmap."""
+    def run_text(self, prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
+                 block_length, temperature, seed, progress=None):  # fmt: skip
+        """Dense and ``method`` (SparseD, Window-Diffusion or both) with one seed; returns both texts, the
+        metrics, the block-mask heatmap (with its selectors and state) and the picture of the window sets."""
         from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
-        from fastgen.configs import SparseDConfig
 
         lim = self.limits
         prompt = _check_prompt(prompt, lim)
+        if method not in TEXT_METHODS:
+            raise _gr_error(f"method={method!r} is not allowed; allowed: {', '.join(TEXT_METHODS)}")
         gen_length = check_range("generation length", gen_length, 1, lim.max_gen_length)
         params = {
             "steps": check_range("steps", steps, 1, max(lim.max_steps, lim.max_gen_length)),
@@ -350,14 +398,8 @@ class DemoBackend:
             "temperature": check_range("temperature", temperature, 0.0, 2.0, integer=False),
         }
         seed = check_range("seed", seed, 0, 2**31 - 1)
-        try:
-            config = SparseDConfig(
-                skip=check_range("skip", skip, 0.0, 1.0, integer=False),
-                select=check_range("select", select, 0.01, 1.0, integer=False),
-                block_size=int(check_range("block size", block_size, 16, 1024)),
-            )
-        except ValueError as err:
-            raise _gr_error(str(err)) from None
+        configs = _text_configs(method, skip, select, block_size, window, active, refresh_cycle, lim)
+        windowed = "window_diffusion" in method
         folder = self.folders.new()
         with self.text_pipeline.lock:
             if progress is not None:
@@ -368,45 +410,77 @@ class DemoBackend:
             common = {"prompt": prompt, "seed": seed, **params}
             try:
                 comparison = compare_with_dense(
-                    self.text_generate, pipe, method="sparsed", config=config,
+                    self.text_generate, pipe, method=method, config=configs if windowed else configs[0],
                     fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
                     warm_up=text_warm_up(gen_length), **common,
                 )  # fmt: skip
             except ValueError as err:
                 raise _gr_error(str(err)) from None
-        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        dense, fast, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        stats = fast.get("stats") or {}
+        name = TEXT_METHOD_NAMES[method]
         metrics = {
+            "method": method,
             "dense_seconds": float(dense["seconds"]),
-            "sparse_seconds": float(sparse["seconds"]),
+            "accelerated_seconds": float(fast["seconds"]),
             "speedup": comparison.speedup,
             "speedup_excludes_warm_up": True,
             "token_agreement": fid["token_agreement"],
             "dense_tokens_per_s": float(dense["tokens_per_s"]),
-            "sparse_tokens_per_s": float(sparse["tokens_per_s"]),
-            "density": _mean_density(sparse.get("stats")),
+            "accelerated_tokens_per_s": float(fast["tokens_per_s"]),
             "seed": seed,
-            "config": config.to_dict(),
+            "config": [c.to_dict() for c in configs] if windowed else configs[0].to_dict(),
         }
         rows = [
             ("dense time (s)", metrics["dense_seconds"]),
-            ("SparseD time (s)", metrics["sparse_seconds"]),
+            (f"{name} time (s)", metrics["accelerated_seconds"]),
             ("speedup (warm-up excluded)", metrics["speedup"]),
             ("token agreement", metrics["token_agreement"]),
             ("dense tokens/s", metrics["dense_tokens_per_s"]),
-            ("SparseD tokens/s", metrics["sparse_tokens_per_s"]),
-            ("mean density of sparse layers", metrics["density"]),
+            (f"{name} tokens/s", metrics["accelerated_tokens_per_s"]),
         ]
+        if "sparsed" in method:  # the same layer rows the heatmap draws
+            metrics["density"] = _mean_density(stats)
+            rows.append(("mean density of sparse layers", metrics["density"]))
+        if windowed:  # the same trace the window picture draws
+            metrics.update(
+                refresh_steps=stats.get("refresh_steps"),
+                pruned_steps=stats.get("pruned_steps"),
+                mean_rows_run=stats.get("mean_queries"),
+                mean_keys=stats.get("mean_keys"),
+            )
+            rows += [
+                ("refresh / pruned steps", f"{metrics['refresh_steps']} / {metrics['pruned_steps']}"),
+                ("mean rows run per step", metrics["mean_rows_run"]),
+                ("mean keys attended per step", metrics["mean_keys"]),
+            ]
         if answer is not None:
             metrics.update(
-                answer=answer, dense_correct=fid["dense_correct"], sparse_correct=fid["accelerated_correct"]
+                answer=answer,
+                dense_correct=fid["dense_correct"],
+                accelerated_correct=fid["accelerated_correct"],
             )
             rows += [
                 ("expected answer", answer),
                 ("dense answer right", "yes" if fid["dense_correct"] else "no"),
-                ("SparseD answer right", "yes" if fid["accelerated_correct"] else "no"),
+                (f"{name} answer right", "yes" if fid["accelerated_correct"] else "no"),
             ]
-        table = _metrics_table(rows)
-        return dense["text"], sparse["text"], table, metrics, *self._mask_outputs(sparse.get("stats"), folder)
+        from .window_demo import draw_window_sets
+
+        sets_picture = draw_window_sets(
+            stats.get("trace") if windowed else None,
+            int(stats.get("positions") or 0),
+            int(stats.get("prompt_length") or 0),
+            os.path.join(folder, "window_sets.png"),
+        )
+        return (
+            dense["text"],
+            fast["text"],
+            _metrics_table(rows),
+            metrics,
+            *self._mask_outputs(stats, folder),
+            sets_picture,
+        )
 
     def _mask_outputs(self, stats, folder):
         """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
@@ -772,10 +846,10 @@ def build_demo(
         return backend.run_video(prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form,
                                  steps, seed, height, width, frames, image=image, progress=progress)  # fmt: skip
 
-    def run_text(prompt, skip, select, block_size, steps, gen_length, block_length, temperature, seed,
-                 progress=track):  # fmt: skip
-        return backend.run_text(prompt, skip, select, block_size, steps, gen_length, block_length, temperature,
-                                seed, progress=progress)  # fmt: skip
+    def run_text(prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
+                 block_length, temperature, seed, progress=track):  # fmt: skip
+        return backend.run_text(prompt, method, skip, select, block_size, window, active, refresh_cycle, steps,
+                                gen_length, block_length, temperature, seed, progress=progress)  # fmt: skip
 
     source_video = video_model or video_preset
     source_text = text_model or text_preset
@@ -869,8 +943,11 @@ def build_demo(
         )
         add_causal_tab(causal_backend, causal_model or causal_preset, causal_defaults)
 
-        with gr.Tab("Text (SparseD)"):
-            gr.Markdown(f"Model: `{source_text}`: masked-diffusion LM with SparseD.")
+        with gr.Tab("Text"):
+            gr.Markdown(
+                f"Model: `{source_text}`: masked-diffusion LM, dense vs SparseD, Window-Diffusion (only the "
+                "active tokens are computed between refresh steps) or both."
+            )
             with gr.Row():
                 with gr.Column(scale=2):
                     examples = task_examples(text_model or text_preset)
@@ -883,6 +960,8 @@ def build_demo(
                     if examples:
                         gr.Examples([[e] for e in examples], inputs=[t_prompt], label="task examples")
                 with gr.Column(scale=1):
+                    t_method = gr.Radio(list(TEXT_METHODS), value=td["method"], label="method",
+                                        elem_id="text-method")  # fmt: skip
                     t_button = gr.Button("Generate", variant="primary", elem_id="text-generate")
             with gr.Row():
                 t_steps = gr.Slider(1, max(limits.max_steps, limits.max_gen_length), value=td["steps"], step=1,
@@ -894,52 +973,66 @@ def build_demo(
                                            label="block length")  # fmt: skip
                 t_temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature")
                 t_seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1)
-            with gr.Accordion("SparseD options", open=True), gr.Row():
-                t_skip = gr.Slider(
-                    0.0, 1.0, value=td["skip"], step=0.05, label="skip (dense fraction of steps)"
-                )
-                t_select = gr.Slider(
-                    0.01, 1.0, value=td["select"], step=0.01, label="select (key blocks kept)"
-                )
-                t_block = gr.Dropdown(block_sizes, value=td["block_size"], label="block size")
+            with gr.Row():
+                with gr.Accordion("SparseD options", open=True), gr.Row():
+                    t_skip = gr.Slider(
+                        0.0, 1.0, value=td["skip"], step=0.05, label="skip (dense fraction of steps)"
+                    )
+                    t_select = gr.Slider(
+                        0.01, 1.0, value=td["select"], step=0.01, label="select (key blocks kept)"
+                    )
+                    t_block = gr.Dropdown(block_sizes, value=td["block_size"], label="block size")
+                with gr.Accordion("Window-Diffusion options", open=True), gr.Row():
+                    t_window = gr.Slider(1, limits.max_gen_length, value=td["window"], step=1,
+                                         label="window (masks)")  # fmt: skip
+                    t_active = gr.Slider(1, limits.max_gen_length, value=td["active"], step=1,
+                                         label="active (masks computed)")  # fmt: skip
+                    t_refresh = gr.Slider(1, limits.max_gen_length, value=td["refresh_cycle"], step=1,
+                                          label="refresh cycle (steps)")  # fmt: skip
             with gr.Row():
                 t_dense_out = gr.Textbox(label="dense", lines=6, elem_id="text-dense")
-                t_sparse_out = gr.Textbox(label="SparseD", lines=6, elem_id="text-sparse")
+                t_sparse_out = gr.Textbox(
+                    label="accelerated (the chosen method)", lines=6, elem_id="text-sparse"
+                )
             with gr.Row():
                 with gr.Column():
                     t_table = gr.Markdown(elem_id="text-metrics")
                     t_metrics = gr.JSON(label="metrics")
                 with gr.Column():
                     t_mask = gr.Image(
-                        label="block mask (kept key blocks)", type="filepath", elem_id="text-mask"
+                        label="block mask (kept key blocks, SparseD)", type="filepath", elem_id="text-mask"
                     )
                     with gr.Row():
                         t_layer = gr.Dropdown([], label="layer", allow_custom_value=True)
                         t_head = gr.Number(value=0, precision=0, minimum=0, label="head")
+                with gr.Column():
+                    t_sets = gr.Image(label="active / window / far field per step (Window-Diffusion)",
+                                      type="filepath", elem_id="text-window-sets")  # fmt: skip
             t_state = gr.State()
             t_button.click(
                 run_text,
                 [
                     t_prompt,
+                    t_method,
                     t_skip,
                     t_select,
                     t_block,
+                    t_window,
+                    t_active,
+                    t_refresh,
                     t_steps,
                     t_length,
                     t_block_length,
                     t_temperature,
                     t_seed,
                 ],
-                [t_dense_out, t_sparse_out, t_table, t_metrics, t_mask, t_layer, t_head, t_state],
+                [t_dense_out, t_sparse_out, t_table, t_metrics, t_mask, t_layer, t_head, t_state, t_sets],
                 api_name="generate_text",
                 concurrency_limit=limits.concurrency,
                 concurrency_id="text",
             )
             for control in (t_layer, t_head):
                 control.input(backend.redraw_mask, [t_state, t_layer, t_head], t_mask, api_name=False)
-        from .window_demo import build_window_tab
-
-        build_window_tab(gr, backend, limits, source_text, track)
     demo.queue(max_size=32, default_concurrency_limit=limits.concurrency)
     demo.fastgen_backend = backend
     demo.fastgen_causal_backend = causal_backend
@@ -963,6 +1056,8 @@ __all__ = [
     "DemoBackend",
     "DemoLimits",
     "LazyPipeline",
+    "TEXT_DEFAULTS",
+    "TEXT_METHODS",
     "build_demo",
     "add_causal_tab",
     "check_range",

@@ -249,7 +249,7 @@ class WindowDiffusionConfig(_ConfigMixin):
     pruned steps. None: family default (32)."""
     sliding: bool | None = None
     """Dream's rules: the refresh step runs the prefix before the ``window``-th mask and decodes the
-    leftmost mask; pruned steps run the contiguous span from that token to the ``active``-th mask
+    leftmost mask; pruned steps run the contiguous span from that token up to the ``active + 1``-th mask
     (its end slides as masks are decoded). False: LLaDA's rules. None: family default (Dream True)."""
 
     method = "window_diffusion"

@@ -206,8 +206,9 @@ class _WindowedRun:
     ``active`` leftmost masks, plus the tokens decoded at this phase's pruned steps, plus (first pruned
     step only) the tokens decoded at the refresh. Dream rules (``sliding=True``): the refresh runs the
     prefix before the ``window``-th mask of the block and decodes the leftmost mask; pruned steps run the
-    span from that token to the current ``active``-th mask and attend to the refresh prefix. With a logit
-    shift, the position before every candidate mask also runs (its logits predict the mask). A pruned
+    span from that token to just before the current ``active + 1``-th mask (the block's end when there is
+    none) and attend to the refresh prefix. With a logit shift, the position before every candidate mask
+    also runs (its logits predict the mask). A pruned
     step whose rows would leave the frozen window (only possible with confidence-threshold decoding or
     Dream's schedule committing more than ``ceil(block/steps)`` tokens) becomes a refresh step instead.
     """
@@ -344,9 +345,12 @@ class _WindowedRun:
                 query = query | plan["refresh_decoded"]
             candidates = query & masks
         else:
+            # the span ends before the (active + 1)-th mask, or at the block's end when there is none: the
+            # reference's `ranks <= active`, so tokens decoded after the last mask stay recomputed
             rank = torch.cumsum(masks.long(), dim=1)
-            last = masks & ((rank == cfg.active) | ((rank == rank[:, -1:]) & (rank[:, -1:] < cfg.active)))
-            span_end = torch.where(last.any(1), last.long().argmax(1) + 1, plan["span_start"])
+            after = masks & (rank == cfg.active + 1)
+            block_end = torch.full_like(plan["span_start"], self.block_end)
+            span_end = torch.where(after.any(1), after.long().argmax(1), block_end)
             query = (self.cols[None] >= plan["span_start"][:, None]) & (self.cols[None] < span_end[:, None])
             candidates = query & masks
         if self.logits_shift:
@@ -362,37 +366,47 @@ class _WindowedRun:
         pipe, run = self.pipe, self.run
         query, candidates = sets
         q_index, q_valid = self._pack(query)
-        w_index, w_valid = pack_positions(self.plan["window"] & run.key_valid, self.total)
+        use_cfg = run.cfg_scale > 0
+        frozen = self.plan.get("frozen")
+        if frozen is None:
+            # first pruned step of the phase: the frozen window is packed and its keys/values copied once
+            # into the cache's contiguous window buffer
+            w_index, w_valid = pack_positions(self.plan["window"] & run.key_valid, self.total)
+            if use_cfg:  # the unconditional rows attend to their own cache rows
+                w_index, w_valid = torch.cat([w_index, w_index]), torch.cat([w_valid, w_valid])
+            self.state.freeze_window(w_index, w_valid)
+            key_mask = torch.zeros(w_valid.shape, dtype=pipe.dtype, device=w_valid.device)
+            key_mask.masked_fill_(~w_valid, torch.finfo(pipe.dtype).min)
+            frozen = self.plan["frozen"] = {"width": w_index.shape[1], "key_mask": key_mask[:, None, None, :]}
         clamped = q_index.clamp(max=self.total - 1)
         ids = torch.where(q_valid, run.x.gather(1, clamped), pipe.mask_token_id)
         positions = run.position_ids.gather(1, clamped)
-        use_cfg = run.cfg_scale > 0
         if use_cfg:  # the unconditional rows run the same tokens (never prompt) on their own cache
             ids, positions = torch.cat([ids, ids]), torch.cat([positions, positions])
-            q_all, w_all, wv_all = (
-                torch.cat([q_index, q_index]),
-                torch.cat([w_index, w_index]),
-                torch.cat([w_valid, w_valid]),
-            )
+            self.state.pruned(torch.cat([q_index, q_index]))
         else:
-            q_all, w_all, wv_all = q_index, w_index, w_valid
-        self.state.pruned(q_all, w_all, wv_all)
-        mask = torch.zeros(wv_all.shape, dtype=pipe.dtype, device=ids.device)
-        mask.masked_fill_(~wv_all, torch.finfo(pipe.dtype).min)
+            self.state.pruned(q_index)
         kwargs = {"use_cache": False} if pipe._takes_use_cache else {}
-        mask_4d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
-        logits = pipe.model(
-            input_ids=ids, attention_mask=mask_4d, position_ids=positions, **kwargs
-        ).logits.float()
+        # the LM head runs only on the rows whose logits predict a candidate mask
+        c_index, c_valid = self._pack(candidates)
+        source = (c_index - 1) if self.logits_shift else c_index
+        row = torch.searchsorted(q_index, source.contiguous()).clamp(max=q_index.shape[1] - 1)
+        if pipe._takes_logits_to_keep:
+            keep = torch.unique(row[c_valid]) if bool(c_valid.any()) else row.new_zeros(1)
+            kwargs["logits_to_keep"] = keep
+            row = torch.searchsorted(keep, row.contiguous()).clamp(max=keep.numel() - 1)
+        # the window attention function reads the cache's key mask; this one only satisfies the model
+        mask_4d = frozen["key_mask"].expand(-1, 1, ids.shape[1], -1)
+        logits = pipe.model(input_ids=ids, attention_mask=mask_4d, position_ids=positions, **kwargs).logits
+        if "logits_to_keep" in kwargs and logits.shape[1] != kwargs["logits_to_keep"].numel():
+            logits = logits[:, kwargs["logits_to_keep"]]  # a model that takes the argument but ignores it
+        logits = logits.float()
         nfe = 1
         if use_cfg:
             batch = run.x.shape[0]
             cond, uncond = logits[:batch], logits[batch:]
             logits = uncond + (run.cfg_scale + 1.0) * (cond - uncond)
             nfe = 2
-        c_index, c_valid = self._pack(candidates)
-        source = (c_index - 1) if self.logits_shift else c_index
-        row = torch.searchsorted(q_index, source.contiguous()).clamp(max=q_index.shape[1] - 1)
         c_logits = logits.gather(1, row[..., None].expand(-1, -1, logits.shape[-1]))
         chosen, commit = pipe._decide(c_logits, c_valid, count, active, p_transfer=p_transfer, **self.decide)
         decoded = self._commit(c_index, chosen, commit)
@@ -400,7 +414,7 @@ class _WindowedRun:
             self.plan["pruned_decoded"] |= decoded
             self.plan["first"] = False
         self._record(
-            step, False, query, self.plan["window"] & run.key_valid, q_index.shape[1], w_index.shape[1]
+            step, False, query, self.plan["window"] & run.key_valid, q_index.shape[1], frozen["width"]
         )
         return nfe
 

@@ -209,21 +209,27 @@ def generate_text(
     import fastgen
 
     model = pipe.model
-    applied_here = method == "sparsed" and getattr(model, "_fastgen_adapter", None) is None
+    sparse = method in ("sparsed", "sparsed+window_diffusion")
+    applied_here = sparse and getattr(model, "_fastgen_adapter", None) is None
+    # SparseD is applied here (not by the pipeline) so its statistics can be read after the run
+    sparse_configs = [config] if method == "sparsed" else (acceleration[1:] if windowed else [])
     if method == "sparsed" and pipe.device.type == "cpu":  # a first kernel build is not timed
         warm_up_cpu_kernel()
     try:
         if applied_here:
-            fastgen.apply_sparse_attention(model, config)
+            for sparse_config in sparse_configs:
+                fastgen.apply_sparse_attention(model, sparse_config)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         start = time.perf_counter()
-        extra = {"acceleration": acceleration} if acceleration is not None else {}
+        extra = {}
+        if acceleration is not None:
+            extra["acceleration"] = acceleration[:1] if applied_here else acceleration
         out = pipe(prompt=prompt, generator=seed, progress=progress, **settings, **extra)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds = time.perf_counter() - start
-        stats = _sparse_stats(model) if method == "sparsed" else _window_stats(out) if windowed else {}
+        stats = {**(_window_stats(out) if windowed else {}), **(_sparse_stats(model) if sparse else {})}
     finally:
         if applied_here:
             fastgen.remove_sparse_attention(model)

@@ -44,12 +44,26 @@ def fake_video_generate(pipe, *, prompt, seed=0, method="rectified", config=None
 
 
 def fake_text_generate(pipe, *, prompt, seed=0, method="sparsed", config=None, progress=True, **params):
-    """Seeded tokens; the sparse run changes one token and reports stats as a dict with layers."""
-    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, 50, size=params["gen_length"])]
+    """Seeded tokens; the accelerated run changes one token and reports stats as the runner does: SparseD
+    layers, and for Window-Diffusion methods the per-step trace (refresh step, then pruned steps)."""
+    n = params["gen_length"]
+    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, 50, size=n)]
     stats = {}
     if method != "dense":
         tokens[0] += 1
+    if "sparsed" in method:
         stats = {"density": 0.3, "layers": [{"layer": 0, "density": 0.3, "block_mask": _mask(3, 4, 4)}]}
+    if "window_diffusion" in method:
+        prompt_length, total = 5, 5 + n
+        trace = [{"step": 0, "refresh": True, "queries": total, "keys": total, "active": list(range(total)),
+                  "window": list(range(total))}]  # fmt: skip
+        for step in range(1, params["steps"]):
+            trace.append({"step": step, "refresh": False, "queries": 2, "keys": total - 1,
+                          "active": [prompt_length + step, prompt_length + step + 1],
+                          "window": list(range(total - 1))})  # fmt: skip
+        stats.update(refresh_steps=1, pruned_steps=len(trace) - 1, mean_queries=sum(t["queries"] for t in trace)
+                     / len(trace), mean_keys=sum(t["keys"] for t in trace) / len(trace), positions=total,
+                     prompt_length=prompt_length, trace=trace)  # fmt: skip
     seconds = 2.0 if method == "dense" else 1.0
     return {"text": " ".join(map(str, tokens)), "tokens": tokens, "seconds": seconds,
             "tokens_per_s": len(tokens) / seconds, "stats": stats, "config": {}}  # fmt: skip
@@ -93,8 +107,8 @@ def fake_app():
 
 VIDEO_ARGS = dict(prompt="a cat", negative_prompt="", sparsity=0.8, block_size=128, dense_layers=1,
                   warmup_steps=1, form="exact", steps=2, seed=3, height=32, width=48, frames=3)  # fmt: skip
-TEXT_ARGS = dict(prompt="hello", skip=0.2, select=0.3, block_size=32, steps=4, gen_length=8, block_length=8,
-                 temperature=0.0, seed=5)  # fmt: skip
+TEXT_ARGS = dict(prompt="hello", method="sparsed", skip=0.2, select=0.3, block_size=32, window=8, active=4,
+                 refresh_cycle=4, steps=4, gen_length=8, block_length=8, temperature=0.0, seed=5)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,14 +163,39 @@ def test_client_text_tab_returns_both_texts_and_metrics(fake_app):
 
     demo, url, loads = fake_app
     client = Client(url, verbose=False)
-    dense, sparse, table, metrics, mask, layer, head = client.predict(
+    dense, sparse, table, metrics, mask, layer, head, sets = client.predict(
         *TEXT_ARGS.values(), api_name="/generate_text"
     )
     assert len(dense.split()) == 8 and dense != sparse
     assert metrics["token_agreement"] == pytest.approx(7 / 8)
-    assert metrics["speedup"] == pytest.approx(2.0) and metrics["sparse_tokens_per_s"] == pytest.approx(8.0)
+    assert metrics["speedup"] == pytest.approx(2.0)
+    assert metrics["accelerated_tokens_per_s"] == pytest.approx(8.0)
     assert metrics["config"] == {"method": "sparsed", "skip": 0.2, "select": 0.3, "block_size": 32}
     assert "token agreement" in table and os.path.getsize(mask) > 0 and _value(layer) == "0"
+    assert metrics["density"] == pytest.approx(0.3) and "refresh_steps" not in metrics
+    assert os.path.getsize(sets) > 0  # the placeholder: SparseD alone records no window trace
+
+
+@pytest.mark.parametrize("method", ["window_diffusion", "sparsed+window_diffusion"])
+def test_client_text_tab_window_methods_show_the_window_sets_and_their_statistics(fake_app, method):
+    from gradio_client import Client
+
+    demo, url, _ = fake_app
+    args = {**TEXT_ARGS, "method": method}
+    dense, fast, table, metrics, mask, layer, head, sets = Client(url, verbose=False).predict(
+        *args.values(), api_name="/generate_text"
+    )
+    assert dense != fast and metrics["method"] == method
+    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (1, 3)
+    assert metrics["mean_rows_run"] == pytest.approx((13 + 3 * 2) / 4)  # the same trace as the picture
+    assert "refresh / pruned steps | 1 / 3" in table and "Window-Diffusion" in table
+    configs = [c["method"] for c in metrics["config"]]
+    assert configs == ["window_diffusion"] + (["sparsed"] if "sparsed" in method else [])
+    assert metrics["config"][0] == {"method": "window_diffusion", "window": 8, "active": 4, "refresh_cycle": 4,
+                                    "sliding": None}  # fmt: skip
+    assert ("mean density of sparse layers" in table) == ("sparsed" in method)
+    with open(sets, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -176,6 +215,8 @@ def test_client_text_tab_returns_both_texts_and_metrics(fake_app):
         ("/generate_text", {"gen_length": 100000}, "Value 100000 is greater than maximum value 64"),
         ("/generate_text", {"block_length": 50}, r"block length=50 is out of range; allowed: 1\.\.8"),
         ("/generate_text", {"prompt": "x" * 5000}, "prompt has 5000 characters; allowed: at most 4000"),
+        ("/generate_text", {"method": "window_diffusion", "active": 9}, "active=9 must be <= window=8"),
+        ("/generate_text", {"method": "rectified"}, r"not in the list of choices: \['sparsed'"),
     ],
 )
 def test_out_of_range_inputs_are_clear_errors(fake_app, api, change, message):
@@ -213,13 +254,51 @@ def test_client_text_tab_with_tiny_llada():
     try:
         out = Client(url, verbose=False).predict(*{**TEXT_ARGS, "gen_length": 16, "block_length": 16}.values(),
                                                  api_name="/generate_text")  # fmt: skip
-        dense, sparse, table, metrics, mask, layer, head = out
+        dense, sparse, table, metrics, mask, layer, head, sets = out
         assert isinstance(dense, str) and isinstance(sparse, str)
         assert 0.0 <= metrics["token_agreement"] <= 1.0
-        assert metrics["dense_tokens_per_s"] > 0 and metrics["sparse_tokens_per_s"] > 0
+        assert metrics["dense_tokens_per_s"] > 0 and metrics["accelerated_tokens_per_s"] > 0
         assert os.path.getsize(mask) > 0
     finally:
         demo.close()
+
+
+def test_window_sets_picture_codes(tmp_path):
+    from fastgen.app.window_demo import draw_window_sets, window_sets_image
+
+    trace = [
+        {"refresh": True, "active": np.arange(6), "window": np.arange(6)},
+        {"refresh": False, "active": np.array([3]), "window": np.array([0, 1, 2, 3, 4])},
+    ]
+    assert window_sets_image(trace, 6).tolist() == [[2] * 6, [1, 1, 1, 2, 1, 0]]
+    assert os.path.getsize(draw_window_sets(trace, 6, 2, str(tmp_path / "w.png"))) > 0
+    assert os.path.getsize(draw_window_sets(None, 0, 0, str(tmp_path / "none.png"))) > 0
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
+    from fastgen.app.demo import DemoBackend, LazyPipeline
+    from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
+
+    backend = DemoBackend(
+        video_pipeline=LazyPipeline(lambda: None),
+        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
+        video_generate=None,
+        text_generate=generate_text,
+        limits=DemoLimits(max_gen_length=64),
+    )
+    args = dict(prompt="Hello", method="sparsed+window_diffusion", skip=0.25, select=0.5, block_size=16, window=16,
+                active=4, refresh_cycle=8, steps=32, gen_length=32, block_length=32, temperature=0.0, seed=0)  # fmt: skip
+    dense, fast, table, metrics, mask, layer, head, state, sets = backend.run_text(*args.values())
+    assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
+    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
+    # SparseD's statistics of the composed run: the heatmap's layer rows, averaged in the table
+    assert state["stats"] and 0 < metrics["density"] <= 1
+    assert layer.value in {str(row["layer"]) for row in state["stats"]}
+    assert metrics["density"] == pytest.approx(float(np.mean([s["density"] for s in state["stats"]])))
+    assert os.path.getsize(mask) > 0 and os.path.getsize(sets) > 0
+    with pytest.raises(gr.Error, match=r"active=4 \+ \(refresh_cycle=8 - 1\).*window=8"):
+        backend.run_text(*{**args, "window": 8}.values())
 
 
 @pytest.mark.skipif(
@@ -282,10 +361,14 @@ def test_browser_clicks_generate_and_sees_results(fake_app, tmp_path):
             assert os.path.getsize(shot) > 10_000
             if save:
                 page.screenshot(path=os.path.join(REPO, "samples", "demo_screenshot.png"), full_page=True)
-            # the Text tab too
-            page.get_by_role("tab", name="Text (SparseD)").click()
+            # the Text tab too: SparseD, then Window-Diffusion + SparseD with its picture of the window sets
+            page.get_by_role("tab", name="Text").click()
             page.click("#text-generate")
             page.wait_for_selector("#text-metrics :text('token agreement')", timeout=180_000)
+            page.locator("#text-method").get_by_text("sparsed+window_diffusion", exact=True).click()
+            page.click("#text-generate")
+            page.wait_for_selector("#text-metrics :text('refresh / pruned steps')", timeout=180_000)
+            page.wait_for_selector("#text-window-sets img", timeout=60_000)
             if save:
                 page.screenshot(
                     path=os.path.join(REPO, "samples", "demo_screenshot_text.png"), full_page=True

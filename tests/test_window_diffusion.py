@@ -3,7 +3,6 @@ the rules, batch / padding / CFG, composition with SparseD and threshold decodin
 
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
@@ -99,6 +98,59 @@ def test_cache_scatter_gather_and_window_attention_match_reference():
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="refresh"):
         cache.gather(1, w_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_window_buffer_equals_scatter_then_gather_on_the_full_cache(dtype, batch):
+    """The per-phase contiguous window buffer (gathered once, fresh rows written at their slots) holds what
+    scattering into the full cache and gathering the window every step holds, and attends the same."""
+    g = torch.Generator().manual_seed(2)
+    n, heads, kv_heads, dim = 13, 4, 2, 8
+    cache = WindowKVCache(n)
+    k, v = (
+        torch.randn(batch, kv_heads, n, dim, generator=g),
+        torch.randn(batch, kv_heads, n, dim, generator=g),
+    )
+    cache.write_prefix(0, k.to(dtype), v.to(dtype))
+    windows = [[0, 2, 3, 5, 6, 7, 11], [1, 4, 5, 9], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]][:batch]
+    selected = torch.zeros(batch, n, dtype=torch.bool)
+    for b, w in enumerate(windows):
+        selected[b, w] = True
+    w_index, w_valid = pack_positions(selected, n)
+    cache.freeze_window(w_index, w_valid)
+    reference = WindowKVCache(n)
+    reference.write_prefix(0, k.to(dtype), v.to(dtype))
+    for queries in ([[2, 5, 11], [4, 9], [0, 12, 7]], [[3, 6], [1], [12]]):
+        q_sel = torch.zeros(batch, n, dtype=torch.bool)
+        for b, q in enumerate(queries[:batch]):
+            q_sel[b, q] = True
+        q_index, _ = pack_positions(q_sel, n)
+        k_new = torch.randn(batch, kv_heads, q_index.shape[1], dim, generator=g).to(dtype)
+        v_new = torch.randn(batch, kv_heads, q_index.shape[1], dim, generator=g).to(dtype)
+        slots = cache.window_slots(q_index)
+        cache.scatter_window(0, slots, k_new, v_new)
+        reference.scatter(0, q_index, k_new, v_new)
+        kw, vw, key_mask = cache.window(0)
+        rk, rv = reference.gather(0, w_index)
+        real = w_valid[:, None, :, None].expand_as(rk)  # padded entries hold anything (never attended)
+        width = w_index.shape[1]
+        assert torch.equal(kw[:, :, :width][real], rk[real]) and torch.equal(vw[:, :, :width][real], rv[real])
+        assert (key_mask is None) == (batch == 1)
+        q = torch.randn(batch, heads, q_index.shape[1], dim, generator=g).to(dtype)
+        out = window_attention(q, kw, vw, key_mask)
+        for b in range(batch):
+            keys = windows[b]
+            kk = reference.keys[0][b][:, keys].float().repeat_interleave(2, 0)
+            vv = reference.values[0][b][:, keys].float().repeat_interleave(2, 0)
+            ref = torch.softmax(q[b].float() @ kk.transpose(-1, -2) / dim**0.5, -1) @ vv
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out[b].float(), ref, rtol=tol, atol=tol)
+    outside = torch.tensor(
+        [[1] + [n] * (w_index.shape[1] - 1)] * batch
+    )  # position 1 is not in row 0's window
+    with pytest.raises(ValueError, match="outside the phase's frozen window"):
+        cache.window_slots(outside)
 
 
 # ------------------------------------------------------------------------------------------- exactness oracles
@@ -493,33 +545,6 @@ def test_batch_records_every_config_of_the_composition(tmp_path):
     assert [c["method"] for c in second["config"]] == ["window_diffusion"]  # only the WD options were given
 
 
-def test_demo_window_tab_handler_and_picture(tmp_path):
-    pytest.importorskip("gradio")
-    from fastgen.app.demo import DemoBackend, DemoLimits, LazyPipeline
-    from fastgen.app.window_demo import draw_window_sets, run_window_text, window_sets_image
-    from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
-
-    trace = [
-        {"refresh": True, "active": torch.arange(6), "window": torch.arange(6)},
-        {"refresh": False, "active": torch.tensor([3]), "window": torch.tensor([0, 1, 2, 3, 4])},
-    ]
-    assert window_sets_image(trace, 6).tolist() == [[2] * 6, [1, 1, 1, 2, 1, 0]]
-    assert os.path.getsize(draw_window_sets(trace, 6, 2, str(tmp_path / "w.png"))) > 0
-    backend = DemoBackend(
-        video_pipeline=LazyPipeline(lambda: None),
-        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
-        video_generate=None,
-        text_generate=generate_text,
-        limits=DemoLimits(max_gen_length=64),
-    )
-    dense, fast, table, metrics, picture = run_window_text(
-        backend, "Hello", "window_diffusion", 16, 4, 8, 32, 0.0, 0
-    )
-    assert isinstance(dense, str) and isinstance(fast, str) and "token agreement" in table
-    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (4, 28)
-    assert os.path.getsize(picture) > 0
-
-
 @pytest.mark.slow
 def test_window_bench_report_at_a_tiny_size():
     from fastgen.bench.window import format_table, run_window_bench
@@ -531,4 +556,16 @@ def test_window_bench_report_at_a_tiny_size():
         for name in ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold"):
             assert row[name]["tokens_per_s"] > 0 and row[name]["predicted_flop_ratio"] >= 1.0
             assert 0.0 <= row[name]["token_agreement"] <= 1.0
-    assert "window_diffusion+threshold" in format_table(report)
+        cost = row["forward_cost"]
+        assert cost["full_over_pruned_forward"] > 0 and cost["speedup_bound"] > 0
+    assert "window_diffusion+threshold" in format_table(report) and "speed-up bound" in format_table(report)
+
+
+def test_window_bench_pruned_attention_section():
+    from fastgen.bench.window import format_table, pruned_attention_bench
+
+    rows = pruned_attention_bench(((5, 40),), block_sizes=(16,), heads=2, head_dim=16, rounds=1, calls=1)
+    names = [r["variant"] for r in rows]
+    assert names[0] == "sdpa" and {"sparsed block 16 gather", "sparsed block 16 torch"} <= set(names)
+    assert all(r["ms"] > 0 and r["queries"] == 5 and r["keys"] == 40 for r in rows)
+    assert "sparsed block 16 torch" in format_table({"results": [], "pruned_attention": rows})

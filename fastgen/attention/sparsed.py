@@ -59,6 +59,33 @@ class SparseDPattern:
         b, h = self.block_mask.shape[:2]
         return b == batch and h == heads and self.num_tokens == num_tokens
 
+    def for_length(self, num_tokens: int) -> torch.Tensor:
+        """The block mask ``[B, H, nb, nb]`` for a self-attention over positions ``[0, num_tokens)``.
+
+        Blocks are addressed by position from 0, so a pattern computed on a prefix of another length
+        still says which tiles matter where both sequences have the same tokens (Window-Diffusion's
+        Dream rules run refresh prefixes whose length grows every phase). A tile keeps the pattern's
+        decision when its query block and its key block hold only positions the pattern step saw;
+        every other tile (a block that was partial or absent at the pattern step) is computed densely,
+        since there is no importance to select it by. ``num_tokens == self.num_tokens``: the pattern.
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens!r} must be an integer >= 1")
+        if num_tokens == self.num_tokens:
+            return self.block_mask
+        bs, seen_tokens = self.block_size, self.num_tokens
+        nb, nb_seen = num_blocks(num_tokens, bs), num_blocks(seen_tokens, bs)
+        device = self.block_mask.device
+        ends = torch.clamp((torch.arange(nb, device=device) + 1) * bs, max=num_tokens)
+        seen = (torch.arange(nb, device=device) < nb_seen) & (
+            (ends <= seen_tokens) | (num_tokens <= seen_tokens)
+        )  # [nb]: the block's positions are a subset of the pattern step's block
+        b, h = self.block_mask.shape[:2]
+        mask = torch.ones(b, h, nb, nb, dtype=torch.bool, device=device)
+        keep = min(nb, nb_seen)
+        mask[:, :, :keep, :keep] = self.block_mask[:, :, :keep, :keep]
+        return mask | ~(seen[:, None] & seen[None, :])
+
 
 def _check_select(select: float) -> None:
     if isinstance(select, bool) or not isinstance(select, (int, float)) or not 0.0 < float(select) <= 1.0:

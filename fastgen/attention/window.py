@@ -14,7 +14,10 @@ paper) and the transformers adapter feeds the cache from inside the attention la
 - :func:`leftmost` - the ``count`` leftmost positions of a set, per row.
 - :func:`pack_positions` - a set as padded, sorted position indices plus a validity mask.
 - :class:`WindowKVCache` - per-layer ``[B, H_kv, N + 1, D]`` keys/values allocated once per
-  generation; slot ``N`` is a dump slot that padded indices write to and nothing reads.
+  generation; slot ``N`` is a dump slot that padded indices write to and nothing reads. For the
+  pruned steps of a phase it also holds the *window buffer*: the frozen window's keys/values gathered
+  once per phase into a contiguous ``[B, H_kv, W + 1, D]`` per layer, into which the pruned steps
+  scatter their fresh rows, so no step gathers the window again.
 - :func:`window_attention` - non-causal attention of the active queries over the gathered window.
 - :func:`predicted_flop_ratio` - dense-over-windowed linear-layer and attention work of a plan.
 """
@@ -61,7 +64,11 @@ class WindowKVCache:
 
     Tensors are allocated at the first write of each layer, at their full size for the generation
     (``num_positions + 1`` slots; the last is a dump slot for padded indices), and written in place
-    afterwards: refresh steps overwrite positions ``[0, L)``, pruned steps scatter by index.
+    afterwards: refresh steps overwrite positions ``[0, L)``; :meth:`scatter` / :meth:`gather` address
+    them by position. The pipeline's pruned steps work on the phase's window buffer instead
+    (:meth:`freeze_window`, :meth:`scatter_window`, :meth:`window`): during a phase the buffer holds the
+    current keys/values of the window and the full-size tensors those of the refresh step; a pruned row
+    is always inside the window, and the next refresh rewrites every position a pruned step touched.
     """
 
     def __init__(self, num_positions: int):
@@ -73,6 +80,16 @@ class WindowKVCache:
         """Layer index -> keys ``[B, H_kv, N + 1, D]``."""
         self.values: dict[int, torch.Tensor] = {}
         """Layer index -> values ``[B, H_kv, N + 1, D]``."""
+        self.window_keys: dict[int, torch.Tensor] = {}
+        """Layer index -> the frozen window's keys ``[B, H_kv, W + 1, D]`` (see :meth:`freeze_window`)."""
+        self.window_values: dict[int, torch.Tensor] = {}
+        """Layer index -> the frozen window's values ``[B, H_kv, W + 1, D]``."""
+        self.window_index: torch.Tensor | None = None
+        """``[B, W]`` positions of the frozen window (padding = the dump index)."""
+        self.window_valid: torch.Tensor | None = None
+        """``[B, W]`` bool, real entries of the frozen window."""
+        self.window_key_mask: torch.Tensor | None = None
+        """``[B, W + 1]`` bool key mask of the window buffer, ``None`` when nothing is padded."""
 
     @property
     def dump_index(self) -> int:
@@ -117,37 +134,98 @@ class WindowKVCache:
         """Keys and values ``[B, H_kv, W, D]`` at positions ``index [B, W]``."""
         if layer not in self.keys:
             raise ValueError(f"layer {layer} has no cache yet: a pruned step must follow a refresh step")
-        keys, values = self.keys[layer], self.values[layer]
-        heads = keys.shape[1]
-        k = keys.gather(2, index[:, None, :, None].expand(-1, heads, -1, keys.shape[-1]))
-        v = values.gather(2, index[:, None, :, None].expand(-1, heads, -1, values.shape[-1]))
-        return k, v
+        return _gather_positions(self.keys[layer], index), _gather_positions(self.values[layer], index)
+
+    # ------------------------------------------------------------ the phase's window buffer
+    def freeze_window(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Freeze the phase's window ``index [B, W]`` (ascending per row, padding = the dump slot) with
+        ``valid [B, W]``: every cached layer's keys/values there are copied into a contiguous buffer
+        ``[B, H_kv, W + 1, D]`` whose last slot is a dump slot (never attended)."""
+        if index.shape != valid.shape or index.dim() != 2:
+            raise ValueError(
+                f"window index {tuple(index.shape)} and valid {tuple(valid.shape)} must both be [B, W]"
+            )
+        self.window_index, self.window_valid = index, valid
+        self.window_keys, self.window_values = {}, {}
+        for layer in self.keys:
+            self.window_keys[layer] = _with_dump_slot(_gather_positions(self.keys[layer], index))
+            self.window_values[layer] = _with_dump_slot(_gather_positions(self.values[layer], index))
+        # no padding anywhere (batch 1, or rows with equal windows): attend to [0, W) without a mask
+        self.window_key_mask = None if bool(valid.all()) else F.pad(valid, (0, 1), value=False)
+
+    def window_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slots ``[B, Q]`` of the frozen window holding ``positions [B, Q]`` (ascending, padding = the
+        dump index). ``ValueError`` if a real position is not in the window (it would read stale keys)."""
+        index = getattr(self, "window_index", None)
+        if index is None:
+            raise ValueError("no frozen window: call freeze_window after the refresh step")
+        width = index.shape[1]
+        slots = torch.searchsorted(index, positions.contiguous())
+        real = positions != self.dump_index
+        found = index.gather(1, slots.clamp(max=width - 1)) == positions
+        if not bool((found | ~real).all()):
+            raise ValueError("a pruned step's query position lies outside the phase's frozen window")
+        # padded queries land in a padded window slot or in the dump slot W: both are never attended
+        return torch.where(real, slots, torch.full_like(slots, width))
+
+    def scatter_window(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``key``/``value [B, H_kv, Q, D]`` into the window buffer of ``layer`` at ``slots [B, Q]``."""
+        if layer not in self.window_keys:
+            raise ValueError(f"layer {layer} has no window buffer: freeze_window must follow a refresh step")
+        keys, values = self.window_keys[layer], self.window_values[layer]
+        if keys.shape[0] == 1:
+            keys[0].index_copy_(1, slots[0], key[0].to(keys.dtype))
+            values[0].index_copy_(1, slots[0], value[0].to(values.dtype))
+            return
+        heads = key.shape[1]
+        keys.scatter_(2, slots[:, None, :, None].expand(-1, heads, -1, key.shape[-1]), key.to(keys.dtype))
+        where_v = slots[:, None, :, None].expand(-1, heads, -1, value.shape[-1])
+        values.scatter_(2, where_v, value.to(values.dtype))
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The window buffer of ``layer``: keys, values ``[B, H_kv, W', D]`` and a key mask ``[B, W']``
+        (``None`` when every entry is real; then ``W' = W`` and the dump slot is left out)."""
+        keys, values = self.window_keys[layer], self.window_values[layer]
+        if self.window_key_mask is None:
+            return keys[:, :, :-1], values[:, :, :-1], None
+        return keys, values, self.window_key_mask
 
     def memory_bytes(self) -> int:
         """Bytes held by the cache tensors."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
 
+def _gather_positions(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``cache [B, H, N, D]`` at positions ``index [B, W]`` -> ``[B, H, W, D]`` (contiguous)."""
+    if cache.shape[0] == 1:  # index_select is ~10x faster than gather with an expanded index
+        return cache.index_select(2, index[0])
+    heads, dim = cache.shape[1], cache.shape[-1]
+    return cache.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))
+
+
+def _with_dump_slot(window: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, D]`` -> ``[B, H, W + 1, D]`` with a zero slot at the end."""
+    return F.pad(window, (0, 0, 0, 1))
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_valid: torch.Tensor,
+    key_valid: torch.Tensor | None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Non-causal attention of queries ``q [B, H, Q, D]`` over window keys/values ``[B, H_kv, W, D]``.
 
-    ``key_valid [B, W]`` marks real window entries (padding and invalid keys are never attended);
-    ``H`` must be a multiple of ``H_kv`` (grouped-query attention). Returns ``[B, H, Q, D]``.
+    ``key_valid [B, W]`` marks real window entries (padding and invalid keys are never attended;
+    ``None``: all real); ``H`` must be a multiple of ``H_kv`` (grouped-query attention, served by SDPA's
+    ``enable_gqa`` without copying the keys). Returns ``[B, H, Q, D]``.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"query heads {heads} must be a multiple of key/value heads {kv_heads}")
-    if kv_heads != heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    mask = key_valid[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
 
 
 def predicted_flop_ratio(

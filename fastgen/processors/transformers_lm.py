@@ -35,9 +35,11 @@ wraps the implementation the model had (SDPA, eager, or SparseD's function when 
 - refresh step (:meth:`WindowState.refresh`): the layer's post-RoPE keys/values of the positions run
   are written into the :class:`~fastgen.attention.window.WindowKVCache`, then the wrapped function
   computes attention as it would without Window-Diffusion (SparseD's pattern applies here);
+- after the refresh (:meth:`WindowState.freeze_window`): the phase's window positions are copied once
+  per layer from the cache into a contiguous window buffer;
 - pruned step (:meth:`WindowState.pruned`): the model was called with the active tokens only (their
-  absolute ``position_ids``); their fresh keys/values are scattered into the cache at their positions
-  and they attend to the cached keys/values gathered at the window positions.
+  absolute ``position_ids``); their fresh keys/values are written into the window buffer at their
+  slots and they attend to the whole buffer (no per-step gather).
 
 ``apply_sparse_attention(model, WindowDiffusionConfig(...))`` only records the config on the model
 (the pipeline then uses it for every call); nothing in the model changes until a generation starts.
@@ -196,14 +198,19 @@ def sparsed_attention_forward(
         )
         return dense()
     pattern = state.patterns.get(layer)
-    if pattern is None or not pattern.matches(query.shape[0], query.shape[1], query.shape[2]):
+    if pattern is None or tuple(pattern.block_mask.shape[:2]) != (query.shape[0], query.shape[1]):
         log_once("fastgen SparseD: dense attention (no pattern for this layer and shape)", logging.INFO)
         return dense()
+    if pattern.num_tokens != query.shape[2]:  # Window-Diffusion's Dream rules: refresh prefixes grow
+        log_once(
+            "fastgen SparseD: pattern reused on a call of another length (tiles it never saw run dense)",
+            logging.INFO,
+        )
     out = sparsed_attention(
         query,
         repeat_kv(key, groups),
         repeat_kv(value, groups),
-        pattern.block_mask,
+        pattern.for_length(query.shape[2]),
         pattern.block_size,
         key_padding_mask=key_padding_mask,
         scale=scale,
@@ -384,24 +391,26 @@ class WindowState:
     """``"refresh"``, ``"pruned"`` or ``"off"`` (plain forward, cache untouched)."""
     query_index: torch.Tensor | None = None
     """Pruned step: positions ``[B, Q]`` of the rows the model runs (padding: the dump slot)."""
-    window_index: torch.Tensor | None = None
-    """Pruned step: positions ``[B, W]`` of the keys attended (padding: the dump slot)."""
-    window_valid: torch.Tensor | None = None
-    """Pruned step: ``[B, W]`` bool, real window entries."""
+    query_slots: torch.Tensor | None = None
+    """Pruned step: slots ``[B, Q]`` of those rows in the phase's window buffer."""
     pruned_calls: int = 0
     """Attention calls served from the cache in this generation."""
 
     def refresh(self) -> None:
         """Next forward is a refresh: write keys/values of the positions run, attend as usual."""
         self.mode = "refresh"
-        self.query_index = self.window_index = self.window_valid = None
+        self.query_index = self.query_slots = None
 
-    def pruned(
-        self, query_index: torch.Tensor, window_index: torch.Tensor, window_valid: torch.Tensor
-    ) -> None:
-        """Next forward runs the rows at ``query_index``; they attend to the cache at ``window_index``."""
+    def freeze_window(self, window_index: torch.Tensor, window_valid: torch.Tensor) -> None:
+        """After a refresh: the phase's window ``window_index [B, W]`` (``window_valid [B, W]``) is copied
+        once into the cache's contiguous window buffer that the phase's pruned steps read and update."""
+        self.cache.freeze_window(window_index, window_valid)
+
+    def pruned(self, query_index: torch.Tensor) -> None:
+        """Next forward runs the rows at ``query_index [B, Q]``; they attend to the frozen window."""
         self.mode = "pruned"
-        self.query_index, self.window_index, self.window_valid = query_index, window_index, window_valid
+        self.query_index = query_index
+        self.query_slots = self.cache.window_slots(query_index)
 
 
 def _wrapped_function(module: torch.nn.Module, implementation):
@@ -434,7 +443,7 @@ def window_attention_forward(
     """transformers attention function of Window-Diffusion (q ``[B, H, Q, D]``, k/v ``[B, H_kv, Q, D]``).
 
     Refresh: cache the keys/values of positions ``[0, Q)`` and call the wrapped function. Pruned:
-    scatter them at the state's ``query_index``, gather the window and attend. Returns
+    write them into the phase's window buffer at the state's ``query_slots`` and attend to the buffer. Returns
     ``(attn_output [B, Q, H, D], None)``.
     """
     state: WindowState | None = getattr(module, _WINDOW_ATTR, None)
@@ -451,9 +460,9 @@ def window_attention_forward(
             f"pruned step: the model ran {tuple(query.shape[::2])} (batch, rows) but the plan has "
             f"query_index of shape {tuple(state.query_index.shape)}"
         )
-    state.cache.scatter(layer, state.query_index, key, value)
-    k_window, v_window = state.cache.gather(layer, state.window_index)
-    out = window_attention(query, k_window, v_window, state.window_valid, scale=scaling)
+    state.cache.scatter_window(layer, state.query_slots, key, value)
+    k_window, v_window, key_mask = state.cache.window(layer)
+    out = window_attention(query, k_window, v_window, key_mask, scale=scaling)
     state.pruned_calls += 1
     return out.transpose(1, 2).contiguous(), None
 
