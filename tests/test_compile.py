@@ -63,10 +63,10 @@ def test_compiled_pipeline_compiles_once_per_phase_and_matches_eager():
     """A compiled transformer inside a pipeline: the warm-up step runs dense and the later steps
     sparse (the step comes from the scheduler, no timestep read in the trace), with one graph per
     phase, not one per step, and the same frames as the eager pipeline."""
+    from fastgen.pipelines.tiny_video import build_tiny_wan
     from torch._dynamo.testing import CompileCounter
 
     import fastgen
-    from fastgen.pipelines.tiny_video import build_tiny_wan
 
     config = RectifiedSpaAttnConfig(
         sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=1, min_tokens=64
