@@ -59,6 +59,13 @@ class SparseDPattern:
         b, h = self.block_mask.shape[:2]
         return b == batch and h == heads and self.num_tokens == num_tokens
 
+    def max_blocks_for(self, num_tokens: int) -> int | None:
+        """Index-table width of :meth:`for_length` ``(num_tokens)``: :attr:`max_blocks` at the pattern's
+        own length; at another length every block, since tiles the pattern never saw run densely."""
+        if num_tokens == self.num_tokens:
+            return self.max_blocks
+        return num_blocks(num_tokens, self.block_size)
+
     def for_length(self, num_tokens: int) -> torch.Tensor:
         """The block mask ``[B, H, nb, nb]`` for a self-attention over positions ``[0, num_tokens)``.
 

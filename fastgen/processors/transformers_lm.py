@@ -214,10 +214,7 @@ def sparsed_attention_forward(
         pattern.block_size,
         key_padding_mask=key_padding_mask,
         scale=scale,
-        # a pattern reused at another length computes the tiles it never saw densely: up to every block
-        max_count=pattern.max_blocks
-        if pattern.num_tokens == query.shape[2]
-        else -(-query.shape[2] // pattern.block_size),
+        max_count=pattern.max_blocks_for(query.shape[2]),
         padded_keys=key_padding_mask is not None,  # None when no key is padded (SparseDState.key_padding)
     )
     state.sparse_calls += 1
