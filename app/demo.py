@@ -576,15 +576,6 @@ def draw_chunk_density(stats: list[dict] | None, path: str) -> str:
     return path
 
 
-def _default_causal_loader(preset, model):
-    def load():
-        from fastgen.pipelines.video_runner import load_video_pipeline
-
-        return load_video_pipeline(preset=preset if model is None else None, model=model)
-
-    return load
-
-
 def _default_causal_generate(pipe, **kwargs):
     from fastgen.pipelines.causal_video_runner import generate_causal_video
 
@@ -937,7 +928,7 @@ def build_demo(
                 control.input(backend.redraw_mask, [v_state, v_layer, v_head], v_mask, api_name=False)
 
         causal_backend = CausalDemoBackend(
-            pipeline=LazyPipeline(causal_loader or _default_causal_loader(causal_preset, causal_model)),
+            pipeline=LazyPipeline(causal_loader or _default_video_loader(causal_preset, causal_model)),
             generate=causal_generate or _default_causal_generate,
             limits=limits,
         )
