@@ -990,7 +990,12 @@ class DiffusionLMPipeline:
         bar = tqdm(total=steps, disable=not progress, desc="diffusion-LM steps", leave=False)
         if processor is not None:
             total_steps = windowed.planned_refreshes if windowed is not None else steps
-            processor.begin_generation(self.model, total_steps=total_steps, prompt_length=prompt_length)
+            # the model gets the pipeline's own padding mask (run.mask_4d): declare it, so the
+            # processor never reads the mask's values (no host read; traceable by torch.compile)
+            declared = run.model_valid if run.mask_4d is not None else None
+            processor.begin_generation(
+                self.model, total_steps=total_steps, prompt_length=prompt_length, key_valid=declared
+            )
         try:
             if windowed is not None:
                 windowed.begin(processor)

@@ -141,6 +141,33 @@ def test_sparsed_sparse_step_reads_the_mask_once_per_forward():
     assert len(calls) <= 2, f"host reads grow with the layers: {calls}"
 
 
+def test_sparsed_with_declared_padding_reads_nothing_and_matches_the_checked_mask():
+    """The pipeline declares its key padding (``begin_generation(key_valid=...)``): the pattern step
+    (bf16 on the CPU: the slab engine) and the sparse step then read no tensor value, and the output
+    is the same as with the mask's values checked."""
+    from fastgen import SparseDConfig
+    from fastgen.processors import transformers_lm
+    from tests import test_sparsed as sd
+
+    ids, valid = sd.inputs()
+    outs = {}
+    for declared in (False, True):
+        model = sd.tiny_llama().to(torch.bfloat16)
+        apply_sparse_attention(model, SparseDConfig(skip=0.0, select=0.3, block_size=16))
+        transformers_lm.begin_generation(model, 3, prompt_length=60, key_valid=valid if declared else None)
+        with counting_host_reads() as calls:
+            transformers_lm.set_step(model, 0)  # the pattern step
+            sd.forward(model, ids, valid, additive=True)
+            transformers_lm.set_step(model, 1)
+            outs[declared] = sd.forward(model, ids, valid, additive=True)
+        assert model._fastgen_sparsed.sparse_calls == 2  # both layers ran sparse
+        if declared:
+            assert calls == [], calls
+        else:
+            assert calls, "the undeclared mask is checked (a host read); the counter must see it"
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+
+
 def test_step_tracker_under_compile_counts_scheduler_steps_and_keeps_a_bool():
     """What a compiled forward relies on: the warm-up decision is a watched bool (flips once per
     generation, so the graph guards on it, not on the step), and a pipeline-driven tracker whose

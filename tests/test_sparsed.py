@@ -94,6 +94,71 @@ def test_select_separate_budgets_and_padding():
     )
 
 
+@pytest.mark.parametrize("select", [0.01, 0.13, 0.3, 0.5, 0.97, 1.0])
+def test_selected_blocks_bound_holds_for_every_row(select):
+    """The index-table width comes from the config alone (no read of the mask): it must bound what
+    the selection keeps for any prompt split (int or per-row) and padding, and be tight without
+    padding (one region: exactly ``ceil(select * nkb)``)."""
+    g = torch.Generator().manual_seed(3)
+    for nkb in (1, 2, 7, 10, 33):
+        importance = torch.rand(3, 2, 4, nkb, generator=g)
+        valid = torch.rand(3, nkb, generator=g) > 0.3
+        valid[:, -1] = True
+        one = sparsed_select(importance, select, key_valid_blocks=valid)
+        bound_one = sparsed_mod.selected_blocks_bound(select, nkb, two_budgets=False)
+        assert int(one.sum(-1).max()) <= bound_one
+        full = sparsed_select(importance, select)
+        assert int(full.sum(-1).max()) == bound_one
+        for prompt_end in (0, 16, nkb * 8, torch.tensor([0, nkb * 16 - 5, 40])):
+            if isinstance(prompt_end, torch.Tensor):
+                prompt_end = prompt_end.clamp(max=nkb * 16)
+            prompt = prompt_block_mask(prompt_end, nkb * 16, 16, 3)
+            two = sparsed_select(importance, select, key_valid_blocks=valid, prompt_blocks=prompt)
+            assert int(two.sum(-1).max()) <= sparsed_mod.selected_blocks_bound(select, nkb, two_budgets=True)
+
+
+def test_declared_key_padding_is_checked_and_a_wrong_shape_falls_back_to_dense(caplog):
+    """``begin_generation(key_valid=...)``: bad values raise naming the parameter; a call whose mask
+    does not have the declared shape runs SDPA exactly (logged), never a misaligned padding."""
+    model = tiny_llama()
+    ids, valid = inputs()
+    apply_sparse_attention(model, SparseDConfig(skip=0.0, select=0.3, block_size=BS))
+    for bad in (valid.long(), valid[0], "yes"):
+        with pytest.raises(ValueError, match="key_valid"):
+            transformers_lm.begin_generation(model, 2, key_valid=bad)
+    empty_row = valid.clone()
+    empty_row[1] = False
+    with pytest.raises(ValueError, match="key_valid"):
+        transformers_lm.begin_generation(model, 2, key_valid=empty_row)
+    # declared for batch 2, called with batch 1: dense (the SDPA function), logged
+    transformers_lm.begin_generation(model, 2, key_valid=valid)
+    transformers_lm.set_step(model, 0)
+    forward(model, ids, valid)
+    transformers_lm.set_step(model, 1)
+    with caplog.at_level("INFO", logger="fastgen"):
+        got = forward(model, ids[1:], valid[1:])
+    assert model._fastgen_sparsed.sparse_calls == 0
+    assert "declared key padding" in caplog.text
+    remove_sparse_attention(model)
+    assert torch.equal(got, forward(model, ids[1:], valid[1:]))
+
+
+def test_set_step_decides_the_phase_once():
+    """The forward reads a phase string decided by ``set_step`` (one compiled graph per phase), not
+    the step number."""
+    model = tiny_llama()
+    apply_sparse_attention(model, SparseDConfig(skip=0.25, select=0.3, block_size=BS))
+    state = model._fastgen_sparsed
+    transformers_lm.begin_generation(model, 8)
+    phases = []
+    for step in range(8):
+        transformers_lm.set_step(model, step)
+        phases.append(state.phase())
+    assert phases == ["dense", "pattern"] + ["sparse"] * 6  # round(0.25 * 8) = 2 dense steps
+    transformers_lm.end_generation(model)
+    assert state.phase() == "dense"
+
+
 def test_bad_values_raise():
     for bad in (dict(skip=-0.1), dict(skip=1.5), dict(select=0.0), dict(select=1.5), dict(block_size=24)):
         with pytest.raises(ValueError, match=next(iter(bad))):

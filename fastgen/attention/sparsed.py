@@ -165,7 +165,7 @@ def _native_block_mass(q, k, block_size, key_padding_mask, query_padding_mask, s
         1,
     )
     key_bias = None
-    if not bool(key_valid.all()):  # padded keys and the tail of a partial last block
+    if key_padding_mask is not None or nk % block_size:  # padded keys, the tail of a partial block
         key_bias = torch.zeros(key_valid.shape).masked_fill_(~key_valid, float("-inf"))
     q_weight = None
     if query_padding_mask is not None or nq % block_size:
@@ -323,8 +323,20 @@ def compute_sparsed_pattern(
     mask = sparsed_select(
         importance, select, key_valid_blocks=valid_blocks.to(q.device), prompt_blocks=prompt
     )
-    widest = int(mask.sum(-1).max()) if mask.numel() else 0  # one read, at the pattern step only
+    widest = selected_blocks_bound(select, mask.shape[-1], two_budgets=prompt is not None)
     return SparseDPattern(block_mask=mask, block_size=block_size, num_tokens=n, max_blocks=widest)
+
+
+def selected_blocks_bound(select: float, num_key_blocks: int, two_budgets: bool) -> int:
+    """Most key blocks :func:`sparsed_select` can keep for one query block, from the config alone
+    (no read of the mask: no host synchronisation, nothing data-dependent under ``torch.compile``).
+
+    One budget keeps ``ceil(select * valid) <= ceil(select * nkb)`` blocks (at least one); with the
+    prompt / generated split, ``ceil(select * p) + ceil(select * g) <= ceil(select * nkb) + 1``.
+    """
+    _check_select(select)
+    one = max(1, math.ceil(num_key_blocks * float(select) - 1e-6))
+    return min(num_key_blocks, one + 1 if two_budgets else one)
 
 
 def sparsed_attention(

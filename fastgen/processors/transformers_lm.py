@@ -8,9 +8,13 @@ classes or globally, so several models can carry different configs.
 
 Step protocol (the diffusion-LM pipeline drives it; all three are no-ops on a model without SparseD):
 
-- :func:`begin_generation` ``(model, total_steps, prompt_length=None)`` resets the patterns;
+- :func:`begin_generation` ``(model, total_steps, prompt_length=None, key_valid=None)`` resets the
+  patterns; ``key_valid`` (the pipeline's ``[B, N]`` real-token mask) declares the key padding of
+  every call, so the 4D mask's values are never read (no host read, nothing data-dependent for
+  ``torch.compile``);
 - :func:`set_step` ``(model, step)`` before each denoising forward (0-based over the whole
-  generation, across semi-autoregressive blocks);
+  generation, across semi-autoregressive blocks); it decides the step's phase in Python, so a
+  compiled model sees one of three phase strings (one graph per phase), never the step number;
 - :func:`end_generation` ``(model)`` at the end.
 
 The first ``dense_step_count(skip, total_steps) = max(1, round(skip * total_steps))`` steps run
@@ -86,20 +90,50 @@ class SparseDState:
     """Index of the first generated token (int or ``[B]``); splits the prompt/generated budgets."""
     patterns: dict[int, SparseDPattern] = field(default_factory=dict)
     """Pattern per layer index, computed at the last dense step."""
-    sparse_calls: int = 0
-    """Attention calls served sparsely in this generation."""
+    current_phase: str = "dense"
+    """Phase of the current step, decided by :func:`set_step` (see :meth:`phase`)."""
+    padding_declared: bool = False
+    """Whether :func:`begin_generation` was given the key padding (``key_valid``)."""
+    declared_padding: torch.Tensor | None = None
+    """The declared ``[B, N]`` real-key mask; None when declared and no key is padded."""
+    sparse_call_count: torch.Tensor | None = None
+    """Attention calls served sparsely in this generation (a device counter: no host read per call)."""
     _mask_cache: tuple | None = None
+
+    @property
+    def sparse_calls(self) -> int:
+        """Attention calls served sparsely in this generation (reads the device counter)."""
+        return 0 if self.sparse_call_count is None else int(self.sparse_call_count)
 
     def phase(self) -> str:
         """``"dense"``, ``"pattern"`` (dense, and compute the pattern) or ``"sparse"`` for the current step."""
-        if self.total_steps is None or self.step is None:
+        return self.current_phase
+
+    def phase_of(self, step: int | None) -> str:
+        """The phase of 0-based ``step`` in the current generation (``"dense"`` outside one)."""
+        if self.total_steps is None or step is None:
             return "dense"
         n_dense = dense_step_count(self.config.skip, self.total_steps)
-        if n_dense >= self.total_steps:
+        if n_dense >= self.total_steps or step < n_dense - 1:
             return "dense"
-        if self.step < n_dense - 1:
-            return "dense"
-        return "pattern" if self.step == n_dense - 1 else "sparse"
+        return "pattern" if step == n_dense - 1 else "sparse"
+
+    def count_sparse_call(self, device: torch.device) -> None:
+        """Add one to the device counter of sparse calls (allocated on first use in a generation)."""
+        if self.sparse_call_count is None or self.sparse_call_count.device != device:
+            self.sparse_call_count = torch.zeros((), dtype=torch.long, device=device)
+        self.sparse_call_count.add_(1)
+
+    def declared_key_padding(self, attention_mask: torch.Tensor, batch: int, num_tokens: int):
+        """``(ok, key_padding_mask)`` from the declared padding: only shapes are checked; the call's
+        keys are the first ``num_tokens`` declared positions (Window-Diffusion's refresh prefixes)."""
+        shape_ok = attention_mask.dim() == 4 and tuple(attention_mask.shape[-2:]) == (num_tokens, num_tokens)
+        declared = self.declared_padding
+        if declared is None:
+            return shape_ok, None
+        if not shape_ok or declared.shape[0] != batch or declared.shape[1] < num_tokens:
+            return False, None
+        return True, declared[:, :num_tokens]
 
     def key_padding(self, attention_mask: torch.Tensor, num_tokens: int):
         """``(ok, key_padding_mask)`` for a 4D mask, the mask None when no key is padded; cached per
@@ -177,9 +211,19 @@ def sparsed_attention_forward(
     reason = _unsupported_reason(module, query, key, attention_mask, dropout, kwargs)
     key_padding_mask = None
     if reason is None and attention_mask is not None:
-        ok, key_padding_mask = state.key_padding(attention_mask, key.shape[2])
-        if not ok:
-            reason = "the attention mask is not a key padding mask"
+        if state.padding_declared:
+            ok, key_padding_mask = state.declared_key_padding(attention_mask, query.shape[0], key.shape[2])
+            if not ok:
+                reason = "the attention mask does not have the shape of the declared key padding"
+        elif torch.compiler.is_compiling():  # reading the mask's values would be a host read
+            ok, reason = (
+                False,
+                "under torch.compile the key padding must be declared (begin_generation key_valid)",
+            )
+        else:
+            ok, key_padding_mask = state.key_padding(attention_mask, key.shape[2])
+            if not ok:
+                reason = "the attention mask is not a key padding mask"
     if reason is not None:
         log_once(f"fastgen SparseD: dense attention ({reason})", logging.INFO)
         return dense()
@@ -217,7 +261,7 @@ def sparsed_attention_forward(
         max_count=pattern.max_blocks_for(query.shape[2]),
         padded_keys=key_padding_mask is not None,  # None when no key is padded (SparseDState.key_padding)
     )
-    state.sparse_calls += 1
+    state.count_sparse_call(query.device)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -326,24 +370,53 @@ def stats(model: torch.nn.Module) -> list[dict]:
 
 
 def begin_generation(
-    model: torch.nn.Module, total_steps: int, prompt_length: int | torch.Tensor | None = None
+    model: torch.nn.Module,
+    total_steps: int,
+    prompt_length: int | torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> None:
     """Start a generation of ``total_steps`` denoising steps: patterns are reset.
 
     ``prompt_length`` is the index of the first generated token in the (left-padded) sequence, an
     int or a ``[B]`` tensor; with it prompt and generated keys get separate budgets, without it
     one budget covers all keys.
+
+    ``key_valid`` (bool ``[B, N]``, True on real tokens) declares that every attention mask of this
+    generation is the key padding mask of these rows (over the first ``n`` positions for a call of
+    length ``n``): the sparse path then checks only the mask's shape, never its values. Without it
+    each forward's 4D mask is checked (one host read per forward), and under ``torch.compile`` a
+    masked call falls back to dense attention.
     """
     state = _state(model)
     if state is None:
         return
     dense_step_count(state.config.skip, total_steps)  # validates total_steps
+    declared = None
+    if key_valid is not None:
+        if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool or key_valid.dim() != 2:
+            raise ValueError(
+                f"key_valid={_describe(key_valid)} must be a bool tensor [batch, tokens] (True on real tokens)"
+            )
+        if not bool(key_valid.any(-1).all()):
+            raise ValueError("key_valid has a row without any real token; allowed: at least one True per row")
+        declared = None if bool(key_valid.all()) else key_valid
     state.total_steps = total_steps
     state.step = None
+    state.current_phase = "dense"
     state.prompt_length = prompt_length
+    state.padding_declared = key_valid is not None
+    state.declared_padding = declared
     state.patterns = {}
-    state.sparse_calls = 0
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    state.sparse_call_count = torch.zeros((), dtype=torch.long, device=device)
     state._mask_cache = None
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)} {value.dtype}>"
+    return repr(value)
 
 
 def set_step(model: torch.nn.Module, step: int) -> None:
@@ -356,6 +429,7 @@ def set_step(model: torch.nn.Module, step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < state.total_steps:
         raise ValueError(f"step={step!r} is out of range; allowed: integer in [0, {state.total_steps})")
     state.step = step
+    state.current_phase = state.phase_of(step)
 
 
 def end_generation(model: torch.nn.Module) -> None:
@@ -365,6 +439,9 @@ def end_generation(model: torch.nn.Module) -> None:
         return
     state.total_steps = None
     state.step = None
+    state.current_phase = "dense"
+    state.padding_declared = False
+    state.declared_padding = None
     state._mask_cache = None
 
 
