@@ -19,19 +19,21 @@ def _plain_torch_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
 
 
-def _tiny_wan():
+def _tiny_wan(dtype=torch.float32, **config):
     from fastgen.pipelines.tiny_video import build_tiny_wan
 
-    model = build_tiny_wan(num_layers=2).transformer
+    model = build_tiny_wan(num_layers=2, dtype=dtype).transformer
     apply_sparse_attention(
         model,
-        RectifiedSpaAttnConfig(sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=64),
+        RectifiedSpaAttnConfig(
+            sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=64, **config
+        ),
     )
     g = torch.Generator().manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(1, 16, 2, 8, 8, generator=g),
+        hidden_states=torch.randn(1, 16, 2, 8, 8, generator=g).to(dtype),
         timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
+        encoder_hidden_states=torch.randn(1, 12, 32, generator=g).to(dtype),
         return_dict=False,
     )
     return model, inputs
@@ -50,6 +52,31 @@ def test_rectified_wan_traces_without_graph_breaks_and_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     rows = fastgen_rows(model)
     assert len(rows) == 2 and all(0 < row["density"] < 1 for row in rows)  # both layers ran sparse
+
+
+@pytest.mark.slow  # one dynamo trace of the tiny Wan per variant
+@pytest.mark.parametrize(
+    "dtype, config",
+    [
+        (torch.float32, dict(selection="paper", form="paper")),  # the authors' rule (3D neighbours)
+        (torch.bfloat16, {}),  # bf16 on the CPU: the slab engine, not the native kernel
+    ],
+    ids=["paper-selection", "bf16-slab"],
+)
+def test_rectified_variants_trace_without_graph_breaks(dtype, config):
+    """The paths that still broke the graph: ``selection="paper"`` (``torch.unique`` of the first
+    frame's blocks) and the CPU slab engine (reads of ragged / empty rows); eager's output."""
+    torch._dynamo.reset()
+    model, inputs = _tiny_wan(dtype, **config)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        explanation = torch._dynamo.explain(model)(**inputs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, backend="eager")(**inputs)[0]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
+    rows = fastgen_rows(model)  # both layers ran the sparse processor (the paper rule's 3D
+    assert len(rows) == 2 and all(0 < row["density"] <= 1 for row in rows)  # neighbours may keep all)
 
 
 def fastgen_rows(model):
@@ -149,3 +176,34 @@ def test_light_forcing_chunk_forward_traces_as_one_graph_and_matches_eager():
         compiled = compiled_model(x, torch.full((b,), t), text, return_dict=False)[0]  # same slot rewritten
     assert counter.frame_count == 1  # one graph: no graph break
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # dynamo traces of the tiny LLaDA: three phases x two dtypes (~1 min)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the CPU slab engine
+def test_sparsed_pipeline_compiles_one_graph_per_phase_and_matches_eager(dtype):
+    """SparseD inside the diffusion-LM pipeline with a compiled model and padded rows: one graph per
+    phase (dense warm-up, pattern step, sparse steps; a graph break would add frames), none more
+    for a second generation (new patterns, same guards), and the eager tokens. The pipeline declares
+    its key padding, so the mask's values are never read in the trace; ``set_step`` decides the
+    phase outside it."""
+    from fastgen.pipelines.tiny_lm import build_tiny_llada
+    from torch._dynamo.testing import CompileCounter
+
+    from fastgen import SparseDConfig
+
+    torch._dynamo.reset()
+    pipe = build_tiny_llada(device="cpu", dtype=dtype)
+    apply_sparse_attention(pipe.model, SparseDConfig(skip=0.25, select=0.3, block_size=16))
+    kw = dict(gen_length=48, steps=8, block_length=48, generator=0, progress=False)
+    prompts = ["The quick brown fox jumps over", "a lazy dog"]  # different lengths: left padding
+    eager = pipe(prompts, **kw).sequences
+    state = pipe.model._fastgen_sparsed
+    assert state.sparse_calls == 6 * 2  # steps 2..7 sparse, 2 layers
+    counter = CompileCounter()
+    pipe.model.compile(backend=counter)
+    compiled = pipe(prompts, **kw).sequences
+    assert counter.frame_count == 3, counter.frame_count  # dense, pattern, sparse: no break
+    assert state.sparse_calls == 6 * 2
+    again = pipe(prompts, **kw).sequences
+    assert counter.frame_count == 3
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)

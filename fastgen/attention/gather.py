@@ -317,7 +317,8 @@ def gather_attention(
         out = out.view(b, h, nqb * bs, d)[:, :, :nq]
         return out, None if lse is None else lse.view(b, h, nqb * bs)[:, :, :nq]
     keys = slots * bs
-    ragged = bool((counts_flat != max_k).any()) or nk % bs != 0 or nk != k.shape[2]
+    traced = torch.compiler.is_compiling()  # no host reads in a trace: mask unconditionally
+    ragged = traced or nk % bs != 0 or nk != k.shape[2] or bool((counts_flat != max_k).any())
     key_bias = None
     if ragged or extra_blocks:
         key_bias = torch.zeros(rows, max_k * bs, dtype=torch.float32, device=device)
@@ -334,6 +335,10 @@ def gather_attention(
         lse = torch.empty(rows, bs, dtype=torch.float32, device=device)
     else:
         dest, dest_rows = scatter_out
+    empty = counts == 0  # query blocks that attend to nothing: output 0 (and lse -inf)
+    if extra_blocks:
+        empty = empty & torch.isinf(extra_bias).all(-1).view(b, h, nqb)
+    empty_rows = empty.view(rows)
     chunk = min(rows, _chunk_rows(slots, bs, d, q.element_size(), q.numel() * q.element_size()))
     k_slab = torch.empty(chunk * slots, bs, d, dtype=q.dtype, device=device)
     v_slab = torch.empty_like(k_slab)
@@ -347,22 +352,12 @@ def gather_attention(
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_blocks[sl].view(c, 1, bs, d), kg, vg, 0.0, False, attn_mask=bias, scale=scale
         )
+        o = o.view(c, bs, d).masked_fill_(empty_rows[sl, None, None], 0.0)  # no host read
         if scatter_out is None:
-            out[sl] = o.view(c, bs, d)
-            lse[sl] = l.view(c, bs)
+            out[sl] = o
+            lse[sl] = l.view(c, bs).masked_fill_(empty_rows[sl, None], float("-inf"))
         else:
             dest.index_copy_(0, dest_rows[start * bs : (start + c) * bs], o.view(c * bs, d))
-    empty = counts == 0
-    if extra_blocks:
-        empty = empty & torch.isinf(extra_bias).all(-1).view(b, h, nqb)
     if scatter_out is not None:
-        if bool(empty.any()):
-            dest.index_fill_(0, dest_rows.view(rows, bs)[empty.view(rows)].view(-1), 0.0)
         return dest, None
-    out = out.view(b, h, nqb * bs, d)[:, :, :nq]
-    lse = lse.view(b, h, nqb * bs)[:, :, :nq]
-    if bool(empty.any()):
-        empty = empty.repeat_interleave(bs, dim=-1)[..., :nq]
-        out = out.masked_fill(empty[..., None], 0.0)
-        lse = lse.masked_fill(empty, float("-inf"))
-    return out, lse
+    return out.view(b, h, nqb * bs, d)[:, :, :nq], lse.view(b, h, nqb * bs)[:, :, :nq]

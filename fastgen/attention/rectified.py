@@ -314,9 +314,10 @@ def block_neighbours(
             for dw in (-1, 0, 1):
                 (st, tt), (sh, th), (sw, tw) = window(t, dt), window(h, dh), window(w, dw)
                 pairs[cube[st, sh, sw].reshape(-1), cube[tt, th, tw].reshape(-1)] = True
-    if first_frame:
-        first = torch.unique(cube[0].reshape(-1))
-        pairs[first[:, None], first[None, :]] = True
+    if first_frame:  # no torch.unique: its output size is data-dependent (a host read, a graph break)
+        in_first = torch.zeros(nb, dtype=torch.bool, device=device)
+        in_first[cube[0].reshape(-1)] = True
+        pairs |= in_first[:, None] & in_first[None, :]
     return pairs
 
 
