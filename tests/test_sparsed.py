@@ -130,7 +130,8 @@ def test_declared_key_padding_is_checked_and_a_wrong_shape_falls_back_to_dense(c
     empty_row[1] = False
     with pytest.raises(ValueError, match="key_valid"):
         transformers_lm.begin_generation(model, 2, key_valid=empty_row)
-    # declared for batch 2, called with batch 1: dense (the SDPA function), logged
+    # declared for batch 2, called with batch 1: dense (the SDPA function), logged; also when the
+    # declared rows have no padding at all (nothing to misalign, but the call is not the declared one)
     transformers_lm.begin_generation(model, 2, key_valid=valid)
     transformers_lm.set_step(model, 0)
     forward(model, ids, valid)
@@ -139,8 +140,15 @@ def test_declared_key_padding_is_checked_and_a_wrong_shape_falls_back_to_dense(c
         got = forward(model, ids[1:], valid[1:])
     assert model._fastgen_sparsed.sparse_calls == 0
     assert "declared key padding" in caplog.text
+    transformers_lm.begin_generation(model, 2, key_valid=torch.ones_like(valid))
+    transformers_lm.set_step(model, 0)
+    forward(model, ids, torch.ones_like(valid))
+    transformers_lm.set_step(model, 1)
+    got_unpadded = forward(model, ids[1:], valid[1:])
+    assert model._fastgen_sparsed.sparse_calls == 0
     remove_sparse_attention(model)
     assert torch.equal(got, forward(model, ids[1:], valid[1:]))
+    assert torch.equal(got_unpadded, got)
 
 
 def test_set_step_decides_the_phase_once():

@@ -96,6 +96,8 @@ class SparseDState:
     """Whether :func:`begin_generation` was given the key padding (``key_valid``)."""
     declared_padding: torch.Tensor | None = None
     """The declared ``[B, N]`` real-key mask; None when declared and no key is padded."""
+    declared_shape: tuple[int, int] = (0, 0)
+    """``(B, N)`` of the declared mask (calls of another batch or a longer length run dense)."""
     sparse_call_count: torch.Tensor | None = None
     """Attention calls served sparsely in this generation (a device counter: no host read per call)."""
     _mask_cache: tuple | None = None
@@ -127,13 +129,16 @@ class SparseDState:
     def declared_key_padding(self, attention_mask: torch.Tensor, batch: int, num_tokens: int):
         """``(ok, key_padding_mask)`` from the declared padding: only shapes are checked; the call's
         keys are the first ``num_tokens`` declared positions (Window-Diffusion's refresh prefixes)."""
-        shape_ok = attention_mask.dim() == 4 and tuple(attention_mask.shape[-2:]) == (num_tokens, num_tokens)
-        declared = self.declared_padding
-        if declared is None:
+        rows, tokens = self.declared_shape
+        shape_ok = (
+            attention_mask.dim() == 4
+            and tuple(attention_mask.shape[-2:]) == (num_tokens, num_tokens)
+            and batch == rows
+            and num_tokens <= tokens
+        )
+        if not shape_ok or self.declared_padding is None:
             return shape_ok, None
-        if not shape_ok or declared.shape[0] != batch or declared.shape[1] < num_tokens:
-            return False, None
-        return True, declared[:, :num_tokens]
+        return True, self.declared_padding[:, :num_tokens]
 
     def key_padding(self, attention_mask: torch.Tensor, num_tokens: int):
         """``(ok, key_padding_mask)`` for a 4D mask, the mask None when no key is padded; cached per
@@ -406,6 +411,7 @@ def begin_generation(
     state.prompt_length = prompt_length
     state.padding_declared = key_valid is not None
     state.declared_padding = declared
+    state.declared_shape = tuple(key_valid.shape) if key_valid is not None else (0, 0)
     state.patterns = {}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
