@@ -190,7 +190,20 @@ def _resolve_folder(name_or_path: str, trust_remote_code: bool) -> str:
     return snapshot_download(name_or_path, allow_patterns=patterns)
 
 
-def _load_tokenizer(folder: str, family: str | None, trust_remote_code: bool):
+class _ExpectedModelTypeNotice(logging.Filter):
+    """Drops transformers' "You are using a model of type `llada`/`Dream` to instantiate a model of
+    type ``" notice: ``AutoTokenizer`` reads the checkpoint's config with the base config class, and
+    for a family this loader has already recognised the mismatch is expected, not a warning."""
+
+    def __init__(self, model_type: str) -> None:
+        super().__init__()
+        self.marker = f"You are using a model of type `{model_type}` to instantiate a model of type ``."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.marker not in record.getMessage()
+
+
+def _load_tokenizer(folder: str, family: str | None, trust_remote_code: bool, model_type: str | None = None):
     from transformers import AutoTokenizer
 
     if not any(
@@ -199,7 +212,11 @@ def _load_tokenizer(folder: str, family: str | None, trust_remote_code: bool):
     ):
         logger.warning("no tokenizer files in %s; the pipeline will need input_ids", folder)
         return None
+    notice = _ExpectedModelTypeNotice(str(model_type)) if family is not None and model_type else None
+    config_logger = logging.getLogger("transformers.configuration_utils")
     try:
+        if notice is not None:
+            config_logger.addFilter(notice)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - fall back to the plain tokenizer class of the family
         if family == "dream":
@@ -209,6 +226,9 @@ def _load_tokenizer(folder: str, family: str | None, trust_remote_code: bool):
             return Qwen2Tokenizer.from_pretrained(folder)
         logger.warning("could not load the tokenizer of %s: %s", folder, err)
         return None
+    finally:
+        if notice is not None:
+            config_logger.removeFilter(notice)
 
 
 def _build_native(config, state_dict_items, device: torch.device, dtype: torch.dtype):
@@ -312,7 +332,7 @@ def load_diffusion_lm(
     with open(config_path) as f:
         raw = json.load(f)
     family = detect_family(raw)
-    tokenizer = _load_tokenizer(folder, family, trust_remote_code)
+    tokenizer = _load_tokenizer(folder, family, trust_remote_code, raw.get("model_type"))
 
     if trust_remote_code:
         from transformers import AutoModel

@@ -248,3 +248,31 @@ def test_cli_compare_dense_on_the_trained_preset(method, capsys):
     printed = capsys.readouterr().out
     assert f"correct: {method} True, dense True" in printed
     assert "speedup vs dense" in printed
+
+
+def test_loading_a_recognised_family_has_no_model_type_notice():
+    """``AutoTokenizer`` reads the checkpoint's config (``model_type`` ``"llada"``) with the base config
+    class, and transformers warns that the types differ. The loader has recognised the family, so that
+    one notice is dropped while the tokenizer loads; the filter is gone afterwards."""
+    import logging
+
+    from fastgen.pipelines.lm_loaders import load_diffusion_lm
+
+    seen: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    handler = Record()
+    config_logger.addHandler(handler)
+    try:
+        _, tokenizer, _ = load_diffusion_lm(SAMPLE, device="cpu", dtype="float32")
+        assert tokenizer is not None
+        assert not [m for m in seen if "You are using a model of type" in m], seen
+        assert not config_logger.filters
+        config_logger.warning("You are using a model of type `llada` to instantiate a model of type ``.")
+        assert len(seen) == 1  # outside the loader the message is not filtered
+    finally:
+        config_logger.removeHandler(handler)
