@@ -362,3 +362,38 @@ def test_sparsed_runs_sparse_on_dream_rule_refreshes_with_the_naive_pattern(monk
     alone = pipe(acceleration=[wd], **kw)
     everything = pipe(acceleration=[wd, SparseDConfig(skip=0.2, select=1.0, block_size=16)], **kw)
     assert torch.equal(alone.sequences, everything.sequences)
+
+
+def test_sparsed_on_padded_dream_rule_refreshes_keeps_the_padding(monkeypatch):
+    """Dream-rule refreshes of a left-padded batch run prefixes of the sequence: SparseD takes their key
+    padding from the pipeline's declared mask (its first ``n`` positions), so with ``select=1`` the
+    tokens are those of Window-Diffusion alone, and a sparse pattern still decodes every mask."""
+    from fastgen import SparseDConfig
+    from fastgen.processors import transformers_lm
+
+    calls = []
+    real = transformers_lm.sparsed_attention
+    monkeypatch.setattr(
+        transformers_lm,
+        "sparsed_attention",
+        lambda q, *a, **k: calls.append((q.shape[2], k["key_padding_mask"])) or real(q, *a, **k),
+    )
+    pipe = tiny_qwen2(seed=1)
+    rows = prompt_rows((21, 9), seed=7)
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - row.numel() :] = row
+        attn[b, width - row.numel() :] = 1
+    wd = WindowDiffusionConfig(window=20, active=6, refresh_cycle=8, sliding=True)
+    kw = dict(input_ids=ids, attention_mask=attn, gen_length=48, steps=48, progress=False)
+    alone = pipe(acceleration=[wd], **kw)
+    everything = pipe(acceleration=[wd, SparseDConfig(skip=0.2, select=1.0, block_size=16)], **kw)
+    assert calls  # the refreshes after the warm-up ran sparse, on prefixes of several lengths,
+    assert len({n for n, _ in calls}) > 1  # each with the first n declared positions as its padding
+    key_valid = torch.cat([attn.bool(), torch.ones(len(rows), 48, dtype=torch.bool)], dim=1)
+    assert all(torch.equal(padding, key_valid[:, :n]) for n, padding in calls)
+    assert torch.equal(alone.sequences, everything.sequences)
+    sparse = pipe(acceleration=[wd, SparseDConfig(skip=0.2, select=0.3, block_size=16)], **kw)
+    assert not (sparse.sequences[:, width:] == MASK).any()
