@@ -28,6 +28,7 @@ import torch
 from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
 
 from fastgen import WindowDiffusionConfig
+from tests.test_window_diffusion import tiny_pipe
 
 MASK = 61
 VOCAB = 64
@@ -35,26 +36,9 @@ EPS = 1e-3
 
 
 def tiny_qwen2(seed: int = 0) -> DiffusionLMPipeline:
-    """A Dream-shaped tiny model: Qwen2ForCausalLM, 4 query heads over 2 key/value heads, 2 layers."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        use_cache=False,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
-    model.config.fastgen_family = "dream"
+    """A Dream-shaped tiny model (Qwen2ForCausalLM, 4 query heads over 2 key/value heads, 2 layers: the
+    one of tests/test_window_diffusion.py) whose mask id is not the last vocabulary id."""
+    model = tiny_pipe("dream", seed=seed).model
     model.config.fastgen_mask_token_id = MASK
     return DiffusionLMPipeline(model, mask_token_id=MASK)
 
@@ -62,6 +46,17 @@ def tiny_qwen2(seed: int = 0) -> DiffusionLMPipeline:
 def prompt_rows(lengths=(11, 6), seed=3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, MASK, (n,), generator=g) for n in lengths]
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``rows`` left-padded to the longest (pad id 0)."""
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - row.numel() :] = row
+        attn[b, width - row.numel() :] = 1
+    return ids, attn
 
 
 class StaleKeysValues:
@@ -218,12 +213,8 @@ def test_batch_of_two_with_left_padding_equals_rows_alone_and_the_statement(shif
     gen_length, steps, window, active, refresh_cycle = CASES["one-token-per-step"]
     pipe = tiny_qwen2(seed=1)
     rows = prompt_rows((11, 6), seed=5)
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - row.numel() :] = row
-        attn[b, width - row.numel() :] = 1
+    ids, attn = left_padded(rows)
+    width = ids.shape[1]
     cfg = WindowDiffusionConfig(window=window, active=active, refresh_cycle=refresh_cycle, sliding=True)
     kw = dict(gen_length=gen_length, steps=steps, logits_shift=shift, acceleration=[cfg], progress=False)
     batch = pipe(input_ids=ids, attention_mask=attn, **kw)
@@ -380,12 +371,8 @@ def test_sparsed_on_padded_dream_rule_refreshes_keeps_the_padding(monkeypatch):
     )
     pipe = tiny_qwen2(seed=1)
     rows = prompt_rows((21, 9), seed=7)
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - row.numel() :] = row
-        attn[b, width - row.numel() :] = 1
+    ids, attn = left_padded(rows)
+    width = ids.shape[1]
     wd = WindowDiffusionConfig(window=20, active=6, refresh_cycle=8, sliding=True)
     kw = dict(input_ids=ids, attention_mask=attn, gen_length=48, steps=48, progress=False)
     alone = pipe(acceleration=[wd], **kw)

@@ -317,8 +317,13 @@ def gather_attention(
         out = out.view(b, h, nqb * bs, d)[:, :, :nq]
         return out, None if lse is None else lse.view(b, h, nqb * bs)[:, :, :nq]
     keys = slots * bs
-    traced = torch.compiler.is_compiling()  # no host reads in a trace: mask unconditionally
-    ragged = traced or nk % bs != 0 or nk != k.shape[2] or bool((counts_flat != max_k).any())
+    # no host reads in a trace: there every row is masked
+    ragged = (
+        torch.compiler.is_compiling()
+        or nk % bs != 0
+        or nk != k.shape[2]
+        or bool((counts_flat != max_k).any())
+    )
     key_bias = None
     if ragged or extra_blocks:
         key_bias = torch.zeros(rows, max_k * bs, dtype=torch.float32, device=device)

@@ -92,14 +92,14 @@ class SparseDState:
     """Pattern per layer index, computed at the last dense step."""
     current_phase: str = "dense"
     """Phase of the current step, decided by :func:`set_step` (see :meth:`phase`)."""
-    padding_declared: bool = False
-    """Whether :func:`begin_generation` was given the key padding (``key_valid``)."""
+    declared_shape: tuple[int, int] | None = None
+    """``(B, N)`` of the key padding :func:`begin_generation` was given (``key_valid``), None when none
+    was; calls of another batch or a longer length run dense."""
     declared_padding: torch.Tensor | None = None
     """The declared ``[B, N]`` real-key mask; None when declared and no key is padded."""
-    declared_shape: tuple[int, int] = (0, 0)
-    """``(B, N)`` of the declared mask (calls of another batch or a longer length run dense)."""
     sparse_call_count: torch.Tensor | None = None
-    """Attention calls served sparsely in this generation (a device counter: no host read per call)."""
+    """Attention calls served sparsely in this generation (a device counter allocated by
+    :func:`begin_generation`: no host read per call)."""
     _mask_cache: tuple | None = None
 
     @property
@@ -119,12 +119,6 @@ class SparseDState:
         if n_dense >= self.total_steps or step < n_dense - 1:
             return "dense"
         return "pattern" if step == n_dense - 1 else "sparse"
-
-    def count_sparse_call(self, device: torch.device) -> None:
-        """Add one to the device counter of sparse calls (allocated on first use in a generation)."""
-        if self.sparse_call_count is None or self.sparse_call_count.device != device:
-            self.sparse_call_count = torch.zeros((), dtype=torch.long, device=device)
-        self.sparse_call_count.add_(1)
 
     def declared_key_padding(self, attention_mask: torch.Tensor, batch: int, num_tokens: int):
         """``(ok, key_padding_mask)`` from the declared padding: only shapes are checked; the call's
@@ -216,7 +210,7 @@ def sparsed_attention_forward(
     reason = _unsupported_reason(module, query, key, attention_mask, dropout, kwargs)
     key_padding_mask = None
     if reason is None and attention_mask is not None:
-        if state.padding_declared:
+        if state.declared_shape is not None:
             ok, key_padding_mask = state.declared_key_padding(attention_mask, query.shape[0], key.shape[2])
             if not ok:
                 reason = "the attention mask does not have the shape of the declared key padding"
@@ -266,7 +260,7 @@ def sparsed_attention_forward(
         max_count=pattern.max_blocks_for(query.shape[2]),
         padded_keys=key_padding_mask is not None,  # None when no key is padded (SparseDState.key_padding)
     )
-    state.count_sparse_call(query.device)
+    state.sparse_call_count.add_(1)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -409,9 +403,8 @@ def begin_generation(
     state.step = None
     state.current_phase = "dense"
     state.prompt_length = prompt_length
-    state.padding_declared = key_valid is not None
     state.declared_padding = declared
-    state.declared_shape = tuple(key_valid.shape) if key_valid is not None else (0, 0)
+    state.declared_shape = tuple(key_valid.shape) if key_valid is not None else None
     state.patterns = {}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -446,7 +439,7 @@ def end_generation(model: torch.nn.Module) -> None:
     state.total_steps = None
     state.step = None
     state.current_phase = "dense"
-    state.padding_declared = False
+    state.declared_shape = None
     state.declared_padding = None
     state._mask_cache = None
 
