@@ -46,8 +46,9 @@ class SparseDPattern:
     num_tokens: int
     """Sequence length the pattern was computed for (query and key length)."""
     max_blocks: int | None = None
-    """Most key blocks any query block selects (read once, when the pattern is made): the index
-    table width of every later call, so those calls read nothing back from the device."""
+    """An upper bound of the key blocks any query block selects (:func:`selected_blocks_bound`, from the
+    config): the index-table width of every later call, so those calls read nothing back from the
+    device."""
 
     @property
     def density(self) -> float:

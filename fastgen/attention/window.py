@@ -156,7 +156,7 @@ class WindowKVCache:
     def window_slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Slots ``[B, Q]`` of the frozen window holding ``positions [B, Q]`` (ascending, padding = the
         dump index). ``ValueError`` if a real position is not in the window (it would read stale keys)."""
-        index = getattr(self, "window_index", None)
+        index = self.window_index
         if index is None:
             raise ValueError("no frozen window: call freeze_window after the refresh step")
         width = index.shape[1]
