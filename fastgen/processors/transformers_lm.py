@@ -469,8 +469,6 @@ class WindowState:
     """Pruned step: positions ``[B, Q]`` of the rows the model runs (padding: the dump slot)."""
     query_slots: torch.Tensor | None = None
     """Pruned step: slots ``[B, Q]`` of those rows in the phase's window buffer."""
-    pruned_calls: int = 0
-    """Attention calls served from the cache in this generation."""
 
     def refresh(self) -> None:
         """Next forward is a refresh: write keys/values of the positions run, attend as usual."""
@@ -539,7 +537,6 @@ def window_attention_forward(
     state.cache.scatter_window(layer, state.query_slots, key, value)
     k_window, v_window, key_mask = state.cache.window(layer)
     out = window_attention(query, k_window, v_window, key_mask, scale=scaling)
-    state.pruned_calls += 1
     return out.transpose(1, 2).contiguous(), None
 
 
