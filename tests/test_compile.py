@@ -209,47 +209,62 @@ def test_sparsed_pipeline_compiles_one_graph_per_phase_and_matches_eager(dtype):
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
 
 
-@pytest.mark.slow  # dynamo traces of the tiny LLaDA: five or six graphs (~20 s each)
-@pytest.mark.parametrize("with_sparsed", [False, True])
-def test_window_diffusion_pipeline_traces_without_breaks_and_matches_eager(with_sparsed):
+@pytest.mark.slow  # dynamo traces of tiny diffusion LMs: five or six graphs (~20 s each)
+@pytest.mark.parametrize(
+    "rules, with_sparsed, frames",
+    [
+        # refresh (cache empty), pruned (first row count), pruned (row count dynamic), refresh (cache
+        # allocated), pruned (window width dynamic)
+        ("llada", False, 5),
+        ("llada", True, 6),  # + SparseD's sparse refreshes
+        ("dream", False, 6),  # + the refresh prefix's length dynamic (it grows every phase)
+    ],
+)
+def test_window_diffusion_pipeline_traces_without_breaks_and_matches_eager(rules, with_sparsed, frames):
     """Window-Diffusion inside the diffusion-LM pipeline with a compiled model and padded rows: no
     graph break, a bounded set of graphs for a whole generation (the pruned steps' row count and the
     phase's window width become dynamic dimensions after their first change instead of a recompile
-    per step), none more for a second generation, and the eager tokens. The sets, the packing and
-    the check that every query lies in the frozen window run in the pipeline, outside the model.
-    With SparseD on the refresh steps one graph more: its sparse refreshes."""
-    from fastgen.pipelines.tiny_lm import build_tiny_llada
+    per step; a recompile per step or a break would add frames), none more for a second generation,
+    and the eager tokens. LLaDA rules on the tiny LLaDA, alone and with SparseD on the refreshes;
+    Dream rules (sliding span, truncated refresh prefix, logit shift) on a tiny GQA Qwen2. The sets,
+    the packing and the check that every query lies in the frozen window run in the pipeline,
+    outside the model."""
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
 
     from fastgen import SparseDConfig, WindowDiffusionConfig
+    from tests.test_window_diffusion import prompts, tiny_pipe
 
     torch._dynamo.reset()
     counters.clear()
-    pipe = build_tiny_llada(device="cpu", dtype=torch.float32)
-    wd = WindowDiffusionConfig(window=16, active=4, refresh_cycle=8)
+    pipe = tiny_pipe(rules)
+    ids, attn = prompts()  # batch 2, left padding
+    if rules == "llada":
+        wd = WindowDiffusionConfig(window=16, active=4, refresh_cycle=8)
+    else:
+        wd = WindowDiffusionConfig(window=24, active=4, refresh_cycle=8, sliding=True)
     acceleration = [wd, SparseDConfig(skip=0.25, select=0.3, block_size=16)] if with_sparsed else [wd]
-    kw = dict(
-        gen_length=48, steps=48, block_length=48, generator=0, progress=False, acceleration=acceleration
-    )
-    prompts = ["The quick brown fox jumps over", "a lazy dog"]  # different lengths: left padding
     states = []  # SparseD's state of each generation (the pipeline removes it from the model at the end)
-    kw["callback"] = lambda step, x: states.append(getattr(pipe.model, "_fastgen_sparsed", None))
-    eager = pipe(prompts, **kw)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=attn,
+        gen_length=48,
+        steps=48,
+        progress=False,
+        acceleration=acceleration,
+        callback=lambda step, x: states.append(getattr(pipe.model, "_fastgen_sparsed", None)),
+    )
+    eager = pipe(**kw)
     assert sum(t["refresh"] for t in eager.window_trace) == 6  # 48 steps, a refresh every 8
     sparse_calls = states[-1].sparse_calls if with_sparsed else 0
     assert sparse_calls == 4 * 2 or not with_sparsed  # 6 refreshes: 2 dense warm-up, 4 sparse x 2 layers
     counter = CompileCounter()
     pipe.model.compile(backend=counter)
-    compiled = pipe(prompts, **kw).sequences
+    compiled = pipe(**kw).sequences
     if with_sparsed:  # the compiled refreshes ran SparseD's sparse path as often as eager's
         assert states[-1].sparse_calls == sparse_calls
-    # refresh (cache empty), pruned (first row count), pruned (row count dynamic), refresh (cache
-    # allocated), pruned (window width dynamic), with SparseD its sparse refreshes; a recompile per
-    # step or a break would add frames
-    frames = 6 if with_sparsed else 5
     assert counter.frame_count == frames, counter.frame_count
     assert not counters["graph_break"], dict(counters["graph_break"])
-    again = pipe(prompts, **kw).sequences
+    again = pipe(**kw).sequences
     assert counter.frame_count == frames
     assert torch.equal(compiled, eager.sequences) and torch.equal(again, eager.sequences)
