@@ -569,3 +569,39 @@ def test_window_bench_pruned_attention_section():
     assert names[0] == "sdpa" and {"sparsed block 16 gather", "sparsed block 16 torch"} <= set(names)
     assert all(r["ms"] > 0 and r["queries"] == 5 and r["keys"] == 40 for r in rows)
     assert "sparsed block 16 torch" in format_table({"results": [], "pruned_attention": rows})
+
+
+def test_window_bench_real_scale_shapes_are_the_published_models(monkeypatch):
+    """``--scale real`` builds the published LLaDA-8B and Dream-7B shapes (meta device: nothing is
+    allocated). Expected figures from the model cards, not from the bench's table: LLaDA-8B 8.02B
+    parameters, MHA, no attention biases, mask id 126336; Dream-7B (Qwen2.5-7B) 7.61B, 4 KV heads, q/k/v
+    biases, mask id 151666."""
+    from fastgen.bench.window import build_model
+
+    # the suite's NaN-filling torch.empty (tests/conftest.py) would allocate on the CPU under meta
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    expected = {"llada": (8.02e9, 32, False, 126336), "dream": (7.61e9, 4, True, 151666)}
+    for family, (params, kv_heads, bias, mask_id) in expected.items():
+        pipe = build_model(family, 1536, device="meta", dtype="bfloat16", scale="real")
+        model = pipe.model
+        assert abs(sum(p.numel() for p in model.parameters()) - params) / params < 0.005
+        attn = model.model.layers[0].self_attn
+        assert model.config.num_key_value_heads == kv_heads and (attn.q_proj.bias is not None) == bias
+        assert pipe.mask_token_id == mask_id and next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="scale='huge'"):
+        build_model("llada", 64, scale="huge")
+
+
+def test_window_bench_real_scale_path_runs_with_a_mask_id_inside_the_vocabulary(monkeypatch):
+    """The real-scale path of the bench end to end, on a shrunken copy of the real table: the mask id is
+    not the last id there, and the prompt's random tokens stay below it."""
+    from fastgen.bench import window as bench
+
+    small = {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 32, "layers": 2, "mlp": 128,
+             "vocab": 300, "mask_token_id": 290, "rope_theta": 10000.0}  # fmt: skip
+    monkeypatch.setitem(bench.REAL_SHAPES, "dream", small)
+    report = bench.run_window_bench(families=("dream",), prompt_length=16, gen_lengths=(16,), agreement_up_to=16,
+                                    variants=("window_diffusion",), scale="real", device="cpu", dtype="float32")  # fmt: skip
+    row = report["results"][0]
+    assert report["scale"] == "real" and row["shape"] == small
+    assert row["window_diffusion"]["steps_run"] == 16 and row["window_diffusion"]["tokens_per_s"] > 0

@@ -19,7 +19,10 @@ Two more sections in the same report:
   Window-Diffusion + threshold, with task accuracy and steps run.
 
 Run: ``fastgen bench window`` (prompt 512, gen 256 and 1024, 3 rounds at 256, 1 at 1024);
-``fastgen bench window --quick`` is the smoke test (prompt 64, gen 64, one round).
+``fastgen bench window --quick`` is the smoke test (prompt 64, gen 64, one round). On a GPU,
+``--scale real --device cuda --dtype bfloat16`` runs the published LLaDA-8B / Dream-7B shapes with random
+weights (``scripts/gpu_window_check.sh``); CUDA timings are synchronised and the report adds the peak
+CUDA memory.
 """
 
 from __future__ import annotations
@@ -49,18 +52,36 @@ SHAPES = {
 
 VOCAB = 256
 
+REAL_SHAPES = {
+    "llada": {
+        "hidden": 4096, "heads": 32, "kv_heads": 32, "head_dim": 128, "layers": 32, "mlp": 12288,
+        "vocab": 126464, "mask_token_id": 126336, "rope_theta": 500000.0,
+    },
+    "dream": {
+        "hidden": 3584, "heads": 28, "kv_heads": 4, "head_dim": 128, "layers": 28, "mlp": 18944,
+        "vocab": 152064, "mask_token_id": 151666, "rope_theta": 1000000.0,
+    },
+}  # fmt: skip
+"""``--scale real``: the published LLaDA-8B and Dream-7B (Qwen2.5-7B) shapes, vocabularies and mask ids,
+with random weights (a GPU measurement: 16 / 15 GB in bf16; no checkpoint is read)."""
+
 VARIANTS = ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold")
 """The accelerated variants timed against dense (one token per step)."""
 
 
-def build_model(family: str, max_positions: int, device=None, dtype=None, seed: int = 0):
-    """A tiny ``LlamaForCausalLM`` (``"llada"``) or ``Qwen2ForCausalLM`` (``"dream"``) pipeline, mask = last id."""
+def build_model(family: str, max_positions: int, device=None, dtype=None, seed: int = 0, scale: str = "tiny"):
+    """A tiny ``LlamaForCausalLM`` (``"llada"``) or ``Qwen2ForCausalLM`` (``"dream"``) pipeline, mask = last id;
+    ``scale="real"``: the published model's shape (:data:`REAL_SHAPES`), random weights made on ``device``."""
     from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
 
-    shape = SHAPES[family]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if scale == "real":
+        return _build_real(family, max_positions, device, dtype, seed)
+    if scale != "tiny":
+        raise ValueError(f"scale={scale!r}: allowed 'tiny' or 'real'")
+    shape = SHAPES[family]
     if family == "llada":
         from fastgen.pipelines.tiny_lm import build_tiny_llama
 
@@ -99,6 +120,53 @@ def build_model(family: str, max_positions: int, device=None, dtype=None, seed: 
     return DiffusionLMPipeline(model.to(device=device, dtype=dtype), mask_token_id=VOCAB - 1)
 
 
+def _build_real(family: str, max_positions: int, device, dtype, seed: int):
+    """The published shape of ``family`` with random weights, built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
+
+    if family not in REAL_SHAPES:
+        raise ValueError(f"family={family!r}: allowed {', '.join(REAL_SHAPES)}")
+    shape = REAL_SHAPES[family]
+    common = dict(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+        tie_word_embeddings=False,
+        use_cache=False,
+        pad_token_id=0,
+    )
+    if family == "llada":
+        from transformers import LlamaForCausalLM as cls
+
+        config = LlamaConfig(head_dim=shape["head_dim"], **common)
+    else:
+        from transformers import Qwen2ForCausalLM as cls
+
+        config = Qwen2Config(**common)
+    config._attn_implementation = "sdpa"
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=fork_devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = cls._from_config(config, dtype=dtype).eval()
+    model.config.fastgen_family = family
+    model.config.fastgen_mask_token_id = shape["mask_token_id"]
+    return DiffusionLMPipeline(model, mask_token_id=shape["mask_token_id"])
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(fn, **kwargs):
     """``(fn(**kwargs), wall seconds)``, synchronised on CUDA."""
     if torch.cuda.is_available():
@@ -126,9 +194,11 @@ def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
                     torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
                 )
                 calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
+                _sync(model.device)
                 start = time.perf_counter()
                 for _ in range(calls):
                     model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                _sync(model.device)
                 times[n].append((time.perf_counter() - start) / calls)
     return statistics.median(times[total]) / statistics.median(times[rows])
 
@@ -154,6 +224,7 @@ def run_window_bench(
     dtype: str | None = None,
     seed: int = 0,
     variants: tuple[str, ...] = VARIANTS,
+    scale: str = "tiny",
     on_row=None,
 ) -> dict:
     """Measure every variant per family and generation length; returns a JSON-ready report.
@@ -170,11 +241,16 @@ def run_window_bench(
         "results": [],
     }
     for family in families:
-        shape = SHAPES[family]
-        pipe = build_model(family, prompt_length + max(gen_lengths), device=device, dtype=dtype, seed=seed)
+        shape = (REAL_SHAPES if scale == "real" else SHAPES)[family]
+        pipe = None  # the previous family's model is freed before the next one is built
+        pipe = build_model(
+            family, prompt_length + max(gen_lengths), device=device, dtype=dtype, seed=seed, scale=scale
+        )
         report["device"] = str(pipe.device)
+        report["scale"] = scale
         g = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, VOCAB - 1, (1, prompt_length), generator=g).to(pipe.device)
+        # random prompt tokens below the mask id (the tiny models' mask is their last id)
+        input_ids = torch.randint(0, pipe.mask_token_id, (1, prompt_length), generator=g).to(pipe.device)
         wd = WindowDiffusionConfig().resolved(family)
         every = {
             "window_diffusion": dict(acceleration=[wd]),
@@ -265,6 +341,8 @@ def run_window_bench(
             if on_row is not None:
                 on_row(report)
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and report["device"] and report["device"].startswith("cuda"):
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     report["loadavg_end"] = os.getloadavg()
     return report
 
@@ -495,6 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS, help="default: all")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument(
+        "--scale",
+        default="tiny",
+        choices=("tiny", "real"),
+        help="tiny: the 4-layer bench shapes (default); real: LLaDA-8B / Dream-7B shapes, random weights (GPU)",
+    )
+    p.add_argument(
         "--pruned-attention", type=int, default=1, help="1: also time a pruned step's attention call alone"
     )
     p.add_argument(
@@ -521,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         variants=tuple(args.variants),
         device=args.device,
         dtype=args.dtype,
+        scale=args.scale,
         on_row=lambda partial: _write(args.json, partial),
     )
     if args.pruned_attention:
