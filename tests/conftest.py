@@ -11,10 +11,17 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidi
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils._device  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# torch caches the set of factory functions a ``with torch.device(...)`` context redirects the first
+# time one is entered: if that happened inside a test, the set would hold that test's NaN-filling
+# wrapper below instead of ``torch.empty``, and every later ``with torch.device("meta")`` would
+# allocate ``torch.empty`` on the CPU. Build the set now, from the real functions.
+torch.utils._device._device_constructors()
 
 
 @pytest.fixture(autouse=True)
