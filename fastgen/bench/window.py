@@ -39,6 +39,7 @@ import time
 import torch
 
 from fastgen.attention.window import predicted_flop_ratio
+from fastgen.bench.attention import _synchronize
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 from fastgen.metrics import token_agreement
 
@@ -98,19 +99,7 @@ def build_model(family: str, max_positions: int, device=None, dtype=None, seed: 
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=shape["hidden"],
-            intermediate_size=shape["mlp"],
-            num_hidden_layers=shape["layers"],
-            num_attention_heads=shape["heads"],
-            num_key_value_heads=shape["kv_heads"],
-            max_position_embeddings=max_positions,
-            use_cache=False,
-            initializer_range=0.1,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-        )
+        config = Qwen2Config(**_config_fields(shape, VOCAB, max_positions), initializer_range=0.1)
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -118,6 +107,22 @@ def build_model(family: str, max_positions: int, device=None, dtype=None, seed: 
     model.config.fastgen_family = family
     model.config.fastgen_mask_token_id = VOCAB - 1
     return DiffusionLMPipeline(model.to(device=device, dtype=dtype), mask_token_id=VOCAB - 1)
+
+
+def _config_fields(shape: dict, vocab: int, max_positions: int) -> dict:
+    """The transformers config fields of a bench shape (shared by the Llama and Qwen2 configs)."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max_positions,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
 
 
 def _build_real(family: str, max_positions: int, device, dtype, seed: int):
@@ -129,19 +134,8 @@ def _build_real(family: str, max_positions: int, device, dtype, seed: int):
     if family not in REAL_SHAPES:
         raise ValueError(f"family={family!r}: allowed {', '.join(REAL_SHAPES)}")
     shape = REAL_SHAPES[family]
-    common = dict(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-        tie_word_embeddings=False,
-        use_cache=False,
-        pad_token_id=0,
-    )
+    common = _config_fields(shape, shape["vocab"], max_positions)
+    common["rope_parameters"] = {"rope_type": "default", "rope_theta": shape["rope_theta"]}
     if family == "llada":
         from transformers import LlamaForCausalLM as cls
 
@@ -160,11 +154,6 @@ def _build_real(family: str, max_positions: int, device, dtype, seed: int):
     model.config.fastgen_family = family
     model.config.fastgen_mask_token_id = shape["mask_token_id"]
     return DiffusionLMPipeline(model, mask_token_id=shape["mask_token_id"])
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(fn, **kwargs):
@@ -194,11 +183,11 @@ def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
                     torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
                 )
                 calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
-                _sync(model.device)
+                _synchronize(model.device)
                 start = time.perf_counter()
                 for _ in range(calls):
                     model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                _sync(model.device)
+                _synchronize(model.device)
                 times[n].append((time.perf_counter() - start) / calls)
     return statistics.median(times[total]) / statistics.median(times[rows])
 
@@ -238,6 +227,7 @@ def run_window_bench(
         "loadavg_start": os.getloadavg(),
         "clock": "wall (time.perf_counter), median of rounds",
         "prompt_length": prompt_length,
+        "scale": scale,
         "results": [],
     }
     for family in families:
@@ -247,7 +237,6 @@ def run_window_bench(
             family, prompt_length + max(gen_lengths), device=device, dtype=dtype, seed=seed, scale=scale
         )
         report["device"] = str(pipe.device)
-        report["scale"] = scale
         g = torch.Generator().manual_seed(seed)
         # random prompt tokens below the mask id (the tiny models' mask is their last id)
         input_ids = torch.randint(0, pipe.mask_token_id, (1, prompt_length), generator=g).to(pipe.device)
@@ -341,7 +330,7 @@ def run_window_bench(
             if on_row is not None:
                 on_row(report)
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available() and report["device"] and report["device"].startswith("cuda"):
+    if str(report["device"]).startswith("cuda"):
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     report["loadavg_end"] = os.getloadavg()
     return report

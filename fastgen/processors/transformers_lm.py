@@ -215,10 +215,7 @@ def sparsed_attention_forward(
             if not ok:
                 reason = "the attention mask does not have the shape of the declared key padding"
         elif torch.compiler.is_compiling():  # reading the mask's values would be a host read
-            ok, reason = (
-                False,
-                "under torch.compile the key padding must be declared (begin_generation key_valid)",
-            )
+            reason = "under torch.compile the key padding must be declared (begin_generation key_valid)"
         else:
             ok, key_padding_mask = state.key_padding(attention_mask, key.shape[2])
             if not ok:
