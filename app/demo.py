@@ -16,7 +16,7 @@ loaded lazily on first use and cached; every request writes into its own tempora
 Example::
 
     fastgen demo --video-preset tiny-wan --text-preset tiny-llada --port 7860
-    python -m app --video-model Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+    python -m fastgen.app --video-model Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ def test_video_handler_passes_the_first_frame_to_image_to_video_pipelines(fake_a
 
 def test_task_example_prompts_fit_the_demo_prompt_limit():
     # the Text tab offers these as its default prompt: each must pass the demo's own input check
-    from app.demo import DemoLimits, _check_prompt, task_examples
+    from fastgen.app.demo import DemoLimits, _check_prompt, task_examples
 
     examples = task_examples("tiny-llada-kv")
     assert examples

@@ -1,20 +1,24 @@
-"""fastgen pipelines: diffusion-LM pipeline, causal Wan pipeline, checkpoint loaders, tiny presets."""
+"""fastgen pipelines (the modules are in the repository's ``pipelines/``): diffusion-LM pipeline, causal Wan pipeline, checkpoint loaders, tiny presets."""
 
-from .presets import PRESETS, Preset, get_preset, load_preset
+from fastgen._layout import subpackage_path
+
+__path__ = subpackage_path("pipelines", "presets.py")  # the modules live in the root's pipelines/
+
+from fastgen.pipelines.presets import PRESETS, Preset, get_preset, load_preset  # noqa: E402
 
 
 def __getattr__(name):
     # heavy pipelines are imported on first use
     if name in ("DiffusionLMPipeline", "DiffusionLMOutput"):
-        from . import diffusion_lm
+        from fastgen.pipelines import diffusion_lm
 
         return getattr(diffusion_lm, name)
     if name == "CausalWanPipeline":
-        from .causal_wan import CausalWanPipeline
+        from fastgen.pipelines.causal_wan import CausalWanPipeline
 
         return CausalWanPipeline
     if name == "load_self_forcing_checkpoint":
-        from .self_forcing import load_self_forcing_checkpoint
+        from fastgen.pipelines.self_forcing import load_self_forcing_checkpoint
 
         return load_self_forcing_checkpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

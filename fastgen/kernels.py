@@ -1,4 +1,4 @@
-"""Triton kernels of fastgen (installed as ``fastgen.kernels``).
+"""Triton kernels of fastgen (``fastgen.kernels``; the modules are in the repository's ``kernels/``).
 
 Importing this package never imports Triton and never fails: ``HAS_TRITON`` says whether
 Triton is installed, ``block_mask_to_indices`` is plain torch, and
@@ -11,9 +11,17 @@ it: ``torch.ops.fastgen.block_sparse_attention_triton``, ``rectified_exact_atten
 FlexAttention fallbacks live in ``fastgen/attention/backends.py``.
 """
 
-from . import cpu_attn as _cpu_attn  # noqa: F401 - registers the torch.ops.fastgen CPU custom ops
-from .block_sparse_attn import HAS_TRITON, block_mask_to_indices, block_sparse_attention_triton
-from .rectified_attn import rectified_exact_attention_triton
+from fastgen._layout import subpackage_path
+
+__path__ = subpackage_path("kernels", "block_sparse_attn.py")  # the modules live in the root's kernels/
+
+from fastgen.kernels import cpu_attn as _cpu_attn  # noqa: E402, F401 - registers the CPU custom ops
+from fastgen.kernels.block_sparse_attn import (  # noqa: E402
+    HAS_TRITON,
+    block_mask_to_indices,
+    block_sparse_attention_triton,
+)
+from fastgen.kernels.rectified_attn import rectified_exact_attention_triton  # noqa: E402
 
 __all__ = [
     "HAS_TRITON",

@@ -1,8 +1,15 @@
-"""``python -m app`` (from the repository root) launches the Gradio demo; same options as ``fastgen demo``."""
+"""Gradio demo: dense vs sparse side by side (``fastgen demo``, or ``python -m fastgen.app``).
+
+The modules are in the repository's ``app/`` folder.
+"""
 
 from __future__ import annotations
 
 import sys
+
+from fastgen._layout import subpackage_path
+
+__path__ = subpackage_path("app", "demo.py")  # the modules live in the root's app/
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,0 @@
-"""Gradio demo: dense vs sparse side by side."""
