@@ -1,17 +1,21 @@
 """Run the core tests on the lowest versions pyproject.toml declares (its ``>=`` floors).
 
-Makes a virtual environment that sees the installed packages (``--system-site-packages``: torch and
-the test tools come from there), installs every core dependency at exactly its declared floor on top,
-and runs the tests of the code those dependencies serve (loaders, diffusion-LM pipeline, processors,
-runners, metrics). Used by ``.ci/run``; by hand: ``python3 scripts/test_floors.py [pytest args]``.
+Makes a virtual environment layered over the running interpreter's packages (a ``.pth`` line naming its
+site-packages: torch and the test tools come from there; CI runs this with its fresh venv's python),
+installs every core dependency at exactly its declared floor on top (the layer's own site-packages
+come first on ``sys.path``), and runs the tests of the code those dependencies serve (loaders,
+diffusion-LM pipeline, processors, runners, metrics). Used by ``.ci/run``; by hand:
+``python3 scripts/test_floors.py [pytest args]``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import site
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 try:
@@ -20,7 +24,6 @@ except ModuleNotFoundError:  # Python 3.10
     raise SystemExit("scripts/test_floors.py needs Python >= 3.11 (tomllib)") from None
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("FASTGEN_FLOORS_VENV", "/tmp/fastgen-floors-venv"))
 TESTS = [
     "tests/test_lm_loaders.py",
     "tests/test_diffusion_lm.py",
@@ -53,9 +56,20 @@ def floors() -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     pins = [f"{name}=={version}" for name, version in floors().items() if name not in SKIP]
-    if not (VENV / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
-    python = str(VENV / "bin" / "python")
+    # a new environment on every run (pip's cache keeps it quick), so nothing left from an earlier run counts
+    with tempfile.TemporaryDirectory(prefix="fastgen-floors-") as folder:
+        return run_on_floors(Path(folder) / "venv", pins, argv)
+
+
+def run_on_floors(venv: Path, pins: list[str], argv: list[str]) -> int:
+    """Make ``venv`` layered over this interpreter's packages, pin the floors in it, run the tests."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    layer = subprocess.run(
+        [python, "-c", "import site; print(site.getsitepackages()[0])"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    # the packages of the interpreter running this script (torch, pytest) under the floors
+    Path(layer, "base-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     print("floors:", " ".join(pins), flush=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
