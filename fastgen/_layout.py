@@ -23,4 +23,6 @@ def subpackage_path(name: str, marker: str) -> list[str]:
     for folder in (os.path.join(here, name), os.path.join(os.path.dirname(here), name)):
         if os.path.isfile(os.path.join(folder, marker)):
             return [folder]
-    raise ImportError(f"fastgen.{name}: its modules are missing (no {marker} beside {here}); reinstall fastgen")
+    raise ImportError(
+        f"fastgen.{name}: its modules are missing (no {marker} beside {here}); reinstall fastgen"
+    )

@@ -4,7 +4,14 @@ from fastgen._layout import subpackage_path
 
 __path__ = subpackage_path("pipelines", "presets.py")  # the modules live in the root's pipelines/
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from fastgen.pipelines.presets import PRESETS, Preset, get_preset, load_preset  # noqa: E402
+
+if TYPE_CHECKING:  # imported on first use (below): they pull in diffusers / transformers
+    from fastgen.pipelines.causal_wan import CausalWanPipeline
+    from fastgen.pipelines.diffusion_lm import DiffusionLMOutput, DiffusionLMPipeline
+    from fastgen.pipelines.self_forcing import load_self_forcing_checkpoint
 
 
 def __getattr__(name):

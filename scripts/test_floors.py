@@ -66,7 +66,10 @@ def run_on_floors(venv: Path, pins: list[str], argv: list[str]) -> int:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     layer = subprocess.run(
-        [python, "-c", "import site; print(site.getsitepackages()[0])"], check=True, capture_output=True, text=True
+        [python, "-c", "import site; print(site.getsitepackages()[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     # the packages of the interpreter running this script (torch, pytest) under the floors
     Path(layer, "base-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")

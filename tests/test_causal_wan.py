@@ -539,8 +539,9 @@ def test_pipeline_rejects_wrong_latents_and_non_wan():
 def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
     """A diffusers Wan 2.1 T2V folder (here a tiny WanPipeline saved with save_pretrained) loads as is."""
     from diffusers import WanPipeline, WanTransformer3DModel
-    from fastgen.pipelines import CausalWanPipeline
     from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.pipelines import CausalWanPipeline
 
     build_tiny_wan(num_layers=1).save_pretrained(tmp_path)
     pipe = CausalWanPipeline.from_pretrained(tmp_path)

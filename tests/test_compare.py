@@ -78,8 +78,9 @@ def test_mean_stat_reads_the_layer_rows_the_heatmap_draws():
 
 
 def test_tiny_wan_long_preset_is_attention_bound_and_sparse_by_default():
-    from fastgen.pipelines import get_preset, load_preset
     from fastgen.pipelines.video_runner import default_rectified_config
+
+    from fastgen.pipelines import get_preset, load_preset
 
     assert get_preset("tiny-wan-long").kind == "video"
     pipe = load_preset("tiny-wan-long")

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+
 from fastgen.kernels import cpu_attn
 
 

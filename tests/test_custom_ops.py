@@ -4,10 +4,10 @@ through the ops. The Triton ops run under ``TRITON_INTERPRET=1`` on the CPU (tes
 
 from __future__ import annotations
 
-import fastgen.kernels  # noqa: F401 - registers the ops
 import pytest
 import torch
 
+import fastgen.kernels  # noqa: F401 - registers the ops
 from fastgen.attention.blocks import block_mask_to_indices
 
 # opcheck's test_aot_dispatch_* need autograd formulas; the ops are forward-only (the backends never

@@ -570,8 +570,9 @@ def test_batch_causal_light_forcing(tmp_path):
 def test_demo_causal_tab_backend(tmp_path):
     pytest.importorskip("gradio")
     from fastgen.app.demo import CausalDemoBackend, DemoLimits, LazyPipeline
-    from fastgen.pipelines import load_preset
     from fastgen.pipelines.causal_video_runner import generate_causal_video
+
+    from fastgen.pipelines import load_preset
 
     backend = CausalDemoBackend(
         pipeline=LazyPipeline(lambda: load_preset("tiny-causal-wan", num_layers=2)),

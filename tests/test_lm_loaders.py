@@ -256,8 +256,9 @@ def test_loaded_dtype_is_the_one_asked_for(tmp_path):
 def test_loader_refuses_a_config_whose_rope_theta_was_ignored(tmp_path, monkeypatch):
     """Older transformers drop ``rope_parameters=`` and fall back to theta 10000 without a word: the
     loader reads back what the built model uses and refuses it."""
-    from fastgen.pipelines import lm_loaders
     from transformers import LlamaConfig
+
+    from fastgen.pipelines import lm_loaders
 
     real = lm_loaders.llada_to_llama_config
 

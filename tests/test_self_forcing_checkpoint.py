@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+
 from fastgen.pipelines import load_self_forcing_checkpoint
 
 DIM, HEADS, FFN, TEXT, FREQ, CH, LAYERS = 48, 2, 40, 16, 32, 4, 2

@@ -192,9 +192,8 @@ def test_shipped_checkpoint_dense_accuracy_on_held_out_sample():
 @pytest.mark.parametrize("method", ["sparsed", "window_diffusion", "threshold"])
 def test_shipped_checkpoint_keeps_its_answers_under_each_method(method):
     """Each method at its default keeps the trained model's answers on 16 held-out prompts (and ran)."""
-    from fastgen.pipelines import load_preset
-
     from fastgen import SparseDConfig, WindowDiffusionConfig
+    from fastgen.pipelines import load_preset
 
     pipe = load_preset("tiny-llada-kv", device="cpu", dtype="float32")
     examples = pipe.fastgen_task.held_out(16)

@@ -30,7 +30,6 @@ if os.environ.get("TRITON_INTERPRET") == "1" and type(tl.zeros).__name__ == "JIT
     )
 
 from fastgen.kernels import block_sparse_attn as bsa  # noqa: E402
-
 from tests.helpers import rel_rmse as relative_rmse  # noqa: E402
 
 _KERNEL_FILE = pathlib.Path(bsa.__file__)

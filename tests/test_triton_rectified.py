@@ -29,10 +29,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and type(tl.zeros).__name__ == "JIT
         allow_module_level=True,
     )
 
+from fastgen.attention.rectified import rectified_sparse_attention  # noqa: E402
 from fastgen.kernels import block_mask_to_indices, block_sparse_attention_triton  # noqa: E402
 from fastgen.kernels import rectified_attn as ra  # noqa: E402
-
-from fastgen.attention.rectified import rectified_sparse_attention  # noqa: E402
 from tests.helpers import rel_rmse as relative_rmse  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

@@ -77,10 +77,10 @@ def _args(tmp_path, *extra):
 
 
 def test_generate_from_args_writes_mp4_and_compares(tmp_path, capsys, monkeypatch):
-    from fastgen.pipelines import video_runner
     from fastgen.pipelines.tiny_video import build_tiny_wan
 
     from fastgen.io import read_video
+    from fastgen.pipelines import video_runner
 
     monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
     assert generate_from_args(_args(tmp_path, "--compare-dense", "--sparsity", "0.5")) == 0
@@ -93,8 +93,9 @@ def test_generate_from_args_writes_mp4_and_compares(tmp_path, capsys, monkeypatc
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     import imageio.v2 as imageio
-    from fastgen.pipelines import video_runner
     from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.pipelines import video_runner
 
     def broken_write(path, frames, **kw):
         with open(path, "wb") as f:
@@ -126,13 +127,13 @@ def test_load_checkpoint_round_trip(tmp_path, wan_pipe):
 def test_image_to_video_through_the_cli(tmp_path, monkeypatch, capsys):
     """Wan I2V (Wan 2.2 layout, two experts) through ``fastgen generate --image``; a missing or
     misplaced image is a clear error."""
-    from fastgen.pipelines import video_runner
     from fastgen.pipelines.tiny_video import build_tiny_wan
     from fastgen.pipelines.tiny_video_i2v import build_tiny_wan_i2v
     from PIL import Image
 
     from fastgen.cli import main
     from fastgen.io import read_video
+    from fastgen.pipelines import video_runner
 
     first = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     Image.fromarray(first).save(tmp_path / "first.png")
