@@ -441,7 +441,7 @@ def test_callback_on_chunk_end_streams():
 def test_pipeline_marks_steps_explicitly_for_a_step_tracker():
     """Timesteps go back up at every chunk: the tracker must not see a new generation each time, and its
     step is the pipeline's (denoising step within the chunk, then the context pass)."""
-    from fastgen.hooks import register_step_tracker, remove_step_tracker
+    from fastgen.tracking import register_step_tracker, remove_step_tracker
 
     pipe = tiny_pipe(layers=1)
     tracker = register_step_tracker(pipe.transformer)
@@ -539,8 +539,9 @@ def test_pipeline_rejects_wrong_latents_and_non_wan():
 def test_from_pretrained_of_a_saved_wan_folder(tmp_path):
     """A diffusers Wan 2.1 T2V folder (here a tiny WanPipeline saved with save_pretrained) loads as is."""
     from diffusers import WanPipeline, WanTransformer3DModel
-    from fastgen.pipelines import CausalWanPipeline
     from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.pipelines import CausalWanPipeline
 
     build_tiny_wan(num_layers=1).save_pretrained(tmp_path)
     pipe = CausalWanPipeline.from_pretrained(tmp_path)
