@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .tracking import StepTracker, get_step_tracker, register_step_tracker, remove_step_tracker
+
 logger = logging.getLogger(__name__)
 
 # adapter modules, tried in order; imported lazily so a missing optional stack never breaks import
@@ -52,8 +54,6 @@ def apply_sparse_attention(model, config):
         >>> apply_sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8))
         >>> video = pipe(prompt="a cat surfing", num_inference_steps=50).frames[0]
     """
-    from fastgen.hooks import apply_to_pipeline, is_pipeline
-
     if is_pipeline(model):
         return apply_to_pipeline(model, config)
     if not isinstance(model, torch.nn.Module):
@@ -89,8 +89,6 @@ def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
 def remove_sparse_attention(model):
     """Restore the attention ``model`` (a model or a pipeline) had before :func:`apply_sparse_attention`
     (a no-op if none). An attention backend set with ``set_attention_backend`` meanwhile is kept."""
-    from fastgen.hooks import is_pipeline, remove_from_pipeline
-
     if is_pipeline(model):
         return remove_from_pipeline(model)
     return _remove_from_model(model)
@@ -103,6 +101,107 @@ def _remove_from_model(model: torch.nn.Module) -> torch.nn.Module:
     importlib.import_module(name).remove(model)
     setattr(model, _STATE_ATTR, None)
     return model
+
+
+# ------------------------------------------------------------------ pipelines
+def pipeline_transformers(pipe) -> list[torch.nn.Module]:
+    """The denoising transformers of a diffusers pipeline: ``transformer`` and ``transformer_2`` if present."""
+    models = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+    return [m for m in models if isinstance(m, torch.nn.Module)]
+
+
+SCHEDULER_HOOK_ATTR = "_fastgen_generation_hook"
+"""Attribute of a hooked scheduler instance: the trackers its ``set_timesteps`` starts a generation on."""
+
+
+def is_pipeline(obj) -> bool:
+    """Whether ``obj`` is a diffusers-style pipeline (not a module, has a ``components`` dict)."""
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "components", None), dict)
+
+
+def _hook_scheduler(scheduler, tracker: StepTracker) -> None:
+    """Make ``scheduler.set_timesteps`` (called once at the start of every pipeline call) begin a
+    generation on ``tracker``. The wrapper is an attribute of this scheduler instance only."""
+    trackers = getattr(scheduler, SCHEDULER_HOOK_ATTR, None)
+    if trackers is not None:
+        if tracker not in trackers:
+            trackers.append(tracker)
+        return
+    trackers = [tracker]
+    original = scheduler.set_timesteps  # bound method of the class
+
+    def set_timesteps(*args, **kwargs):
+        for t in list(trackers):
+            t.begin_generation()
+        return original(*args, **kwargs)
+
+    set_timesteps.__wrapped__ = original
+    scheduler.set_timesteps = set_timesteps
+    original_step = getattr(scheduler, "step", None)
+    if callable(original_step):
+
+        def step(*args, **kwargs):
+            out = original_step(*args, **kwargs)
+            for t in list(trackers):
+                t.scheduler_stepped()
+            return out
+
+        step.__wrapped__ = original_step
+        scheduler.step = step
+    setattr(scheduler, SCHEDULER_HOOK_ATTR, trackers)
+
+
+def _unhook_scheduler(scheduler, tracker: StepTracker) -> None:
+    trackers = getattr(scheduler, SCHEDULER_HOOK_ATTR, None)
+    if trackers is None:
+        return
+    if tracker in trackers:
+        trackers.remove(tracker)
+    if not trackers:
+        del scheduler.set_timesteps  # the class's method shows through again
+        if "step" in vars(scheduler):
+            del scheduler.step
+        delattr(scheduler, SCHEDULER_HOOK_ATTR)
+
+
+def apply_to_pipeline(pipe, config):
+    """Apply ``config`` to every transformer of ``pipe`` (Wan 2.2: ``transformer`` and ``transformer_2``).
+
+    Both transformers share one step tracker, so ``warmup_steps`` counts the steps of the whole
+    generation, whichever expert runs them; the scheduler's ``set_timesteps`` marks each new
+    generation on it. Returns the pipeline.
+    """
+    models = pipeline_transformers(pipe)
+    if not models:
+        raise ValueError(f"pipe={type(pipe).__name__} has no `transformer` or `transformer_2` to accelerate")
+    trackers = [get_step_tracker(m) for m in models]
+    shared = next((t for t in trackers if t is not None), None) or StepTracker()
+    shared.pipeline_driven = True
+    for model in models:
+        register_step_tracker(model, shared)
+        _apply_to_model(model, config)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None and callable(getattr(scheduler, "set_timesteps", None)):
+        _hook_scheduler(scheduler, shared)
+    else:
+        logger.info(
+            "fastgen: %s has no scheduler.set_timesteps; generations are guessed from timesteps",
+            type(pipe).__name__,
+        )
+        shared.pipeline_driven = False
+    return pipe
+
+
+def remove_from_pipeline(pipe):
+    """Undo :func:`apply_to_pipeline`: original processors back, scheduler unhooked, trackers detached."""
+    scheduler = getattr(pipe, "scheduler", None)
+    for model in pipeline_transformers(pipe):
+        tracker = get_step_tracker(model)
+        if tracker is not None and scheduler is not None:
+            _unhook_scheduler(scheduler, tracker)
+        _remove_from_model(model)
+        remove_step_tracker(model)
+    return pipe
 
 
 @contextlib.contextmanager

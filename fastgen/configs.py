@@ -5,43 +5,29 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ._validation import check_block_size, check_choice, check_int, check_number, is_number
+
+
+def _field(obj, name: str) -> tuple[str, object]:
+    return f"{type(obj).__name__}.{name}", getattr(obj, name)
+
 
 def _check_fraction(
     obj, name: str, *, low: float, high: float, low_open: bool = False, high_open: bool = False
 ):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be a number")
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high):
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(
-            f"{type(obj).__name__}.{name}={value!r} is out of range; allowed: {lo}{low}, {high}{hi}"
-        )
+    check_number(*_field(obj, name), low, high, low_open=low_open, high_open=high_open)
 
 
 def _check_int(obj, name: str, *, minimum: int = 0):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be an integer >= {minimum}")
+    check_int(*_field(obj, name), minimum)
 
 
 def _check_block_size(obj, name: str = "block_size"):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(
-            f"{type(obj).__name__}.{name}={value!r} is not allowed; it must be a power of two >= 16"
-        )
+    check_block_size(*_field(obj, name))
 
 
 def _check_choice(obj, name: str, allowed: tuple):
-    value = getattr(obj, name)
-    if value not in allowed:
-        raise ValueError(
-            f"{type(obj).__name__}.{name}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}"
-        )
+    check_choice(*_field(obj, name), allowed)
 
 
 class _ConfigMixin:
@@ -122,11 +108,7 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
                 f"allowed: a power of two in [1, block_size={self.block_size}]"
             )
         if self.isolated_keys is not None:
-            if (
-                isinstance(self.isolated_keys, bool)
-                or not isinstance(self.isolated_keys, (int, float))
-                or self.isolated_keys < 0
-            ):
+            if not is_number(self.isolated_keys) or self.isolated_keys < 0:
                 raise ValueError(
                     f"RectifiedSpaAttnConfig.isolated_keys={self.isolated_keys!r} is out of range; "
                     "allowed: None or a number >= 0"

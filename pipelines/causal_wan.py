@@ -274,7 +274,7 @@ class CausalWanPipeline(DiffusionPipeline):
         num_chunks = latent_frames // k
         output = torch.empty_like(latents)
 
-        from fastgen.hooks import get_step_tracker
+        from fastgen.tracking import get_step_tracker
 
         tracker = get_step_tracker(transformer)
         was_explicit = tracker.explicit if tracker is not None else False

@@ -1,4 +1,5 @@
-"""Shared test fixtures: deterministic seeds, a relative-RMSE helper, NaN-filled torch.empty."""
+"""Shared test fixtures: deterministic seeds, NaN-filled ``torch.empty`` / ``torch.empty_like`` /
+``Tensor.new_empty``, a fresh log-once memory per test, the CPU engine switch."""
 
 from __future__ import annotations
 
@@ -24,19 +25,35 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 torch.utils._device._device_constructors()
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_nan_empty(monkeypatch):
-    """Seed every test and make ``torch.empty`` return NaN so reads of uninitialised memory fail."""
-    torch.manual_seed(0)
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
+def _nan_filled(factory):
+    def wrapper(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.is_floating_point() or t.is_complex():
             t.fill_(float("nan"))
         return t
 
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_nan_empty(monkeypatch):
+    """Seed every test and make ``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` return
+    NaN (as fla's conftest does), so a kernel or an op that reads memory it never wrote fails. The
+    Triton wrappers allocate their outputs with ``torch.empty_like``."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_once_memory():
+    """Each test sees fastgen's process-wide log-once lines afresh (a fallback logged by an earlier test
+    must not hide the line a later test checks)."""
+    from fastgen import _validation
+
+    _validation._logged.clear()
     yield
 
 

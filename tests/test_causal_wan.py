@@ -441,7 +441,7 @@ def test_callback_on_chunk_end_streams():
 def test_pipeline_marks_steps_explicitly_for_a_step_tracker():
     """Timesteps go back up at every chunk: the tracker must not see a new generation each time, and its
     step is the pipeline's (denoising step within the chunk, then the context pass)."""
-    from fastgen.hooks import register_step_tracker, remove_step_tracker
+    from fastgen.tracking import register_step_tracker, remove_step_tracker
 
     pipe = tiny_pipe(layers=1)
     tracker = register_step_tracker(pipe.transformer)

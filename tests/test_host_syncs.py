@@ -172,7 +172,8 @@ def test_step_tracker_under_compile_counts_scheduler_steps_and_keeps_a_bool():
     """What a compiled forward relies on: the warm-up decision is a watched bool (flips once per
     generation, so the graph guards on it, not on the step), and a pipeline-driven tracker whose
     forwards ran compiled (no timestep read) advances at each scheduler step, once per step."""
-    from fastgen.hooks import StepTracker, _hook_scheduler, _unhook_scheduler
+    from fastgen.api import _hook_scheduler, _unhook_scheduler
+    from fastgen.tracking import StepTracker
 
     class Scheduler:
         def set_timesteps(self, n):

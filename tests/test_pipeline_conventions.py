@@ -13,8 +13,8 @@ from fastgen.pipelines.tiny_video_i2v import build_tiny_wan_i2v
 
 import fastgen
 from fastgen import RectifiedSpaAttnConfig
-from fastgen.hooks import StepTracker, get_step_tracker
 from fastgen.processors.common import RectifiedProcessorBase, collect_stats
+from fastgen.tracking import StepTracker, get_step_tracker
 
 SMALL = dict(height=64, width=64, num_frames=5, output_type="np")  # latent 2 x 8 x 8 = 128 tokens
 
@@ -130,7 +130,7 @@ def test_explicit_steps_are_the_pipelines():
 
 def test_timestep_guess_only_without_a_pipeline_and_it_says_so(caplog):
     tracker = StepTracker()
-    with caplog.at_level(logging.INFO, logger="fastgen.hooks"):
+    with caplog.at_level(logging.INFO, logger="fastgen.tracking"):
         for t in (1000.0, 500.0, 1000.0, 500.0, 1000.0):
             tracker.observe(t)
     assert tracker.generation == 2 and tracker.step == 0

@@ -9,16 +9,15 @@ import torch
 
 import fastgen
 from fastgen import RectifiedSpaAttnConfig, SparseDConfig, apply_sparse_attention, remove_sparse_attention
-from fastgen.hooks import (
-    StepTracker,
-    apply_to_pipeline,
-    get_step_tracker,
-    register_step_tracker,
-    remove_from_pipeline,
-    reset_step_tracking,
-)
+from fastgen.api import apply_to_pipeline, remove_from_pipeline
 from fastgen.processors import wan
 from fastgen.processors.wan import WanRectifiedProcessor, grid_from_rotary
+from fastgen.tracking import (
+    StepTracker,
+    get_step_tracker,
+    register_step_tracker,
+    reset_step_tracking,
+)
 
 GRID = (3, 6, 11)  # latent frames, height/2, width/2 -> 198 tokens (not a multiple of the block)
 

@@ -14,7 +14,8 @@ from .blocks import (
     tile_permutation,
 )
 from .dense import dense_attention
-from .plan import SelectionPlan, execute_plan
+from .execute import execute_plan
+from .plan import SelectionPlan
 from .workspace import Workspace
 
 

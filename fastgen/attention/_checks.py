@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from fastgen._validation import check_block_size as _check_block_size
+from fastgen._validation import check_number
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -35,23 +38,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def check_block_size(block_size: int) -> None:
     """block_size must be a power of two >= 16."""
-    if (
-        not isinstance(block_size, int)
-        or isinstance(block_size, bool)
-        or block_size < 16
-        or block_size & (block_size - 1)
-    ):
-        raise ValueError(f"block_size={block_size!r} is not allowed; it must be a power of two >= 16")
+    _check_block_size("block_size", block_size)
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
     """Sparsity is the fraction of key blocks dropped: [0, 1)."""
-    if (
-        not isinstance(sparsity, (int, float))
-        or isinstance(sparsity, bool)
-        or not 0.0 <= float(sparsity) < 1.0
-    ):
-        raise ValueError(f"{name}={sparsity!r} is out of range; allowed: 0 <= {name} < 1")
+    check_number(name, sparsity, 0.0, 1.0, high_open=True)
 
 
 def check_key_padding_mask(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen._validation import log_once as _log_once
+
 from .blocks import block_mask_to_indices
 from .plan import SelectionPlan
 
@@ -32,14 +34,12 @@ logger = logging.getLogger(__name__)
 
 EngineFn = Callable[..., tuple]  # (q, k, v, plan, scale, need_lse=True) -> (out, lse)
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_logged: set[str] = set()
 
 
 def log_once(message: str, level: int = logging.WARNING) -> None:
-    """Log ``message`` once per process (fallbacks must be visible but not flood the log)."""
-    if message not in _logged:
-        _logged.add(message)
-        logger.log(level, message)
+    """Log ``message`` once per process on this module's logger (fallbacks must be visible but not flood
+    the log); the one implementation is :func:`fastgen._validation.log_once`."""
+    _log_once(logger, message, level)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_block_mask, check_block_size, check_qkv
-from .plan import SelectionPlan, execute_plan
+from .execute import execute_plan
+from .plan import SelectionPlan
 
 
 def block_sparse_attention(

@@ -25,13 +25,17 @@ writes each query row straight to its final (un-permuted) place.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from .backends import log_once
+from fastgen._validation import log_once as _log_once
+
 from .blocks import block_mask_to_indices, num_blocks, pad_to_blocks
 from .workspace import Workspace
+
+logger = logging.getLogger(__name__)
 
 
 def _chunk_rows(max_k: int, block_size: int, head_dim: int, element_size: int, input_bytes: int) -> int:
@@ -65,8 +69,9 @@ def native_kernel_serves(*tensors: torch.Tensor) -> bool:
         return False  # forward only: PyTorch's flash kernel keeps gradients
     why = _kernel_unavailable_when_traced() if torch.compiler.is_compiling() else _kernel_unavailable()
     if why is not None:
-        log_once(
-            f"fastgen: native CPU block-sparse kernel unavailable ({why}); using PyTorch's flash kernel on gathered blocks"
+        _log_once(
+            logger,
+            f"fastgen: native CPU block-sparse kernel unavailable ({why}); using PyTorch's flash kernel on gathered blocks",
         )
         return False
     return True

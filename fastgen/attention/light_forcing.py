@@ -38,7 +38,7 @@ Beyond the paper, both optional and measured by ``fastgen bench causal``:
 The selection is written as a :class:`~fastgen.attention.plan.SelectionPlan` (index table of the
 selected key blocks, built straight from the top-k without a host synchronisation; with
 ``rectify`` the pooled keys as extra keys of weight ``log n_J`` visible to the query blocks that
-compensate them) and run by :func:`~fastgen.attention.plan.execute_plan` on the native CPU kernel
+compensate them) and run by :func:`~fastgen.attention.execute.execute_plan` on the native CPU kernel
 or the Triton kernel (query length != key length); nothing ``N x N`` is built.
 """
 
@@ -49,10 +49,13 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen._validation import check_int
+
 from ._checks import check_block_size, check_qkv, check_sparsity
 from .backends import default_scale
 from .blocks import num_blocks, pool_abs_deviation, pool_blocks
-from .plan import SelectionPlan, execute_plan
+from .execute import execute_plan
+from .plan import SelectionPlan
 
 __all__ = [
     "PooledKeys",
@@ -77,8 +80,7 @@ REGIMES = ("dense", "one_stage", "hierarchical")
 
 
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    check_int(name, value, 1)
 
 
 def chunk_sparsities(
@@ -256,8 +258,7 @@ def _check_hsa_geometry(
     _check_positive_int("frame_tokens", frame_tokens)
     _check_positive_int("keep_frames", keep_frames)
     for name, value in (("keep_sink", keep_sink), ("keep_near", keep_near)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        check_int(name, value, 0)
     if keep_sink + keep_near > keep_frames:
         raise ValueError(
             f"keep_sink + keep_near = {keep_sink} + {keep_near} = {keep_sink + keep_near} must be <= "

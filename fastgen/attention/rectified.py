@@ -1,6 +1,6 @@
 """Rectified SpaAttn's selection: block statistics, the IPAR estimate, critical blocks, GAPR and
 the compensation keys, written into one :class:`~fastgen.attention.plan.SelectionPlan` that an
-engine executes (:func:`~fastgen.attention.plan.execute_plan`).
+engine executes (:func:`~fastgen.attention.execute.execute_plan`).
 
 Model-agnostic: it works on ``[B, H, N, D]`` tensors whose last ``num_text_tokens`` tokens are text
 (HunyuanVideo appends text after the video tokens) and whose first ``N - num_text_tokens`` tokens
@@ -49,8 +49,9 @@ from fastgen.configs import RectifiedSpaAttnConfig
 from ._checks import check_key_padding_mask, check_qkv
 from .backends import resolve_backend
 from .blocks import default_tile, inverse_permutation, keep_count, num_blocks, tile_permutation
+from .execute import execute_plan
 from .gather import extended_key_buffer
-from .plan import SelectionPlan, execute_plan
+from .plan import SelectionPlan
 from .workspace import Workspace
 
 
@@ -730,7 +731,7 @@ def rectified_sparse_attention(
         return_stats: also return a dict of device tensors: ``density``, ``compensated_fraction``,
             ``head_density`` ``[H]``, ``keys_per_query`` (extra keys counted), ``block_mask`` and
             ``compensated_mask`` (bool ``[B, H, nqb, nkb]``, video blocks in the reordered order).
-        backend: engine (see :func:`~fastgen.attention.plan.execute_plan`).
+        backend: engine (see :func:`~fastgen.attention.execute.execute_plan`).
         workspace: a :class:`~fastgen.attention.Workspace` for the reordered copies of q/k/v.
 
     Returns:

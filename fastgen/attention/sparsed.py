@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen._validation import check_int, check_int_in, check_number
+
 from ._checks import check_block_mask, check_block_size, check_key_padding_mask, check_qkv
 from .backends import default_scale
 from .blocks import block_token_counts, num_blocks, pad_to_blocks
+from .execute import execute_plan
 from .gather import native_kernel_serves
-from .plan import SelectionPlan, execute_plan
+from .plan import SelectionPlan
 
 # score elements one streamed chunk may span (query rows x keys x batch x heads)
 _STREAM_ELEMENTS = 64 << 20
@@ -77,8 +80,7 @@ class SparseDPattern:
         every other tile (a block that was partial or absent at the pattern step) is computed densely,
         since there is no importance to select it by. ``num_tokens == self.num_tokens``: the pattern.
         """
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens={num_tokens!r} must be an integer >= 1")
+        check_int("num_tokens", num_tokens, 1)
         if num_tokens == self.num_tokens:
             return self.block_mask
         bs, seen_tokens = self.block_size, self.num_tokens
@@ -96,8 +98,7 @@ class SparseDPattern:
 
 
 def _check_select(select: float) -> None:
-    if isinstance(select, bool) or not isinstance(select, (int, float)) or not 0.0 < float(select) <= 1.0:
-        raise ValueError(f"select={select!r} is out of range; allowed: 0 < select <= 1")
+    check_number("select", select, 0.0, 1.0, low_open=True)
 
 
 def _query_chunk_blocks(batch: int, heads: int, num_keys: int, block_size: int) -> int:
@@ -234,8 +235,7 @@ def prompt_block_mask(
         if prompt_end.dim() != 1 or prompt_end.shape[0] != batch:
             raise ValueError(f"prompt_end has shape {tuple(prompt_end.shape)}; expected ({batch},)")
         return starts[None, :] < prompt_end.to(starts.device)[:, None]
-    if isinstance(prompt_end, bool) or not isinstance(prompt_end, int) or not 0 <= prompt_end <= num_tokens:
-        raise ValueError(f"prompt_end={prompt_end!r} is out of range; allowed: integer in [0, {num_tokens}]")
+    check_int_in("prompt_end", prompt_end, 0, num_tokens)
     return (starts < prompt_end)[None, :].expand(batch, -1)
 
 
@@ -357,7 +357,7 @@ def sparsed_attention(
 
     The pattern becomes a :class:`~fastgen.attention.plan.SelectionPlan` (fully padded key blocks
     dropped; padded keys inside a selected block excluded through the plan's ``key_valid``) run by
-    :func:`~fastgen.attention.plan.execute_plan` on any engine. With every valid block selected
+    :func:`~fastgen.attention.execute.execute_plan` on any engine. With every valid block selected
     this equals dense attention with the key padding mask.
 
     Args:
@@ -440,10 +440,8 @@ def load_patterns(path: str | os.PathLike) -> dict[int, torch.Tensor]:
 def dense_step_count(skip: float, total_steps: int) -> int:
     """Number of dense warm-up steps: ``round(skip * total_steps)``, at least 1 (the pattern is computed
     at the last dense step), at most ``total_steps``."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
-    if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0.0 <= skip <= 1.0:
-        raise ValueError(f"skip={skip!r} is out of range; allowed: [0, 1]")
+    check_int("total_steps", total_steps, 1)
+    check_number("skip", skip, 0.0, 1.0)
     return min(total_steps, max(1, math.floor(skip * total_steps + 0.5)))
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastgen._validation import check_int
+
 
 def leftmost(candidates: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """The ``count`` leftmost True positions of ``candidates [B, N]`` per row, as a bool ``[B, N]``.
@@ -72,8 +74,7 @@ class WindowKVCache:
     """
 
     def __init__(self, num_positions: int):
-        if isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1:
-            raise ValueError(f"num_positions={num_positions!r} must be an integer >= 1")
+        check_int("num_positions", num_positions, 1)
         self.num_positions = num_positions
         """``N``: positions addressable in the cache (the dump slot is index ``N``)."""
         self.keys: dict[int, torch.Tensor] = {}

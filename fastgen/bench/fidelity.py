@@ -305,7 +305,7 @@ def measure_cost(
     import statistics
     import time
 
-    from fastgen.attention.plan import execute_plan
+    from fastgen.attention.execute import execute_plan
     from fastgen.attention.rectified import plan_rectified
     from fastgen.bench.workloads import video_workload
     from fastgen.configs import RectifiedSpaAttnConfig

@@ -25,9 +25,10 @@ from dataclasses import replace
 
 import torch
 
+from fastgen._validation import log_once
 from fastgen.attention.workspace import Workspace
 from fastgen.configs import RectifiedSpaAttnConfig
-from fastgen.hooks import StepTracker, active_tracker
+from fastgen.tracking import StepTracker, active_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +172,7 @@ class RectifiedProcessorBase:
         self.release_scratch()
 
     def _log_once(self, message: str, level: int = logging.INFO) -> None:
-        if message not in self._logged:
-            self._logged.add(message)
-            logger.log(level, message)
+        log_once(logger, message, level, seen=self._logged)
 
     def _layer_index(self, attn: torch.nn.Module) -> int:
         if self.layer is not None:
@@ -318,7 +317,7 @@ def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
     name -> new processor) on ``model``, keeping every other processor. The originals and whether the
     tracker was attached here are saved on the model instance under ``state_attr`` so
     :func:`restore_processors` puts back exactly those objects."""
-    from fastgen.hooks import get_step_tracker, register_step_tracker
+    from fastgen.tracking import get_step_tracker, register_step_tracker
 
     restore_processors(model, state_attr)
     owns_tracker = get_step_tracker(model) is None
@@ -339,7 +338,7 @@ def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
 def restore_processors(model: torch.nn.Module, state_attr: str) -> None:
     """Undo :func:`install_processors`: the saved processor objects come back and a step tracker
     attached by the install is removed."""
-    from fastgen.hooks import remove_step_tracker
+    from fastgen.tracking import remove_step_tracker
 
     state = getattr(model, state_attr, None)
     if state is None:

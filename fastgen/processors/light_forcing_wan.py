@@ -40,6 +40,7 @@ import logging
 
 import torch
 
+from fastgen._validation import log_once
 from fastgen.attention.light_forcing import PooledKeys, chunk_sparsities, light_forcing_attention
 from fastgen.configs import LightForcingConfig
 
@@ -92,9 +93,7 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
         self._stats.clear()
 
     def _log_once(self, message: str) -> None:
-        if message not in self._logged:
-            self._logged.add(message)
-            logger.info(message)
+        log_once(logger, message, logging.INFO, seen=self._logged)
 
     def chunk_sparsity(self, info: ChunkInfo) -> float:
         """Chunk-Aware Growth sparsity of ``info``'s chunk in this generation."""
