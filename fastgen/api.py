@@ -27,7 +27,9 @@ ADAPTERS = (
     "fastgen.processors.transformers_lm",
 )
 
-_STATE_ATTR = "_fastgen_adapter"
+STATE_ATTR = "_fastgen_adapter"
+"""Attribute of a model with fastgen attention applied: the name of the adapter module that applied it."""
+_STATE_ATTR = STATE_ATTR  # old private name
 
 
 def _adapters():
@@ -57,6 +59,12 @@ def apply_sparse_attention(model, config):
     if is_pipeline(model):
         return apply_to_pipeline(model, config)
     if not isinstance(model, torch.nn.Module):
+        if isinstance(getattr(model, "model", None), torch.nn.Module):
+            # fastgen's DiffusionLMPipeline: its methods are options of each call
+            raise ValueError(
+                f"model={type(model).__name__} is a pipeline that takes its methods per call: pass "
+                f"pipe(..., acceleration=[{type(config).__name__}(...)]), or apply them to pipe.model"
+            )
         raise ValueError(
             f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}"
         )
@@ -65,12 +73,12 @@ def apply_sparse_attention(model, config):
 
 def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
     """:func:`apply_sparse_attention` on one model: the first adapter that supports it."""
-    if getattr(model, _STATE_ATTR, None) is not None:
+    if getattr(model, STATE_ATTR, None) is not None:
         _remove_from_model(model)
     for adapter in _adapters():
         if adapter.supports(model, config):
             adapter.apply(model, config)
-            setattr(model, _STATE_ATTR, adapter.__name__)
+            setattr(model, STATE_ATTR, adapter.__name__)
             logger.info(
                 "fastgen: applied %s to %s via %s",
                 type(config).__name__,
@@ -95,11 +103,11 @@ def remove_sparse_attention(model):
 
 
 def _remove_from_model(model: torch.nn.Module) -> torch.nn.Module:
-    name = getattr(model, _STATE_ATTR, None)
+    name = getattr(model, STATE_ATTR, None)
     if name is None:
         return model
     importlib.import_module(name).remove(model)
-    setattr(model, _STATE_ATTR, None)
+    setattr(model, STATE_ATTR, None)
     return model
 
 

@@ -26,6 +26,7 @@ import os
 import re
 
 import torch
+from fastgen.pipelines.diffusion_lm import detect_family
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ _LLADA_TOP_KEYS = {
     "model.transformer.ff_out.weight": "lm_head.weight",
 }
 _LLADA_BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-def detect_family(config: dict) -> str | None:
-    """``"llada"``, ``"dream"`` or ``None`` from a checkpoint's ``config.json`` contents."""
-    model_type = str(config.get("model_type", "")).lower()
-    architectures = [str(a).lower() for a in config.get("architectures") or []]
-    if model_type == "llada" or any(a.startswith("llada") for a in architectures):
-        return "llada"
-    if model_type == "dream" or any(a.startswith("dream") for a in architectures):
-        return "dream"
-    return None
 
 
 def llada_key(name: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -177,9 +176,10 @@ def test_bidirectional_mask_hides_padding_keys():
 
 
 def test_confidence_threshold_ends_blocks_early(pipe):
-    low = pipe(prompt="abc", confidence_threshold=-1.0, generator=0, **FAST)
+    # a probability is > 1e-9 (every candidate commits) and never > 1.0 (only the schedule commits)
+    low = pipe(prompt="abc", confidence_threshold=1e-9, generator=0, **FAST)
     assert low.steps_run == 3 and not (low.sequences == TINY_MASK_TOKEN_ID).any()
-    high = pipe(prompt="abc", confidence_threshold=2.0, generator=0, **FAST)
+    high = pipe(prompt="abc", confidence_threshold=1.0, generator=0, **FAST)
     plain = pipe(prompt="abc", generator=0, **FAST)
     assert torch.equal(high.sequences, plain.sequences) and high.steps_run == 6
 
@@ -205,12 +205,14 @@ def test_bf16_runs():
 
 
 def test_acceleration_applied_and_removed_with_step_hooks(pipe, monkeypatch):
+    from fastgen.processors import transformers_lm as fake
+
     events = []
-    fake = types.ModuleType("fastgen.processors.transformers_lm")
-    fake.begin_generation = lambda model, total_steps, **kw: events.append(("begin", total_steps))
-    fake.set_step = lambda model, step: events.append(("step", step))
-    fake.end_generation = lambda model: events.append(("end",))
-    monkeypatch.setitem(sys.modules, "fastgen.processors.transformers_lm", fake)
+    monkeypatch.setattr(
+        fake, "begin_generation", lambda model, total_steps, **kw: events.append(("begin", total_steps))
+    )
+    monkeypatch.setattr(fake, "set_step", lambda model, step: events.append(("step", step)))
+    monkeypatch.setattr(fake, "end_generation", lambda model: events.append(("end",)))
 
     def apply(model, config):
         events.append(("apply", config))
@@ -220,8 +222,8 @@ def test_acceleration_applied_and_removed_with_step_hooks(pipe, monkeypatch):
         events.append(("remove",))
         model._fastgen_adapter = None
 
-    monkeypatch.setattr(fastgen, "apply_sparse_attention", apply)
-    monkeypatch.setattr(fastgen, "remove_sparse_attention", remove)
+    monkeypatch.setattr(fastgen.api, "apply_sparse_attention", apply)
+    monkeypatch.setattr(fastgen.api, "remove_sparse_attention", remove)
     config = fastgen.SparseDConfig(block_size=16)
     pipe(prompt="abc", acceleration=[config], generator=0, **FAST)
     assert events == [
@@ -268,6 +270,60 @@ def test_bad_values_raise_naming_parameter(pipe, kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         pipe(prompt="abc", **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(confidence_threshold=2.0), r"confidence_threshold=2.0 is out of range; allowed: \(0.0, 1.0\]"),
+        (dict(confidence_threshold=0.0), r"confidence_threshold=0.0 is out of range"),
+        (dict(steps=48), r"steps=48 is more than gen_length=24.*allowed: 1 <= steps <= 24"),
+        (
+            dict(acceleration=[fastgen.SparseDConfig(), fastgen.SparseDConfig(select=0.5)]),
+            "acceleration holds 2 SparseDConfig; allowed: at most one config per method",
+        ),
+        (
+            dict(acceleration=[fastgen.WindowDiffusionConfig(), fastgen.WindowDiffusionConfig()]),
+            "acceleration holds 2 WindowDiffusionConfig",
+        ),
+        (dict(sampler="dream", remasking="entropy"), "remasking='entropy' is an option of LLaDA's sampler"),
+    ],
+)
+def test_bad_calls_fail_before_any_model_call(kwargs, message):
+    """Issue 21: each mistake is one line naming the parameter, the value and what is allowed, and the
+    model never runs."""
+    model = PositionLM()
+    pipe = DiffusionLMPipeline(model)
+    args = dict(input_ids=torch.tensor([[1, 2, 3]]), gen_length=24, steps=6, block_length=8, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        pipe(**args)
+    assert model.calls == [] and model.__dict__.get("_fastgen_adapter") is None
+
+
+def test_remasking_is_honoured_by_llada_and_refused_by_dream_but_default_fine():
+    model = PositionLM()
+    pipe = DiffusionLMPipeline(model)
+    ids = torch.tensor([[1, 2, 3]])
+    dream = pipe(input_ids=ids, gen_length=8, steps=4, block_length=8, sampler="dream", progress=False)
+    llada = pipe(input_ids=ids, gen_length=8, steps=4, block_length=8, remasking="margin", progress=False)
+    assert not (dream.sequences == 49).any() and not (llada.sequences == 49).any()
+
+
+def test_mask_token_id_outside_the_vocabulary_is_refused_up_front():
+    model = PositionLM()
+    model.config.vocab_size = 50
+    with pytest.raises(ValueError, match=r"mask_token_id=50 is outside the model's vocabulary of 50 tokens"):
+        DiffusionLMPipeline(model, mask_token_id=50)
+    with pytest.raises(ValueError, match="mask_token_id=-1"):
+        DiffusionLMPipeline(model, mask_token_id=-1)
+    assert DiffusionLMPipeline(model, mask_token_id=49).mask_token_id == 49
+
+
+def test_apply_sparse_attention_on_the_pipeline_points_to_acceleration(pipe):
+    with pytest.raises(ValueError, match=r"acceleration=") as err:
+        fastgen.apply_sparse_attention(pipe, fastgen.SparseDConfig())
+    assert "DiffusionLMPipeline" in str(err.value) and "pipe.model" in str(err.value)
 
 
 def test_prompt_needs_tokenizer_and_mask_id_inferred():

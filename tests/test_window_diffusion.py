@@ -465,7 +465,7 @@ def test_threshold_decoding_commits_more_and_stays_in_window():
     out = pipe(confidence_threshold=0.05, **kw)
     assert out.steps_run < 40 and not (out.sequences == MASK).any()
     assert all(set(t["active"].tolist()) <= set(t["window"].tolist()) for t in out.window_trace)
-    everything = pipe(confidence_threshold=-1.0, **kw)
+    everything = pipe(confidence_threshold=1e-9, **kw)
     assert everything.steps_run == 1  # the refresh step commits every mask above the threshold
 
 
