@@ -142,7 +142,11 @@ def test_client_video_tab_returns_both_videos_metrics_and_mask(fake_app):
     assert 30 < metrics["psnr"] < 60 and 0 < metrics["ssim"] <= 1
     assert metrics["density"] == pytest.approx(0.4) and metrics["seed"] == 3
     assert metrics["config"]["method"] == "rectified" and metrics["config"]["sparsity"] == 0.8
-    assert "speedup" in table and "PSNR" in table
+    assert "PSNR" in table
+    # the median of the interleaved rounds, with their range and the load average next to it
+    assert metrics["rounds"] == 3 and metrics["speedup_rounds"] == pytest.approx([2.5] * 3)
+    assert "speedup 2.50x (median of 3 interleaved rounds, range 2.50x-2.50x" in table
+    assert "load average" in table and metrics["sparse_never_ran"] is None
     assert os.path.getsize(mask) > 0 and _value(layer) == "1" and _value(head) == 0
     assert layer["choices"] == [["1", "1"], ["2", "2"]]
     # every request writes its own files; the pipeline was loaded once, lazily
@@ -307,15 +311,21 @@ def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
 def test_client_video_tab_with_tiny_wan():
     from gradio_client import Client
 
-    demo = build_demo(text_loader=lambda: None, text_generate=fake_text_generate, video_preset="tiny-wan")
+    demo = build_demo(text_loader=lambda: None, text_generate=fake_text_generate, video_preset="tiny-wan-long",
+                      limits=DemoLimits(rounds=1))  # fmt: skip
     url = _launch(demo)
     try:
-        args = {**VIDEO_ARGS, "height": 64, "width": 64, "frames": 5, "steps": 2}
+        # 2 latent frames of 8x16 tokens: 256 tokens, enough for Rectified SpaAttn to run sparse
+        args = {**VIDEO_ARGS, "height": 64, "width": 128, "frames": 5, "steps": 2, "dense_layers": 0}
         dense, sparse, table, metrics, mask, layer, head = Client(url, verbose=False).predict(
             *args.values(), api_name="/generate_video"
         )
         assert os.path.getsize(_path(dense)) > 0 and os.path.getsize(_path(sparse)) > 0
-        assert metrics["ssim"] > 0 and metrics["speedup"] > 0
+        assert metrics["ssim"] > 0
+        # the block-mask panel shows the recorded masks (it said "no block mask recorded" before)
+        assert _value(layer) and metrics["density"] is not None
+        assert metrics["speedup"] is None or metrics["speedup"] > 0
+        assert metrics["note"] == "random weights: output is noise by design"
     finally:
         demo.close()
 
@@ -396,7 +406,10 @@ def test_video_handler_passes_the_first_frame_to_image_to_video_pipelines(fake_a
         backend.run_video(*VIDEO_ARGS.values(), None)
     finally:
         backend.video_generate = real
-    assert seen == [str(tmp_path / "first.png")] * 2 + ["absent"] * 2
+    # 3 timing rounds of 2 runs each (plus the 2 untimed warm-up calls when this pipeline is still cold)
+    first, second = seen[:-6], seen[-6:]
+    assert first == [str(tmp_path / "first.png")] * len(first) and len(first) in (6, 8)
+    assert second == ["absent"] * 6
 
 
 def test_task_example_prompts_fit_the_demo_prompt_limit():
