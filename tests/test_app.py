@@ -43,6 +43,22 @@ def fake_video_generate(pipe, *, prompt, seed=0, method="rectified", config=None
             "stats": stats, "config": {}}  # fmt: skip
 
 
+def fake_causal_generate(
+    pipe, *, prompt, seed=0, method="light_forcing", config=None, progress=True, **params
+):
+    """Seeded frames; the Light Forcing run records per-(chunk, layer) rows as the causal runner does."""
+    frames = np.random.default_rng(seed).integers(
+        0, 250, size=(params["frames"], params["height"], params["width"], 3)
+    )
+    stats = []
+    if method != "dense":
+        frames = frames + 1
+        stats = [{"chunk": c, "layer": layer, "density": 1.0 if c == 0 else 0.3, "sparsity": 0.0 if c == 0 else 0.7,
+                  "block_mask": _mask()} for c in (0, 1) for layer in (0, 1)]  # fmt: skip
+    return {"frames": frames.astype(np.uint8), "seconds": 1.0 if method == "dense" else 0.5, "fps": 8,
+            "stats": stats, "config": {}}  # fmt: skip
+
+
 def fake_text_generate(pipe, *, prompt, seed=0, method="sparsed", config=None, progress=True, **params):
     """Seeded tokens; the accelerated run changes one token and reports stats as the runner does: SparseD
     layers, and for Window-Diffusion methods the per-step trace (refresh step, then pruned steps)."""
@@ -98,7 +114,10 @@ def fake_app():
         text_loader=lambda: loads.append("text") or "text-pipe",
         video_generate=fake_video_generate,
         text_generate=fake_text_generate,
+        causal_loader=lambda: loads.append("causal") or "causal-pipe",
+        causal_generate=fake_causal_generate,
         limits=DemoLimits(max_frames=17, max_side=256, max_steps=8, max_gen_length=64),
+        causal_defaults={"frames": 9, "height": 32, "width": 32},
     )
     url = _launch(demo)
     yield demo, url, loads
@@ -379,6 +398,12 @@ def test_browser_clicks_generate_and_sees_results(fake_app, tmp_path):
             page.click("#text-generate")
             page.wait_for_selector("#text-metrics :text('refresh / pruned steps')", timeout=180_000)
             page.wait_for_selector("#text-window-sets img", timeout=60_000)
+            # and the Causal tab: dense vs Light Forcing, per-chunk density and a chunk's mask
+            page.get_by_role("tab", name="Causal video (Light Forcing)").click()
+            page.click("#causal-generate")
+            page.wait_for_selector("#causal-metrics :text('density of chunk 1')", timeout=180_000)
+            page.wait_for_selector("#causal-mask img", timeout=60_000)
+            assert "speedup" in page.inner_text("#causal-metrics")
             if save:
                 page.screenshot(
                     path=os.path.join(REPO, "samples", "demo_screenshot_text.png"), full_page=True

@@ -341,3 +341,76 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "attention", "--help"])
     assert capsys.readouterr().out.startswith("usage: fastgen bench attention")
+    with pytest.raises(SystemExit):  # a suite that parses its own options names itself too
+        main(["bench", "fidelity", "--help"])
+    assert capsys.readouterr().out.startswith("usage: fastgen bench fidelity")
+
+
+# ----------------------------------------------------------------------------------------------------
+# reachable settings, the demo's launch, library noise
+
+
+def test_causal_local_window_is_reachable_from_the_cli(workdir, capsys, monkeypatch):
+    import fastgen.pipelines.causal_video_runner as cvr
+    import fastgen.pipelines.video_runner as vr
+    import numpy as np
+
+    class CausalWanPipeline:  # the runner recognises the causal Wan by its class name
+        pass
+
+    seen = {}
+
+    def generate(pipe, **kw):
+        seen.update(kw)
+        return {
+            "frames": np.zeros((9, 32, 32, 3), np.uint8),
+            "seconds": 0.1,
+            "fps": 8,
+            "stats": [],
+            "config": {},
+        }
+
+    monkeypatch.setattr(vr, "load_video_pipeline", lambda **kw: CausalWanPipeline())
+    monkeypatch.setattr(cvr, "generate_causal_video", generate)
+    argv = ["generate", "--preset", "tiny-causal-wan", "--prompt", "a kite", "--method", "dense",
+            "--local-attn-frames", "3", "--sink-frames", "1", "--out", "c.mp4"]  # fmt: skip
+    assert _run(argv, capsys)[0] == 0
+    assert seen["local_attn_frames"] == 3 and seen["sink_frames"] == 1
+    code, _, err = _run([*argv[:-2], "--sink-frames", "-1", "--out", "d.mp4"], capsys)
+    assert code == 2 and "--sink-frames=-1 is not allowed; allowed: an integer >= 0" in err
+
+
+def test_demo_launches_with_errors_shown_in_the_browser_and_quiet(workdir, capsys, monkeypatch):
+    pytest.importorskip("gradio")
+    import fastgen.app.layout as layout
+
+    launched = {}
+
+    class FakeDemo:
+        def launch(self, **kw):
+            launched.update(kw)
+
+    monkeypatch.setattr(layout, "build_demo", lambda **kw: FakeDemo())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = _run(["demo", "--port", port], capsys)
+    assert code == 0 and launched["show_error"] is True and launched["quiet"] is True
+    assert err.strip() == f"fastgen demo: serving on http://localhost:{port} (Ctrl-C to stop)"
+
+
+def test_notices_a_user_cannot_act_on_are_dropped():
+    import logging
+
+    from fastgen.cli import _DropNotices
+
+    def record(message):
+        return logging.LogRecord(
+            "transformers.utils.import_utils", logging.WARNING, __file__, 1, message, None, None
+        )
+
+    notice = (
+        "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    )
+    assert not _DropNotices().filter(record(notice))
+    assert _DropNotices().filter(record("the checkpoint's config has no rope_theta"))

@@ -291,7 +291,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_bench(args)
         from fastgen.bench.cli import run_bench
 
-        return run_bench(args)
+        # suites that build their own parser take their program name from sys.argv[0]
+        saved, sys.argv[0] = sys.argv[0], f"fastgen bench {args.suite}"
+        try:
+            return run_bench(args)
+        finally:
+            sys.argv[0] = saved
     if args.command == "demo":
         from fastgen.app.layout import launch
 
@@ -299,15 +304,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown command {args.command!r}")
 
 
+NOTICES_DROPPED = (
+    "requires torchvision (not installed); falling back to",  # transformers, diffusers' Wan I2V import
+    "to instantiate a model of type",  # transformers, a recognised LM family's tokenizer
+)
+"""Library notices a user cannot act on (shown again with ``-v``)."""
+
+
+class _DropNotices(logging.Filter):
+    """Drops the log records of :data:`NOTICES_DROPPED`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern in message for pattern in NOTICES_DROPPED)
+
+
 def _quiet_libraries() -> None:
-    """Silence notices a user cannot act on (diffusers' float32 notice on models built in code, ...)."""
+    """Silence notices a user cannot act on (:data:`NOTICES_DROPPED`, gradio's analytics); ``-v``
+    keeps them."""
     import os
-    import warnings
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    warnings.filterwarnings("ignore", message=r".*torch_dtype.*float32.*")
-    warnings.filterwarnings("ignore", message=r".*CLIPImageProcessor.*")
-    warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    root = hf_logging.get_logger()  # the library's root logger, which owns its handler
+    for handler in root.handlers:
+        if not any(isinstance(f, _DropNotices) for f in handler.filters):
+            handler.addFilter(_DropNotices())
 
 
 def main(argv: list[str] | None = None) -> int:
