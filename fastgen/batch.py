@@ -140,6 +140,10 @@ class BatchRunner:
     """Also run dense with the same seed; record speedup and fidelity."""
     overwrite: bool = False
     """Redo items that are already finished."""
+    rounds: int | None = None
+    """Interleaved timing rounds of ``compare_dense`` (``None``: :data:`fastgen.compare.DEFAULT_ROUNDS`)."""
+    report: Callable[[str], None] | None = None
+    """Where per-item comparison lines go on screen (``None``: nowhere; the command writes them to stderr)."""
     rank: int = 0
     """This process's rank."""
     world_size: int = 1
@@ -257,9 +261,11 @@ class BatchRunner:
                 fidelity, warm_up = video_fidelity, VIDEO_WARM_UP
             else:
                 fidelity, warm_up = text_fidelity, text_warm_up(params.get("gen_length") or 4)
+            from fastgen.compare import DEFAULT_ROUNDS
+
             comparison = compare_with_dense(
                 self.generate, pipe, method=self.method, config=config, fidelity=fidelity, warm_up=warm_up,
-                **options,
+                rounds=self.rounds or DEFAULT_ROUNDS, **options,
             )  # fmt: skip
             result = comparison.accelerated
         else:
@@ -278,13 +284,27 @@ class BatchRunner:
             dense = comparison.dense
             record["dense_seconds"] = _finite(dense.get("seconds"))
             record["speedup"] = _finite(comparison.speedup)
+            record["speedups"] = [_finite(x) for x in comparison.speedups]
+            record["rounds"] = comparison.rounds
+            record["load_average"] = _finite(comparison.load)
+            record["cpus"] = comparison.cpus
+            record["sparse_never_ran"] = comparison.not_sparse
             if self.kind == "video":
                 record["psnr"] = _finite(comparison.fidelity["psnr"])
                 record["identical"] = comparison.fidelity["identical"]
                 record["ssim"] = _finite(comparison.fidelity["ssim"])
+                fidelity_text = (
+                    "identical frames" if record["identical"] else f"PSNR {record['psnr']:.2f} dB"
+                ) + f", SSIM {record['ssim']:.4f}"
             else:
                 record["token_agreement"] = comparison.fidelity["token_agreement"]
                 record["dense_tokens_per_s"] = _finite(dense.get("tokens_per_s"))
+                fidelity_text = f"token agreement {record['token_agreement']:.3f}"
+            if self.report is not None:
+                self.report(f"item {item.index} ({name}): {comparison.speed_summary()}; {fidelity_text}")
+                warning = comparison.load_warning()
+                if warning:
+                    self.report(warning)
         record["wall_seconds"] = time.perf_counter() - started
         if result.get("method") is not None:
             record["method_run"] = result["method"]  # a runner may fall back to dense
@@ -328,6 +348,31 @@ class BatchRunner:
             else:
                 bar.update(1)
 
+        try:
+            self._run_items(mine, previous, journal, counts, run_id, started_at, multi, refresh)
+        except KeyboardInterrupt:
+            bar.close()
+            merge_manifests(self.out_dir)
+            done = counts["ok"] + counts["skipped"]
+            raise KeyboardInterrupt(
+                f"stopped at item {done + counts['failed'] + 1} of {counts['total']} ({counts['ok']} generated, "
+                f"{counts['skipped']} already done, {counts['failed']} failed); finished items are in "
+                f"{os.path.join(self.out_dir, MANIFEST)}; run the same command again to resume"
+            ) from None
+        if multi:
+            write_progress(self.out_dir, self.rank, run_id, counts, True, started_at)
+            if self.rank == 0:
+                counts["ranks"] = self._wait_for_ranks(run_id, started_at, refresh)
+        bar.close()
+        # a single process owns every journal; with several ranks others may still be appending to theirs
+        leftovers = (
+            glob.glob(os.path.join(self.out_dir, "manifest.rank*.jsonl")) if self.world_size == 1 else ()
+        )
+        merge_manifests(self.out_dir, remove_journals=leftovers)
+        return counts
+
+    def _run_items(self, mine, previous, journal, counts, run_id, started_at, multi, refresh) -> None:
+        """The loop of :meth:`run` over this rank's items (counts updated in place)."""
         for item in mine:
             seed = item.resolved_seed(self.base_seed)
             base = {
@@ -363,17 +408,6 @@ class BatchRunner:
             if multi:
                 write_progress(self.out_dir, self.rank, run_id, counts, False, started_at)
             refresh()
-        if multi:
-            write_progress(self.out_dir, self.rank, run_id, counts, True, started_at)
-            if self.rank == 0:
-                counts["ranks"] = self._wait_for_ranks(run_id, started_at, refresh)
-        bar.close()
-        # a single process owns every journal; with several ranks others may still be appending to theirs
-        leftovers = (
-            glob.glob(os.path.join(self.out_dir, "manifest.rank*.jsonl")) if self.world_size == 1 else ()
-        )
-        merge_manifests(self.out_dir, remove_journals=leftovers)
-        return counts
 
     def _wait_for_ranks(self, run_id: str, started_at: float, refresh: Callable[[], None]) -> dict[int, dict]:
         """Rank 0: the final counts of every rank of this run (missing ranks left out after a stall)."""
@@ -400,13 +434,81 @@ class BatchRunner:
 # the command
 
 
-def _resolve_method(args: argparse.Namespace, kind: str) -> str:
-    from fastgen.cli_generate import is_causal_request
+def _batch_run(args: argparse.Namespace, kind: str | None):
+    """The :class:`fastgen.cli.options.Run` of a batch: its family (from ``kind`` when given, else from
+    the preset or checkpoint), its method and its source; and every command-line check of
+    ``fastgen generate`` that needs no model (option ranges and relevance, device, checkpoint files,
+    ``--compare-dense`` / ``--rounds``, ``--image``), all problems in one :class:`UsageError`."""
+    from fastgen.cli.checks import check_checkpoint_folder, check_device, check_torch_file
+    from fastgen.cli.generate import (
+        UsageError,
+        is_causal_request,
+        option_values,
+        resolve_family,
+        takes_image_source,
+    )
+    from fastgen.cli.options import FAMILY_METHODS, Run, check_options, resolve_method
 
-    method = args.method or ("dense" if kind == "video" and is_causal_request(args) else DEFAULT_METHOD[kind])
-    if method != "dense" and not _known_method(method):
-        raise ValueError(f"--method={method!r} is unknown; allowed: {_allowed_methods()}")
-    return method
+    if kind is None:
+        family, source = resolve_family(args)
+    else:
+        family = "text" if kind == "text" else ("causal" if is_causal_request(args) else "video")
+        source = args.preset or args.model or ""
+    # the causal Wan runs dense unless a method is named (batch's default since it could run it)
+    method = "dense" if family == "causal" and args.method is None else resolve_method(family, args.method)
+    run = Run(family, method, source)
+    problems = check_options(option_values(args), run)
+    if args.compare_dense and run.method == "dense":
+        accelerated = ", ".join(m for m in FAMILY_METHODS[family] if m != "dense")
+        problems.append(
+            f"--compare-dense with --method dense compares dense with itself; allowed: an accelerated --method ({accelerated})"
+        )
+    if getattr(args, "rounds", None) is not None and not args.compare_dense:
+        problems.append(
+            f"--rounds={args.rounds} is for --compare-dense timings; add --compare-dense or drop it"
+        )
+    if getattr(args, "image", None) is not None and family == "video" and kind is None:
+        if not takes_image_source(args, family):
+            problems.append(
+                f"--image={args.image!r} is for image-to-video pipelines (Wan I2V); {source} is text-to-video"
+            )
+    if problems:
+        raise UsageError(problems)
+    check_device(args.device)
+    if args.model is not None and os.path.isdir(args.model):
+        check_checkpoint_folder(args.model)
+    if getattr(args, "self_forcing_checkpoint", None) is not None:
+        check_torch_file(args.self_forcing_checkpoint, "--self-forcing-checkpoint")
+    return run
+
+
+def item_problems(runner: BatchRunner, cli_values: dict) -> Callable[[Item], list[str]]:
+    """``check(item)``: the range and relevance problems of one prompt-file row (its overrides on top of
+    the command line's values, :func:`fastgen.cli.options.check_options`), its image file, and what its
+    method config says of its options; used by :func:`read_prompt_file` so that every bad row of a
+    file is reported at once, before any work."""
+    from fastgen.cli.options import check_options
+
+    base = {k: v for k, v in cli_values.items() if v is not None}
+
+    def check(item: Item) -> list[str]:
+        row = dict(item.overrides)
+        if item.seed is not None:
+            row["seed"] = item.seed
+        if not row:
+            return []
+        problems = check_options({**base, **row}, runner.run_spec, flag=False)
+        image = row.get("image")
+        if isinstance(image, str) and not os.path.isfile(image):
+            problems.append(f"image={image!r} does not exist; allowed: an existing picture file")
+        if not problems:
+            try:
+                runner.build_config(runner.method_options(item))
+            except ValueError as err:
+                problems.append(str(err))
+        return problems
+
+    return check
 
 
 def runner_from_args(
@@ -416,12 +518,15 @@ def runner_from_args(
     load: Callable[[], object] | None = None,
     generate: Callable[..., dict] | None = None,
 ) -> BatchRunner:
-    """Build a :class:`BatchRunner` from ``fastgen batch`` arguments (``load``/``generate`` injectable)."""
-    if kind is None:
-        from fastgen.cli_generate import model_kind
+    """Build a :class:`BatchRunner` from ``fastgen batch`` arguments (``load``/``generate`` injectable),
+    after every check that needs no model (:func:`_batch_run`) and of ``--out-dir``."""
+    from fastgen.cli.checks import check_writable_folder
+    from fastgen.cli.generate import load_pipeline
 
-        kind = model_kind(args)
-    method = _resolve_method(args, kind)
+    run = _batch_run(args, kind)
+    kind = "text" if run.family == "text" else "video"
+    method = run.method
+    check_writable_folder(args.out_dir, flag="--out-dir")
     rank, world_size, local_rank = distributed_rank()
     device = args.device
     if device is None and world_size > 1:
@@ -434,7 +539,8 @@ def runner_from_args(
             from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
 
             def default_load():
-                return load_video_pipeline(
+                return load_pipeline(
+                    load_video_pipeline,
                     preset=args.preset,
                     model=args.model,
                     device=device,
@@ -447,7 +553,8 @@ def runner_from_args(
             from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
 
             def default_load():
-                return load_text_pipeline(
+                return load_pipeline(
+                    load_text_pipeline,
                     preset=args.preset,
                     model=args.model,
                     device=device,
@@ -466,7 +573,7 @@ def runner_from_args(
                 config_options[f.name] = value
     names = VIDEO_PARAMS if kind == "video" else TEXT_PARAMS
     params = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    return BatchRunner(
+    runner = BatchRunner(
         kind=kind,
         load=load,
         generate=generate,
@@ -480,7 +587,18 @@ def runner_from_args(
         overwrite=args.overwrite,
         rank=rank,
         world_size=world_size,
+        rounds=getattr(args, "rounds", None),
+        report=_report if rank == 0 else None,
     )
+    runner.run_spec = run
+    return runner
+
+
+def _report(line: str) -> None:
+    """A line on screen that does not break the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def run_batch(
@@ -491,8 +609,10 @@ def run_batch(
     generate: Callable[..., dict] | None = None,
 ) -> int:
     """Run ``fastgen batch``; returns 0 when every item of this rank is done, 1 when some failed."""
+    from fastgen.cli.generate import RANDOM_WEIGHTS_NOTE, option_values, random_weights
+
     runner = runner_from_args(args, kind=kind, load=load, generate=generate)
-    items = read_prompt_file(args.prompts, runner.columns())
+    items = read_prompt_file(args.prompts, runner.columns(), item_problems(runner, option_values(args)))
     counts = runner.run(items)
     if runner.world_size > 1 and runner.rank != 0:
         logger.info("rank %d: %s (rank 0 prints the summary of all ranks)", runner.rank, counts)
@@ -511,6 +631,8 @@ def run_batch(
             f"{total['failed']} failed, of {total['total']} items; manifest: "
             f"{os.path.join(runner.out_dir, MANIFEST)}\n"
         )
+        if random_weights(runner.model):
+            sys.stderr.write(f"fastgen batch: note: {runner.model} has {RANDOM_WEIGHTS_NOTE}\n")
     if counts["failed"]:
         logger.warning(
             "%d item(s) failed; see 'error' in the manifest; re-run to retry them", counts["failed"]
@@ -527,6 +649,7 @@ __all__ = [
     "Item",
     "allowed_columns",
     "append_record",
+    "item_problems",
     "distributed_rank",
     "journal_path",
     "latest_records",

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastgen.configs import METHOD_CONFIGS
@@ -27,8 +29,13 @@ VIDEO_PARAMS: dict[str, type] = {
     "width": _INT,
     "frames": _INT,
     "guidance_scale": _FLOAT,
+    "image": _STR,
+    "local_attn_frames": _INT,
+    "sink_frames": _INT,
 }
-"""Per-item generation parameters of video runners and their types."""
+"""Per-item generation parameters of video runners and their types (``image``: the first frame of an
+image-to-video pipeline, a path relative to the prompt file's folder; ``local_attn_frames`` /
+``sink_frames``: the causal Wan's local attention window)."""
 
 TEXT_PARAMS: dict[str, type] = {
     "steps": _INT,
@@ -86,6 +93,8 @@ class Item:
     """The row's own seed; ``None`` means ``base_seed + index``."""
     overrides: dict = field(default_factory=dict)
     """Per-row generation parameters and method options (e.g. ``steps``, ``sparsity``)."""
+    where: str = ""
+    """``file:line`` of the row, for messages."""
 
     def resolved_seed(self, base_seed: int) -> int:
         """The seed this item runs with: its own, else ``base_seed + index``."""
@@ -122,7 +131,7 @@ def _coerce(value, typ: type, where: str):
         raise ValueError(f"{where}={value!r} must be of type {typ.__name__}") from None
 
 
-def _item_from_row(row: dict, index: int, where: str, columns: dict[str, type]) -> Item:
+def _item_from_row(row: dict, index: int, where: str, columns: dict[str, type], folder: str) -> Item:
     unknown = sorted(set(row) - set(columns))
     if unknown:
         raise ValueError(
@@ -134,13 +143,38 @@ def _item_from_row(row: dict, index: int, where: str, columns: dict[str, type]) 
     values = {k: _coerce(v, columns[k], f"{where}: column {k!r}") for k, v in row.items() if k != "prompt"}
     seed = values.pop("seed", None)
     overrides = {k: v for k, v in values.items() if v is not None}
-    return Item(index=index, prompt=prompt.strip(), seed=seed, overrides=overrides)
+    if isinstance(overrides.get("image"), str) and not os.path.isabs(overrides["image"]):
+        overrides["image"] = os.path.join(folder, overrides["image"])
+    return Item(index=index, prompt=prompt.strip(), seed=seed, overrides=overrides, where=where)
 
 
-def read_prompt_file(path: str | os.PathLike, columns: dict[str, type] | None = None) -> list[Item]:
+def _decode_lines(path: str) -> list[str]:
+    """The lines of ``path`` as UTF-8; a ``ValueError`` naming the file, line and byte otherwise."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); allowed: a UTF-8 "
+            "text file (re-save it as UTF-8)"
+        ) from None
+    return text.splitlines(keepends=True)
+
+
+def read_prompt_file(
+    path: str | os.PathLike,
+    columns: dict[str, type] | None = None,
+    check: Callable[[Item], list[str]] | None = None,
+) -> list[Item]:
     """Read a ``.txt``, ``.jsonl`` or ``.csv`` prompt file into items (columns checked against ``columns``).
 
-    Unknown columns raise a ``ValueError`` naming the column and the allowed ones.
+    Every bad row is reported (one line each, ``file:line: ...``) in one ``ValueError``: unknown columns
+    (with the allowed ones), cells of the wrong type, invalid JSON; a file that is not UTF-8 names the
+    line and byte; a file without any prompt is an error too. ``check(item)`` returns the problems of a
+    well-formed row's values (ranges, relevance), reported in the same error as the others.
     """
     path = os.fspath(path)
     columns = columns if columns is not None else allowed_columns()
@@ -150,37 +184,59 @@ def read_prompt_file(path: str | os.PathLike, columns: dict[str, type] | None = 
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path!r} does not exist")
     rows: list[tuple[dict, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext == ".txt":
-            for lineno, line in enumerate(f, 1):
-                text = line.strip()
-                if text and not text.startswith("#"):
-                    rows.append(({"prompt": text}, f"{path}:{lineno}"))
-        elif ext == ".jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-                if isinstance(row, str):
-                    row = {"prompt": row}
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: each line must be a JSON object or string, got {row!r}")
-                rows.append((row, where))
-        else:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV prompt file needs a header row with a 'prompt' column")
-            for row in reader:
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue
-                if None in row:
-                    raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
-                rows.append((row, f"{path}:{reader.line_num}"))
-    return [_item_from_row(row, i, where, columns) for i, (row, where) in enumerate(rows)]
+    problems: list[str] = []
+    lines = _decode_lines(path)
+    if ext == ".txt":
+        for lineno, line in enumerate(lines, 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                rows.append(({"prompt": text}, f"{path}:{lineno}"))
+    elif ext == ".jsonl":
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: invalid JSON ({err.msg})")
+                continue
+            if isinstance(row, str):
+                row = {"prompt": row}
+            if not isinstance(row, dict):
+                problems.append(f"{where}: each line must be a JSON object or string, got {row!r}")
+                continue
+            rows.append((row, where))
+    else:
+        reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: a CSV prompt file needs a header row with a 'prompt' column")
+        for row in reader:
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue
+            if None in row:
+                problems.append(f"{path}:{reader.line_num}: more cells than header columns")
+                continue
+            rows.append((row, f"{path}:{reader.line_num}"))
+    folder = os.path.dirname(os.path.abspath(path))
+    items = []
+    for row, where in rows:
+        try:
+            item = _item_from_row(row, len(items), where, columns, folder)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        items.append(item)
+        if check is not None:
+            problems.extend(f"{where}: {p}" for p in check(item))
+    if problems:
+        raise ValueError("\n".join(problems))
+    if not items:
+        raise ValueError(
+            f"prompt file {path!r} holds no prompt (blank lines and # comments are skipped); allowed: at "
+            "least one prompt"
+        )
+    return items
 
 
 def slugify(text: str, max_len: int = 40) -> str:

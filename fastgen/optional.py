@@ -12,13 +12,13 @@ import importlib
 from types import ModuleType
 
 OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
-    "gradio": ("the demo (fastgen demo)", "pip install 'fastgen[app]'"),
-    "gradio_client": ("the demo's client", "pip install 'fastgen[app]'"),
-    "matplotlib": ("plots and block-mask pictures", "pip install 'fastgen[bench]'"),
+    "gradio": ("the demo (fastgen demo)", "pip install 'fastgen-sparse[app]'"),
+    "gradio_client": ("the demo's client", "pip install 'fastgen-sparse[app]'"),
+    "matplotlib": ("plots and block-mask pictures", "pip install 'fastgen-sparse[app]' (or [bench])"),
     "triton": ("the GPU kernels (Linux + CUDA)", "pip install triton"),
-    "hypothesis": ("the property tests", "pip install 'fastgen[test]'"),
-    "playwright": ("the demo's browser test", "pip install 'fastgen[test]'"),
-    "pytest": ("the tests", "pip install 'fastgen[test]'"),
+    "hypothesis": ("the property tests", "pip install 'fastgen-sparse[test]'"),
+    "playwright": ("the demo's browser test", "pip install 'fastgen-sparse[test]'"),
+    "pytest": ("the tests", "pip install 'fastgen-sparse[test]'"),
     "imageio": ("writing and reading mp4 files", "pip install imageio imageio-ffmpeg"),
     "imageio_ffmpeg": ("writing and reading mp4 files", "pip install imageio-ffmpeg"),
     "accelerate": ("model CPU offload", "pip install accelerate"),

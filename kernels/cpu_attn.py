@@ -10,7 +10,9 @@ and runs ~20% slower; FlexAttention's CPU template walks 128x128 tiles and is sl
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, both of
 which compiled FlexAttention on the CPU needs too) for the instruction set torch itself uses, once
-per machine: the library lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``). It links
+per machine and environment: the library lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``)
+in a folder keyed by the source, the flags, the torch version and the interpreter
+(:func:`extension_name`), and a successful build is logged at INFO. It links
 against the MKL ``sgemm_`` that PyTorch's x86 builds export. :func:`cpu_kernel_unavailable` says
 why it cannot be used (no compiler, no MKL, ``FASTGEN_CPU_KERNEL=0``); callers then take the
 PyTorch path and log it once.
@@ -163,7 +165,24 @@ def _compile(name: str, flags: list[str], timeout: float) -> str | None:
         except Exception as err:  # compiler, ninja or the MKL symbol missing: the caller falls back
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return f"could not build the native CPU kernel: {first_line}"
+    logger.info("fastgen: native CPU attention kernel %s ready (built or loaded from %s)", name, folder)
     return None
+
+
+def extension_name(isa: str, flags: list[str], *, source: Path = _SOURCE) -> str:
+    """The extension's (and so its build folder's) name: ``fastgen_cpu_<isa>_<key>``, the key a hash of
+    the kernel source (its text and path), the compiler flags, the torch version and the interpreter
+    (``sys.prefix``, the Python version), so two virtual environments or checkouts on one machine each
+    keep their own build instead of rebuilding over each other."""
+    import hashlib
+    import sys
+
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), str(source.resolve()).encode(), " ".join(flags).encode(),
+                 torch.__version__.encode(), sys.prefix.encode(), sys.version.encode()):  # fmt: skip
+        digest.update(part)
+        digest.update(b"\0")
+    return f"fastgen_cpu_{isa.lower()}_{digest.hexdigest()[:12]}"
 
 
 @functools.cache
@@ -176,7 +195,7 @@ def _build() -> str | None:
     flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])]
     if isa in _ISA_FLAGS:
         flags.append(f"-DCPU_CAPABILITY={isa}")
-    return _compile(f"fastgen_cpu_{isa.lower()}", flags, build_timeout())
+    return _compile(extension_name(isa, flags), flags, build_timeout())
 
 
 def cpu_kernel_unavailable() -> str | None:
@@ -386,7 +405,7 @@ def warm_up_cpu_kernel() -> str | None:
     why = cpu_kernel_unavailable()
     seconds = time.perf_counter() - start
     if why is None and seconds > 2.0:
-        logger.warning(
+        logger.info(
             "fastgen: built the native CPU attention kernel in %.0f s (cached for later runs)", seconds
         )
     return why

@@ -78,6 +78,12 @@ def generate_causal_video(
     from fastgen import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors import light_forcing_wan
 
+    from .video_runner import check_generation_values
+
+    check_generation_values(
+        steps=steps, height=height, width=width, frames=frames, guidance_scale=guidance_scale,
+        local_attn_frames=local_attn_frames, sink_frames=sink_frames,
+    )  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed for a causal Wan; allowed: {', '.join(METHODS)}")
     if method == "light_forcing":
@@ -88,9 +94,9 @@ def generate_causal_video(
     kwargs = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
-        "height": height or defaults["height"],
-        "width": width or defaults["width"],
-        "num_frames": frames or defaults["frames"],
+        "height": defaults["height"] if height is None else height,
+        "width": defaults["width"] if width is None else width,
+        "num_frames": defaults["frames"] if frames is None else frames,
         "denoising_timesteps": denoising_timesteps(steps),
         "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
         "local_attn_frames": local_attn_frames,
@@ -132,6 +138,7 @@ def generate_causal_video(
         "seconds": seconds,
         "fps": int(defaults["fps"]),
         "stats": stats,
+        "steps": steps,
         "config": config.to_dict() if method == "light_forcing" else {"method": "dense"},
     }
 

@@ -2,7 +2,7 @@
 dense, with SparseD, with Window-Diffusion or with both, time it, and compare with dense.
 
 ``fastgen generate --preset tiny-llada --method sparsed --prompt "..." --compare-dense --out out.txt``
-lands in :func:`fastgen.cli_generate.generate_text_from_args`, which uses the functions here.
+lands in :func:`fastgen.cli.generate.generate_text_from_args`, which uses the functions here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Video generation for the CLI, batch and the demo: load a pipeline and generate with or without
-Rectified SpaAttn (``fastgen.cli_generate.generate_video_from_args`` writes the mp4 and compares with dense).
+Rectified SpaAttn (``fastgen.cli.generate.generate_video_from_args`` writes the mp4 and compares with dense).
 
 Example:
     >>> from fastgen.pipelines.video_runner import load_video_pipeline, generate_video
@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 
@@ -122,6 +123,64 @@ def load_image(image):
         raise ValueError(f"image={image!r} could not be read as a picture: {err}") from err
 
 
+def check_generation_values(**values) -> None:
+    """A ``ValueError`` naming the first value that is not allowed: ``steps``, ``height``, ``width``,
+    ``frames``, ``local_attn_frames`` must be integers >= 1 when given, ``sink_frames`` an integer >= 0,
+    ``guidance_scale`` a finite number >= 0 (``None`` = the pipeline's default; 0 is never read as one)."""
+    import math
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "guidance_scale":
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or value < 0:
+                raise ValueError(f"guidance_scale={value!r} is not allowed; allowed: a number >= 0")
+            continue
+        low = 0 if name == "sink_frames" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer >= {low}")
+
+
+def video_tokens(pipe, frames: int, height: int, width: int) -> int | None:
+    """Tokens the transformer attends over for one video of this size (``None`` when the pipeline does
+    not say its VAE scale factors or patch size)."""
+    transformer = getattr(pipe, "transformer", None)
+    patch = getattr(getattr(transformer, "config", None), "patch_size", None)
+    patch_t = getattr(getattr(transformer, "config", None), "patch_size_t", None)
+    if isinstance(patch, (tuple, list)):
+        patch_t, ph, pw = patch
+    elif isinstance(patch, int):
+        ph = pw = patch
+        patch_t = patch_t or 1
+    else:
+        return None
+    scale_t = getattr(pipe, "vae_scale_factor_temporal", None)
+    scale_s = getattr(pipe, "vae_scale_factor_spatial", None)
+    if not scale_t or not scale_s:
+        return None
+    latent_frames = (frames - 1) // scale_t + 1
+    return (-(-latent_frames // patch_t)) * (height // scale_s // ph) * (width // scale_s // pw)
+
+
+def check_block_size_fits(pipe, block_size: int, *, frames=None, height=None, width=None, flag="block_size"):
+    """A ``ValueError`` when a chosen ``block_size`` is larger than the tokens of one video of this size
+    (``None`` sizes: the pipeline's defaults): one block would hold everything (density 1.0)."""
+    defaults = _defaults(pipe)
+    sizes = {
+        "frames": defaults["frames"] if frames is None else frames,
+        "height": defaults["height"] if height is None else height,
+        "width": defaults["width"] if width is None else width,
+    }
+    tokens = video_tokens(pipe, **sizes)
+    if tokens is not None and block_size > tokens:
+        shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ValueError(
+            f"{flag}={block_size} is larger than the {tokens} tokens of this video ({shown}): one block "
+            f"would hold everything (density 1.0); allowed: a power of two <= {tokens}"
+        )
+
+
 def _defaults(pipe) -> dict:
     family = FAMILY_DEFAULTS[pipeline_family(pipe)]
     return {**family, **getattr(pipe, "fastgen_defaults", {})}
@@ -149,22 +208,29 @@ def generate_video(
     config: RectifiedSpaAttnConfig | None = None,
     progress: bool = True,
     image=None,
+    local_attn_frames: int | None = None,
+    sink_frames: int = 0,
 ) -> dict:
     """Generate one video; sparse attention is applied for the call only and removed afterwards.
 
     ``image`` (a path, a PIL image or an ``[H, W, 3]`` uint8 array) is the first frame for an
     image-to-video pipeline (``WanImageToVideoPipeline``), which requires it; text-to-video pipelines
-    refuse it.
+    refuse it. ``local_attn_frames`` / ``sink_frames`` (the causal Wan's local attention window) are
+    handed to :func:`generate_causal_video` for a causal pipeline and refused for any other.
+    ``0`` or negative sizes and steps are refused (``None`` means the pipeline's default).
 
     Returns a dict: ``frames`` uint8 ``[T, H, W, 3]``, ``seconds`` (pipeline call), ``fps``,
-    ``stats`` (per-layer rows of the last step, each with ``model``: ``transformer`` / ``transformer_2``)
-    and ``config`` (the method's settings as a dict).
+    ``stats`` (per-layer rows of the last sparse step with their block masks, each with ``model``:
+    ``transformer`` / ``transformer_2``), ``steps`` (denoising steps run) and ``config`` (the method's settings as a dict).
     """
+    from fastgen import attention_stats, recording_attention_stats
     from fastgen.api import apply_sparse_attention, remove_sparse_attention
-    from fastgen.processors.common import collect_stats
 
     from .causal_video_runner import generate_causal_video, is_causal_pipeline
 
+    check_generation_values(
+        steps=steps, height=height, width=width, frames=frames, guidance_scale=guidance_scale
+    )
     if is_causal_pipeline(pipe):  # autoregressive Wan: dense or Light Forcing, chunk by chunk
         if image is not None:
             raise ValueError(f"image={image!r} is not allowed: {type(pipe).__name__} is text-to-video")
@@ -180,7 +246,14 @@ def generate_video(
             guidance_scale=guidance_scale,
             method=method,
             config=config,
+            local_attn_frames=local_attn_frames,
+            sink_frames=sink_frames,
             progress=progress,
+        )
+    if local_attn_frames is not None or sink_frames:
+        raise ValueError(
+            f"local_attn_frames={local_attn_frames!r}, sink_frames={sink_frames!r} are for the causal Wan; "
+            f"{type(pipe).__name__} attends over every frame"
         )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
@@ -189,13 +262,19 @@ def generate_video(
         if not isinstance(config, RectifiedSpaAttnConfig):
             raise ValueError(f"config={type(config).__name__} does not match method='rectified'")
     defaults = _defaults(pipe)
+    sizes = {
+        "frames": defaults["frames"] if frames is None else frames,
+        "height": defaults["height"] if height is None else height,
+        "width": defaults["width"] if width is None else width,
+    }
+    steps = defaults["steps"] if steps is None else steps
     kwargs = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
-        "height": height or defaults["height"],
-        "width": width or defaults["width"],
-        "num_frames": frames or defaults["frames"],
-        "num_inference_steps": steps or defaults["steps"],
+        "height": sizes["height"],
+        "width": sizes["width"],
+        "num_frames": sizes["frames"],
+        "num_inference_steps": steps,
         "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
         "generator": torch.Generator("cpu").manual_seed(int(seed)),
         "output_type": "np",
@@ -208,22 +287,27 @@ def generate_video(
         raise ValueError(f"image= was given but {type(pipe).__name__} is text-to-video (no image input)")
     pipe.set_progress_bar_config(disable=not progress)
     stats = []
+    models = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m is not None]
     if method == "rectified":
         if execution_device(pipe).type == "cpu":  # a first CPU kernel build must not land in the timing
             warm_up_cpu_kernel()
         apply_sparse_attention(pipe, config)
     try:
-        start = time.perf_counter()
-        with torch.no_grad():
-            output = pipe(**kwargs)
-        if execution_device(pipe).type == "cuda":
-            torch.cuda.synchronize(execution_device(pipe))
-        seconds = time.perf_counter() - start
+        with contextlib.ExitStack() as recording:
+            if method == "rectified":  # keep the block masks (the demo draws them), not only the densities
+                for model in models:
+                    recording.enter_context(recording_attention_stats(model, "masks"))
+            start = time.perf_counter()
+            with torch.no_grad():
+                output = pipe(**kwargs)
+            if execution_device(pipe).type == "cuda":
+                torch.cuda.synchronize(execution_device(pipe))
+            seconds = time.perf_counter() - start
         if method == "rectified":
             for name in ("transformer", "transformer_2"):
                 model = getattr(pipe, name, None)
                 if model is not None:
-                    stats.extend({"model": name, **row} for row in collect_stats(model))
+                    stats.extend({"model": name, **row} for row in attention_stats(model))
     finally:
         if method == "rectified":
             remove_sparse_attention(pipe)
@@ -232,6 +316,7 @@ def generate_video(
         "seconds": seconds,
         "fps": int(defaults["fps"]),
         "stats": stats,
+        "steps": int(steps),
         "config": config.to_dict() if method == "rectified" else {"method": "dense"},
     }
 
@@ -261,10 +346,13 @@ __all__ = [
     "config_from_args",
     "default_rectified_config",
     "execution_device",
+    "check_block_size_fits",
+    "check_generation_values",
     "generate_video",
     "load_image",
     "load_video_pipeline",
     "pipeline_family",
     "resolve_device_dtype",
     "takes_image",
+    "video_tokens",
 ]

@@ -1,4 +1,4 @@
-"""Tests of the one dense-vs-accelerated comparison (warm-up policy, speed-up, fidelity), the stats
+"""Tests of the one dense-vs-accelerated comparison (warm-up policy, speedup, fidelity), the stats
 summaries the demo and batch share, and the tiny-wan-long preset's settings."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ def make_generate(log):
         one_time = 100.0 if first else 0.0
         per_step = 1.0 if method == "dense" else 0.5
         frames = np.full((2, 16, 16, 3), 100 + seed, dtype=np.uint8)
+        stats = []
         if method != "dense":
             frames = frames + 2
-        return {"seconds": one_time + per_step * steps, "frames": frames, "stats": [], "config": {}}
+            stats = [{"layer": 0, "density": 0.5}]  # one layer ran sparse
+        return {"seconds": one_time + per_step * steps, "frames": frames, "stats": stats, "config": {}}
 
     return generate
 
@@ -33,7 +35,7 @@ def test_warm_up_runs_once_per_pipeline_and_method_and_is_excluded():
     generate = make_generate(log)
     pipe = FakePipe()
     c = compare_with_dense(generate, pipe, method="rectified", fidelity=video_fidelity, warm_up={"steps": 1},
-                           prompt="a", seed=0, steps=4)  # fmt: skip
+                           prompt="a", seed=0, steps=4, rounds=1)  # fmt: skip
     assert c.warmed_up
     # one short warm-up call per method first, then the two timed runs
     assert [(m, s) for _, m, s in log] == [("rectified", 1), ("dense", 1), ("rectified", 4), ("dense", 4)]
@@ -41,14 +43,67 @@ def test_warm_up_runs_once_per_pipeline_and_method_and_is_excluded():
     assert c.fidelity["psnr"] is not None and 0 < c.fidelity["ssim"] <= 1
     log.clear()
     c2 = compare_with_dense(generate, pipe, method="rectified", fidelity=video_fidelity, warm_up={"steps": 1},
-                            prompt="a", seed=0, steps=4)  # fmt: skip
+                            prompt="a", seed=0, steps=4, rounds=1)  # fmt: skip
     assert not c2.warmed_up and [m for _, m, _ in log] == ["rectified", "dense"]
     # another pipeline warms up again
     log.clear()
     compare_with_dense(
-        generate, FakePipe(), method="rectified", fidelity=video_fidelity, warm_up={"steps": 1}
+        generate, FakePipe(), method="rectified", fidelity=video_fidelity, warm_up={"steps": 1}, rounds=1
     )
     assert len(log) == 4
+
+
+def test_rounds_interleave_and_report_median_range_and_load(monkeypatch):
+    """Rounds alternate their order; the speedup is the median of the per-round ratios, shown with
+    their range and the load average; a high load adds a warning."""
+    times = iter(
+        [1.0, 2.0, 4.0, 2.0, 1.0, 3.0]
+    )  # round 0: acc, dense; round 1: dense, acc; round 2: acc, dense
+    order = []
+
+    def generate(pipe, *, method, config=None, progress=True, **_):
+        order.append(method)
+        return {"seconds": next(times) if not _.get("warm") else 0.0, "frames": np.zeros((1, 16, 16, 3), np.uint8),
+                "stats": [{"layer": 0, "density": 0.5}] if method != "dense" else [], "config": {}}  # fmt: skip
+
+    import fastgen.compare as compare
+
+    monkeypatch.setattr(compare, "load_average", lambda: 3.5)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    c = compare_with_dense(generate, FakePipe(), method="rectified", fidelity=video_fidelity,
+                           warm_up={"warm": True}, rounds=3)  # fmt: skip
+    assert order[2:] == ["rectified", "dense", "dense", "rectified", "rectified", "dense"]
+    assert c.speedups == pytest.approx([2.0, 2.0, 3.0]) and c.speedup == pytest.approx(2.0)
+    line = c.speed_summary()
+    assert "speedup 2.00x (median of 3 interleaved rounds, range 2.00x-3.00x" in line
+    assert "load average 3.50 on 2 CPUs" in line
+    assert c.load_warning().startswith("warning: load average 3.50 on 2 CPUs")
+    monkeypatch.setattr(compare, "load_average", lambda: 0.1)
+    times = iter([1.0, 2.0])
+    quiet = compare_with_dense(generate, FakePipe(), method="rectified", fidelity=video_fidelity,
+                               warm_up={"warm": True}, rounds=1)  # fmt: skip
+    assert quiet.load_warning() is None and "one round says little" in quiet.speed_summary()
+    with pytest.raises(ValueError, match="rounds=0 is not allowed"):
+        compare_with_dense(
+            generate, FakePipe(), method="rectified", fidelity=video_fidelity, warm_up={}, rounds=0
+        )
+
+
+def test_no_speedup_when_sparse_attention_never_ran():
+    """warmup_steps >= steps: the accelerated run was dense; the comparison says why and gives no speedup."""
+
+    def generate(pipe, *, method, config=None, progress=True, steps=2, **_):
+        return {"seconds": 0.1 if method != "dense" else 0.5, "frames": np.zeros((1, 16, 16, 3), np.uint8),
+                "stats": [], "steps": steps, "config": {"warmup_steps": 5} if method != "dense" else {}}  # fmt: skip
+
+    c = compare_with_dense(
+        generate, FakePipe(), method="rectified", fidelity=video_fidelity, warm_up={}, steps=2
+    )
+    assert c.speedup is None and c.speedups == []
+    assert c.not_sparse == "warmup_steps=5 >= steps=2"
+    assert c.speed_summary() == (
+        "no speedup: sparse attention never ran (warmup_steps=5 >= steps=2); the output is dense"
+    )
 
 
 def test_compare_rejects_dense_and_speedup_handles_missing_times():

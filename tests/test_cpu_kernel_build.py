@@ -101,3 +101,27 @@ def test_bad_build_timeout_is_a_value_error(monkeypatch, raw):
     monkeypatch.setenv("FASTGEN_CPU_BUILD_TIMEOUT", raw)
     with pytest.raises(ValueError, match="FASTGEN_CPU_BUILD_TIMEOUT"):
         cpu_attn.build_timeout()
+
+
+def test_build_folder_is_keyed_by_source_torch_and_interpreter(tmp_path, monkeypatch):
+    """Two environments (another sys.prefix or torch) or checkouts (another source) get their own build
+    folder instead of rebuilding over each other; the same environment always gets the same one."""
+    import sys
+
+    source = tmp_path / "k.cpp"
+    source.write_text("int x;")
+    name = cpu_attn.extension_name("AVX2", ["-O3"], source=source)
+    assert name.startswith("fastgen_cpu_avx2_") and name == cpu_attn.extension_name(
+        "AVX2", ["-O3"], source=source
+    )
+    others = set()
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    others.add(cpu_attn.extension_name("AVX2", ["-O3"], source=source))
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_attn.torch, "__version__", "0.0.1")
+    others.add(cpu_attn.extension_name("AVX2", ["-O3"], source=source))
+    monkeypatch.undo()
+    source.write_text("int y;")
+    others.add(cpu_attn.extension_name("AVX2", ["-O3"], source=source))
+    others.add(cpu_attn.extension_name("AVX2", ["-O2"], source=source))
+    assert name not in others and len(others) == 4

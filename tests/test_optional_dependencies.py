@@ -27,7 +27,7 @@ def test_demo_without_the_app_extra_says_what_to_install(monkeypatch, capsys):
         main(["demo"])
     assert err.value.code == 3
     printed = capsys.readouterr().err
-    assert "gradio is not installed" in printed and "pip install 'fastgen[app]'" in printed
+    assert "gradio is not installed" in printed and "pip install 'fastgen-sparse[app]'" in printed
     assert "Traceback" not in printed
 
 
@@ -37,14 +37,14 @@ def test_demo_without_the_app_extra_in_a_fresh_process():
     code = "import sys; sys.modules['gradio'] = None; from fastgen.cli import main; sys.exit(main(['demo']))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 3, run.stderr
-    assert "pip install 'fastgen[app]'" in run.stderr and "Traceback" not in run.stderr
+    assert "pip install 'fastgen-sparse[app]'" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch):
     from fastgen.bench.attention import write_plot
 
     _hide(monkeypatch, "matplotlib")
-    with pytest.raises(MissingDependencyError, match=r"pip install 'fastgen\[bench\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fastgen-sparse\[app\]' \(or \[bench\]\)"):
         write_plot({}, "unused.png")
 
 

@@ -11,7 +11,8 @@ from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
 
 from fastgen import RectifiedSpaAttnConfig
 from fastgen.cli import build_parser
-from fastgen.cli_generate import generate_video_from_args as generate_from_args
+from fastgen.cli.generate import generate_video_from_args as generate_from_args
+from fastgen.cli.options import Run
 from fastgen.hooks import get_step_tracker
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "frames": 5}  # latent 2 x 8 x 8 = 128 tokens (patch 1)
@@ -69,10 +70,11 @@ def test_bad_method_and_preset():
         load_video_pipeline("tiny-llada")
 
 
-def _args(tmp_path, *extra):
+def _args(tmp_path, *extra, block_size=True):
+    block = ["--block-size", "16"] if block_size else []  # a dense run refuses --block-size
     return build_parser().parse_args(
         ["generate", "--preset", "tiny-wan", "--prompt", "a boat", "--steps", "2", "--height", "64"]
-        + ["--width", "64", "--frames", "5", "--block-size", "16", "--out", str(tmp_path / "v.mp4"), *extra]
+        + ["--width", "64", "--frames", "5", *block, "--out", str(tmp_path / "v.mp4"), *extra]
     )
 
 
@@ -87,7 +89,11 @@ def test_generate_from_args_writes_mp4_and_compares(tmp_path, capsys, monkeypatc
     frames = read_video(tmp_path / "v.mp4")
     assert frames.shape == (5, 64, 64, 3)
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "PSNR" in printed
+    # two steps under the default warmup_steps=5: the "accelerated" run was dense, so no speedup
+    assert (
+        "no speedup: sparse attention never ran (warmup_steps=5 >= steps=2); the output is dense" in printed
+    )
+    assert "speedup " not in printed and "PSNR inf dB (identical frames)" in printed
     assert os.listdir(tmp_path) == ["v.mp4"]
 
 
@@ -105,7 +111,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
     monkeypatch.setattr(imageio, "mimwrite", broken_write)
     with pytest.raises(OSError, match="disk full"):
-        generate_from_args(_args(tmp_path, "--method", "dense"))
+        generate_from_args(_args(tmp_path, "--method", "dense", block_size=False))
     assert os.listdir(tmp_path) == []
 
 
@@ -139,13 +145,14 @@ def test_image_to_video_through_the_cli(tmp_path, monkeypatch, capsys):
     Image.fromarray(first).save(tmp_path / "first.png")
     monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan_i2v(num_layers=1))
     args = _args(tmp_path, "--image", str(tmp_path / "first.png"), "--sparsity", "0.5")
-    assert generate_from_args(args) == 0
+    i2v = Run("video", "rectified", "a Wan I2V checkpoint")  # no I2V preset ships: the run is given
+    assert generate_from_args(args, i2v) == 0
     assert read_video(tmp_path / "v.mp4").shape == (5, 64, 64, 3)
     assert "rectified" in capsys.readouterr().out
     with pytest.raises(ValueError, match="image-to-video and needs a first frame"):
-        generate_from_args(_args(tmp_path))
+        generate_from_args(_args(tmp_path), i2v)
     with pytest.raises(ValueError, match="could not be read as a picture"):
-        generate_from_args(_args(tmp_path, "--image", str(tmp_path / "missing.png")))
+        generate_from_args(_args(tmp_path, "--image", str(tmp_path / "missing.png")), i2v)
     monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
     with pytest.raises(SystemExit) as err:
         main(["generate", "--preset", "tiny-wan", "--prompt", "x", "--image", str(tmp_path / "first.png")])

@@ -1,0 +1,462 @@
+"""The request handlers behind the demo's tabs, as plain methods (tests call them without a browser):
+check every input (:mod:`fastgen.app.limits`, the CLI's option checks), run dense and the accelerated
+method through :func:`fastgen.compare.compare_with_dense` (interleaved rounds; no speed-up when sparse
+attention never ran), write the outputs into a fresh request folder and build the metrics and pictures."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastgen.optional import require
+
+from .limits import DemoLimits, LazyPipeline, RequestFolders, check_prompt, check_range, gr_error
+from .plots import (
+    causal_layer_choices,
+    chunk_choices,
+    draw_block_mask,
+    draw_chunk_density,
+    draw_chunk_mask,
+    layer_choices,
+    mean_density,
+    metrics_table,
+    num_heads,
+)
+
+TEXT_METHOD_NAMES = {
+    "sparsed": "SparseD",
+    "window_diffusion": "Window-Diffusion",
+    "sparsed+window_diffusion": "Window-Diffusion + SparseD",
+}
+"""Display name of each Text-tab method."""
+
+RANDOM_WEIGHTS_NOTE = "random weights: output is noise by design"
+"""Shown with the output of a preset whose weights are random."""
+
+
+def _video_params(steps, height, width, frames, limits: DemoLimits) -> dict:
+    return {
+        "steps": check_range("steps", steps, 1, limits.max_steps),
+        "height": check_range("height", height, limits.min_side, limits.max_side),
+        "width": check_range("width", width, limits.min_side, limits.max_side),
+        "frames": check_range("frames", frames, 1, limits.max_frames),
+    }
+
+
+def comparison_metrics(comparison) -> dict:
+    """The timing figures of a comparison as the metrics JSON shows them (what was measured only)."""
+    return {
+        "speedup": comparison.speedup,
+        "speedup_rounds": comparison.speedups,
+        "rounds": comparison.rounds,
+        "speedup_excludes_warm_up": True,
+        "load_average": comparison.load,
+        "cpus": comparison.cpus,
+        "sparse_never_ran": comparison.not_sparse,
+    }
+
+
+def comparison_rows(comparison) -> list[tuple[str, object]]:
+    """Table rows of the speed-up: the median with its range, rounds and load, or why there is none."""
+    rows = [("speedup (median, warm-up excluded)", comparison.speed_summary())]
+    warning = comparison.load_warning()
+    if warning:
+        rows.append(("timing warning", warning))
+    return rows
+
+
+def _note_rows(note: str | None) -> list[tuple[str, object]]:
+    return [("note", note)] if note else []
+
+
+def _mask_outputs(stats, folder):
+    """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
+    gr = require("gradio")
+    from fastgen.stats import stats_layers
+
+    stats = [dict(s) for s in stats_layers(stats)]
+    choices = layer_choices(stats)
+    layer = choices[0] if choices else None
+    picture = draw_block_mask(stats, layer, 0, os.path.join(folder, "mask.png"))
+    heads = num_heads(stats, layer)
+    return (
+        picture,
+        gr.Dropdown(choices=choices, value=layer),
+        gr.Number(value=0, minimum=0, maximum=max(heads - 1, 0)),
+        {"stats": stats, "folder": folder},
+    )
+
+
+def _text_configs(method, skip, select, block_size, window, active, refresh_cycle, limits) -> list:
+    """The configs of a Text-tab ``method`` from its controls (Window-Diffusion first), checked."""
+    from fastgen.configs import SparseDConfig, WindowDiffusionConfig
+
+    configs = []
+    try:
+        if "window_diffusion" in method:
+            configs.append(
+                WindowDiffusionConfig(
+                    window=int(check_range("window", window, 1, limits.max_gen_length)),
+                    active=int(check_range("active", active, 1, limits.max_gen_length)),
+                    refresh_cycle=int(check_range("refresh cycle", refresh_cycle, 1, limits.max_gen_length)),
+                )
+            )
+        if "sparsed" in method:
+            configs.append(
+                SparseDConfig(
+                    skip=check_range("skip", skip, 0.0, 1.0, integer=False),
+                    select=check_range("select", select, 0.01, 1.0, integer=False),
+                    block_size=int(check_range("block size", block_size, 16, 1024)),
+                )
+            )
+    except ValueError as err:
+        raise gr_error(str(err)) from None
+    return configs
+
+
+@dataclass
+class DemoBackend:
+    """Pipelines, generators and limits behind the Video and Text tabs."""
+
+    video_pipeline: LazyPipeline
+    """Lazily loaded video pipeline."""
+    text_pipeline: LazyPipeline
+    """Lazily loaded diffusion-LM pipeline."""
+    video_generate: Callable[..., dict]
+    """``generate_video`` or a compatible function."""
+    text_generate: Callable[..., dict]
+    """``generate_text`` or a compatible function."""
+    limits: DemoLimits = field(default_factory=DemoLimits)
+    """Request bounds."""
+    video_note: str | None = None
+    """A line shown with every video output (e.g. that the preset's weights are random)."""
+    text_note: str | None = None
+    """A line shown with every text output."""
+
+    def __post_init__(self):
+        self.folders = RequestFolders(self.limits.keep_seconds)
+
+    def _video_config(self, sparsity, block_size, dense_layers, warmup_steps, form):
+        from fastgen.configs import RectifiedSpaAttnConfig
+
+        lim = self.limits
+        try:
+            return RectifiedSpaAttnConfig(
+                sparsity=check_range("sparsity", sparsity, 0.0, 0.99, integer=False),
+                block_size=int(check_range("block size", block_size, 16, 1024)),
+                dense_layers=check_range("dense layers", dense_layers, 0, 1000),
+                warmup_steps=check_range("warm-up steps", warmup_steps, 0, lim.max_steps),
+                form=form or "exact",
+            )
+        except ValueError as err:
+            raise gr_error(str(err)) from None
+
+    def run_video(self, prompt, negative_prompt, sparsity, block_size, dense_layers, warmup_steps, form, steps,
+                  seed, height, width, frames, image=None, progress=None):  # fmt: skip
+        """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
+        ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
+        from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
+        from fastgen.io import write_video
+
+        lim = self.limits
+        prompt = check_prompt(prompt, lim)
+        params = _video_params(steps, height, width, frames, lim)
+        seed = check_range("seed", seed, 0, 2**31 - 1)
+        negative_prompt = (negative_prompt or "").strip()[: lim.max_prompt_chars] or None
+        config = self._video_config(sparsity, block_size, dense_layers, warmup_steps, form)
+        folder = self.folders.new()
+        with self.video_pipeline.lock:
+            if progress is not None:
+                progress(0, desc="loading the video pipeline")
+            pipe = self.video_pipeline.get()
+            common = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **params}
+            if image:
+                common["image"] = image
+            try:
+                comparison = compare_with_dense(
+                    self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
+                    warm_up=VIDEO_WARM_UP, rounds=lim.rounds, **common,
+                )  # fmt: skip
+            except ValueError as err:
+                raise gr_error(str(err)) from None
+        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        dense_path = write_video(
+            os.path.join(folder, "dense.mp4"), dense["frames"], fps=int(dense.get("fps") or 16)
+        )
+        sparse_path = write_video(
+            os.path.join(folder, "rectified.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
+        )
+        metrics = {
+            "dense_seconds": float(dense["seconds"]),
+            "sparse_seconds": float(sparse["seconds"]),
+            **comparison_metrics(comparison),
+            "psnr": fid["psnr"],
+            "identical": fid["identical"],
+            "ssim": fid["ssim"],
+            "density": mean_density(sparse.get("stats")),
+            "seed": seed,
+            "config": config.to_dict(),
+            "note": self.video_note,
+        }
+        table = metrics_table(
+            [
+                *_note_rows(self.video_note),
+                ("dense time (s)", metrics["dense_seconds"]),
+                ("Rectified SpaAttn time (s)", metrics["sparse_seconds"]),
+                *comparison_rows(comparison),
+                ("PSNR vs dense (dB)", math.inf if fid["identical"] else fid["psnr"]),
+                ("SSIM vs dense", metrics["ssim"]),
+                ("mean density of sparse layers", metrics["density"]),
+            ]
+        )
+        return dense_path, sparse_path, table, metrics, *_mask_outputs(sparse.get("stats"), folder)
+
+    def _text_comparison(self, method, configs, prompt, seed, params, progress):
+        from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
+
+        with self.text_pipeline.lock:
+            if progress is not None:
+                progress(0, desc="loading the diffusion LM")
+            pipe = self.text_pipeline.get()
+            task = getattr(pipe, "fastgen_task", None)
+            answer = task.answer_of(prompt) if task is not None else None
+            windowed = "window_diffusion" in method
+            try:
+                comparison = compare_with_dense(
+                    self.text_generate, pipe, method=method, config=configs if windowed else configs[0],
+                    fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+                    warm_up=text_warm_up(params["gen_length"]), rounds=self.limits.rounds, prompt=prompt,
+                    seed=seed, **params,
+                )  # fmt: skip
+            except ValueError as err:
+                raise gr_error(str(err)) from None
+        return comparison, answer
+
+    def run_text(self, prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
+                 block_length, temperature, seed, progress=None):  # fmt: skip
+        """Dense and ``method`` (SparseD, Window-Diffusion or both) with one seed; returns both texts, the
+        metrics, the block-mask heatmap (with its selectors and state) and the picture of the window sets."""
+        from .window_demo import draw_window_sets
+
+        lim = self.limits
+        prompt = check_prompt(prompt, lim)
+        if method not in TEXT_METHOD_NAMES:
+            raise gr_error(f"method={method!r} is not allowed; allowed: {', '.join(TEXT_METHOD_NAMES)}")
+        gen_length = check_range("generation length", gen_length, 1, lim.max_gen_length)
+        params = {
+            "steps": check_range("steps", steps, 1, max(lim.max_steps, lim.max_gen_length)),
+            "gen_length": gen_length,
+            "block_length": check_range("block length", block_length, 1, gen_length),
+            "temperature": check_range("temperature", temperature, 0.0, 2.0, integer=False),
+        }
+        seed = check_range("seed", seed, 0, 2**31 - 1)
+        configs = _text_configs(method, skip, select, block_size, window, active, refresh_cycle, lim)
+        folder = self.folders.new()
+        comparison, answer = self._text_comparison(method, configs, prompt, seed, params, progress)
+        stats = comparison.accelerated.get("stats") or {}
+        metrics, rows = self._text_metrics(method, configs, comparison, answer, seed)
+        windowed = "window_diffusion" in method
+        sets_picture = draw_window_sets(
+            stats.get("trace") if windowed else None,
+            int(stats.get("positions") or 0),
+            int(stats.get("prompt_length") or 0),
+            os.path.join(folder, "window_sets.png"),
+        )
+        return (
+            comparison.dense["text"],
+            comparison.accelerated["text"],
+            metrics_table(rows),
+            metrics,
+            *_mask_outputs(stats, folder),
+            sets_picture,
+        )
+
+    def _text_metrics(self, method, configs, comparison, answer, seed):
+        """The metrics JSON and the table rows of a Text-tab comparison."""
+        dense, fast, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        stats = fast.get("stats") or {}
+        name = TEXT_METHOD_NAMES[method]
+        windowed = "window_diffusion" in method
+        metrics = {
+            "method": method,
+            "dense_seconds": float(dense["seconds"]),
+            "accelerated_seconds": float(fast["seconds"]),
+            **comparison_metrics(comparison),
+            "token_agreement": fid["token_agreement"],
+            "dense_tokens_per_s": float(dense["tokens_per_s"]),
+            "accelerated_tokens_per_s": float(fast["tokens_per_s"]),
+            "seed": seed,
+            "config": [c.to_dict() for c in configs] if windowed else configs[0].to_dict(),
+            "note": self.text_note,
+        }
+        rows = [
+            *_note_rows(self.text_note),
+            ("dense time (s)", metrics["dense_seconds"]),
+            (f"{name} time (s)", metrics["accelerated_seconds"]),
+            *comparison_rows(comparison),
+            ("token agreement", metrics["token_agreement"]),
+            ("dense tokens/s", metrics["dense_tokens_per_s"]),
+            (f"{name} tokens/s", metrics["accelerated_tokens_per_s"]),
+        ]
+        if "sparsed" in method:  # the same layer rows the heatmap draws
+            metrics["density"] = mean_density(stats)
+            rows.append(("mean density of sparse layers", metrics["density"]))
+        if windowed:  # the same trace the window picture draws
+            metrics.update(refresh_steps=stats.get("refresh_steps"), pruned_steps=stats.get("pruned_steps"),
+                           mean_rows_run=stats.get("mean_queries"), mean_keys=stats.get("mean_keys"))  # fmt: skip
+            rows += [
+                ("refresh / pruned steps", f"{metrics['refresh_steps']} / {metrics['pruned_steps']}"),
+                ("mean rows run per step", metrics["mean_rows_run"]),
+                ("mean keys attended per step", metrics["mean_keys"]),
+            ]
+        if answer is not None:
+            metrics.update(answer=answer, dense_correct=fid["dense_correct"],
+                           accelerated_correct=fid["accelerated_correct"])  # fmt: skip
+            rows += [
+                ("expected answer", answer),
+                ("dense answer right", "yes" if fid["dense_correct"] else "no"),
+                (f"{name} answer right", "yes" if fid["accelerated_correct"] else "no"),
+            ]
+        return metrics, rows
+
+    def redraw_mask(self, state, layer, head):
+        """Heatmap for another layer/head of the last generation (no new generation)."""
+        if not state:
+            return None
+        folder = state["folder"]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"mask-{layer}-{int(head or 0)}-{time.time_ns()}.png")
+        return draw_block_mask(state["stats"], layer, head, path)
+
+
+@dataclass
+class CausalDemoBackend:
+    """Pipeline, generator and limits behind the Causal tab (dense vs Light Forcing)."""
+
+    pipeline: LazyPipeline
+    """Lazily loaded ``CausalWanPipeline``."""
+    generate: Callable[..., dict]
+    """``generate_causal_video`` or a compatible function."""
+    limits: DemoLimits = field(default_factory=DemoLimits)
+    """Request bounds."""
+    note: str | None = None
+    """A line shown with every output (e.g. that the preset's weights are random)."""
+
+    def __post_init__(self):
+        self.folders = RequestFolders(self.limits.keep_seconds)
+
+    def _config(self, sparsity, sparsity_base, block_size, rectify):
+        from fastgen.configs import LightForcingConfig
+
+        try:
+            return LightForcingConfig(
+                sparsity=check_range("sparsity", sparsity, 0.0, 0.99, integer=False),
+                sparsity_base=check_range("sparsity base", sparsity_base, 0.0, 0.99, integer=False),
+                block_size=int(check_range("block size", block_size, 16, 1024)),
+                rectify=bool(rectify),
+            )
+        except ValueError as err:
+            raise gr_error(str(err)) from None
+
+    def run(self, prompt, sparsity, sparsity_base, block_size, rectify, steps, seed, height, width, frames,
+            local_attn_frames=0, sink_frames=0, progress=None):  # fmt: skip
+        """Dense and Light Forcing with one seed: both videos, metrics, per-chunk density, a mask heatmap.
+        ``local_attn_frames`` (0: every earlier frame) and ``sink_frames`` set the causal local window."""
+        from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
+        from fastgen.io import write_video
+        from fastgen.processors.light_forcing_wan import chunk_densities
+
+        lim = self.limits
+        prompt = check_prompt(prompt, lim)
+        local = check_range("local attention frames", local_attn_frames or 0, 0, lim.max_frames)
+        params = {
+            **_video_params(steps, height, width, frames, lim),
+            "local_attn_frames": local or None,
+            "sink_frames": check_range("sink frames", sink_frames or 0, 0, lim.max_frames),
+        }
+        seed = check_range("seed", seed, 0, 2**31 - 1)
+        config = self._config(sparsity, sparsity_base, block_size, rectify)
+        folder = self.folders.new()
+        with self.pipeline.lock:
+            if progress is not None:
+                progress(0, desc="loading the causal Wan pipeline")
+            pipe = self.pipeline.get()
+            try:
+                comparison = compare_with_dense(
+                    self.generate, pipe, method="light_forcing", config=config, fidelity=video_fidelity,
+                    warm_up=VIDEO_WARM_UP, rounds=lim.rounds, prompt=prompt, seed=seed, **params,
+                )  # fmt: skip
+            except ValueError as err:
+                raise gr_error(str(err)) from None
+        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        dense_path = write_video(
+            os.path.join(folder, "dense.mp4"), dense["frames"], fps=int(dense.get("fps") or 16)
+        )
+        sparse_path = write_video(
+            os.path.join(folder, "light_forcing.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
+        )
+        stats = list(sparse.get("stats") or [])
+        per_chunk = chunk_densities(stats)
+        metrics = {
+            "dense_seconds": float(dense["seconds"]),
+            "light_forcing_seconds": float(sparse["seconds"]),
+            **comparison_metrics(comparison),
+            "psnr": fid["psnr"],
+            "identical": fid["identical"],
+            "ssim": fid["ssim"],
+            "chunk_density": {str(c): d for c, d in per_chunk.items()},
+            "seed": seed,
+            "config": config.to_dict(),
+            "note": self.note,
+        }
+        table = metrics_table(
+            [
+                *_note_rows(self.note),
+                ("dense time (s)", metrics["dense_seconds"]),
+                ("Light Forcing time (s)", metrics["light_forcing_seconds"]),
+                *comparison_rows(comparison),
+                ("PSNR vs dense (dB)", math.inf if fid["identical"] else fid["psnr"]),
+                ("SSIM vs dense", metrics["ssim"]),
+                *[(f"density of chunk {c}", d) for c, d in per_chunk.items()],
+            ]
+        )
+        density_png = draw_chunk_density(stats, os.path.join(folder, "density.png"))
+        return dense_path, sparse_path, table, metrics, density_png, *self._mask_outputs(stats, folder)
+
+    def _mask_outputs(self, stats, folder):
+        gr = require("gradio")
+
+        chunks = chunk_choices(stats)
+        chunk = chunks[-1] if chunks else None
+        layers = causal_layer_choices(stats, chunk)
+        layer = layers[0] if layers else None
+        picture = draw_chunk_mask(stats, chunk, layer, 0, os.path.join(folder, "mask.png"))
+        heads = num_heads([s for s in stats if str(s.get("chunk")) == str(chunk)], layer)
+        return (
+            picture,
+            gr.Dropdown(choices=chunks, value=chunk),
+            gr.Dropdown(choices=layers, value=layer),
+            gr.Number(value=0, minimum=0, maximum=max(heads - 1, 0)),
+            {"stats": stats, "folder": folder},
+        )
+
+    def redraw_mask(self, state, chunk, layer, head):
+        """Heatmap for another chunk / layer / head of the last generation (no new generation)."""
+        if not state:
+            return None
+        folder = state["folder"]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"mask-{chunk}-{layer}-{int(head or 0)}-{time.time_ns()}.png")
+        return draw_chunk_mask(state["stats"], chunk, layer, head, path)
+
+
+__all__ = [
+    "RANDOM_WEIGHTS_NOTE",
+    "TEXT_METHOD_NAMES",
+    "CausalDemoBackend",
+    "DemoBackend",
+    "comparison_metrics",
+]
