@@ -8,6 +8,8 @@ Used by ``.ci/run``; by hand: ``python3 scripts/check_wheel.py``.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -15,8 +17,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the CPU build on this machine's disk; an unpinned torch pulls CUDA packages
-MAIN_JOB = ["generate", "--preset", "tiny-wan-long", "--method", "rectified", "--compare-dense"]
-"""The README's main job (its output path is added below)."""
+
+
+def readme_main_job() -> list[str]:
+    """The arguments of the ``fastgen generate`` command that README.md gives as the main job, with
+    its ``--out`` removed (the check writes elsewhere)."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines() if "fastgen generate" in line]
+    if not lines:
+        raise SystemExit("README.md gives no `fastgen generate` command")
+    words = shlex.split(lines[0][lines[0].index("fastgen generate") :])[1:]
+    if "--out" in words:
+        at = words.index("--out")
+        del words[at : at + 2]
+    return words
+
 
 KERNEL_CHECK = """
 import os, sys
@@ -51,7 +66,7 @@ def main() -> int:
         outside.mkdir()
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         env["TORCH_EXTENSIONS_DIR"] = str(work / "torch_extensions")  # a build of its own, from the wheel
-        run([str(fastgen), *MAIN_JOB, "--out", str(outside / "tiny.mp4")], cwd=outside, env=env)
+        run([str(fastgen), *readme_main_job(), "--out", str(outside / "tiny.mp4")], cwd=outside, env=env)
         if not (outside / "tiny.mp4").is_file():
             raise SystemExit("the main job wrote no video")
         run([str(python), "-c", KERNEL_CHECK, str(ROOT)], cwd=outside, env=env)
