@@ -34,12 +34,7 @@ _STATE_ATTR = STATE_ATTR  # old private name
 
 def _adapters():
     for name in ADAPTERS:
-        try:
-            yield importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("fastgen."):
-                continue  # adapter not written yet
-            raise
+        yield importlib.import_module(name)
 
 
 def apply_sparse_attention(model, config):
@@ -75,8 +70,14 @@ def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
     """:func:`apply_sparse_attention` on one model: the first adapter that supports it."""
     if getattr(model, STATE_ATTR, None) is not None:
         _remove_from_model(model)
+    reasons = []
     for adapter in _adapters():
-        if adapter.supports(model, config):
+        support = adapter.supports(model, config)
+        if not support:
+            if getattr(support, "reason", ""):
+                reasons.append(support.reason)
+            continue
+        if support:
             adapter.apply(model, config)
             setattr(model, STATE_ATTR, adapter.__name__)
             logger.info(
@@ -86,6 +87,11 @@ def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
                 adapter.__name__,
             )
             return model
+    if reasons:
+        raise ValueError(
+            f"apply_sparse_attention: config={type(config).__name__} cannot run on "
+            f"model={type(model).__name__}: {'; '.join(reasons)}"
+        )
     raise ValueError(
         f"apply_sparse_attention: no adapter supports model={type(model).__name__} with "
         f"config={type(config).__name__}; supported: Wan and HunyuanVideo diffusers transformers "
@@ -182,6 +188,14 @@ def apply_to_pipeline(pipe, config):
     models = pipeline_transformers(pipe)
     if not models:
         raise ValueError(f"pipe={type(pipe).__name__} has no `transformer` or `transformer_2` to accelerate")
+    for adapter in _adapters():
+        check = getattr(adapter, "supports_pipeline", None)
+        support = check(pipe, config) if check is not None else True
+        if not support:
+            raise ValueError(
+                f"apply_sparse_attention: config={type(config).__name__} cannot run on "
+                f"pipe={type(pipe).__name__}: {support.reason}"
+            )
     trackers = [get_step_tracker(m) for m in models]
     shared = next((t for t in trackers if t is not None), None) or StepTracker()
     shared.pipeline_driven = True

@@ -75,6 +75,8 @@ class CausalWanPipeline(DiffusionPipeline):
     # every component is keyword-optional (prompt_embeds + latent output need only the transformer);
     # listing them here also makes from_pretrained load them instead of passing their config entries on
     _optional_components = ["tokenizer", "text_encoder", "vae", "transformer", "scheduler"]
+    fastgen_causal = True
+    """Marks the chunked causal generation for the adapters (Light Forcing runs here, Rectified SpaAttn not)."""
 
     def __init__(self, tokenizer=None, text_encoder=None, vae=None, transformer=None, scheduler=None) -> None:
         super().__init__()

@@ -60,7 +60,7 @@ def test_counter_sees_host_reads():
 
 def _first_processor_call(model, inputs):
     """The first Rectified processor of ``model`` and the arguments of its first call in a forward."""
-    from fastgen.processors.common import RectifiedProcessorBase
+    from fastgen.processors.rectified_base import RectifiedProcessorBase
 
     attn = next(
         m for m in model.modules() if isinstance(getattr(m, "processor", None), RectifiedProcessorBase)

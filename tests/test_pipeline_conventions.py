@@ -13,7 +13,7 @@ from fastgen.pipelines.tiny_video_i2v import build_tiny_wan_i2v
 
 import fastgen
 from fastgen import RectifiedSpaAttnConfig
-from fastgen.processors.common import RectifiedProcessorBase, collect_stats
+from fastgen.processors.rectified_base import RectifiedProcessorBase, collect_stats
 from fastgen.tracking import StepTracker, get_step_tracker
 
 SMALL = dict(height=64, width=64, num_frames=5, output_type="np")  # latent 2 x 8 x 8 = 128 tokens

@@ -160,7 +160,7 @@ def run_transformer_bench(
     """Dense vs Rectified SpaAttn forward of a tiny Wan or HunyuanVideo transformer (``model``);
     returns a dict of times, ratios and errors."""
     from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
-    from fastgen.processors.common import collect_stats
+    from fastgen.processors.rectified_base import collect_stats
 
     if model not in MODELS:
         raise ValueError(f"model={model!r} is not allowed; allowed: {', '.join(map(repr, MODELS))}")

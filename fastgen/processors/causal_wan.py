@@ -79,6 +79,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ._install import carry_backend, dense_dispatch, is_wan
+from .wan import _STATE_ATTR as RECTIFIED_STATE_ATTR
+from .wan import apply_wan_rotary, norm_rope, projections
+
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_fastgen_causal_wan"
@@ -405,22 +409,6 @@ class CausalWanState:
 # ----------------------------------------------------------------------------- processors
 
 
-def _dispatch(processor, query, key, value, attn_mask=None, parallel_config=None) -> torch.Tensor:
-    """diffusers' dispatched attention on ``[B, N, H, D]`` tensors (honours ``set_attention_backend``)."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    return dispatch_attention_fn(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        dropout_p=0.0,
-        is_causal=False,
-        backend=processor._attention_backend,
-        parallel_config=parallel_config,
-    )
-
-
 class _CausalProcessorBase:
     """What both causal processors share: the state, the layer index, diffusers' backend attributes."""
 
@@ -456,18 +444,22 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Same contract as diffusers' ``WanAttnProcessor.__call__`` (self-attention only)."""
-        from .wan import _projections, norm_rope
-
         if encoder_hidden_states is not None:
             raise ValueError("CausalWanSelfAttnProcessor serves self-attention (attn1) only")
         session = self.state.session
-        query, key, value = _projections(attn, hidden_states, None)
+        if session is not None and attention_mask is not None:
+            raise ValueError(
+                "causal Wan self-attention got an attention_mask during a causal generation; the chunked "
+                "generation attends block-causally over its KV cache and cannot honour a mask (it would run "
+                "non-causal and skip the cache write); allowed: attention_mask=None"
+            )
+        query, key, value = projections(attn, hidden_states, None)
         query = norm_rope(attn.norm_q, query, attn.heads, rotary_emb)
         raw_keys = session is not None and session.rope_positions == "window" and attention_mask is None
         key = norm_rope(attn.norm_k, key, attn.heads, None if raw_keys else rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
         if session is None or attention_mask is not None:
-            out = _dispatch(self, query, key, value, attention_mask, self._parallel_config)
+            out = dense_dispatch(self, query, key, value, attention_mask, self._parallel_config)
         else:
             out = self._causal(session, query, key, value)
         out = out.flatten(2, 3).type_as(query)
@@ -491,8 +483,6 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
         cache.write(key, value, frames, visible)
         keys, values = cache.view()
         if session.rope_positions == "window":  # cached without RoPE: rotate by window position
-            from .wan import apply_wan_rotary
-
             keys = apply_wan_rotary(keys.transpose(1, 2), *session.key_rotary).transpose(1, 2)
         info = session.info(self.layer, cache.frames)
         fn = self.chunk_attention_fn or self.chunk_attention
@@ -506,7 +496,7 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
     ) -> torch.Tensor:
         """Attention of the chunk's queries ``[B, H, Nq, D]`` over cache + chunk keys/values ``[B, H, Nk, D]``;
         ``[B, H, Nq, D]``. Dense (diffusers' dispatched attention); Light Forcing overrides this."""
-        out = _dispatch(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = dense_dispatch(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return out.transpose(1, 2)
 
     def on_chunk_written(self, key: torch.Tensor, value: torch.Tensor, info: ChunkInfo) -> None:
@@ -527,14 +517,12 @@ class CausalWanCrossAttnProcessor(_CausalProcessorBase):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Same contract as diffusers' ``WanAttnProcessor.__call__`` for text-only cross-attention."""
-        from .wan import _projections
-
         if encoder_hidden_states is None:
             raise ValueError("CausalWanCrossAttnProcessor serves cross-attention (attn2) only")
         session = self.state.session
         cached = session.cross_kv.get((session.branch, self.layer)) if session is not None else None
         if cached is None:
-            query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+            query, key, value = projections(attn, hidden_states, encoder_hidden_states)
             key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
             value = value.unflatten(2, (attn.heads, -1))
             if session is not None:
@@ -543,7 +531,7 @@ class CausalWanCrossAttnProcessor(_CausalProcessorBase):
             key, value = cached
             query = attn.to_q(hidden_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        out = _dispatch(self, query, key, value, attention_mask)
+        out = dense_dispatch(self, query, key, value, attention_mask)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -593,17 +581,9 @@ def _rope_hook_class():
 # ----------------------------------------------------------------------------- install / remove
 
 
-def _is_wan(model) -> bool:
-    try:
-        from diffusers import WanTransformer3DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, WanTransformer3DModel)
-
-
 def check_causal_wan(model) -> None:
     """``ValueError`` unless ``model`` is a text-to-video ``WanTransformer3DModel`` with frame patch 1."""
-    if not _is_wan(model):
+    if not is_wan(model):
         raise ValueError(
             f"transformer={type(model).__name__} is not supported; allowed: diffusers WanTransformer3DModel"
         )
@@ -634,6 +614,12 @@ def install_causal_processors(
     from diffusers.hooks import HookRegistry
 
     check_causal_wan(model)
+    if getattr(model, RECTIFIED_STATE_ATTR, None) is not None:
+        raise ValueError(
+            "this transformer has RectifiedSpaAttnConfig applied; the causal Wan's chunked generation installs "
+            "its own causal processors, which would replace it and run dense; allowed: remove it "
+            "(fastgen.remove_sparse_attention) and apply LightForcingConfig, the causal method"
+        )
     remove_causal_processors(model)
     build = self_attention or (lambda layer, state: CausalWanSelfAttnProcessor(layer, state))
     state = CausalWanState()
@@ -648,8 +634,7 @@ def install_causal_processors(
                 raise ValueError(
                     f"self_attention must build causal Wan processors, got {type(proc).__name__}"
                 )
-            proc._attention_backend = getattr(saved[name], "_attention_backend", None)
-            proc._parallel_config = getattr(saved[name], "_parallel_config", None)
+            carry_backend(proc, saved[name])
             new[name] = proc
     model.set_attn_processor(new)
     registry = HookRegistry.check_if_exists_or_initialize(model.rope)

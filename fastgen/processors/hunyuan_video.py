@@ -25,7 +25,7 @@ import torch
 
 from fastgen.configs import RectifiedSpaAttnConfig
 
-from .common import (
+from .rectified_base import (
     RectifiedProcessorBase,
     check_config,
     collect_stats,

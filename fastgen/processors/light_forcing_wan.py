@@ -44,6 +44,8 @@ from fastgen._validation import log_once
 from fastgen.attention.light_forcing import PooledKeys, chunk_sparsities, light_forcing_attention
 from fastgen.configs import LightForcingConfig
 
+from ._install import Support, head_dim_supported, is_wan
+from ._install import check_config as _check_config
 from .causal_wan import (
     CausalWanSelfAttnProcessor,
     CausalWanState,
@@ -53,7 +55,6 @@ from .causal_wan import (
     install_causal_processors,
     remove_causal_processors,
 )
-from .common import head_dim_supported
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,7 @@ _MARK_ATTR = "_fastgen_light_forcing"
 
 def check_config(config) -> LightForcingConfig:
     """``config`` itself if it is a :class:`LightForcingConfig`, else a ``ValueError``."""
-    if not isinstance(config, LightForcingConfig):
-        raise ValueError(
-            f"config={type(config).__name__} is not supported by the Light Forcing processor; "
-            "allowed: LightForcingConfig"
-        )
-    return config
+    return _check_config(config, LightForcingConfig, "the Light Forcing processor")
 
 
 class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
@@ -85,6 +81,18 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
         self.record_stats = "summary"
         """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"``, ``"summary"`` (per chunk: density,
         keys per query, compensated fraction as device tensors) or ``"masks"`` (also each chunk's block mask)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        """The causal self-attention of :class:`CausalWanSelfAttnProcessor`; refused outside a causal
+        generation, where Light Forcing would silently run dense (e.g. its transformer in a ``WanPipeline``)."""
+        if self.state.session is None:
+            raise ValueError(
+                "Light Forcing is applied to this transformer, but it is being run outside the causal Wan's "
+                "chunked generation (CausalWanPipeline / causal_generation), where Light Forcing does nothing; "
+                "allowed: run it with CausalWanPipeline, or remove it (fastgen.remove_sparse_attention) and apply "
+                "RectifiedSpaAttnConfig for a bidirectional Wan"
+            )
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -223,17 +231,23 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
 # ---------------------------------------------------------------------------------- adapter API
 
 
-def _is_wan(model) -> bool:
-    try:
-        from diffusers import WanTransformer3DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, WanTransformer3DModel)
+def supports(model, config) -> Support:
+    """Truthy for a diffusers ``WanTransformer3DModel`` with a :class:`LightForcingConfig` (it runs inside
+    the causal Wan's chunked generation: ``CausalWanPipeline`` / ``causal_generation``)."""
+    return Support(isinstance(config, LightForcingConfig) and is_wan(model))
 
 
-def supports(model, config) -> bool:
-    """True for a diffusers ``WanTransformer3DModel`` with a :class:`LightForcingConfig`."""
-    return isinstance(config, LightForcingConfig) and _is_wan(model)
+def supports_pipeline(pipe, config) -> Support:
+    """Falsy, with the reason, for a :class:`LightForcingConfig` on a pipeline that is not fastgen's causal
+    Wan (Light Forcing runs only inside its chunked generation)."""
+    if isinstance(config, LightForcingConfig) and not getattr(pipe, "fastgen_causal", False):
+        return Support(
+            False,
+            f"Light Forcing runs inside the causal Wan's chunked generation (CausalWanPipeline); "
+            f"{type(pipe).__name__} runs bidirectional attention over the whole video, where it would do "
+            "nothing; allowed there: RectifiedSpaAttnConfig",
+        )
+    return Support(True)
 
 
 def apply(model, config: LightForcingConfig) -> None:

@@ -26,7 +26,8 @@ import torch
 
 from fastgen.configs import RectifiedSpaAttnConfig
 
-from .common import (
+from ._install import Support, is_wan
+from .rectified_base import (
     RectifiedProcessorBase,
     check_config,
     collect_stats,
@@ -43,7 +44,9 @@ WAN_TEXT_CONTEXT = 512
 _STATE_ATTR = "_fastgen_wan_rectified"
 
 
-def _projections(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+def projections(attn, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    """``(query, key, value)`` ``[B, N, H*D]`` of a Wan attention module as diffusers computes them (fused
+    or separate projections; keys/values from ``context`` for cross-attention)."""
     source = hidden_states if context is None else context
     if getattr(attn, "fused_projections", False):
         if context is None and hasattr(attn, "to_qkv"):
@@ -145,7 +148,7 @@ class WanRectifiedProcessor(RectifiedProcessorBase):
             image_context = encoder_hidden_states[:, :image_len]
             encoder_hidden_states = encoder_hidden_states[:, image_len:]
 
-        query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = projections(attn, hidden_states, encoder_hidden_states)
         query = norm_rope(attn.norm_q, query, attn.heads, rotary_emb)
         key = norm_rope(attn.norm_k, key, attn.heads, rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
@@ -160,6 +163,10 @@ class WanRectifiedProcessor(RectifiedProcessorBase):
         if encoder_hidden_states is None and attention_mask is None:
             out = self._self_attention(attn, query, key, value, rotary_emb)
         else:
+            if encoder_hidden_states is None:  # self-attention with a mask: not a case the sparse path serves
+                self.fallback(
+                    "self-attention was given an attention_mask (the sparse path serves unmasked calls)"
+                )
             parallel = self._parallel_config if encoder_hidden_states is None else None
             out = self.dense(query, key, value, attention_mask, parallel)
         out = out.flatten(2, 3).type_as(query)
@@ -188,17 +195,22 @@ class WanRectifiedProcessor(RectifiedProcessorBase):
 # ---------------------------------------------------------------------------------- adapter API
 
 
-def _is_wan(model) -> bool:
-    try:
-        from diffusers import WanTransformer3DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, WanTransformer3DModel)
+def supports(model, config) -> Support:
+    """Truthy for a diffusers ``WanTransformer3DModel`` with a :class:`RectifiedSpaAttnConfig`."""
+    return Support(isinstance(config, RectifiedSpaAttnConfig) and is_wan(model))
 
 
-def supports(model, config) -> bool:
-    """True for a diffusers ``WanTransformer3DModel`` with a :class:`RectifiedSpaAttnConfig`."""
-    return isinstance(config, RectifiedSpaAttnConfig) and _is_wan(model)
+def supports_pipeline(pipe, config) -> Support:
+    """Falsy, with the reason, for a :class:`RectifiedSpaAttnConfig` on fastgen's causal Wan pipeline
+    (it generates chunk by chunk with its own causal processors, which would replace these)."""
+    if isinstance(config, RectifiedSpaAttnConfig) and getattr(pipe, "fastgen_causal", False):
+        return Support(
+            False,
+            f"{type(pipe).__name__} generates chunk by chunk over a KV cache with its own causal attention, "
+            "which Rectified SpaAttn (a bidirectional-attention method) cannot run in; allowed there: "
+            "LightForcingConfig",
+        )
+    return Support(True)
 
 
 def apply(model, config: RectifiedSpaAttnConfig) -> None:
@@ -208,7 +220,7 @@ def apply(model, config: RectifiedSpaAttnConfig) -> None:
     exactly; a step tracker is attached unless the model already has one (``apply_to_pipeline``).
     """
     config = check_config(config)
-    if not _is_wan(model):
+    if not is_wan(model):
         raise ValueError(f"model={type(model).__name__} is not a WanTransformer3DModel")
     install_processors(
         model,
