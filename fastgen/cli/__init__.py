@@ -94,6 +94,17 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--trust-remote-code", action="store_true", help="text: allow a checkpoint's own modelling code"
     )
 
+    model.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="rectified, light_forcing, sparsed: tokens per attention block, a power of two >= 16",
+    )
+    _add_video_arguments(p)
+    _add_text_arguments(p)
+
+
+def _add_video_arguments(p: argparse.ArgumentParser) -> None:
     video = p.add_argument_group("video (Wan, HunyuanVideo, the causal Wan)")
     video.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     video.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
@@ -133,6 +144,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="causal Wan: first latent frames always kept in the window",
     )
 
+
+def _add_text_arguments(p: argparse.ArgumentParser) -> None:
     text = p.add_argument_group("text (LLaDA, Dream)")
     text.add_argument("--gen-length", type=int, default=None, help="tokens to generate")
     text.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
@@ -149,12 +162,6 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     text.add_argument("--window", type=int, default=None, help="window_diffusion: masks in the window")
     text.add_argument("--active", type=int, default=None, help="window_diffusion: masks computed per step")
     text.add_argument("--refresh-cycle", type=int, default=None, help="window_diffusion: steps per refresh")
-    model.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="rectified, light_forcing, sparsed: tokens per attention block, a power of two >= 16",
-    )
 
 
 def _subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
@@ -284,7 +291,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_generate(args)
     if args.command == "batch":
-        from fastgen.batch import run_batch
+        from fastgen.cli.batch import run_batch
 
         return run_batch(args)
     if args.command == "bench":

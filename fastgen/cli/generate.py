@@ -233,7 +233,6 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -
         DEFAULT_ROUNDS,
         VIDEO_WARM_UP,
         compare_with_dense,
-        sparse_never_ran,
         video_fidelity,
     )
     from fastgen.io import write_video
@@ -289,8 +288,17 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -
     else:
         result = generate_video(pipe, method=method, config=config, **common)
     write_video(args.out, result["frames"], fps=result["fps"])
+    _print_video_result(args.out, result, comparison, run)
+    return 0
+
+
+def _print_video_result(out: str, result: dict, comparison, run: Run) -> None:
+    """Print a video run (and its comparison with dense) as ``fastgen generate`` reports it."""
+    from fastgen.compare import sparse_never_ran
+
+    method = run.method
     t, h, w, _ = result["frames"].shape
-    print(f"wrote {args.out}: {t} frames {h}x{w} in {result['seconds']:.2f}s ({method})")
+    print(f"wrote {out}: {t} frames {h}x{w} in {result['seconds']:.2f}s ({method})")
     if random_weights(run.source):
         print(f"note: {run.source} has {RANDOM_WEIGHTS_NOTE}")
     if result["stats"] and method == "light_forcing":
@@ -308,7 +316,6 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -
         psnr_text = "PSNR inf dB (identical frames)" if fid["identical"] else f"PSNR {fid['psnr']:.2f} dB"
         print(f"dense: {comparison.dense['seconds']:.2f}s; {psnr_text}; SSIM {fid['ssim']:.4f}")
         _print_comparison(comparison)
-    return 0
 
 
 def causal_config_from_args(args: argparse.Namespace):
@@ -334,51 +341,12 @@ def causal_method_from_args(args: argparse.Namespace):
     return method, (None if method == "dense" else causal_config_from_args(args))
 
 
-def generate_text_from_args(args: argparse.Namespace, run: Run | None = None) -> int:
-    """``fastgen generate`` for text: print the text and tokens/s (and the speed-up and token agreement
-    vs dense with ``--compare-dense``, through :func:`fastgen.compare.compare_with_dense`); for a model
-    trained on a checkable task (``tiny-llada-kv``) also whether each answer is right. ``--out`` is
-    written atomically. Returns the exit status."""
-    from fastgen.compare import (
-        DEFAULT_ROUNDS,
-        compare_with_dense,
-        sparse_never_ran,
-        text_fidelity,
-        text_warm_up,
-    )
-    from fastgen.io import write_text
-    from fastgen.pipelines.text_runner import (
-        default_sparsed_config,
-        generate_text,
-        load_text_pipeline,
-        text_defaults,
-    )
+def _text_config(args: argparse.Namespace, run: Run, pipe, prompt: str, settings: dict, common: dict):
+    """The method config of a text run from ``args`` (``common`` gets Window-Diffusion's one block),
+    after checking the settings the model's defaults complete and a ``--block-size`` against the tokens."""
+    from fastgen.pipelines.text_runner import default_sparsed_config
 
-    run = run or check_run(args)
     method = run.method
-    pipe = load_pipeline(
-        load_text_pipeline,
-        preset=args.preset,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-    )
-    prompt = args.prompt
-    task = getattr(pipe, "fastgen_task", None)
-    if task is not None and prompt is None:
-        prompt = task.example(int(args.seed)).prompt
-        print(f"prompt (task example seed {args.seed}): ...{prompt[-60:]}")
-    answer = task.answer_of(prompt) if task is not None else None
-    settings = text_defaults(
-        pipe,
-        steps=args.steps,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        cfg_scale=args.cfg_scale,
-    )
-    common = dict(prompt=prompt, seed=args.seed, progress=not getattr(args, "quiet", False), **settings)
     config = None
     if method in ("window_diffusion", "sparsed+window_diffusion"):
         if args.block_length is None:  # Window-Diffusion and its dense baseline: one block
@@ -406,16 +374,14 @@ def generate_text_from_args(args: argparse.Namespace, run: Run | None = None) ->
                 ]
             )
         config = default_sparsed_config(total, skip=args.skip, select=args.select, block_size=args.block_size)
-    comparison = None
-    if args.compare_dense and method != "dense":
-        comparison = compare_with_dense(
-            generate_text, pipe, method=method, config=config,
-            fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-            warm_up=text_warm_up(settings["gen_length"]), rounds=args.rounds or DEFAULT_ROUNDS, **common,
-        )  # fmt: skip
-        result = comparison.accelerated
-    else:
-        result = generate_text(pipe, method=method, config=config, **common)
+    return config
+
+
+def _print_text_result(result: dict, comparison, answer: str | None, run: Run) -> None:
+    """Print a text run (and its comparison with dense) as ``fastgen generate`` reports it."""
+    from fastgen.compare import sparse_never_ran
+
+    method = run.method
     print(result["text"])
     print(f"[{result['method']}] {result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.3f} s)")
     if random_weights(run.source):
@@ -446,6 +412,63 @@ def generate_text_from_args(args: argparse.Namespace, run: Run | None = None) ->
             )
         print(line)
         _print_comparison(comparison)
+
+
+def generate_text_from_args(args: argparse.Namespace, run: Run | None = None) -> int:
+    """``fastgen generate`` for text: print the text and tokens/s (and the speed-up and token agreement
+    vs dense with ``--compare-dense``, through :func:`fastgen.compare.compare_with_dense`); for a model
+    trained on a checkable task (``tiny-llada-kv``) also whether each answer is right. ``--out`` is
+    written atomically. Returns the exit status."""
+    from fastgen.compare import (
+        DEFAULT_ROUNDS,
+        compare_with_dense,
+        text_fidelity,
+        text_warm_up,
+    )
+    from fastgen.io import write_text
+    from fastgen.pipelines.text_runner import (
+        generate_text,
+        load_text_pipeline,
+        text_defaults,
+    )
+
+    run = run or check_run(args)
+    method = run.method
+    pipe = load_pipeline(
+        load_text_pipeline,
+        preset=args.preset,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+    )
+    prompt = args.prompt
+    task = getattr(pipe, "fastgen_task", None)
+    if task is not None and prompt is None:
+        prompt = task.example(int(args.seed)).prompt
+        print(f"prompt (task example seed {args.seed}): ...{prompt[-60:]}")
+    answer = task.answer_of(prompt) if task is not None else None
+    settings = text_defaults(
+        pipe,
+        steps=args.steps,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        temperature=args.temperature,
+        cfg_scale=args.cfg_scale,
+    )
+    common = dict(prompt=prompt, seed=args.seed, progress=not getattr(args, "quiet", False), **settings)
+    config = _text_config(args, run, pipe, prompt, settings, common)
+    comparison = None
+    if args.compare_dense and method != "dense":
+        comparison = compare_with_dense(
+            generate_text, pipe, method=method, config=config,
+            fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+            warm_up=text_warm_up(settings["gen_length"]), rounds=args.rounds or DEFAULT_ROUNDS, **common,
+        )  # fmt: skip
+        result = comparison.accelerated
+    else:
+        result = generate_text(pipe, method=method, config=config, **common)
+    _print_text_result(result, comparison, answer, run)
     if args.out:
         write_text(args.out, result["text"])
         logger.info("wrote %s", args.out)
