@@ -1,0 +1,256 @@
+"""torchrun worker of ``tests/test_context_parallel.py`` (a script, not a test module).
+
+Run as ``python -m torch.distributed.run --standalone --nproc-per-node P tests/cp_worker.py SCENARIO...``:
+every rank builds the same tiny model, computes the single-process reference itself (before
+context parallelism is enabled, or on a copy), enables diffusers' context parallelism over gloo and
+checks its output against the reference. A failed check raises (non-zero exit); each passed
+scenario prints ``CP-OK <scenario> <details>`` on rank 0.
+
+diffusers 0.42 resolves the parallel config with ``rank % torch.accelerator.device_count()``,
+which is 0 with CPU-only torch (ZeroDivisionError): this worker (never the library) makes
+``torch.accelerator.device_count`` return 1 before enabling, the one device of a CPU rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+TOL = 1e-5  # fp32 relative error (Frobenius norm)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative error in the Frobenius norm."""
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> float:
+    """Raise unless ``actual`` is ``expected`` within ``tol`` (relative)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g} (rank {dist.get_rank()})"
+    return err
+
+
+def report(scenario: str, details: str) -> None:
+    """Print a scenario's success line on rank 0."""
+    if dist.get_rank() == 0:
+        print(f"CP-OK {scenario} {details}", flush=True)
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+def tiny_wan(heads: int = 4, layers: int = 2):
+    """A tiny WanTransformer3DModel (``heads`` x 32, 1x2x2 patches), same weights on every rank."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(1)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+
+
+def wan_inputs(grid=(4, 6, 10), batch: int = 2):
+    """Latent (``grid`` after 1x2x2 patches: 240 tokens, not a block multiple), timestep, text."""
+    g = torch.Generator().manual_seed(2)
+    f, h, w = grid
+    x = torch.randn(batch, 4, f, 2 * h, 2 * w, generator=g)
+    text = torch.randn(batch, 7, 16, generator=g)
+    return {"hidden_states": x, "timestep": torch.full((batch,), 900.0), "encoder_hidden_states": text}
+
+
+def tiny_hunyuan(heads: int = 4):
+    """A tiny HunyuanVideoTransformer3DModel (``heads`` x 32, 2 double + 2 single blocks)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(1)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=32,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=16,
+        rope_axes_dim=(8, 12, 12),
+    ).eval()
+
+
+def hunyuan_inputs(grid=(4, 6, 10), text_len: int = 8, valid=(2, 7)):
+    """Latent, 8 text tokens of which only ``valid[b]`` are real: batch 0's padding (6) is longer
+    than one rank's text share (8/2 = 4, 8/4 = 2)."""
+    g = torch.Generator().manual_seed(3)
+    f, h, w = grid
+    batch = len(valid)
+    mask = torch.zeros(batch, text_len, dtype=torch.long)
+    for b, n in enumerate(valid):
+        mask[b, :n] = 1
+    return {
+        "hidden_states": torch.randn(batch, 4, f, 2 * h, 2 * w, generator=g),
+        "timestep": torch.full((batch,), 900.0),
+        "encoder_hidden_states": torch.randn(batch, text_len, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(batch, 16, generator=g),
+        "guidance": torch.full((batch,), 6000.0),
+    }
+
+
+def forward(model, inputs) -> torch.Tensor:
+    """The model's output sample, no grad."""
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def sparse_config():
+    """Rectified SpaAttn from the first step and layer, small blocks (many per row)."""
+    from fastgen import RectifiedSpaAttnConfig
+
+    return RectifiedSpaAttnConfig(sparsity=0.6, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=32)
+
+
+def enable(model, mode: str = "ulysses", **kwargs):
+    """fastgen's ``enable_context_parallel`` over the whole world."""
+    from fastgen.processors.context_parallel_plans import enable_context_parallel
+
+    return enable_context_parallel(model, mode, **kwargs)
+
+
+# -------------------------------------------------------------------------------- scenarios
+
+
+def wan_dense() -> None:
+    """Stock diffusers Wan under fastgen's enable_context_parallel equals the single process."""
+    model, inputs = tiny_wan(), wan_inputs()
+    expected = forward(model, inputs)
+    enable(model)
+    report("wan_dense", f"err={check('wan dense', forward(model, inputs), expected):.2e}")
+
+
+def _masks(model) -> dict[int, torch.Tensor]:
+    import fastgen
+
+    return {row["layer"]: row["block_mask"] for row in fastgen.attention_stats(model)}
+
+
+def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
+    import fastgen
+    from fastgen.hooks import reset_step_tracking
+    from fastgen.processors.context_parallel import gathered_layer_stats
+
+    fastgen.apply_sparse_attention(model, sparse_config())
+    fastgen.record_attention_stats(model, "masks")
+    expected = forward(model, inputs)
+    dense = copy.deepcopy(model)
+    fastgen.remove_sparse_attention(dense)
+    assert rel_err(expected, forward(dense, inputs)) > 1e-3, (
+        f"{name}: the sparse run is no different from dense"
+    )
+    expected_masks = _masks(model)
+    expected_density = {row["layer"]: row["density"] for row in fastgen.attention_stats(model)}
+    reset_step_tracking(model)
+    (config,) = enable(model, mode)
+    err = check(f"{name} output", forward(model, inputs), expected)
+    if mode == "ulysses":
+        cp = config.context_parallel_config
+        heads = model.config.num_attention_heads // cp.ulysses_degree
+        first = cp._ulysses_local_rank * heads
+        procs = {id(p): p for p in model.attn_processors.values() if hasattr(p, "_last")}
+        seen = 0
+        for proc in procs.values():
+            for layer, stats in proc._last.items():
+                assert stats is not None, f"{name}: layer {layer} did not run sparse under CP"
+                assert stats["first_head"] == first, f"{name}: first_head {stats['first_head']} != {first}"
+                local = stats["block_mask"][0].cpu()
+                assert torch.equal(local, expected_masks[layer][first : first + heads]), (
+                    f"{name}: layer {layer} block masks of heads {first}..{first + heads - 1} differ"
+                )
+                seen += 1
+        assert seen == len(expected_masks), (
+            f"{name}: {seen} sparse layers under CP, {len(expected_masks)} alone"
+        )
+        for row in gathered_layer_stats(model):
+            assert torch.equal(row["block_mask"], expected_masks[row["layer"]]), (
+                f"{name}: gathered masks differ"
+            )
+            assert abs(row["density"] - expected_density[row["layer"]]) < 1e-6, (
+                f"{name}: gathered density differs"
+            )
+    report(name, f"mode={mode} err={err:.2e} layers={len(expected_masks)}")
+
+
+def wan_sparse() -> None:
+    """Rectified SpaAttn on Wan under Ulysses: output, per-head masks, gathered statistics equal."""
+    _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_sparse")
+
+
+def hunyuan_dense() -> None:
+    """HunyuanVideo dense under CP with text padding longer than a rank's text share: wrong with the
+    plain plan (the mask in [V; T] order against an interleaved sequence), exact with fastgen's."""
+    from fastgen.processors.context_parallel_plans import hunyuan_video_cp_plan
+
+    model, inputs = tiny_hunyuan(), hunyuan_inputs()
+    expected = forward(model, inputs)
+    plain = copy.deepcopy(model)
+    plain.enable_parallelism(
+        config=__import__("diffusers").ContextParallelConfig(ulysses_degree=dist.get_world_size()),
+        cp_plan=hunyuan_video_cp_plan(plain),
+    )
+    wrong = rel_err(forward(plain, inputs), expected)
+    assert wrong > 20 * TOL, f"hunyuan plain plan: expected the mask-order error, got {wrong:.2e}"
+    enable(model)
+    err = check("hunyuan dense", forward(model, inputs), expected)
+    report("hunyuan_dense", f"err={err:.2e} plain-plan-err={wrong:.2e}")
+
+
+def hunyuan_sparse() -> None:
+    """Rectified SpaAttn on HunyuanVideo (padded text) under Ulysses: exact and same masks."""
+    _sparse_under_cp(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_sparse")
+
+
+SCENARIOS = {
+    "wan_dense": wan_dense,
+    "wan_sparse": wan_sparse,
+    "hunyuan_dense": hunyuan_dense,
+    "hunyuan_sparse": hunyuan_sparse,
+}
+
+
+def main(argv: list[str]) -> int:
+    """Run the named scenarios (all when none) on this rank."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.accelerator.device_count = lambda: 1  # test-only: diffusers 0.42 divides by it (module docstring)
+    try:
+        for name in argv or list(SCENARIOS):
+            SCENARIOS[name]()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main(sys.argv[1:]))
