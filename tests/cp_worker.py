@@ -229,7 +229,118 @@ def hunyuan_sparse() -> None:
     _sparse_under_cp(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_sparse")
 
 
+def wan_i2v_sparse() -> None:
+    """Wan 2.1 I2V (image tokens before the 512 text tokens of the cross-attention context): the
+    image tokens never enter self-attention, cross-attention stays local; sparse under CP exact."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(1)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        image_dim=16,
+        added_kv_proj_dim=128,
+        rope_max_seq_len=64,
+    ).eval()
+    inputs = wan_inputs()
+    g = torch.Generator().manual_seed(5)
+    inputs["encoder_hidden_states"] = torch.randn(2, 512, 16, generator=g)
+    inputs["encoder_hidden_states_image"] = torch.randn(2, 6, 16, generator=g)
+    _sparse_under_cp(model, inputs, "wan_i2v_sparse")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _raises(fn, error: type, text: str) -> None:
+    try:
+        fn()
+    except error as err:
+        assert text in str(err), f"expected {text!r} in {err!r}"
+        return
+    raise AssertionError(f"no {error.__name__} ({text!r})")
+
+
+def guards() -> None:
+    """Clear errors (heads, token shares, HunyuanVideo token_replace) and a logged, correct dense
+    fallback (processor set by hand after enabling: no tracker, so no global grid)."""
+    import fastgen
+    from fastgen.processors.wan import WanRectifiedProcessor
+
+    world = dist.get_world_size()
+    _raises(lambda: enable(tiny_wan(heads=2 * world - 1)), ValueError, "attention heads are not divisible")
+    hunyuan_i2v = tiny_hunyuan()
+    hunyuan_i2v.register_to_config(image_condition_type="token_replace")
+    _raises(lambda: enable(hunyuan_i2v), ValueError, "token_replace")
+
+    model = tiny_wan()
+    odd = wan_inputs(grid=(3, 3, 5))  # 45 tokens
+    inputs = wan_inputs()
+    expected = forward(model, inputs)
+    enable(model)
+    _raises(lambda: forward(model, odd), ValueError, "45 tokens, not divisible by the context-parallel size")
+
+    records = _Records()
+    logging.getLogger("fastgen").addHandler(records)
+    logging.getLogger("fastgen").setLevel(logging.INFO)
+    model.set_attn_processor(WanRectifiedProcessor(sparse_config()))  # by hand, after enabling
+    err = check("wan hand-set processor (dense fallback)", forward(model, inputs), expected)
+    assert any("was set after enable_parallelism" in m for m in records.messages), records.messages
+    assert any("global video grid is unknown" in m for m in records.messages), records.messages
+    assert fastgen.attention_stats(model) == []  # nothing ran sparse
+    report("guards", f"fallback-err={err:.2e}")
+
+
+def hunyuan_query_mask() -> None:
+    """A mask that varies per query (not a key padding mask) under CP: HunyuanVideo's processor runs
+    dense with the rows of its own queries; equal to the single-process call."""
+    import fastgen
+
+    model, inputs = tiny_hunyuan(), hunyuan_inputs()
+    fastgen.apply_sparse_attention(model, sparse_config())
+    world, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(9)
+    video, text = torch.randn(2, 240, 128, generator=g), torch.randn(2, 8, 128, generator=g)
+    n = video.shape[1] + text.shape[1]
+    mask = torch.rand(2, 1, n, n, generator=g) > 0.3
+    mask[..., :1] = True  # every row has a key
+    cos, sin = model.rope(inputs["hidden_states"])
+    attn = model.transformer_blocks[0].attn
+    with torch.no_grad():
+        expected = attn(
+            hidden_states=video, encoder_hidden_states=text, attention_mask=mask, image_rotary_emb=(cos, sin)
+        )
+    enable(model)
+    sv, st = video.shape[1] // world, text.shape[1] // world
+    with torch.no_grad():
+        out = attn(
+            hidden_states=video[:, rank * sv : (rank + 1) * sv],
+            encoder_hidden_states=text[:, rank * st : (rank + 1) * st],
+            attention_mask=mask,
+            image_rotary_emb=(cos[rank * sv : (rank + 1) * sv], sin[rank * sv : (rank + 1) * sv]),
+        )
+    err = check("hunyuan per-query mask video", out[0], expected[0][:, rank * sv : (rank + 1) * sv])
+    check("hunyuan per-query mask text", out[1], expected[1][:, rank * st : (rank + 1) * st])
+    report("hunyuan_query_mask", f"err={err:.2e}")
+
+
 SCENARIOS = {
+    "wan_i2v_sparse": wan_i2v_sparse,
+    "guards": guards,
+    "hunyuan_query_mask": hunyuan_query_mask,
     "wan_dense": wan_dense,
     "wan_sparse": wan_sparse,
     "hunyuan_dense": hunyuan_dense,

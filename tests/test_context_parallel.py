@@ -18,7 +18,11 @@ import pytest
 import torch
 
 from fastgen.processors.context_parallel import deinterleave, interleaved_order, reinterleave
-from fastgen.processors.context_parallel_plans import TokenShareGuardHook, degrees, enable_context_parallel
+from fastgen.processors.context_parallel_plans import (
+    ContextParallelGuardHook,
+    degrees,
+    enable_context_parallel,
+)
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 
@@ -52,10 +56,33 @@ def test_two_ranks_ulysses_dense_and_sparse_equal_single_process():
     run_worker(2, "wan_dense", "wan_sparse", "hunyuan_dense", "hunyuan_sparse")
 
 
+def test_two_ranks_guards_and_dense_fallbacks():
+    """2 ranks: heads not divisible by U, tokens not divisible by P and HunyuanVideo token_replace
+    raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
+    and, without a global grid, runs dense with a log line, equal to the single process; a
+    per-query HunyuanVideo mask runs dense with the rank's query rows, exact."""
+    run_worker(2, "guards", "hunyuan_query_mask")
+
+
 @pytest.mark.slow
 def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """The same at 4 ranks (one head per rank, text share 2)."""
-    run_worker(4, "wan_dense", "wan_sparse", "hunyuan_dense", "hunyuan_sparse")
+    """The same at 4 ranks (one head per rank, text share 2), plus Wan I2V and the guards."""
+    run_worker(
+        4,
+        "wan_dense",
+        "wan_sparse",
+        "wan_i2v_sparse",
+        "hunyuan_dense",
+        "hunyuan_sparse",
+        "guards",
+        "hunyuan_query_mask",
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_wan_i2v_sparse():
+    """Wan 2.1 I2V (image tokens in the cross-attention context) sparse under Ulysses, exact."""
+    run_worker(2, "wan_i2v_sparse")
 
 
 # --------------------------------------------------------------------------- single process
@@ -110,7 +137,7 @@ def test_token_share_guard_names_grid_and_size():
     sys.path.insert(0, str(WORKER.parent))
     from cp_worker import tiny_hunyuan, tiny_wan, wan_inputs
 
-    guard = TokenShareGuardHook(4)
+    guard = ContextParallelGuardHook(4)
     inputs = wan_inputs(grid=(3, 3, 5))  # 45 tokens
     with pytest.raises(
         ValueError, match=r"grid \(3, 3, 5\) has 45 tokens, not divisible by the context-parallel size 4"

@@ -291,7 +291,14 @@ def hunyuan_joint_attention(
     k, v = deinterleave(k, n_text_share, world), deinterleave(v, n_text_share, world)
     if reason is not None:
         processor.fallback(f"{reason} (context parallelism)")
-        # queries in any order (rows follow them), keys in [V; T] order: the model's mask applies
+        # queries stay in exchanged order (rows follow them), keys are in [V; T] order: the model's
+        # key mask applies as built; a per-query mask keeps the rows of this rank's queries
+        if attention_mask is not None and attention_mask.ndim >= 2 and attention_mask.shape[-2] > 1:
+            rows = interleaved_order(n_video, n_text, world, attention_mask.device)
+            span = q.shape[1]
+            attention_mask = attention_mask.index_select(
+                -2, rows[layout.ring_rank * span : (layout.ring_rank + 1) * span]
+            )
         return sequence_to_heads(processor.dense(q, k, v, attention_mask, None), layout)
     q = deinterleave(q, n_text_share, world)
     out = processor.sparse(

@@ -17,7 +17,7 @@
 Checks made before any work (one clear error each): mode and degrees, heads divisible by the Ulysses
 degree, no accelerator (diffusers 0.42 divides by ``torch.accelerator.device_count()``), HunyuanVideo
 I2V's ``token_replace`` (it splits the full sequence at the first frame), and at every forward a
-:class:`TokenShareGuardHook` refuses a latent (or text) whose token count the context-parallel size
+:class:`ContextParallelGuardHook` refuses a latent (or text) whose token count the context-parallel size
 does not divide (diffusers' own check is a bare assertion deep in its sharder).
 """
 
@@ -100,17 +100,26 @@ class HunyuanMaskOrderHook(_model_hook_base()):
         return args, kwargs
 
 
-class TokenShareGuardHook(_model_hook_base()):
-    """Model pre-forward hook: a clear ``ValueError`` when the context-parallel size does not divide
-    the call's video tokens (and, for HunyuanVideo, its text tokens), before diffusers shards them."""
+class ContextParallelGuardHook(_model_hook_base()):
+    """Model pre-forward hook under context parallelism, before diffusers shards anything:
 
-    def __init__(self, world: int) -> None:
+    - a clear ``ValueError`` when the context-parallel size does not divide the call's video tokens
+      (and, for HunyuanVideo, its text tokens);
+    - a processor set on a block's attention after ``enable_parallelism`` (``set_attn_processor`` by
+      hand) would attend within the rank's token share only: it is given the model's parallel
+      config, with a log line."""
+
+    def __init__(self, world: int, parallel_config=None, attention_modules=()) -> None:
         super().__init__()
         self.world = world
         """Context-parallel size P."""
+        self.parallel_config = parallel_config
+        """diffusers ``ParallelConfig`` of the model."""
+        self.attention_modules = list(attention_modules)
+        """The blocks' attention modules whose processors must see ``parallel_config``."""
 
     def pre_forward(self, module, *args, **kwargs):
-        """Check the token counts of this call."""
+        """Check the token counts of this call and the processors' parallel config."""
         from fastgen.hooks import video_grid
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -127,6 +136,14 @@ class TokenShareGuardHook(_model_hook_base()):
                 f"context parallelism: {text.shape[1]} text tokens are not divisible by the context-parallel "
                 f"size {self.world}; allowed: a text length (max_sequence_length) that is a multiple of it"
             )
+        for attn in self.attention_modules:
+            processor = attn.processor
+            if getattr(processor, "_parallel_config", self.parallel_config) is None:
+                processor._parallel_config = self.parallel_config
+                logger.info(
+                    "fastgen: %s was set after enable_parallelism; it now has the model's parallel config",
+                    type(processor).__name__,
+                )
         return args, kwargs
 
 
@@ -252,23 +269,26 @@ def enable_context_parallel(
 def _install_hooks(model, world: int) -> None:
     from diffusers.hooks import HookRegistry
 
+    if _is_hunyuan(model):
+        attention = [b.attn for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
+    else:
+        attention = [m for b in model.blocks for m in (b.attn1, b.attn2)]
     registry = HookRegistry.check_if_exists_or_initialize(model)
     if registry.get_hook(GUARD_HOOK) is None:
-        registry.register_hook(TokenShareGuardHook(world), GUARD_HOOK)
+        registry.register_hook(ContextParallelGuardHook(world, model._parallel_config, attention), GUARD_HOOK)
     if not _is_hunyuan(model):
         return
-    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    for block in blocks:
-        attn_registry = HookRegistry.check_if_exists_or_initialize(block.attn)
+    for attn in attention:
+        attn_registry = HookRegistry.check_if_exists_or_initialize(attn)
         if attn_registry.get_hook(MASK_HOOK) is None:
             attn_registry.register_hook(HunyuanMaskOrderHook(model._parallel_config), MASK_HOOK)
 
 
 __all__ = [
     "GUARD_HOOK",
+    "ContextParallelGuardHook",
     "MASK_HOOK",
     "HunyuanMaskOrderHook",
-    "TokenShareGuardHook",
     "degrees",
     "enable_context_parallel",
     "hunyuan_video_cp_plan",
