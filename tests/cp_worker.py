@@ -337,7 +337,41 @@ def hunyuan_query_mask() -> None:
     report("hunyuan_query_mask", f"err={err:.2e}")
 
 
+def _ring_mode() -> str:
+    return "ring" if dist.get_world_size() == 2 else "unified"
+
+
+def _ring_dense(model, inputs, name: str) -> None:
+    import fastgen
+
+    expected = forward(model, inputs)  # diffusers' own processors, one process
+    fastgen.apply_sparse_attention(model, sparse_config())
+    records = _Records()
+    logging.getLogger("fastgen").addHandler(records)
+    logging.getLogger("fastgen").setLevel(logging.INFO)
+    (config,) = enable(model, _ring_mode())
+    cp = config.context_parallel_config
+    err = check(f"{name} ({_ring_mode()})", forward(model, inputs), expected)
+    assert any("the sparse methods run under Ulysses only" in m for m in records.messages), records.messages
+    assert fastgen.attention_stats(model) == []
+    logging.getLogger("fastgen").removeHandler(records)
+    report(name, f"mode={_ring_mode()} ulysses={cp.ulysses_degree} ring={cp.ring_degree} err={err:.2e}")
+
+
+def wan_ring() -> None:
+    """Ring (2 ranks) / unified (4 ranks: 2x2): fastgen's Wan processor runs the logged dense
+    all-gather-K/V form (exact with any backend, no LSE needed) = single-process dense."""
+    _ring_dense(tiny_wan(), wan_inputs(), "wan_ring")
+
+
+def hunyuan_ring() -> None:
+    """The same for HunyuanVideo with padded text (keys put in [V; T] order for the model's mask)."""
+    _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring")
+
+
 SCENARIOS = {
+    "wan_ring": wan_ring,
+    "hunyuan_ring": hunyuan_ring,
     "wan_i2v_sparse": wan_i2v_sparse,
     "guards": guards,
     "hunyuan_query_mask": hunyuan_query_mask,

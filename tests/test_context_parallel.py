@@ -60,13 +60,16 @@ def test_two_ranks_guards_and_dense_fallbacks():
     """2 ranks: heads not divisible by U, tokens not divisible by P and HunyuanVideo token_replace
     raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
     and, without a global grid, runs dense with a log line, equal to the single process; a
-    per-query HunyuanVideo mask runs dense with the rank's query rows, exact."""
-    run_worker(2, "guards", "hunyuan_query_mask")
+    per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring (sparse methods
+    are Ulysses-only): fastgen's processors run the logged all-gather-K/V dense form, equal to the
+    single process for Wan and for HunyuanVideo with padded text."""
+    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring")
 
 
 @pytest.mark.slow
 def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """The same at 4 ranks (one head per rank, text share 2), plus Wan I2V and the guards."""
+    """The same at 4 ranks (one head per rank, text share 2), plus Wan I2V, the guards and unified
+    (Ulysses 2 x ring 2)."""
     run_worker(
         4,
         "wan_dense",
@@ -76,6 +79,8 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "hunyuan_sparse",
         "guards",
         "hunyuan_query_mask",
+        "wan_ring",
+        "hunyuan_ring",
     )
 
 
