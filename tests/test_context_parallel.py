@@ -154,3 +154,23 @@ def test_token_share_guard_names_grid_and_size():
         guard.pre_forward(
             tiny_hunyuan(), hidden_states=torch.zeros(1, 4, 4, 4, 4), encoder_hidden_states=text
         )
+
+
+@pytest.mark.slow
+def test_bench_cp_runs_and_checks_its_outputs(tmp_path):
+    """``fastgen.bench.context_parallel`` under torchrun (2 ranks, tiny): the report has both ratios and
+    the communication share, and the sparse CP outputs equal the single-process ones (no timing checked)."""
+    import json
+
+    report = tmp_path / "cp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "fastgen.bench.context_parallel", "--tokens", "1024", "--heads", "2", "--rounds", "1"]
+    proc = subprocess.run([*cmd, "--json", str(report)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    result = json.loads(report.read_text())
+    assert result["world"] == 2 and 0 < result["density"] < 1
+    assert result["max_rel_err_vs_single"] < 1e-5
+    assert 0 < result["cp"]["sparse"]["communication_share"] < 1
+    assert {"cp_attention_ratio", "cp_total_ratio", "within_10_percent"} <= set(result)
+    assert "ratio sparse/dense under CP" in proc.stdout
