@@ -369,7 +369,104 @@ def hunyuan_ring() -> None:
     _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring")
 
 
+def causal_pipe(heads: int = 4):
+    """A ``CausalWanPipeline`` over a tiny 4-head Wan (32 tokens per latent frame), no VAE (latents out)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from fastgen.pipelines.causal_wan import CausalWanPipeline
+
+    torch.manual_seed(1)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+    return CausalWanPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def causal_generate(pipe, rope_positions: str) -> torch.Tensor:
+    """8 latent frames in 4 chunks of 2, a rolling window of 5 frames with 1 sink (frames evicted)."""
+    g = torch.Generator().manual_seed(4)
+    text = torch.randn(1, 6, 16, generator=g)
+    return pipe(
+        prompt_embeds=text,
+        num_frames=29,
+        height=64,
+        width=128,
+        num_frames_per_chunk=2,
+        denoising_timesteps=[1000.0, 500.0],
+        local_attn_frames=5,
+        sink_frames=1,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+        rope_positions=rope_positions,
+    ).frames
+
+
+def causal() -> None:
+    """Causal Wan (Self-Forcing) under Ulysses: latents over 4 chunks with a rolling window equal the
+    single process, RoPE absolute and window, fastgen's causal processors installed before
+    enable_parallelism or (the pipeline's own install) after it; each rank's cache holds H/U heads."""
+    from fastgen.processors.causal_wan import install_causal_processors
+
+    errs = []
+    for rope in ("absolute", "window"):
+        for installed_first in (True, False):
+            pipe = causal_pipe()
+            expected = causal_generate(pipe, rope)
+            if installed_first:
+                install_causal_processors(pipe.transformer)
+            enable(pipe.transformer)
+            got = causal_generate(pipe, rope)
+            errs.append(check(f"causal {rope} installed_first={installed_first}", got, expected))
+            world = dist.get_world_size()
+            assert pipe.last_generation["cache_bytes"] * world == _single_cache_bytes(), "cache not split"
+    report("causal", f"max-err={max(errs):.2e}")
+
+
+def _single_cache_bytes() -> int:
+    # 2 layers x (K, V) x [1, 4 heads, 5 frames x 32 tokens, 32] fp32
+    return 2 * 2 * 4 * 5 * 32 * 32 * 4
+
+
+def causal_light_forcing() -> None:
+    """Light Forcing on the causal Wan under Ulysses: latents equal the single process, sparse chunks
+    ran (the output differs from dense), per-head masks of the rank's heads equal."""
+    import fastgen
+    from fastgen import LightForcingConfig
+
+    lf = LightForcingConfig(
+        sparsity=0.6, sparsity_base=0.8, block_size=16, keep_frames=4, keep_sink=1, keep_near=1
+    )
+    pipe = causal_pipe()
+    dense = causal_generate(pipe, "absolute")
+    fastgen.apply_sparse_attention(pipe.transformer, lf)
+    fastgen.record_attention_stats(pipe.transformer, "masks")
+    expected = causal_generate(pipe, "absolute")
+    assert rel_err(expected, dense) > 1e-3, "Light Forcing ran no sparse chunk"
+    expected_masks = _masks(pipe.transformer)
+    enable(pipe.transformer)
+    err = check("causal light forcing", causal_generate(pipe, "absolute"), expected)
+    heads = pipe.transformer.config.num_attention_heads // dist.get_world_size()
+    first = dist.get_rank() * heads
+    for layer, mask in _masks(pipe.transformer).items():
+        assert torch.equal(mask, expected_masks[layer][first : first + heads]), (
+            f"LF layer {layer} masks differ"
+        )
+    report("causal_light_forcing", f"err={err:.2e}")
+
+
 SCENARIOS = {
+    "causal": causal,
+    "causal_light_forcing": causal_light_forcing,
     "wan_ring": wan_ring,
     "hunyuan_ring": hunyuan_ring,
     "wan_i2v_sparse": wan_i2v_sparse,

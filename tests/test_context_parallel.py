@@ -62,8 +62,10 @@ def test_two_ranks_guards_and_dense_fallbacks():
     and, without a global grid, runs dense with a log line, equal to the single process; a
     per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring (sparse methods
     are Ulysses-only): fastgen's processors run the logged all-gather-K/V dense form, equal to the
-    single process for Wan and for HunyuanVideo with padded text."""
-    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring")
+    single process for Wan and for HunyuanVideo with padded text. Causal Wan (Self-Forcing pipeline):
+    latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
+    window, causal processors installed before or after enable_parallelism, cache split over ranks."""
+    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "causal")
 
 
 @pytest.mark.slow
@@ -81,13 +83,16 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "hunyuan_query_mask",
         "wan_ring",
         "hunyuan_ring",
+        "causal",
+        "causal_light_forcing",
     )
 
 
 @pytest.mark.slow
-def test_two_ranks_wan_i2v_sparse():
-    """Wan 2.1 I2V (image tokens in the cross-attention context) sparse under Ulysses, exact."""
-    run_worker(2, "wan_i2v_sparse")
+def test_two_ranks_wan_i2v_and_light_forcing():
+    """Wan 2.1 I2V (image tokens in the cross-attention context) sparse under Ulysses, exact; Light
+    Forcing on the causal Wan under Ulysses: latents and the rank's per-head masks equal."""
+    run_worker(2, "wan_i2v_sparse", "causal_light_forcing")
 
 
 # --------------------------------------------------------------------------- single process

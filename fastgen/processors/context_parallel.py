@@ -315,6 +315,69 @@ def hunyuan_joint_attention(
     return sequence_to_heads(reinterleave(out, n_text_share, world), layout)
 
 
+# ------------------------------------------------------------------- causal Wan (KV-cached)
+
+
+def causal_self_attention(processor, attn, session, hidden_states, rotary_emb) -> torch.Tensor:
+    """``attn1`` of fastgen's causal Wan (Self-Forcing, Light Forcing) during a generation under Ulysses.
+
+    Only the current chunk is exchanged: q/k/v of the rank's token share ``[B, S_chunk/U, H, D]`` become
+    the whole chunk for heads ``[u*H/U, (u+1)*H/U)``, and the processor's own cache logic runs on them
+    unchanged (``processor._causal``): each rank's KV cache holds its heads over the whole token range
+    (global frame indices, so windowing, sinks and eviction are as in one process; memory / U), and
+    ``chunk_attention`` (dense, or Light Forcing's) sees the rank's heads. RoPE: the rank's slice of the
+    chunk table is applied before the exchange; a whole-chunk table (fastgen's RoPE hook registered
+    after ``enable_parallelism``, so no split hook slices it) after it. Returns the block output
+    ``[B, S_chunk/U, C]`` (after ``to_out``).
+    """
+    from .wan import _projections, apply_wan_rotary, norm_rope
+
+    layout = _layout_of(processor)
+    if layout.ring > 1 or layout.uneven:
+        raise ValueError(
+            f"causal Wan under context parallelism: ring_degree={layout.ring} / uneven shares are not supported; "
+            "allowed: ContextParallelConfig(ulysses_degree=N) (mode='ulysses')"
+        )
+    heads = attn.heads
+    _check_heads(layout, heads)
+    share = hidden_states.shape[1]
+    rows = None if rotary_emb is None else rotary_emb[0].shape[1]
+    if rows not in (None, share, share * layout.world):
+        raise ValueError(
+            f"causal Wan under context parallelism: a RoPE table of {rows} tokens fits neither the rank's "
+            f"{share} tokens nor the chunk's {share * layout.world}"
+        )
+    before = rotary_emb if rows == share else None
+    raw_keys = session.rope_positions == "window"
+    query, key, value = _projections(attn, hidden_states, None)
+    query = norm_rope(attn.norm_q, query, heads, before)
+    key = norm_rope(attn.norm_k, key, heads, None if raw_keys else before)
+    value = value.unflatten(2, (heads, -1))
+    q, k, v = (heads_to_sequence(t, layout) for t in (query, key, value))
+    if rotary_emb is not None and before is None:
+        q = apply_wan_rotary(q, *rotary_emb)
+        k = k if raw_keys else apply_wan_rotary(k, *rotary_emb)
+    out = sequence_to_heads(processor._causal(session, q, k, v), layout)
+    out = attn.to_out[0](out.flatten(2, 3).type_as(query))
+    return attn.to_out[1](out)
+
+
+def unsplit_rope_forward(module: torch.nn.Module, forward, hook_name: str):
+    """The forward a RoPE hook (``hook_name`` in ``module``'s diffusers ``HookRegistry``) should call for
+    the whole table: ``forward`` itself, or the module class's unhooked forward when diffusers'
+    context-parallel split hook was registered before it (it would hand back the rank's slice)."""
+    import functools
+
+    registry = getattr(module, "_diffusers_hook", None)
+    order = list(getattr(registry, "_hook_order", ()))
+    if hook_name not in order:
+        return forward
+    inner = order[: order.index(hook_name)]
+    if any(name.startswith(("cp_input---", "cp_output---")) for name in inner):
+        return functools.partial(type(module).forward, module)
+    return forward
+
+
 # ------------------------------------------------------------------------------- statistics
 
 
@@ -349,6 +412,7 @@ def gathered_layer_stats(model: torch.nn.Module) -> list[dict]:
 __all__ = [
     "MODES",
     "ContextParallelLayout",
+    "causal_self_attention",
     "context_parallel_layout",
     "deinterleave",
     "gather_ring",
@@ -358,5 +422,6 @@ __all__ = [
     "interleaved_order",
     "reinterleave",
     "sequence_to_heads",
+    "unsplit_rope_forward",
     "wan_self_attention",
 ]
