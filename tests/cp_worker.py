@@ -172,31 +172,26 @@ def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
     reset_step_tracking(model)
     (config,) = enable(model, mode)
     err = check(f"{name} output", forward(model, inputs), expected)
-    if mode == "ulysses":
-        cp = config.context_parallel_config
-        heads = model.config.num_attention_heads // cp.ulysses_degree
-        first = cp._ulysses_local_rank * heads
-        procs = {id(p): p for p in model.attn_processors.values() if hasattr(p, "_last")}
-        seen = 0
-        for proc in procs.values():
-            for layer, stats in proc._last.items():
-                assert stats is not None, f"{name}: layer {layer} did not run sparse under CP"
-                assert stats["first_head"] == first, f"{name}: first_head {stats['first_head']} != {first}"
-                local = stats["block_mask"][0].cpu()
-                assert torch.equal(local, expected_masks[layer][first : first + heads]), (
-                    f"{name}: layer {layer} block masks of heads {first}..{first + heads - 1} differ"
-                )
-                seen += 1
-        assert seen == len(expected_masks), (
-            f"{name}: {seen} sparse layers under CP, {len(expected_masks)} alone"
+    cp = config.context_parallel_config
+    heads = model.config.num_attention_heads // cp.ulysses_degree
+    first = cp._ulysses_local_rank * heads
+    procs = {id(p): p for p in model.attn_processors.values() if hasattr(p, "_last")}
+    seen = 0
+    for proc in procs.values():
+        for layer, stats in proc._last.items():
+            assert stats is not None, f"{name}: layer {layer} did not run sparse under CP"
+            assert stats["first_head"] == first, f"{name}: first_head {stats['first_head']} != {first}"
+            local = stats["block_mask"][0].cpu()
+            assert torch.equal(local, expected_masks[layer][first : first + heads]), (
+                f"{name}: layer {layer} block masks of heads {first}..{first + heads - 1} differ"
+            )
+            seen += 1
+    assert seen == len(expected_masks), f"{name}: {seen} sparse layers under CP, {len(expected_masks)} alone"
+    for row in gathered_layer_stats(model):
+        assert torch.equal(row["block_mask"], expected_masks[row["layer"]]), f"{name}: gathered masks differ"
+        assert abs(row["density"] - expected_density[row["layer"]]) < 1e-6, (
+            f"{name}: gathered density differs"
         )
-        for row in gathered_layer_stats(model):
-            assert torch.equal(row["block_mask"], expected_masks[row["layer"]]), (
-                f"{name}: gathered masks differ"
-            )
-            assert abs(row["density"] - expected_density[row["layer"]]) < 1e-6, (
-                f"{name}: gathered density differs"
-            )
     report(name, f"mode={mode} err={err:.2e} layers={len(expected_masks)}")
 
 
@@ -352,20 +347,21 @@ def _ring_dense(model, inputs, name: str) -> None:
     (config,) = enable(model, _ring_mode())
     cp = config.context_parallel_config
     err = check(f"{name} ({_ring_mode()})", forward(model, inputs), expected)
-    assert any("the sparse methods run under Ulysses only" in m for m in records.messages), records.messages
+    assert any("this sparse call runs under Ulysses only" in m for m in records.messages), records.messages
     assert fastgen.attention_stats(model) == []
     logging.getLogger("fastgen").removeHandler(records)
     report(name, f"mode={_ring_mode()} ulysses={cp.ulysses_degree} ring={cp.ring_degree} err={err:.2e}")
 
 
 def wan_ring() -> None:
-    """Ring (2 ranks) / unified (4 ranks: 2x2): fastgen's Wan processor runs the logged dense
-    all-gather-K/V form (exact with any backend, no LSE needed) = single-process dense."""
-    _ring_dense(tiny_wan(), wan_inputs(), "wan_ring")
+    """Ring (2 ranks) / unified (4 ranks: 2x2): Rectified SpaAttn on Wan for the rank's query rows over
+    all-gathered keys, no LSE merge; output, per-head masks and statistics equal the single process."""
+    _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_ring", _ring_mode())
 
 
 def hunyuan_ring() -> None:
-    """The same for HunyuanVideo with padded text (keys put in [V; T] order for the model's mask)."""
+    """HunyuanVideo (padded text) under ring / unified: the logged dense all-gather-K/V form (exact with
+    any backend, no LSE needed, keys in [V; T] order for the model's mask) = single-process dense."""
     _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring")
 
 

@@ -60,9 +60,9 @@ def test_two_ranks_guards_and_dense_fallbacks():
     """2 ranks: heads not divisible by U, tokens not divisible by P and HunyuanVideo token_replace
     raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
     and, without a global grid, runs dense with a log line, equal to the single process; a
-    per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring (sparse methods
-    are Ulysses-only): fastgen's processors run the logged all-gather-K/V dense form, equal to the
-    single process for Wan and for HunyuanVideo with padded text. Causal Wan (Self-Forcing pipeline):
+    per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring: Rectified SpaAttn
+    on Wan for the rank's query rows over all-gathered keys (output, masks, statistics equal the
+    single process), HunyuanVideo the logged all-gather-K/V dense form, exact with padded text. Causal Wan (Self-Forcing pipeline):
     latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
     window, causal processors installed before or after enable_parallelism, cache split over ranks."""
     run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "causal")

@@ -15,9 +15,11 @@ through this module when ``processor._parallel_config`` is set:
   exchanged back. Recorded statistics carry ``first_head`` (the global index of the rank's first
   head); :func:`gathered_layer_stats` assembles every head's.
 - **Ring** (``ring_degree=R``) and unified (both > 1): diffusers' ring all-gathers K/V on every
-  rank; the dense fallback here does the same (K/V all-gathered over the ``ring`` group, local
-  queries attend to every key, no log-sum-exp merge, exact) so it runs with any backend, masks
-  included. The sparse method has no local-query form yet: ring runs dense with a log line.
+  rank, so the exact sparse equivalent needs no log-sum-exp merge. Wan: q, k, v of the ring group
+  are all-gathered, the selection runs on the whole sequence (the single-process one) and the
+  plan runs only for the query blocks holding the rank's tokens (forms ``"exact"``/``"none"``).
+  HunyuanVideo (text tokens) and ``form="paper"`` run dense with a log line, in the same
+  all-gather-K/V form (local queries against every key, exact with any backend, masks included).
 - **HunyuanVideo** (plan in :mod:`fastgen.processors.context_parallel_plans`): rank ``r`` holds
   ``[V_r; T_r]`` (its video share, then its text share), so after the exchange the sequence is
   ``[V_0, T_0, V_1, T_1, ...]``; it is put in the model's ``[V; T]`` order (where the padding mask
@@ -175,12 +177,13 @@ def reinterleave(x: torch.Tensor, n_text_share: int, world: int) -> torch.Tensor
 # ------------------------------------------------------------------------------ decisions
 
 
-def _unsupported(layout: ContextParallelLayout) -> str | None:
-    """Why the sparse path cannot run under this layout (None: it can)."""
+def _unsupported(layout: ContextParallelLayout, ring_ok: bool = False) -> str | None:
+    """Why the sparse path cannot run under this layout (None: it can); ``ring_ok``: the caller has a
+    ring form for this call."""
     if layout.uneven:
         return "diffusers' ulysses_anything / ring_anything modes (uneven token shares) are not served sparse"
-    if layout.ring > 1:
-        return f"ring_degree={layout.ring}: the sparse methods run under Ulysses only"
+    if layout.ring > 1 and not ring_ok:
+        return f"ring_degree={layout.ring}: this sparse call runs under Ulysses only"
     return None
 
 
@@ -223,8 +226,9 @@ def wan_self_attention(processor, layer: int, step: int, grid, query, key, value
     _, s_local, heads, head_dim = query.shape
     _check_heads(layout, heads)
     n_tokens = s_local * layout.world
+    ring_ok = processor.config.form in RING_FORMS
     reason = (
-        _unsupported(layout)
+        _unsupported(layout, ring_ok)
         or processor.sparse_reason(layer, step, n_tokens, head_dim)
         or _grid_reason(grid, n_tokens)
     )
@@ -232,9 +236,72 @@ def wan_self_attention(processor, layer: int, step: int, grid, query, key, value
         processor.fallback(f"{reason} (context parallelism)")
         return _dense(processor, layout, query, key, value)
     q, k, v = (heads_to_sequence(t, layout) for t in (query, key, value))
-    out = processor.sparse(layer, q, k, v, grid=tuple(grid))
+    if layout.ring > 1:
+        out = _ring_sparse(processor, layer, q, k, v, tuple(grid), layout)
+    else:
+        out = processor.sparse(layer, q, k, v, grid=tuple(grid))
     _note_heads(processor, layer, layout.ulysses_rank * (heads // layout.ulysses))
     return sequence_to_heads(out, layout)
+
+
+RING_FORMS = ("exact", "none")
+"""Rectified SpaAttn forms served under ring (row-wise per query block; ``"paper"`` runs dense)."""
+
+
+def _ring_sparse(processor, layer: int, q, k, v, grid, layout: ContextParallelLayout) -> torch.Tensor:
+    """Rectified SpaAttn for the ring rank's query rows ``[B, S/R, h, D]`` over every key, exact (no
+    log-sum-exp merge): q, k, v are all-gathered over the ring (diffusers' ring gathers K/V the same
+    way), the selection runs on the whole sequence (the single-process selection), and the plan is
+    executed for the query blocks that hold this rank's tokens only."""
+    from dataclasses import replace
+
+    from fastgen.attention.plan import execute_plan
+    from fastgen.attention.rectified import _summary, plan_rectified
+
+    config = processor.config
+    share = q.shape[1]
+    q_all, k_all, v_all = (gather_ring(t, layout).transpose(1, 2) for t in (q, k, v))  # [B, h, S, D]
+    call = plan_rectified(q_all, k_all, v_all, config, grid=grid)
+    blocks, rows = _ring_rows(
+        processor, call.token_index, share * layout.ring, config.block_size, share, layout
+    )
+    plan = call.plan
+    sub = replace(
+        plan,
+        q_len=blocks.numel() * config.block_size,
+        block_indices=plan.block_indices.index_select(2, blocks).contiguous(),
+        block_counts=plan.block_counts.index_select(2, blocks).contiguous(),
+        extra_visible=None if plan.extra_visible is None else plan.extra_visible.index_select(2, blocks),
+    )
+    qp = call.qp.unflatten(2, (-1, config.block_size)).index_select(2, blocks).flatten(2, 3)
+    out = execute_plan(qp, call.kp, call.vp, sub, scale=call.scale)  # [B, h, blocks*bs, D]
+    if processor.record_stats != "off":
+        stats = _summary(call.selection, call.plan, 0)
+        kept = ("density", "compensated_fraction", "keys_per_query", "head_density")
+        if processor.record_stats == "masks":
+            kept += ("block_mask", "compensated_mask")
+        processor._last[layer] = {name: stats[name] for name in kept}
+    return out.index_select(2, rows).transpose(1, 2)  # [B, S/R, h, D]
+
+
+def _ring_rows(processor, token_index, n_video: int, block_size: int, share: int, layout):
+    """Query blocks (in the selection's reordered order) that hold the ring rank's tokens, and the row of
+    each of its tokens in those blocks; computed once per geometry (one host read) and cached on the
+    processor."""
+    key = (n_video, block_size, share, layout.ring_rank, token_index.device)
+    cache = processor.__dict__.setdefault("_fastgen_ring_rows", {})
+    if key not in cache:
+        index = token_index[:n_video].cpu()
+        start = layout.ring_rank * share
+        position = torch.empty(n_video, dtype=torch.long)
+        position[index] = torch.arange(n_video)  # reordered position of each source token
+        local = position[start : start + share]
+        blocks = torch.unique(local // block_size)  # sorted
+        slot = torch.full((int(blocks.max()) + 1,), -1, dtype=torch.long)
+        slot[blocks] = torch.arange(blocks.numel())
+        rows = slot[local // block_size] * block_size + local % block_size
+        cache[key] = (blocks.to(token_index.device), rows.to(token_index.device))
+    return cache[key]
 
 
 def _dense(processor, layout, query, key, value, mask=None) -> torch.Tensor:
