@@ -168,7 +168,7 @@ def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
         f"{name}: the sparse run is no different from dense"
     )
     expected_masks = _masks(model)
-    expected_density = {row["layer"]: row["density"] for row in fastgen.attention_stats(model)}
+    expected_rows = {row["layer"]: row for row in fastgen.attention_stats(model)}
     reset_step_tracking(model)
     (config,) = enable(model, mode)
     err = check(f"{name} output", forward(model, inputs), expected)
@@ -189,9 +189,9 @@ def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
     assert seen == len(expected_masks), f"{name}: {seen} sparse layers under CP, {len(expected_masks)} alone"
     for row in gathered_layer_stats(model):
         assert torch.equal(row["block_mask"], expected_masks[row["layer"]]), f"{name}: gathered masks differ"
-        assert abs(row["density"] - expected_density[row["layer"]]) < 1e-6, (
-            f"{name}: gathered density differs"
-        )
+        for stat in ("density", "keys_per_query", "compensated_fraction"):
+            want = expected_rows[row["layer"]][stat]
+            assert abs(row[stat] - want) <= 1e-6 * max(1.0, abs(want)), f"{name}: gathered {stat} differs"
     report(name, f"mode={mode} err={err:.2e} layers={len(expected_masks)}")
 
 

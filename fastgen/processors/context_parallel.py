@@ -190,8 +190,8 @@ def _unsupported(layout: ContextParallelLayout, ring_ok: bool = False) -> str | 
 def _grid_reason(grid, n_video: int) -> str | None:
     if grid is None:
         return (
-            "the global video grid is unknown under context parallelism (the rank's RoPE slice is not "
-            "used; install with fastgen.apply_sparse_attention or register a step tracker)"
+            "the global video grid is unknown (the rank's RoPE slice is not used; install with "
+            "fastgen.apply_sparse_attention or register a step tracker)"
         )
     if grid[0] * grid[1] * grid[2] != n_video:
         return f"the tracked grid {tuple(grid)} does not match the {n_video} video tokens"
@@ -450,10 +450,11 @@ def unsplit_rope_forward(module: torch.nn.Module, forward, hook_name: str):
 
 def gathered_layer_stats(model: torch.nn.Module) -> list[dict]:
     """Per-layer statistics of every head under Ulysses: each rank's :func:`fastgen.attention_stats`
-    rows joined over the Ulysses group (a collective: call it on every rank). ``density`` is the
-    mean over heads (every head has the same valid blocks), ``head_density`` and ``block_mask``
-    (when recorded) are concatenated in global head order. Without context parallelism: the plain
-    statistics."""
+    rows joined over the Ulysses group (a collective: call it on every rank). Every head has the same
+    valid blocks and every rank the same number of heads, so ``density`` and ``keys_per_query`` are
+    the means over ranks, ``compensated_fraction`` is weighted by each rank's dropped blocks, and
+    ``block_mask`` (when recorded) is concatenated in global head order: the single-process values.
+    Without context parallelism (or without Ulysses): the plain statistics."""
     import torch.distributed as dist
 
     from fastgen.attention_stats import attention_stats
@@ -466,13 +467,22 @@ def gathered_layer_stats(model: torch.nn.Module) -> list[dict]:
     dist.all_gather_object(gathered, rows, group=layout.ulysses_group)
     out = []
     for per_rank in zip(*gathered, strict=True):
-        first = dict(per_rank[0])
-        first["density"] = sum(r["density"] for r in per_rank) / len(per_rank)
-        for name in ("head_density", "block_mask"):
-            parts = [r.get(name) for r in per_rank]
-            if all(p is not None for p in parts):
-                first[name] = torch.cat(parts, dim=0)
-        out.append(first)
+        row = dict(per_rank[0])
+        row["density"] = sum(r["density"] for r in per_rank) / len(per_rank)
+        if all(r.get("keys_per_query") is not None for r in per_rank):
+            row["keys_per_query"] = sum(r["keys_per_query"] for r in per_rank) / len(per_rank)
+        if all(r.get("compensated_fraction") is not None for r in per_rank):
+            dropped = [1.0 - r["density"] for r in per_rank]
+            total = sum(dropped)
+            row["compensated_fraction"] = (
+                sum(r["compensated_fraction"] * d for r, d in zip(per_rank, dropped, strict=True)) / total
+                if total > 0
+                else 0.0
+            )
+        masks = [r.get("block_mask") for r in per_rank]
+        if all(m is not None for m in masks):
+            row["block_mask"] = torch.cat(masks, dim=0)
+        out.append(row)
     return out
 
 
