@@ -154,7 +154,7 @@ def _masks(model) -> dict[int, torch.Tensor]:
     return {row["layer"]: row["block_mask"] for row in fastgen.attention_stats(model)}
 
 
-def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
+def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses", apply_after: bool = False) -> None:
     import fastgen
     from fastgen.hooks import reset_step_tracking
     from fastgen.processors.context_parallel import gathered_layer_stats
@@ -170,7 +170,13 @@ def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses") -> None:
     expected_masks = _masks(model)
     expected_rows = {row["layer"]: row for row in fastgen.attention_stats(model)}
     reset_step_tracking(model)
-    (config,) = enable(model, mode)
+    if apply_after:  # fastgen installed after enable_parallelism: the processors copy its config
+        fastgen.remove_sparse_attention(model)
+        (config,) = enable(model, mode)
+        fastgen.apply_sparse_attention(model, sparse_config())
+        fastgen.record_attention_stats(model, "masks")
+    else:
+        (config,) = enable(model, mode)
     err = check(f"{name} output", forward(model, inputs), expected)
     cp = config.context_parallel_config
     heads = model.config.num_attention_heads // cp.ulysses_degree
@@ -226,7 +232,8 @@ def hunyuan_sparse() -> None:
 
 def wan_i2v_sparse() -> None:
     """Wan 2.1 I2V (image tokens before the 512 text tokens of the cross-attention context): the
-    image tokens never enter self-attention, cross-attention stays local; sparse under CP exact."""
+    image tokens never enter self-attention, cross-attention stays local; sparse under CP exact,
+    with fastgen applied after enable_parallelism."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(1)
@@ -248,7 +255,7 @@ def wan_i2v_sparse() -> None:
     g = torch.Generator().manual_seed(5)
     inputs["encoder_hidden_states"] = torch.randn(2, 512, 16, generator=g)
     inputs["encoder_hidden_states_image"] = torch.randn(2, 6, 16, generator=g)
-    _sparse_under_cp(model, inputs, "wan_i2v_sparse")
+    _sparse_under_cp(model, inputs, "wan_i2v_sparse", apply_after=True)
 
 
 class _Records(logging.Handler):
