@@ -72,8 +72,8 @@ class HunyuanMaskOrderHook(_model_hook_base()):
 
     def __init__(self, parallel_config) -> None:
         super().__init__()
-        self.parallel_config = parallel_config
-        """diffusers ``ParallelConfig`` of the model (its mesh gives the context-parallel size)."""
+        self.world = context_parallel_layout(parallel_config).world
+        """Context-parallel size P (from the config's mesh)."""
         self._order: dict[tuple, torch.Tensor] = {}
 
     def pre_forward(self, module, *args, **kwargs):
@@ -89,7 +89,7 @@ class HunyuanMaskOrderHook(_model_hook_base()):
             or isinstance(module.processor, RectifiedProcessorBase)
         ):
             return args, kwargs
-        world = context_parallel_layout(self.parallel_config).world
+        world = self.world
         n_video, n_text = hidden.shape[1] * world, text.shape[1] * world
         if mask.shape[-1] != n_video + n_text:
             return args, kwargs
