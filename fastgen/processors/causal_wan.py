@@ -453,6 +453,10 @@ class CausalWanSelfAttnProcessor(_CausalProcessorBase):
                 "generation attends block-causally over its KV cache and cannot honour a mask (it would run "
                 "non-causal and skip the cache write); allowed: attention_mask=None"
             )
+        if session is not None and self._parallel_config is not None:
+            from .context_parallel import causal_self_attention  # [context parallel] Ulysses chunk exchange
+
+            return causal_self_attention(self, attn, session, hidden_states, rotary_emb)
         query, key, value = projections(attn, hidden_states, None)
         query = norm_rope(attn.norm_q, query, attn.heads, rotary_emb)
         raw_keys = session is not None and session.rope_positions == "window" and attention_mask is None
@@ -557,6 +561,9 @@ def _rope_hook_class():
             forward = self.fn_ref.original_forward
             if session is None or session.chunk_index < 0:
                 return forward(hidden_states, *args, **kwargs)
+            from .context_parallel import unsplit_rope_forward  # [context parallel] whole table in any order
+
+            forward = unsplit_rope_forward(module, forward, ROPE_HOOK_NAME)
             b, c, f, h, w = hidden_states.shape
             p_t, p_h, p_w = module.patch_size
             offset = session.query_position * p_t

@@ -116,11 +116,13 @@ class HunyuanVideoRectifiedProcessor(RectifiedProcessorBase):
     def _joint_attention(self, attn, query, key, value, attention_mask, n_text, rotary) -> torch.Tensor:
         layer = self._layer_index(attn)
         step, grid = self._step_and_grid(layer)
+        if self._parallel_config is not None:  # [context parallel] token shares: see context_parallel.py
+            from .context_parallel import hunyuan_joint_attention
+
+            return hunyuan_joint_attention(self, layer, step, grid, query, key, value, attention_mask, n_text)
         batch, n_tokens, _, head_dim = query.shape
         reason = self.sparse_reason(layer, step, n_tokens - n_text, head_dim)
         padding = None
-        if reason is None and self._parallel_config is not None:
-            reason = "context parallelism is enabled"
         if reason is None:
             try:
                 padding = key_padding_from_attention_mask(attention_mask, batch, n_tokens)

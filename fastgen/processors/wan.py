@@ -178,10 +178,12 @@ class WanRectifiedProcessor(RectifiedProcessorBase):
     def _self_attention(self, attn, query, key, value, rotary_emb) -> torch.Tensor:
         layer = self._layer_index(attn)
         step, grid = self._step_and_grid(layer)
+        if self._parallel_config is not None:  # [context parallel] token shares: see context_parallel.py
+            from .context_parallel import wan_self_attention
+
+            return wan_self_attention(self, layer, step, grid, query, key, value)
         n_tokens, head_dim = query.shape[1], query.shape[-1]
         reason = self.sparse_reason(layer, step, n_tokens, head_dim)
-        if reason is None and self._parallel_config is not None:
-            reason = "context parallelism is enabled"
         if reason is not None:
             self.fallback(reason)
             return self.dense(query, key, value, None, self._parallel_config)

@@ -1,0 +1,181 @@
+"""fastgen's sparse attention under diffusers' context parallelism (CPU, gloo, torchrun).
+
+The multi-rank tests launch ``tests/cp_worker.py`` under ``python -m torch.distributed.run`` with 2
+(default run) or 4 ranks (slow): every rank compares its context-parallel output, per-head block
+masks and statistics with the single-process run it computed itself (fp32, relative error < 1e-5).
+diffusers 0.42 divides by ``torch.accelerator.device_count()`` (0 on CPU-only torch) when it
+resolves the parallel config; the worker, not the library, makes it return 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgen.processors.context_parallel import deinterleave, interleaved_order, reinterleave
+from fastgen.processors.context_parallel_plans import (
+    ContextParallelGuardHook,
+    degrees,
+    enable_context_parallel,
+)
+
+WORKER = Path(__file__).with_name("cp_worker.py")
+
+
+def run_worker(ranks: int, *scenarios: str, timeout: int = 600) -> str:
+    """Run the worker's scenarios on ``ranks`` gloo ranks; its output (fails with it on a non-zero exit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), *scenarios],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=WORKER.parent.parent,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    for name in scenarios:
+        assert f"CP-OK {name} " in output, output[-6000:]
+    return output
+
+
+# ------------------------------------------------------------------------- multi-rank (torchrun)
+
+
+def test_two_ranks_ulysses_dense_and_sparse_equal_single_process():
+    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan (output, masks of the rank's global heads,
+    gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
+    (4): the plain plan is measurably wrong, fastgen's plan exact; HunyuanVideo sparse exact."""
+    run_worker(2, "wan_dense", "wan_sparse", "hunyuan_dense", "hunyuan_sparse")
+
+
+def test_two_ranks_guards_and_dense_fallbacks():
+    """2 ranks: heads not divisible by U, tokens not divisible by P and HunyuanVideo token_replace
+    raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
+    and, without a global grid, runs dense with a log line, equal to the single process; a
+    per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring: Rectified SpaAttn
+    on Wan for the rank's query rows over all-gathered keys (output, masks, statistics equal the
+    single process), HunyuanVideo the logged all-gather-K/V dense form, exact with padded text. Causal Wan (Self-Forcing pipeline):
+    latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
+    window, causal processors installed before or after enable_parallelism, cache split over ranks."""
+    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "causal")
+
+
+@pytest.mark.slow
+def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
+    """The same at 4 ranks (one head per rank, text share 2), plus Wan I2V, the guards and unified
+    (Ulysses 2 x ring 2)."""
+    run_worker(
+        4,
+        "wan_dense",
+        "wan_sparse",
+        "wan_i2v_sparse",
+        "hunyuan_dense",
+        "hunyuan_sparse",
+        "guards",
+        "hunyuan_query_mask",
+        "wan_ring",
+        "hunyuan_ring",
+        "causal",
+        "causal_light_forcing",
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_wan_i2v_and_light_forcing():
+    """Wan 2.1 I2V (image tokens in the cross-attention context) sparse under Ulysses, exact; Light
+    Forcing on the causal Wan under Ulysses: latents and the rank's per-head masks equal."""
+    run_worker(2, "wan_i2v_sparse", "causal_light_forcing")
+
+
+# --------------------------------------------------------------------------- single process
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_interleave_round_trip_and_order(world):
+    """deinterleave puts [V_0,T_0,V_1,T_1,...] into [V; T] order (the order interleaved_order
+    describes), reinterleave undoes it exactly; batch > 1 and trailing dims kept."""
+    n_video, n_text = 12 * world, 3 * world
+    canonical = torch.randn(2, n_video + n_text, 3, 5)
+    order = interleaved_order(n_video, n_text, world)
+    assert sorted(order.tolist()) == list(range(n_video + n_text))
+    exchanged = canonical[:, order]
+    assert torch.equal(deinterleave(exchanged, n_text // world, world), canonical)
+    assert torch.equal(reinterleave(canonical, n_text // world, world), exchanged)
+    if world > 1:
+        assert not torch.equal(exchanged, canonical)
+
+
+def test_degrees_and_their_errors():
+    """Mode/degree resolution, and one clear error naming the value for what is not allowed."""
+    assert degrees("ulysses", 4, heads=12) == (4, 1)
+    assert degrees("ring", 4, heads=3) == (1, 4)
+    assert degrees("unified", 8, heads=12) == (4, 2)
+    assert degrees("unified", 8, heads=12, ulysses_degree=2) == (2, 4)
+    with pytest.raises(ValueError, match="mode='sideways'.*allowed: ulysses, ring, unified"):
+        degrees("sideways", 2, heads=4)
+    with pytest.raises(ValueError, match="5 attention heads are not divisible by ulysses_degree=2"):
+        degrees("ulysses", 2, heads=5)
+    with pytest.raises(ValueError, match="degree=1 is not allowed"):
+        degrees("ulysses", 1, heads=4)
+    with pytest.raises(ValueError, match="ulysses_degree=3 is not allowed for unified over 8"):
+        degrees("unified", 8, heads=12, ulysses_degree=3)
+    with pytest.raises(ValueError, match="no Ulysses degree"):
+        degrees("unified", 4, heads=3)
+
+
+def test_enable_refuses_unsupported_model_and_missing_process_group():
+    """A model fastgen has no plan for, and a call outside torchrun, fail with one clear line."""
+    with pytest.raises(ValueError, match="Linear is not supported; allowed: WanTransformer3DModel"):
+        enable_context_parallel(torch.nn.Linear(2, 2), "ulysses")
+    sys.path.insert(0, str(WORKER.parent))
+    from cp_worker import tiny_wan
+
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        enable_context_parallel(tiny_wan(), "ulysses")
+
+
+def test_token_share_guard_names_grid_and_size():
+    """Tokens not divisible by the context-parallel size: a ValueError before diffusers' sharder."""
+    sys.path.insert(0, str(WORKER.parent))
+    from cp_worker import tiny_hunyuan, tiny_wan, wan_inputs
+
+    guard = ContextParallelGuardHook(4)
+    inputs = wan_inputs(grid=(3, 3, 5))  # 45 tokens
+    with pytest.raises(
+        ValueError, match=r"grid \(3, 3, 5\) has 45 tokens, not divisible by the context-parallel size 4"
+    ):
+        guard.pre_forward(tiny_wan(), **inputs)
+    guard.pre_forward(tiny_wan(), **wan_inputs(grid=(4, 3, 5)))  # 60 tokens: fine
+    text = torch.zeros(1, 6, 16)
+    with pytest.raises(ValueError, match="6 text tokens are not divisible by the context-parallel size 4"):
+        guard.pre_forward(
+            tiny_hunyuan(), hidden_states=torch.zeros(1, 4, 4, 4, 4), encoder_hidden_states=text
+        )
+
+
+@pytest.mark.slow
+def test_bench_cp_runs_and_checks_its_outputs(tmp_path):
+    """``fastgen.bench.context_parallel`` under torchrun (2 ranks, tiny): the report has both ratios and
+    the communication share, and the sparse CP outputs equal the single-process ones (no timing checked)."""
+    import json
+
+    report = tmp_path / "cp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "fastgen.bench.context_parallel", "--tokens", "1024", "--heads", "2", "--rounds", "1"]
+    proc = subprocess.run([*cmd, "--json", str(report)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    result = json.loads(report.read_text())
+    assert result["world"] == 2 and 0 < result["density"] < 1
+    assert result["max_rel_err_vs_single"] < 1e-5
+    assert 0 < result["cp"]["sparse"]["communication_share"] < 1
+    assert {"cp_attention_ratio", "cp_total_ratio", "within_10_percent"} <= set(result)
+    assert "ratio sparse/dense under CP" in proc.stdout
