@@ -47,9 +47,16 @@ def apply_sparse_attention(model, config):
     replaces the previous method. Returns ``model``.
 
     Example:
+        >>> import torch
+        >>> from diffusers import WanPipeline
+        >>> from diffusers.utils import export_to_video
         >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
+        >>> pipe = WanPipeline.from_pretrained(
+        ...     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16
+        ... ).to("cuda")
         >>> apply_sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8))
         >>> video = pipe(prompt="a cat surfing", num_inference_steps=50).frames[0]
+        >>> export_to_video(video, "cat.mp4", fps=16)
     """
     if is_pipeline(model):
         return apply_to_pipeline(model, config)
@@ -102,7 +109,15 @@ def _apply_to_model(model: torch.nn.Module, config) -> torch.nn.Module:
 
 def remove_sparse_attention(model):
     """Restore the attention ``model`` (a model or a pipeline) had before :func:`apply_sparse_attention`
-    (a no-op if none). An attention backend set with ``set_attention_backend`` meanwhile is kept."""
+    (a no-op if none). An attention backend set with ``set_attention_backend`` meanwhile is kept.
+
+    Example:
+        >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
+        >>> apply_sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8))
+        >>> sparse_video = pipe(prompt="a cat surfing").frames[0]
+        >>> remove_sparse_attention(pipe)  # diffusers' own processors again, exactly
+        >>> dense_video = pipe(prompt="a cat surfing").frames[0]
+    """
     if is_pipeline(model):
         return remove_from_pipeline(model)
     return _remove_from_model(model)
@@ -232,6 +247,8 @@ def sparse_attention(model, config) -> Iterator:
     restores the original attention afterwards, also when the block raises.
 
     Example:
+        >>> import fastgen
+        >>> from fastgen import RectifiedSpaAttnConfig
         >>> with fastgen.sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8)):
         ...     video = pipe(prompt="a red fox in snow").frames[0]
     """

@@ -42,7 +42,15 @@ def _processors(model: torch.nn.Module) -> list:
 
 def attention_stats(model: torch.nn.Module) -> list[dict]:
     """Per-layer statistics of the last sparse call of every fastgen processor on ``model``, sorted
-    by layer (empty when recording is off or nothing ran sparse)."""
+    by layer (empty when recording is off or nothing ran sparse).
+
+    Example:
+        >>> import fastgen
+        >>> fastgen.apply_sparse_attention(pipe, fastgen.RectifiedSpaAttnConfig(sparsity=0.8))
+        >>> video = pipe(prompt="a red fox running through snow").frames[0]
+        >>> rows = fastgen.attention_stats(pipe.transformer)
+        >>> [(row["layer"], float(row["density"])) for row in rows]  # one row per sparse layer
+    """
     rows = []
     for proc in _processors(model):
         rows.extend(proc.layer_stats())
@@ -51,7 +59,15 @@ def attention_stats(model: torch.nn.Module) -> list[dict]:
 
 def record_attention_stats(model: torch.nn.Module, level: str = "summary") -> dict[int, str]:
     """Set the recording level of every fastgen processor on ``model``; returns the previous levels
-    (by processor id) for :func:`recording_attention_stats` to restore."""
+    (by processor id) for :func:`recording_attention_stats` to restore.
+
+    ``level`` is ``"off"`` (keep nothing), ``"summary"`` (0-dim device tensors per layer) or
+    ``"masks"`` (also the block masks).
+
+    Example:
+        >>> import fastgen
+        >>> fastgen.record_attention_stats(pipe.transformer, "off")  # nothing kept from now on
+    """
     if level not in LEVELS:
         raise ValueError(f"level={level!r} is not allowed; allowed: {', '.join(map(repr, LEVELS))}")
     previous = {}
@@ -64,7 +80,14 @@ def record_attention_stats(model: torch.nn.Module, level: str = "summary") -> di
 @contextlib.contextmanager
 def recording_attention_stats(model: torch.nn.Module, level: str = "masks"):
     """Record at ``level`` inside the block, then restore each processor's previous level (the
-    recorded statistics stay readable after the block)."""
+    recorded statistics stay readable after the block).
+
+    Example:
+        >>> import fastgen
+        >>> with fastgen.recording_attention_stats(pipe.transformer, "masks"):
+        ...     video = pipe(prompt="a red fox running through snow").frames[0]
+        >>> mask = fastgen.attention_stats(pipe.transformer)[0]["block_mask"]  # bool [B, H, nqb, nkb]
+    """
     previous = record_attention_stats(model, level)
     try:
         yield model

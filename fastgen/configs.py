@@ -49,7 +49,21 @@ class _ConfigMixin:
 @dataclass(frozen=True)
 class RectifiedSpaAttnConfig(_ConfigMixin):
     """Rectified SpaAttn for bidirectional video DiTs (Wan, HunyuanVideo). Frozen: derive variants
-    with ``dataclasses.replace``."""
+    with ``dataclasses.replace``.
+
+    Example:
+        >>> import dataclasses
+        >>> from fastgen import RectifiedSpaAttnConfig
+        >>> config = RectifiedSpaAttnConfig(sparsity=0.8, dense_layers=1, warmup_steps=5)
+        >>> dataclasses.replace(config, sparsity=0.9).sparsity
+        0.9
+        >>> RectifiedSpaAttnConfig(sparsity=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: RectifiedSpaAttnConfig.sparsity=1.5 is out of range; allowed: [0.0, 1.0)
+
+        Then ``apply_sparse_attention(pipe, config)`` installs it on a Wan or HunyuanVideo pipeline.
+    """
 
     sparsity: float = 0.8
     """Fraction of key blocks dropped per query block, in [0, 1)."""
@@ -135,7 +149,18 @@ class RectifiedSpaAttnConfig(_ConfigMixin):
 
 @dataclass
 class LightForcingConfig(_ConfigMixin):
-    """Light Forcing for autoregressive (chunked, KV-cached) video diffusion."""
+    """Light Forcing for autoregressive (chunked, KV-cached) video diffusion.
+
+    Example:
+        >>> from fastgen import LightForcingConfig
+        >>> LightForcingConfig().sparsity, LightForcingConfig().sparsity_base
+        (0.88, 0.98)
+        >>> long = LightForcingConfig.long_video()  # the authors' long-video setting
+        >>> long.sparsity, long.keep_frames, long.keep_sink, long.keep_near
+        (0.85, 3, 1, 1)
+
+        Then ``apply_sparse_attention(pipe.transformer, config)`` on a ``CausalWanPipeline``.
+    """
 
     sparsity: float = 0.88
     """Target average sparsity over the video, in [0, 1)."""
@@ -187,7 +212,15 @@ class LightForcingConfig(_ConfigMixin):
 
 @dataclass
 class SparseDConfig(_ConfigMixin):
-    """SparseD for diffusion LMs: head-specific block patterns from a dense warm-up, then reused."""
+    """SparseD for diffusion LMs: head-specific block patterns from a dense warm-up, then reused.
+
+    Example:
+        >>> from fastgen import SparseDConfig
+        >>> SparseDConfig(skip=0.2, select=0.3, block_size=32)
+        SparseDConfig(skip=0.2, select=0.3, block_size=32)
+
+        Then ``DiffusionLMPipeline(...)(prompt=..., acceleration=[config])``.
+    """
 
     skip: float = 0.2
     """Fraction of all denoising steps run dense before the pattern is fixed, in [0, 1]."""
@@ -218,6 +251,15 @@ class WindowDiffusionConfig(_ConfigMixin):
 
     A field left ``None`` takes the model family's default (:data:`WINDOW_DIFFUSION_DEFAULTS`) when the
     pipeline runs; :meth:`resolved` does the same by hand.
+
+    Example:
+        >>> from fastgen import WindowDiffusionConfig
+        >>> WindowDiffusionConfig().resolved("llada")
+        WindowDiffusionConfig(window=64, active=16, refresh_cycle=32, sliding=False)
+        >>> WindowDiffusionConfig(active=8).resolved("dream")
+        WindowDiffusionConfig(window=128, active=8, refresh_cycle=32, sliding=True)
+
+        Then ``DiffusionLMPipeline(...)(prompt=..., acceleration=[config])``.
     """
 
     window: int | None = None

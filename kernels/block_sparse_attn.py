@@ -409,6 +409,16 @@ def block_mask_to_indices(
         mask), ``MAXK = max(counts)`` but at least 1; entries past ``counts`` are
         unselected key blocks and must not be read. ``counts`` int32 ``[B, H, NQB]``.
         Same layout as FlexAttention's ``BlockMask.from_kv_blocks(counts, indices)``.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import block_mask_to_indices
+        >>> mask = torch.tensor([[[[True, False, True], [False, True, False]]]])  # [1, 1, 2, 3]
+        >>> indices, counts = block_mask_to_indices(mask)
+        >>> counts.tolist()
+        [[[2, 1]]]
+        >>> indices[0, 0, 0, :2].tolist(), indices[0, 0, 1, :1].tolist()
+        ([0, 2], [1])
     """
     if block_mask.dim() != 4:
         raise ValueError(f"block_mask must be [B, H, NQB, NKB], got shape {tuple(block_mask.shape)}")

@@ -69,7 +69,22 @@ def allowed_num_frames(frames_per_chunk: int, temporal_factor: int = 4, up_to: i
 
 
 class CausalWanPipeline(DiffusionPipeline):
-    """Self-Forcing autoregressive text-to-video over a plain ``WanTransformer3DModel`` (module docstring)."""
+    """Self-Forcing autoregressive text-to-video over a plain ``WanTransformer3DModel`` (module docstring).
+
+    Example:
+        >>> import torch
+        >>> from diffusers.utils import export_to_video
+        >>> from fastgen import LightForcingConfig, apply_sparse_attention
+        >>> from fastgen.pipelines import CausalWanPipeline, load_self_forcing_checkpoint
+        >>> pipe = CausalWanPipeline.from_pretrained(
+        ...     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16
+        ... )
+        >>> load_self_forcing_checkpoint(pipe.transformer, "checkpoints/self_forcing_dmd.pt")
+        >>> pipe.to("cuda")
+        >>> apply_sparse_attention(pipe.transformer, LightForcingConfig())  # optional: Light Forcing
+        >>> video = pipe(prompt="a corgi surfing a wave", generator=torch.Generator().manual_seed(0)).frames[0]
+        >>> export_to_video(video, "corgi.mp4", fps=16)
+    """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     # every component is keyword-optional (prompt_embeds + latent output need only the transformer);

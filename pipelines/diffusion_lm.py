@@ -71,7 +71,13 @@ KNOWN_MASK_TOKEN_IDS = {"llada": 126336, "dream": 151666}
 
 @dataclass
 class DiffusionLMOutput:
-    """Result of :class:`DiffusionLMPipeline`."""
+    """Result of :class:`DiffusionLMPipeline`.
+
+    Example:
+        >>> out = pipe(prompt="Explain sparse attention.", gen_length=64, steps=64)
+        >>> out.texts[0]  # the generated text (with a tokenizer)
+        >>> generated_ids = out.sequences[:, out.prompt_length :]
+    """
 
     sequences: torch.LongTensor
     """``[B, P + gen_length]``: left-padded prompts followed by the generated tokens."""
@@ -187,6 +193,23 @@ class DiffusionLMPipeline:
             bidirectional 4D mask and left-padding-aware position ids; others get the 2D padding mask.
         tokenizer: optional; needed for ``prompt=`` strings and ``.texts``.
         mask_token_id: id of the mask token; inferred from the config / family / tokenizer when ``None``.
+
+    Example:
+        >>> import torch
+        >>> from fastgen import SparseDConfig, WindowDiffusionConfig
+        >>> from fastgen.pipelines import DiffusionLMPipeline
+        >>> from fastgen.pipelines.lm_loaders import load_diffusion_lm
+        >>> model, tokenizer, mask_id = load_diffusion_lm(
+        ...     "GSAI-ML/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16
+        ... )
+        >>> pipe = DiffusionLMPipeline(model, tokenizer, mask_token_id=mask_id)
+        >>> out = pipe(
+        ...     prompt="Explain sparse attention in one paragraph.",
+        ...     gen_length=256,
+        ...     steps=256,
+        ...     acceleration=[WindowDiffusionConfig(), SparseDConfig()],
+        ... )
+        >>> print(out.texts[0])
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, mask_token_id: int | None = None):

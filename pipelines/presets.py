@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Preset:
-    """One named, ready-to-run configuration."""
+    """One named, ready-to-run configuration.
+
+    Example:
+        >>> from fastgen.pipelines import get_preset
+        >>> preset = get_preset("tiny-wan-long")
+        >>> preset.kind, preset.builder
+        ('video', 'fastgen.pipelines.tiny_video:build_tiny_wan_long')
+    """
 
     name: str
     """Preset name used by ``load_preset`` and ``--preset``."""
@@ -68,16 +75,41 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+"""Every preset by name: the embedded defaults, tiny models built in code (no download).
+
+Example:
+    >>> from fastgen.pipelines import PRESETS
+    >>> sorted(name for name, preset in PRESETS.items() if preset.kind == "text")
+    ['tiny-llada', 'tiny-llada-kv']
+"""
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; a ``ValueError`` lists the allowed names otherwise."""
+    """The preset called ``name``; a ``ValueError`` lists the allowed names otherwise.
+
+    Example:
+        >>> from fastgen.pipelines import get_preset
+        >>> get_preset("tiny-llada-kv").kind
+        'text'
+        >>> get_preset("tiny-sora")
+        Traceback (most recent call last):
+        ...
+        ValueError: preset='tiny-sora' is unknown; allowed: ...
+    """
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
 
 def load_preset(name: str, **options):
-    """Build the pipeline of preset ``name`` (e.g. ``"tiny-wan"``, ``"tiny-llada"``)."""
+    """Build the pipeline of preset ``name`` (e.g. ``"tiny-wan"``, ``"tiny-llada"``).
+
+    Example:
+        >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
+        >>> from fastgen.pipelines import load_preset
+        >>> pipe = load_preset("tiny-wan")  # a diffusers WanPipeline with tiny random weights, on the CPU
+        >>> apply_sparse_attention(pipe, RectifiedSpaAttnConfig(sparsity=0.8, warmup_steps=1))
+        >>> video = pipe(prompt="a red fox running through snow", num_inference_steps=8).frames[0]
+    """
     module, function = get_preset(name).builder.split(":")
     return getattr(importlib.import_module(module), function)(**options)

@@ -131,6 +131,14 @@ def load_self_forcing_checkpoint(transformer, path: str | os.PathLike, use_ema: 
     Tensors are cast to the dtype of the parameter they fill (diffusers keeps some modules in fp32).
     Raises ``ValueError`` for a non-Wan transformer, a file without either top-level key, missing or
     unexpected keys, or tensors whose shapes say the config does not match.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.pipelines import CausalWanPipeline, load_self_forcing_checkpoint
+        >>> pipe = CausalWanPipeline.from_pretrained(
+        ...     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16
+        ... )
+        >>> load_self_forcing_checkpoint(pipe.transformer, "checkpoints/self_forcing_dmd.pt")  # generator_ema
     """
     from diffusers import WanTransformer3DModel
 

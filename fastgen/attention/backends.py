@@ -108,13 +108,25 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device``."""
+    """Names of the backends that can run on ``device``.
+
+    Example:
+        >>> from fastgen.attention import available_backends
+        >>> "torch" in available_backends("cpu")  # the plain PyTorch engine runs everywhere
+        True
+    """
     device = torch.device(device)
     return [name for name, spec in _SPECS.items() if spec.unsupported(device) is None]
 
 
 def set_default_backend(name: str | None) -> None:
-    """Force one backend for every later call (``None`` restores automatic choice)."""
+    """Force one backend for every later call (``None`` restores automatic choice).
+
+    Example:
+        >>> from fastgen.attention import set_default_backend
+        >>> set_default_backend("torch")  # every later call runs the plain PyTorch engine
+        >>> set_default_backend(None)  # automatic choice again
+    """
     global _default_backend
     if name is not None and name not in _SPECS:
         raise ValueError(f"backend={name!r} is unknown; allowed: {sorted(_SPECS)} or None")

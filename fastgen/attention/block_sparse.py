@@ -35,9 +35,18 @@ def block_sparse_attention(
         ``out`` ``[B, H, Nq, D]`` in q's dtype (and ``lse``). Query blocks with nothing selected give 0.
 
     Example:
-        >>> q = k = v = torch.randn(1, 2, 300, 64)
+        >>> import torch
+        >>> from fastgen.attention import block_sparse_attention, dense_attention
+        >>> q = k = v = torch.randn(1, 2, 300, 64)  # 3 blocks of 128, the last one partial
         >>> mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)
-        >>> out = block_sparse_attention(q, k, v, mask, block_size=128)  # == dense attention
+        >>> out = block_sparse_attention(q, k, v, mask, block_size=128)  # every tile: dense attention
+        >>> torch.allclose(out, dense_attention(q, k, v), atol=1e-5)
+        True
+        >>> diagonal = torch.eye(3, dtype=torch.bool).expand(1, 2, 3, 3)  # each block sees itself only
+        >>> out = block_sparse_attention(q, k, v, diagonal, block_size=128)
+        >>> first = slice(0, 128)
+        >>> torch.allclose(out[:, :, first], dense_attention(q[:, :, first], k[:, :, first], v[:, :, first]), atol=1e-5)
+        True
     """
     check_qkv(q, k, v)
     check_block_size(block_size)

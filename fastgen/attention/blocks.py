@@ -36,6 +36,14 @@ def block_token_counts(
     """Valid tokens per block.
 
     Returns ``[nb]`` (float32) without a mask, ``[B, nb]`` with a bool ``valid_mask`` ``[B, n]``.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import block_token_counts
+        >>> block_token_counts(300, 128)
+        tensor([128., 128.,  44.])
+        >>> block_token_counts(300, 128, torch.arange(300)[None] < 250)  # 50 padded tokens at the end
+        tensor([[128., 122.,   0.]])
     """
     check_block_size(block_size)
     if valid_mask is None:
@@ -58,6 +66,15 @@ def pool_blocks(
     Returns:
         ``pooled`` ``[B, H, nb, D]`` in fp32 (blocks with no valid token pool to 0) and ``counts``
         ``[B, nb]`` fp32 (valid tokens per block).
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import pool_blocks
+        >>> x = torch.ones(1, 1, 20, 4)
+        >>> x[:, :, 16:] = 3.0  # the second block (4 tokens) holds 3s
+        >>> pooled, counts = pool_blocks(x, 16)
+        >>> pooled[0, 0, :, 0].tolist(), counts.tolist()
+        ([1.0, 3.0], [[16.0, 4.0]])
     """
     check_block_size(block_size)
     b, h, n, d = x.shape
@@ -89,7 +106,13 @@ def pool_abs_deviation(
 
 
 def keep_count(sparsity: float, n_blocks: int) -> int:
-    """Number of key blocks kept per query block for a given sparsity (at least one)."""
+    """Number of key blocks kept per query block for a given sparsity (at least one).
+
+    Example:
+        >>> from fastgen.attention import keep_count
+        >>> keep_count(0.8, 10), keep_count(0.85, 10), keep_count(0.99, 10)
+        (2, 2, 1)
+    """
     check_sparsity(sparsity)
     return max(1, min(n_blocks, math.ceil((1.0 - float(sparsity)) * n_blocks - 1e-9)))
 
@@ -101,6 +124,12 @@ def select_topk_blocks(scores: torch.Tensor, k: int, valid: torch.Tensor | None 
         scores: ``[..., nq, nk]`` block scores (higher = more important).
         k: blocks kept per row (clamped to ``[1, nk]``).
         valid: optional bool broadcastable to ``scores``; invalid blocks are never selected.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import select_topk_blocks
+        >>> select_topk_blocks(torch.tensor([[0.1, 0.9, 0.5, 0.2]]), k=2)
+        tensor([[False,  True,  True, False]])
     """
     nk = scores.shape[-1]
     k = max(1, min(int(k), nk))
@@ -118,6 +147,12 @@ def select_cumulative_mass(probs: torch.Tensor, threshold: float) -> torch.Tenso
     """Bool mask of the fewest key blocks per row whose probability mass reaches ``threshold``.
 
     ``probs`` ``[..., nq, nk]`` are non-negative and sum to at most 1 per row. At least one block is kept.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import select_cumulative_mass
+        >>> select_cumulative_mass(torch.tensor([[0.5, 0.1, 0.3, 0.1]]), threshold=0.7)  # 0.5 + 0.3
+        tensor([[ True, False,  True, False]])
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r} is out of range; allowed: 0 < threshold <= 1")
@@ -129,7 +164,13 @@ def select_cumulative_mass(probs: torch.Tensor, threshold: float) -> torch.Tenso
 
 
 def default_tile(block_size: int) -> tuple[int, int, int]:
-    """A compact (frames, height, width) tile holding ``block_size`` tokens, e.g. 128 -> (2, 8, 8)."""
+    """A compact (frames, height, width) tile holding ``block_size`` tokens, e.g. 128 -> (2, 8, 8).
+
+    Example:
+        >>> from fastgen.attention import default_tile
+        >>> default_tile(128), default_tile(64)
+        ((2, 8, 8), (1, 8, 8))
+    """
     check_block_size(block_size)
     e = block_size.bit_length() - 1
     ew = min(3, -(-e // 2))
@@ -144,6 +185,11 @@ def tile_permutation(
 
     Tiles at the grid's far edges may be partial; the result is always a permutation of
     ``range(t*h*w)``. Use ``x[..., perm, :]`` to reorder and :func:`inverse_permutation` to undo.
+
+    Example:
+        >>> from fastgen.attention import tile_permutation
+        >>> tile_permutation((1, 4, 4), (1, 2, 2)).tolist()  # a 4 x 4 frame in 2 x 2 tiles
+        [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
     """
     t, h, w = grid
     tf, th, tw = tile
@@ -161,7 +207,17 @@ def tile_permutation(
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """Inverse of a permutation: ``x[perm][inverse_permutation(perm)] == x``."""
+    """Inverse of a permutation: ``x[perm][inverse_permutation(perm)] == x``.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import inverse_permutation
+        >>> perm = torch.tensor([2, 0, 1])
+        >>> inverse_permutation(perm)
+        tensor([1, 2, 0])
+        >>> torch.tensor([10, 20, 30])[perm][inverse_permutation(perm)]
+        tensor([10, 20, 30])
+    """
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv

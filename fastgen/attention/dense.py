@@ -28,6 +28,18 @@ def dense_attention(
     Returns:
         ``out`` ``[B, H, Nq, D]`` in q's dtype (and ``lse`` when asked). Rows with no valid key are 0
         with ``lse = -inf``.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import dense_attention
+        >>> q, k, v = torch.randn(3, 1, 2, 100, 32).unbind(0)  # [B, H, N, D] each
+        >>> out = dense_attention(q, k, v)
+        >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+        True
+        >>> real_keys = torch.arange(100)[None] < 90  # the last 10 keys are padding
+        >>> out, lse = dense_attention(q, k, v, key_padding_mask=real_keys, return_lse=True)
+        >>> out.shape, lse.shape
+        (torch.Size([1, 2, 100, 32]), torch.Size([1, 2, 100]))
     """
     check_qkv(q, k, v)
     check_key_padding_mask(key_padding_mask, k)

@@ -39,6 +39,16 @@ class SelectionPlan:
 
     Build one with :meth:`from_block_mask` (or directly from an index table); run it with
     :func:`~fastgen.attention.execute.execute_plan`.
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import SelectionPlan, dense_attention, execute_plan
+        >>> q, k, v = torch.randn(3, 1, 2, 40, 16).unbind(0)  # 3 blocks of 16, the last one partial
+        >>> plan = SelectionPlan.from_block_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool), 16, 40, 40)
+        >>> plan.block_counts.tolist()  # every query block keeps all 3 key blocks
+        [[[3, 3, 3], [3, 3, 3]]]
+        >>> torch.allclose(execute_plan(q, k, v, plan), dense_attention(q, k, v), atol=1e-5)
+        True
     """
 
     block_size: int

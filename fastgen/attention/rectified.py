@@ -739,9 +739,15 @@ def rectified_sparse_attention(
         gives an output of that layout), and the stats dict when ``return_stats``.
 
     Example:
-        >>> q = k = v = torch.randn(1, 2, 4 * 16 * 16 + 20, 64)
-        >>> out = rectified_sparse_attention(q, k, v, sparsity=0.8, block_size=64,
-        ...                                  num_text_tokens=20, grid=(4, 16, 16))
+        >>> import torch
+        >>> from fastgen.attention import rectified_sparse_attention
+        >>> q, k, v = torch.randn(3, 1, 2, 4 * 16 * 16 + 20, 64).unbind(0)  # 1024 video + 20 text tokens
+        >>> out, stats = rectified_sparse_attention(q, k, v, sparsity=0.8, block_size=64,
+        ...                                         num_text_tokens=20, grid=(4, 16, 16), return_stats=True)
+        >>> out.shape
+        torch.Size([1, 2, 1044, 64])
+        >>> 0.15 < float(stats["density"]) < 0.35  # about 1 - sparsity of the video key blocks computed
+        True
     """
     unknown = sorted(set(options) - set(_OP_OPTIONS))
     if unknown:
