@@ -55,6 +55,17 @@ def execute_plan(
 
     Returns:
         ``out`` ``[B, H, Nq, D]`` in q's dtype (and ``lse``).
+
+    Example:
+        >>> import torch
+        >>> from fastgen.attention import SelectionPlan, dense_attention, execute_plan
+        >>> q, k, v = torch.randn(3, 1, 2, 32, 16).unbind(0)
+        >>> diagonal = torch.eye(2, dtype=torch.bool).expand(1, 2, 2, 2)  # each block sees itself only
+        >>> plan = SelectionPlan.from_block_mask(diagonal, block_size=16, q_len=32, kv_len=32)
+        >>> out = execute_plan(q, k, v, plan, backend="torch")
+        >>> second = slice(16, 32)
+        >>> torch.allclose(out[:, :, second], dense_attention(q[:, :, second], k[:, :, second], v[:, :, second]), atol=1e-5)
+        True
     """
     check_qkv(q, k, v)
     check_plan(q, k, v, plan)
