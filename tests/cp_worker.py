@@ -123,11 +123,12 @@ def forward(model, inputs) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
 
-def sparse_config():
+def sparse_config(**fields):
     """Rectified SpaAttn from the first step and layer, small blocks (many per row)."""
     from fastgen import RectifiedSpaAttnConfig
 
-    return RectifiedSpaAttnConfig(sparsity=0.6, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=32)
+    base = dict(sparsity=0.6, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=32)
+    return RectifiedSpaAttnConfig(**{**base, **fields})
 
 
 def enable(model, mode: str = "ulysses", **kwargs):
@@ -347,7 +348,7 @@ def _ring_dense(model, inputs, name: str) -> None:
     import fastgen
 
     expected = forward(model, inputs)  # diffusers' own processors, one process
-    fastgen.apply_sparse_attention(model, sparse_config())
+    fastgen.apply_sparse_attention(model, sparse_config(form="paper"))  # no ring form: dense, logged
     records = _Records()
     logging.getLogger("fastgen").addHandler(records)
     logging.getLogger("fastgen").setLevel(logging.INFO)
@@ -360,6 +361,15 @@ def _ring_dense(model, inputs, name: str) -> None:
     report(name, f"mode={_ring_mode()} ulysses={cp.ulysses_degree} ring={cp.ring_degree} err={err:.2e}")
 
 
+def ring_dense() -> None:
+    """Ring / unified where the sparse call has no ring form (``form="paper"``): the logged dense
+    all-gather-K/V form (exact with any backend, no LSE needed; HunyuanVideo keys in [V; T] order for
+    the model's mask) equals the single-process dense output, Wan and HunyuanVideo (padded text)."""
+    _ring_dense(tiny_wan(), wan_inputs(), "ring_dense wan")
+    _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "ring_dense hunyuan")
+    report("ring_dense", f"mode={_ring_mode()}")
+
+
 def wan_ring() -> None:
     """Ring (2 ranks) / unified (4 ranks: 2x2): Rectified SpaAttn on Wan for the rank's query rows over
     all-gathered keys, no LSE merge; output, per-head masks and statistics equal the single process."""
@@ -367,9 +377,9 @@ def wan_ring() -> None:
 
 
 def hunyuan_ring() -> None:
-    """HunyuanVideo (padded text) under ring / unified: the logged dense all-gather-K/V form (exact with
-    any backend, no LSE needed, keys in [V; T] order for the model's mask) = single-process dense."""
-    _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring")
+    """HunyuanVideo (padded text) under ring / unified: Rectified SpaAttn for the rank's video blocks
+    and dense text rows over all-gathered keys in [V; T] order; output, masks, statistics equal."""
+    _sparse_under_cp(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring", _ring_mode())
 
 
 def causal_pipe(heads: int = 4):
@@ -472,6 +482,7 @@ SCENARIOS = {
     "causal_light_forcing": causal_light_forcing,
     "wan_ring": wan_ring,
     "hunyuan_ring": hunyuan_ring,
+    "ring_dense": ring_dense,
     "wan_i2v_sparse": wan_i2v_sparse,
     "guards": guards,
     "hunyuan_query_mask": hunyuan_query_mask,

@@ -61,11 +61,12 @@ def test_two_ranks_guards_and_dense_fallbacks():
     raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
     and, without a global grid, runs dense with a log line, equal to the single process; a
     per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring: Rectified SpaAttn
-    on Wan for the rank's query rows over all-gathered keys (output, masks, statistics equal the
-    single process), HunyuanVideo the logged all-gather-K/V dense form, exact with padded text. Causal Wan (Self-Forcing pipeline):
+    for the rank's query rows over all-gathered keys, Wan and HunyuanVideo with padded text (output,
+    masks, statistics equal the single process), and the logged dense all-gather-K/V form where the
+    sparse call has no ring form, exact. Causal Wan (Self-Forcing pipeline):
     latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
     window, causal processors installed before or after enable_parallelism, cache split over ranks."""
-    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "causal")
+    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "ring_dense", "causal")
 
 
 @pytest.mark.slow
@@ -83,6 +84,7 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "hunyuan_query_mask",
         "wan_ring",
         "hunyuan_ring",
+        "ring_dense",
         "causal",
         "causal_light_forcing",
     )
