@@ -295,6 +295,8 @@ def guards() -> None:
     expected = forward(model, inputs)
     enable(model)
     _raises(lambda: forward(model, odd), ValueError, "45 tokens, not divisible by the context-parallel size")
+    per_frame = dict(inputs, timestep=torch.full((2, 4), 900.0))  # [B, F]: would be split along frames
+    _raises(lambda: forward(model, per_frame), ValueError, "would be split along dim 1")
 
     records = _Records()
     logging.getLogger("fastgen").addHandler(records)
