@@ -291,7 +291,8 @@ def _ring_sparse(
         grid=grid,
         padded_video_keys=False if key_padding_mask is not None else None,
     )
-    blocks, rows = _ring_rows(processor, call.token_index, n_video, config.block_size, video_share, layout)
+    geometry = (tuple(grid), config.reorder, config.block_size)
+    blocks, rows = _ring_rows(processor, call.token_index, n_video, geometry, video_share, layout)
     plan = call.plan
     sub = replace(
         plan,
@@ -317,11 +318,12 @@ def _ring_sparse(
     return reinterleave(out, text_share, layout.ulysses) if text_share else out
 
 
-def _ring_rows(processor, token_index, n_video: int, block_size: int, share: int, layout):
+def _ring_rows(processor, token_index, n_video: int, geometry: tuple, share: int, layout):
     """Query blocks (in the selection's reordered order) that hold the ring rank's tokens, and the row of
-    each of its tokens in those blocks; computed once per geometry (one host read) and cached on the
-    processor."""
-    key = (n_video, block_size, share, layout.ring_rank, token_index.device)
+    each of its tokens in those blocks; computed once per geometry ``(grid, reorder, block_size)``
+    (one host read) and cached on the processor."""
+    block_size = geometry[-1]
+    key = (n_video, geometry, share, layout.ring_rank, token_index.device)
     cache = processor.__dict__.setdefault("_fastgen_ring_rows", {})
     if key not in cache:
         index = token_index[:n_video].cpu()
