@@ -378,6 +378,22 @@ def wan_ring() -> None:
     _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_ring", _ring_mode())
 
 
+def ring_two_grids() -> None:
+    """Ring sparse on two grids of the same token count, one after the other (the cached query rows
+    of one grid's tile order must not serve the other): both equal the single process."""
+    import fastgen
+    from fastgen.hooks import reset_step_tracking
+
+    model = tiny_wan()
+    fastgen.apply_sparse_attention(model, sparse_config())
+    grids = [(4, 6, 10), (4, 10, 6)]
+    expected = [forward(model, wan_inputs(grid=g)) for g in grids]
+    reset_step_tracking(model)
+    enable(model, _ring_mode())
+    errs = [check(f"ring grid {g}", forward(model, wan_inputs(grid=g)), e) for g, e in zip(grids, expected)]
+    report("ring_two_grids", f"mode={_ring_mode()} err={max(errs):.2e}")
+
+
 def hunyuan_ring() -> None:
     """HunyuanVideo (padded text) under ring / unified: Rectified SpaAttn for the rank's video blocks
     and dense text rows over all-gathered keys in [V; T] order; output, masks, statistics equal."""
@@ -485,6 +501,7 @@ SCENARIOS = {
     "wan_ring": wan_ring,
     "hunyuan_ring": hunyuan_ring,
     "ring_dense": ring_dense,
+    "ring_two_grids": ring_two_grids,
     "wan_i2v_sparse": wan_i2v_sparse,
     "guards": guards,
     "hunyuan_query_mask": hunyuan_query_mask,

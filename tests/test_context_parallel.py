@@ -66,7 +66,16 @@ def test_two_ranks_guards_and_dense_fallbacks():
     sparse call has no ring form, exact. Causal Wan (Self-Forcing pipeline):
     latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
     window, causal processors installed before or after enable_parallelism, cache split over ranks."""
-    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "ring_dense", "causal")
+    run_worker(
+        2,
+        "guards",
+        "hunyuan_query_mask",
+        "wan_ring",
+        "hunyuan_ring",
+        "ring_dense",
+        "ring_two_grids",
+        "causal",
+    )
 
 
 @pytest.mark.slow
