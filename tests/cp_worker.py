@@ -207,6 +207,14 @@ def wan_sparse() -> None:
     _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_sparse")
 
 
+def wan_sparse_bf16() -> None:
+    """Rectified SpaAttn on a bf16 Wan under Ulysses: the exchange moves bf16 tensors untouched, so
+    the output and the per-head masks are those of the single bf16 process."""
+    model = tiny_wan().to(torch.bfloat16)
+    inputs = {name: t.to(torch.bfloat16) for name, t in wan_inputs().items()}
+    _sparse_under_cp(model, inputs, "wan_sparse_bf16")
+
+
 def hunyuan_dense() -> None:
     """HunyuanVideo dense under CP with text padding longer than a rank's text share: wrong with the
     plain plan (the mask in [V; T] order against an interleaved sequence), exact with fastgen's."""
@@ -507,6 +515,7 @@ SCENARIOS = {
     "hunyuan_query_mask": hunyuan_query_mask,
     "wan_dense": wan_dense,
     "wan_sparse": wan_sparse,
+    "wan_sparse_bf16": wan_sparse_bf16,
     "hunyuan_dense": hunyuan_dense,
     "hunyuan_sparse": hunyuan_sparse,
 }

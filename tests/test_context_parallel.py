@@ -50,10 +50,10 @@ def run_worker(ranks: int, *scenarios: str, timeout: int = 600) -> str:
 
 
 def test_two_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan (output, masks of the rank's global heads,
-    gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
+    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan, fp32 and bf16 (output, masks of the
+    rank's global heads, gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
     (4): the plain plan is measurably wrong, fastgen's plan exact; HunyuanVideo sparse exact."""
-    run_worker(2, "wan_dense", "wan_sparse", "hunyuan_dense", "hunyuan_sparse")
+    run_worker(2, "wan_dense", "wan_sparse", "wan_sparse_bf16", "hunyuan_dense", "hunyuan_sparse")
 
 
 def test_two_ranks_guards_and_dense_fallbacks():
@@ -86,6 +86,7 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         4,
         "wan_dense",
         "wan_sparse",
+        "wan_sparse_bf16",
         "wan_i2v_sparse",
         "hunyuan_dense",
         "hunyuan_sparse",
