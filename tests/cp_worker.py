@@ -123,11 +123,12 @@ def forward(model, inputs) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
 
-def sparse_config():
+def sparse_config(**fields):
     """Rectified SpaAttn from the first step and layer, small blocks (many per row)."""
     from fastgen import RectifiedSpaAttnConfig
 
-    return RectifiedSpaAttnConfig(sparsity=0.6, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=32)
+    base = dict(sparsity=0.6, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=32)
+    return RectifiedSpaAttnConfig(**{**base, **fields})
 
 
 def enable(model, mode: str = "ulysses", **kwargs):
@@ -204,6 +205,14 @@ def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses", apply_afte
 def wan_sparse() -> None:
     """Rectified SpaAttn on Wan under Ulysses: output, per-head masks, gathered statistics equal."""
     _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_sparse")
+
+
+def wan_sparse_bf16() -> None:
+    """Rectified SpaAttn on a bf16 Wan under Ulysses: the exchange moves bf16 tensors untouched, so
+    the output and the per-head masks are those of the single bf16 process."""
+    model = tiny_wan().to(torch.bfloat16)
+    inputs = {name: t.to(torch.bfloat16) for name, t in wan_inputs().items()}
+    _sparse_under_cp(model, inputs, "wan_sparse_bf16")
 
 
 def hunyuan_dense() -> None:
@@ -294,6 +303,8 @@ def guards() -> None:
     expected = forward(model, inputs)
     enable(model)
     _raises(lambda: forward(model, odd), ValueError, "45 tokens, not divisible by the context-parallel size")
+    per_frame = dict(inputs, timestep=torch.full((2, 4), 900.0))  # [B, F]: would be split along frames
+    _raises(lambda: forward(model, per_frame), ValueError, "would be split along dim 1")
 
     records = _Records()
     logging.getLogger("fastgen").addHandler(records)
@@ -347,7 +358,7 @@ def _ring_dense(model, inputs, name: str) -> None:
     import fastgen
 
     expected = forward(model, inputs)  # diffusers' own processors, one process
-    fastgen.apply_sparse_attention(model, sparse_config())
+    fastgen.apply_sparse_attention(model, sparse_config(form="paper"))  # no ring form: dense, logged
     records = _Records()
     logging.getLogger("fastgen").addHandler(records)
     logging.getLogger("fastgen").setLevel(logging.INFO)
@@ -360,16 +371,41 @@ def _ring_dense(model, inputs, name: str) -> None:
     report(name, f"mode={_ring_mode()} ulysses={cp.ulysses_degree} ring={cp.ring_degree} err={err:.2e}")
 
 
+def ring_dense() -> None:
+    """Ring / unified where the sparse call has no ring form (``form="paper"``): the logged dense
+    all-gather-K/V form (exact with any backend, no LSE needed; HunyuanVideo keys in [V; T] order for
+    the model's mask) equals the single-process dense output, Wan and HunyuanVideo (padded text)."""
+    _ring_dense(tiny_wan(), wan_inputs(), "ring_dense wan")
+    _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "ring_dense hunyuan")
+    report("ring_dense", f"mode={_ring_mode()}")
+
+
 def wan_ring() -> None:
     """Ring (2 ranks) / unified (4 ranks: 2x2): Rectified SpaAttn on Wan for the rank's query rows over
     all-gathered keys, no LSE merge; output, per-head masks and statistics equal the single process."""
     _sparse_under_cp(tiny_wan(), wan_inputs(), "wan_ring", _ring_mode())
 
 
+def ring_two_grids() -> None:
+    """Ring sparse on two grids of the same token count, one after the other (the cached query rows
+    of one grid's tile order must not serve the other): both equal the single process."""
+    import fastgen
+    from fastgen.hooks import reset_step_tracking
+
+    model = tiny_wan()
+    fastgen.apply_sparse_attention(model, sparse_config())
+    grids = [(4, 6, 10), (4, 10, 6)]
+    expected = [forward(model, wan_inputs(grid=g)) for g in grids]
+    reset_step_tracking(model)
+    enable(model, _ring_mode())
+    errs = [check(f"ring grid {g}", forward(model, wan_inputs(grid=g)), e) for g, e in zip(grids, expected)]
+    report("ring_two_grids", f"mode={_ring_mode()} err={max(errs):.2e}")
+
+
 def hunyuan_ring() -> None:
-    """HunyuanVideo (padded text) under ring / unified: the logged dense all-gather-K/V form (exact with
-    any backend, no LSE needed, keys in [V; T] order for the model's mask) = single-process dense."""
-    _ring_dense(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring")
+    """HunyuanVideo (padded text) under ring / unified: Rectified SpaAttn for the rank's video blocks
+    and dense text rows over all-gathered keys in [V; T] order; output, masks, statistics equal."""
+    _sparse_under_cp(tiny_hunyuan(), hunyuan_inputs(), "hunyuan_ring", _ring_mode())
 
 
 def causal_pipe(heads: int = 4):
@@ -472,11 +508,14 @@ SCENARIOS = {
     "causal_light_forcing": causal_light_forcing,
     "wan_ring": wan_ring,
     "hunyuan_ring": hunyuan_ring,
+    "ring_dense": ring_dense,
+    "ring_two_grids": ring_two_grids,
     "wan_i2v_sparse": wan_i2v_sparse,
     "guards": guards,
     "hunyuan_query_mask": hunyuan_query_mask,
     "wan_dense": wan_dense,
     "wan_sparse": wan_sparse,
+    "wan_sparse_bf16": wan_sparse_bf16,
     "hunyuan_dense": hunyuan_dense,
     "hunyuan_sparse": hunyuan_sparse,
 }

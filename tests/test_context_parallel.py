@@ -50,10 +50,10 @@ def run_worker(ranks: int, *scenarios: str, timeout: int = 600) -> str:
 
 
 def test_two_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan (output, masks of the rank's global heads,
-    gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
+    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan, fp32 and bf16 (output, masks of the
+    rank's global heads, gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
     (4): the plain plan is measurably wrong, fastgen's plan exact; HunyuanVideo sparse exact."""
-    run_worker(2, "wan_dense", "wan_sparse", "hunyuan_dense", "hunyuan_sparse")
+    run_worker(2, "wan_dense", "wan_sparse", "wan_sparse_bf16", "hunyuan_dense", "hunyuan_sparse")
 
 
 def test_two_ranks_guards_and_dense_fallbacks():
@@ -61,11 +61,21 @@ def test_two_ranks_guards_and_dense_fallbacks():
     raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
     and, without a global grid, runs dense with a log line, equal to the single process; a
     per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring: Rectified SpaAttn
-    on Wan for the rank's query rows over all-gathered keys (output, masks, statistics equal the
-    single process), HunyuanVideo the logged all-gather-K/V dense form, exact with padded text. Causal Wan (Self-Forcing pipeline):
+    for the rank's query rows over all-gathered keys, Wan and HunyuanVideo with padded text (output,
+    masks, statistics equal the single process), and the logged dense all-gather-K/V form where the
+    sparse call has no ring form, exact. Causal Wan (Self-Forcing pipeline):
     latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
     window, causal processors installed before or after enable_parallelism, cache split over ranks."""
-    run_worker(2, "guards", "hunyuan_query_mask", "wan_ring", "hunyuan_ring", "causal")
+    run_worker(
+        2,
+        "guards",
+        "hunyuan_query_mask",
+        "wan_ring",
+        "hunyuan_ring",
+        "ring_dense",
+        "ring_two_grids",
+        "causal",
+    )
 
 
 @pytest.mark.slow
@@ -76,6 +86,7 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         4,
         "wan_dense",
         "wan_sparse",
+        "wan_sparse_bf16",
         "wan_i2v_sparse",
         "hunyuan_dense",
         "hunyuan_sparse",
@@ -83,6 +94,7 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "hunyuan_query_mask",
         "wan_ring",
         "hunyuan_ring",
+        "ring_dense",
         "causal",
         "causal_light_forcing",
     )

@@ -15,11 +15,12 @@ through this module when ``processor._parallel_config`` is set:
   exchanged back. Recorded statistics carry ``first_head`` (the global index of the rank's first
   head); :func:`gathered_layer_stats` assembles every head's.
 - **Ring** (``ring_degree=R``) and unified (both > 1): diffusers' ring all-gathers K/V on every
-  rank, so the exact sparse equivalent needs no log-sum-exp merge. Wan: q, k, v of the ring group
-  are all-gathered, the selection runs on the whole sequence (the single-process one) and the
-  plan runs only for the query blocks holding the rank's tokens (forms ``"exact"``/``"none"``).
-  HunyuanVideo (text tokens) and ``form="paper"`` run dense with a log line, in the same
-  all-gather-K/V form (local queries against every key, exact with any backend, masks included).
+  rank, so the exact sparse equivalent needs no log-sum-exp merge: q, k, v of the ring group are
+  all-gathered, the selection runs on the whole sequence (the single-process one) and the plan
+  runs only for the query blocks holding the rank's video tokens (forms ``"exact"``/``"none"``;
+  HunyuanVideo's text rows attend densely, as in one process). ``form="paper"`` runs dense with a
+  log line, in the same all-gather-K/V form (local queries against every key, exact with any
+  backend, masks included).
 - **HunyuanVideo** (plan in :mod:`fastgen.processors.context_parallel_plans`): rank ``r`` holds
   ``[V_r; T_r]`` (its video share, then its text share), so after the exchange the sequence is
   ``[V_0, T_0, V_1, T_1, ...]``; it is put in the model's ``[V; T]`` order (where the padding mask
@@ -248,23 +249,50 @@ RING_FORMS = ("exact", "none")
 """Rectified SpaAttn forms served under ring (row-wise per query block; ``"paper"`` runs dense)."""
 
 
-def _ring_sparse(processor, layer: int, q, k, v, grid, layout: ContextParallelLayout) -> torch.Tensor:
+def _ring_sparse(
+    processor,
+    layer: int,
+    q,
+    k,
+    v,
+    grid,
+    layout: ContextParallelLayout,
+    *,
+    text_share: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rectified SpaAttn for the ring rank's query rows ``[B, S/R, h, D]`` over every key, exact (no
     log-sum-exp merge): q, k, v are all-gathered over the ring (diffusers' ring gathers K/V the same
     way), the selection runs on the whole sequence (the single-process selection), and the plan is
-    executed for the query blocks that hold this rank's tokens only."""
+    executed for the query blocks that hold this rank's video tokens only; its text queries (HunyuanVideo:
+    ``text_share`` = St/P per rank, sequence rank-interleaved) attend densely to every valid key, as in
+    one process."""
     from dataclasses import replace
 
     from fastgen.attention.execute import execute_plan
-    from fastgen.attention.rectified import _summary, plan_rectified
+    from fastgen.attention.rectified import _summary, plan_rectified, text_query_attention
 
     config = processor.config
-    share = q.shape[1]
-    q_all, k_all, v_all = (gather_ring(t, layout).transpose(1, 2) for t in (q, k, v))  # [B, h, S, D]
-    call = plan_rectified(q_all, k_all, v_all, config, grid=grid)
-    blocks, rows = _ring_rows(
-        processor, call.token_index, share * layout.ring, config.block_size, share, layout
+    q_all, k_all, v_all = (gather_ring(t, layout) for t in (q, k, v))  # [B, S, h, D]
+    if text_share:  # rank-interleaved [V_0, T_0, V_1, T_1, ...] -> [V; T]
+        q_all, k_all, v_all = (deinterleave(t, text_share, layout.world) for t in (q_all, k_all, v_all))
+        q = deinterleave(q, text_share, layout.ulysses)  # this ring rank's [V_r; T_r]
+    n_text = text_share * layout.world
+    n_video = q_all.shape[1] - n_text
+    video_share = n_video // layout.ring
+    q_all, k_all, v_all = (t.transpose(1, 2) for t in (q_all, k_all, v_all))  # [B, h, S, D]
+    call = plan_rectified(
+        q_all,
+        k_all,
+        v_all,
+        config,
+        num_text_tokens=n_text,
+        key_padding_mask=key_padding_mask,
+        grid=grid,
+        padded_video_keys=False if key_padding_mask is not None else None,
     )
+    geometry = (tuple(grid), config.reorder, config.block_size)
+    blocks, rows = _ring_rows(processor, call.token_index, n_video, geometry, video_share, layout)
     plan = call.plan
     sub = replace(
         plan,
@@ -275,20 +303,27 @@ def _ring_sparse(processor, layer: int, q, k, v, grid, layout: ContextParallelLa
     )
     qp = call.qp.unflatten(2, (-1, config.block_size)).index_select(2, blocks).flatten(2, 3)
     out = execute_plan(qp, call.kp, call.vp, sub, scale=call.scale)  # [B, h, blocks*bs, D]
+    out = out.index_select(2, rows)  # [B, h, video_share, D]
+    if n_text:
+        q_text = q[:, video_share:].transpose(1, 2)
+        text = text_query_attention(q_text, k_all, v_all, key_padding_mask, call.scale).to(out.dtype)
+        out = torch.cat([out, text], dim=2)
     if processor.record_stats != "off":
-        stats = _summary(call.selection, call.plan, 0)
+        stats = _summary(call.selection, call.plan, n_text)
         kept = ("density", "compensated_fraction", "keys_per_query", "head_density")
         if processor.record_stats == "masks":
             kept += ("block_mask", "compensated_mask")
         processor._last[layer] = {name: stats[name] for name in kept}
-    return out.index_select(2, rows).transpose(1, 2)  # [B, S/R, h, D]
+    out = out.transpose(1, 2)  # [B, S/R, h, D]
+    return reinterleave(out, text_share, layout.ulysses) if text_share else out
 
 
-def _ring_rows(processor, token_index, n_video: int, block_size: int, share: int, layout):
+def _ring_rows(processor, token_index, n_video: int, geometry: tuple, share: int, layout):
     """Query blocks (in the selection's reordered order) that hold the ring rank's tokens, and the row of
-    each of its tokens in those blocks; computed once per geometry (one host read) and cached on the
-    processor."""
-    key = (n_video, block_size, share, layout.ring_rank, token_index.device)
+    each of its tokens in those blocks; computed once per geometry ``(grid, reorder, block_size)``
+    (one host read) and cached on the processor."""
+    block_size = geometry[-1]
+    key = (n_video, geometry, share, layout.ring_rank, token_index.device)
     cache = processor.__dict__.setdefault("_fastgen_ring_rows", {})
     if key not in cache:
         index = token_index[:n_video].cpu()
@@ -342,7 +377,7 @@ def hunyuan_joint_attention(
             f"{n_tokens} tokens of the call; allowed: the model's full-length [video; text] mask"
         )
     reason = (
-        _unsupported(layout)
+        _unsupported(layout, processor.config.form in RING_FORMS)
         or processor.sparse_reason(layer, step, n_video, head_dim)
         or _grid_reason(grid, n_video)
     )
@@ -354,6 +389,12 @@ def hunyuan_joint_attention(
             reason = str(err)
     # [B, S/P, H, D] -> all tokens of the Ulysses group, local heads, then every ring share's keys
     q, k, v = (heads_to_sequence(t, layout) for t in (query, key, value))
+    if reason is None and layout.ring > 1:
+        out = _ring_sparse(
+            processor, layer, q, k, v, tuple(grid), layout, text_share=n_text_share, key_padding_mask=padding
+        )
+        _note_heads(processor, layer, layout.ulysses_rank * (heads // layout.ulysses))
+        return sequence_to_heads(out, layout)
     k, v = gather_ring(k, layout), gather_ring(v, layout)
     k, v = deinterleave(k, n_text_share, world), deinterleave(v, n_text_share, world)
     if reason is not None:

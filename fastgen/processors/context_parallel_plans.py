@@ -104,7 +104,8 @@ class ContextParallelGuardHook(_model_hook_base()):
     """Model pre-forward hook under context parallelism, before diffusers shards anything:
 
     - a clear ``ValueError`` when the context-parallel size does not divide the call's video tokens
-      (and, for HunyuanVideo, its text tokens);
+      (and, for HunyuanVideo, its text tokens), and for a 2-D timestep that is not per token (a
+      per-frame ``[B, F]`` timestep would be split along frames by Wan's plan);
     - a processor set on a block's attention after ``enable_parallelism`` (``set_attn_processor`` by
       hand) would attend within the rank's token share only: it is given the model's parallel
       config, with a log line."""
@@ -129,6 +130,17 @@ class ContextParallelGuardHook(_model_hook_base()):
                 f"context parallelism: the latent grid {grid} has {math.prod(grid)} tokens, not divisible by "
                 f"the context-parallel size {self.world}; allowed: frames/height/width whose token count "
                 f"is a multiple of {self.world}"
+            )
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if (
+            grid is not None
+            and isinstance(timestep, torch.Tensor)
+            and timestep.ndim == 2
+            and timestep.shape[1] != math.prod(grid)
+        ):
+            raise ValueError(
+                f"context parallelism: a timestep of shape {tuple(timestep.shape)} (per frame?) would be split "
+                f"along dim 1 by diffusers' plan; allowed: [B] or per token [B, {math.prod(grid)}]"
             )
         text = kwargs.get("encoder_hidden_states")
         if _is_hunyuan(module) and isinstance(text, torch.Tensor) and text.shape[1] % self.world:
