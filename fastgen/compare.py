@@ -99,10 +99,10 @@ class Comparison:
     def speed_summary(self) -> str:
         """One line: the median speed-up with its range, rounds and the load average; or why there is none."""
         if self.not_sparse is not None:
-            return f"no speedup: sparse attention never ran ({self.not_sparse}); the output is dense"
+            return f"no speedup vs dense: sparse attention never ran ({self.not_sparse}); the output is dense"
         if self.speedup is None:
-            return f"speedup not measured (a time is missing or zero); {self.load_text()}"
-        text = f"speedup {self.speedup:.2f}x"
+            return f"speedup vs dense not measured (a time is missing or zero); {self.load_text()}"
+        text = f"speedup vs dense {self.speedup:.2f}x"
         if len(self.speedups) > 1:
             text += (
                 f" (median of {len(self.speedups)} interleaved rounds, range "

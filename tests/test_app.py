@@ -164,7 +164,7 @@ def test_client_video_tab_returns_both_videos_metrics_and_mask(fake_app):
     assert "PSNR" in table
     # the median of the interleaved rounds, with their range and the load average next to it
     assert metrics["rounds"] == 3 and metrics["speedup_rounds"] == pytest.approx([2.5] * 3)
-    assert "speedup 2.50x (median of 3 interleaved rounds, range 2.50x-2.50x" in table
+    assert "speedup vs dense 2.50x (median of 3 interleaved rounds, range 2.50x-2.50x" in table
     assert "load average" in table and metrics["sparse_never_ran"] is None
     assert os.path.getsize(mask) > 0 and _value(layer) == "1" and _value(head) == 0
     assert layer["choices"] == [["1", "1"], ["2", "2"]]

@@ -212,7 +212,7 @@ def test_video_batch_outputs_manifest_and_compare_dense(tmp_path, prompt_txt, ca
     # the comparison is on screen too, not only in the manifest
     shown = capsys.readouterr().err
     assert (
-        "item 0 (0000-a-cat-surfing.mp4): speedup 2.00x (median of 3 interleaved rounds, range 2.00x-2.00x"
+        "item 0 (0000-a-cat-surfing.mp4): speedup vs dense 2.00x (median of 3 interleaved rounds, range 2.00x-2.00x"
         in shown
     )
     assert 20 < first["psnr"] < 60 and 0 < first["ssim"] < 1

@@ -75,7 +75,7 @@ def test_rounds_interleave_and_report_median_range_and_load(monkeypatch):
     assert order[2:] == ["rectified", "dense", "dense", "rectified", "rectified", "dense"]
     assert c.speedups == pytest.approx([2.0, 2.0, 3.0]) and c.speedup == pytest.approx(2.0)
     line = c.speed_summary()
-    assert "speedup 2.00x (median of 3 interleaved rounds, range 2.00x-3.00x" in line
+    assert "speedup vs dense 2.00x (median of 3 interleaved rounds, range 2.00x-3.00x" in line
     assert "load average 3.50 on 2 CPUs" in line
     assert c.load_warning().startswith("warning: load average 3.50 on 2 CPUs")
     monkeypatch.setattr(compare, "load_average", lambda: 0.1)
@@ -102,7 +102,7 @@ def test_no_speedup_when_sparse_attention_never_ran():
     assert c.speedup is None and c.speedups == []
     assert c.not_sparse == "warmup_steps=5 >= steps=2"
     assert c.speed_summary() == (
-        "no speedup: sparse attention never ran (warmup_steps=5 >= steps=2); the output is dense"
+        "no speedup vs dense: sparse attention never ran (warmup_steps=5 >= steps=2); the output is dense"
     )
 
 

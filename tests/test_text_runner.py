@@ -73,7 +73,7 @@ def test_cli_generate_compare_dense_and_out(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "token agreement with dense" in printed
-    assert "speedup " in printed and "interleaved rounds" in printed and "load average" in printed
+    assert "speedup vs dense " in printed and "interleaved rounds" in printed and "load average" in printed
     text = out.read_text(encoding="utf-8")
     assert printed.startswith(text)
     assert not list(out.parent.glob(".*partial*"))
