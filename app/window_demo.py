@@ -2,7 +2,7 @@
 each step computed (active), attended from the cache (window) or pruned (far field), drawn from the
 pipeline's per-step trace (``DiffusionLMOutput.window_trace``, batch row 0).
 
-``app/demo.py``'s Text tab calls :func:`draw_window_sets` after every Window-Diffusion run; the metrics
+The Text tab's handler (``app/backends.py``) calls :func:`draw_window_sets` after every Window-Diffusion run; the metrics
 table beside it reads its refresh / pruned / rows-run figures from the same trace.
 """
 
