@@ -50,38 +50,43 @@ def run_worker(ranks: int, *scenarios: str, timeout: int = 600) -> str:
 
 
 def test_two_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """2 ranks, Ulysses: dense Wan; Rectified SpaAttn on Wan, fp32 and bf16 (output, masks of the
-    rank's global heads, gathered statistics); HunyuanVideo dense with text padding (6) longer than a rank's text share
-    (4): the plain plan is measurably wrong, fastgen's plan exact; HunyuanVideo sparse exact."""
-    run_worker(2, "wan_dense", "wan_sparse", "wan_sparse_bf16", "hunyuan_dense", "hunyuan_sparse")
+    """2 ranks, Ulysses (the fast one, about 30 s on an idle 2-core machine): dense Wan; Rectified
+    SpaAttn on Wan (output, masks of the rank's global heads, gathered statistics); HunyuanVideo dense
+    with text padding (6) longer than a rank's text share (4): the plain plan is measurably wrong,
+    fastgen's plan exact."""
+    run_worker(2, "wan_dense", "wan_sparse", "hunyuan_dense")
 
 
-def test_two_ranks_guards_and_dense_fallbacks():
-    """2 ranks: heads not divisible by U, tokens not divisible by P and HunyuanVideo token_replace
-    raise one clear error; a processor set by hand after enabling gets the parallel config (logged)
-    and, without a global grid, runs dense with a log line, equal to the single process; a
-    per-query HunyuanVideo mask runs dense with the rank's query rows, exact; ring: Rectified SpaAttn
-    for the rank's query rows over all-gathered keys, Wan and HunyuanVideo with padded text (output,
-    masks, statistics equal the single process), and the logged dense all-gather-K/V form where the
-    sparse call has no ring form, exact. Causal Wan (Self-Forcing pipeline):
-    latents over 4 chunks with a rolling window and a sink equal the single process, RoPE absolute and
-    window, causal processors installed before or after enable_parallelism, cache split over ranks."""
-    run_worker(
-        2,
-        "guards",
-        "hunyuan_query_mask",
-        "wan_ring",
-        "hunyuan_ring",
-        "ring_dense",
-        "ring_two_grids",
-        "causal",
-    )
+def test_two_ranks_sparse_hunyuan_bf16_and_guards():
+    """2 ranks: HunyuanVideo sparse (padded text) and bf16 Wan sparse exact; heads not divisible by
+    U, tokens not divisible by P, a per-frame timestep and HunyuanVideo token_replace raise one clear
+    error; a processor set by hand after enabling gets the parallel config (logged) and, without a
+    global grid, runs dense with a log line, equal to the single process; a per-query HunyuanVideo
+    mask runs dense with the rank's query rows, exact."""
+    run_worker(2, "hunyuan_sparse", "wan_sparse_bf16", "guards", "hunyuan_query_mask")
+
+
+def test_two_ranks_ring_and_causal_wan():
+    """2 ranks: ring: Rectified SpaAttn for the rank's query rows over all-gathered keys, Wan and
+    HunyuanVideo with padded text (output, masks, statistics equal the single process). Causal Wan
+    (Self-Forcing pipeline): latents over 4 chunks with a rolling window and a sink equal the single
+    process, RoPE absolute and window, causal processors installed before or after
+    enable_parallelism, the KV cache split over ranks."""
+    run_worker(2, "wan_ring", "hunyuan_ring", "causal")
+
+
+@pytest.mark.slow
+def test_two_ranks_ring_dense_fallback_two_grids_i2v_light_forcing():
+    """2 ranks: the logged dense all-gather-K/V form where the sparse call has no ring form, exact
+    (Wan, HunyuanVideo); ring sparse on two grids of the same token count in turn; Wan 2.1 I2V
+    (image tokens in the cross-attention context) sparse under Ulysses, fastgen applied after
+    enable_parallelism; Light Forcing on the causal Wan: latents and the rank's per-head masks equal."""
+    run_worker(2, "ring_dense", "ring_two_grids", "wan_i2v_sparse", "causal_light_forcing")
 
 
 @pytest.mark.slow
 def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """The same at 4 ranks (one head per rank, text share 2), plus Wan I2V, the guards and unified
-    (Ulysses 2 x ring 2)."""
+    """Every scenario at 4 ranks (one head per rank, text share 2; unified = Ulysses 2 x ring 2)."""
     run_worker(
         4,
         "wan_dense",
@@ -95,16 +100,10 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "wan_ring",
         "hunyuan_ring",
         "ring_dense",
+        "ring_two_grids",
         "causal",
         "causal_light_forcing",
     )
-
-
-@pytest.mark.slow
-def test_two_ranks_wan_i2v_and_light_forcing():
-    """Wan 2.1 I2V (image tokens in the cross-attention context) sparse under Ulysses, exact; Light
-    Forcing on the causal Wan under Ulysses: latents and the rank's per-head masks equal."""
-    run_worker(2, "wan_i2v_sparse", "causal_light_forcing")
 
 
 # --------------------------------------------------------------------------- single process
