@@ -34,6 +34,16 @@ def time_call(fn: Callable[[], object], device: torch.device | str | None = None
     return timed(fn, device)[1]
 
 
+def time_per_call(fn: Callable[[], object], calls: int, device: torch.device | str | None = None) -> float:
+    """Mean wall-clock seconds of ``calls`` back-to-back calls of ``fn`` (synchronised before and after)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
 def cuda_event_ms(fn: Callable[[], object], rounds: int) -> list[float]:
     """Milliseconds of ``fn()`` per round, from CUDA events around each call (synchronised)."""
     times = []
@@ -47,4 +57,4 @@ def cuda_event_ms(fn: Callable[[], object], rounds: int) -> list[float]:
     return times
 
 
-__all__ = ["cuda_event_ms", "synchronize", "time_call", "timed"]
+__all__ = ["cuda_event_ms", "synchronize", "time_call", "time_per_call", "timed"]

@@ -35,12 +35,11 @@ import os
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
 from fastgen.attention.window import predicted_flop_ratio
-from fastgen.bench._timing import timed
+from fastgen.bench._timing import time_per_call, timed
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 from fastgen.metrics import token_agreement
 
@@ -173,14 +172,10 @@ def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
                     torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
                 )
                 calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
-                _, seconds = timed(
-                    lambda ids=ids, mask=mask, positions=positions, calls=calls: [
-                        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                        for _ in range(calls)
-                    ],
-                    model.device,
+                forward = functools.partial(
+                    model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
                 )
-                times[n].append(seconds / calls)
+                times[n].append(time_per_call(forward, calls, model.device))
     return statistics.median(times[total]) / statistics.median(times[rows])
 
 
@@ -373,10 +368,7 @@ def pruned_attention_bench(
         times = {name: [] for name in variants}
         for _ in range(rounds):
             for name, fn in variants.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - start) / calls)
+                times[name].append(time_per_call(fn, calls))
         sdpa = statistics.median(times["sdpa"])
         for name in variants:
             ms = statistics.median(times[name])
