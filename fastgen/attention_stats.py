@@ -10,12 +10,13 @@ Recording is a per-processor level: ``"off"`` (nothing kept), ``"summary"`` (the
 ...     pipe(prompt)
 >>> rows = fastgen.attention_stats(pipe.transformer)   # one dict per sparse layer
 
-How a method's processor plugs in: give it an attribute ``record_stats`` (one of :data:`LEVELS`)
-and a method ``layer_stats() -> list[dict]`` returning one row per layer with at least ``layer``
-and ``density`` (floats; ``keys_per_query``, ``compensated_fraction``, ``block_mask`` when it has
-them), read only when asked. :func:`attention_stats` and :func:`record_attention_stats` find it
-among the model's attention processors (diffusers) or submodules (transformers attention modules
-that carry a ``fastgen_processor``).
+How a method plugs in: give its processor (or its per-model state) an attribute ``record_stats`` (one
+of :data:`LEVELS`) and a method ``layer_stats() -> list[dict]`` returning one row per layer with at
+least ``layer`` and ``density`` (floats; ``keys_per_query``, ``compensated_fraction``, ``block_mask``,
+``method`` when it has them), read only when asked. :func:`attention_stats` and
+:func:`record_attention_stats` find it among the model's attention processors (diffusers) or in the
+``fastgen_stats`` dict (name -> provider) of the model or a submodule (transformers models: SparseD's
+state, Window-Diffusion's recorder).
 """
 
 from __future__ import annotations
@@ -27,11 +28,26 @@ import torch
 LEVELS = ("off", "summary", "masks")
 """Recording levels of a processor's statistics."""
 
+STATS_ATTR = "fastgen_stats"
+"""Attribute of a module: a dict of statistics providers (name -> object with ``record_stats`` and
+``layer_stats()``) for methods that are not diffusers attention processors."""
+
+
+def stats_providers(module: torch.nn.Module) -> dict:
+    """The ``fastgen_stats`` dict of ``module`` (name -> statistics provider), created on first use; a
+    method that is not a diffusers attention processor registers its per-model state here."""
+    providers = module.__dict__.get(STATS_ATTR)
+    if providers is None:
+        providers = {}
+        setattr(module, STATS_ATTR, providers)
+    return providers
+
 
 def _processors(model: torch.nn.Module) -> list:
     found, seen = [], set()
     candidates = list(getattr(model, "attn_processors", {}).values())
-    candidates += [getattr(m, "fastgen_processor", None) for m in model.modules()]
+    for module in model.modules():
+        candidates += list((module.__dict__.get(STATS_ATTR) or {}).values())
     for proc in candidates:
         if proc is not None and hasattr(proc, "layer_stats") and hasattr(proc, "record_stats"):
             if id(proc) not in seen:

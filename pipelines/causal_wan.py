@@ -43,7 +43,9 @@ from collections.abc import Callable
 import torch
 from diffusers import DiffusionPipeline
 
+from fastgen._validation import is_number
 from fastgen.processors.causal_wan import causal_generation, check_causal_wan, check_chunking
+from fastgen.tracking import get_step_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -218,39 +220,15 @@ class CausalWanPipeline(DiffusionPipeline):
         """
         from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-        if self.transformer is None:
-            raise ValueError("transformer=None: the pipeline needs a WanTransformer3DModel")
-        check_causal_wan(self.transformer)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"output_type={output_type!r} is not allowed; allowed: {', '.join(OUTPUT_TYPES)}"
-            )
-        if output_type != "latent" and self.vae is None:
-            raise ValueError(
-                f"output_type={output_type!r} needs the pipeline's vae; use output_type='latent'"
-            )
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("give exactly one of prompt= and prompt_embeds=")
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or guidance_scale < 1
-        ):
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 1 (1: no guidance)")
-        timesteps = [
-            float(t) for t in (SELF_FORCING_TIMESTEPS if denoising_timesteps is None else denoising_timesteps)
-        ]
-        if not timesteps or any(not (0.0 <= t <= 1000.0) or math.isnan(t) for t in timesteps):
-            raise ValueError(
-                f"denoising_timesteps={denoising_timesteps!r} must be a non-empty list of values in [0, 1000]"
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator={type(generator).__name__} is not allowed; allowed: one torch.Generator or None "
-                "(the noise of every chunk is drawn for the whole batch, in chunk then step order)"
-            )
-        if not 0.0 <= float(context_timestep) <= 1000.0:
-            raise ValueError(f"context_timestep={context_timestep!r} must be in [0, 1000]")
+        timesteps = self._check_call(
+            output_type,
+            prompt,
+            prompt_embeds,
+            guidance_scale,
+            denoising_timesteps,
+            generator,
+            context_timestep,
+        )
         latent_frames, latent_h, latent_w = self._latent_geometry(
             num_frames, height, width, num_frames_per_chunk
         )
@@ -259,39 +237,17 @@ class CausalWanPipeline(DiffusionPipeline):
         transformer = self.transformer
         device, model_dtype = transformer.device, transformer.dtype
         cfg = guidance_scale > 1
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
-        prompt_embeds = prompt_embeds.to(device, model_dtype)
+        prompt_embeds, negative_prompt_embeds = self._text_embeddings(
+            prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, max_sequence_length, cfg
+        )
         batch = prompt_embeds.shape[0]
-        if cfg:
-            if negative_prompt_embeds is None:
-                negative = negative_prompt if negative_prompt is not None else ""
-                negative = [negative] * batch if isinstance(negative, str) else list(negative)
-                negative_prompt_embeds = self.encode_prompt(negative, max_sequence_length)
-            negative_prompt_embeds = negative_prompt_embeds.to(device, model_dtype)
-            if negative_prompt_embeds.shape[0] != batch:
-                raise ValueError(
-                    f"negative prompt batch {negative_prompt_embeds.shape[0]} does not match the prompt batch {batch}"
-                )
-
-        channels = transformer.config.in_channels
-        shape = (batch, channels, latent_frames, latent_h, latent_w)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(
-                f"latents of shape {tuple(latents.shape)} do not match the request; expected {shape} "
-                "(batch, channels, latent frames, height / 8, width / 8)"
-            )
-        else:
-            latents = latents.to(device)
+        shape = (batch, transformer.config.in_channels, latent_frames, latent_h, latent_w)
+        latents = self._initial_latents(latents, shape, generator, device)
         patch = tuple(transformer.config.patch_size)
         frame_tokens = (latent_h // patch[1]) * (latent_w // patch[2])
         k = num_frames_per_chunk
         num_chunks = latent_frames // k
         output = torch.empty_like(latents)
-
-        from fastgen.tracking import get_step_tracker
 
         tracker = get_step_tracker(transformer)
         was_explicit = tracker.explicit if tracker is not None else False
@@ -373,6 +329,83 @@ class CausalWanPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return WanPipelineOutput(frames=video)
+
+    def _check_call(
+        self,
+        output_type,
+        prompt,
+        prompt_embeds,
+        guidance_scale,
+        denoising_timesteps,
+        generator,
+        context_timestep,
+    ) -> list[float]:
+        """The checks of :meth:`__call__` that need no geometry (before any work); returns the timesteps."""
+        if self.transformer is None:
+            raise ValueError("transformer=None: the pipeline needs a WanTransformer3DModel")
+        check_causal_wan(self.transformer)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type={output_type!r} is not allowed; allowed: {', '.join(OUTPUT_TYPES)}"
+            )
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(
+                f"output_type={output_type!r} needs the pipeline's vae; use output_type='latent'"
+            )
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt= and prompt_embeds=")
+        if not is_number(guidance_scale) or guidance_scale < 1:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 1 (1: no guidance)")
+        timesteps = [
+            float(t) for t in (SELF_FORCING_TIMESTEPS if denoising_timesteps is None else denoising_timesteps)
+        ]
+        if not timesteps or any(not (0.0 <= t <= 1000.0) or math.isnan(t) for t in timesteps):
+            raise ValueError(
+                f"denoising_timesteps={denoising_timesteps!r} must be a non-empty list of values in [0, 1000]"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator={type(generator).__name__} is not allowed; allowed: one torch.Generator or None "
+                "(the noise of every chunk is drawn for the whole batch, in chunk then step order)"
+            )
+        if not 0.0 <= float(context_timestep) <= 1000.0:
+            raise ValueError(f"context_timestep={context_timestep!r} must be in [0, 1000]")
+        return timesteps
+
+    def _text_embeddings(
+        self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, max_sequence_length, cfg: bool
+    ):
+        """``(prompt_embeds, negative_prompt_embeds)`` on the transformer's device and dtype (the negative
+        ones only with guidance; default the empty prompt)."""
+        device, model_dtype = self.transformer.device, self.transformer.dtype
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
+        prompt_embeds = prompt_embeds.to(device, model_dtype)
+        batch = prompt_embeds.shape[0]
+        if cfg:
+            if negative_prompt_embeds is None:
+                negative = negative_prompt if negative_prompt is not None else ""
+                negative = [negative] * batch if isinstance(negative, str) else list(negative)
+                negative_prompt_embeds = self.encode_prompt(negative, max_sequence_length)
+            negative_prompt_embeds = negative_prompt_embeds.to(device, model_dtype)
+            if negative_prompt_embeds.shape[0] != batch:
+                raise ValueError(
+                    f"negative prompt batch {negative_prompt_embeds.shape[0]} does not match the prompt batch {batch}"
+                )
+
+        return prompt_embeds, negative_prompt_embeds
+
+    @staticmethod
+    def _initial_latents(latents, shape: tuple, generator, device) -> torch.Tensor:
+        """The initial noise ``shape`` (drawn on the CPU from ``generator``), or ``latents`` checked against it."""
+        if latents is None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents of shape {tuple(latents.shape)} do not match the request; expected {shape} "
+                "(batch, channels, latent frames, height / 8, width / 8)"
+            )
+        return latents.to(device)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         vae = self.vae

@@ -288,6 +288,8 @@ class WindowedRun:
         return logits.gather(1, row[..., None].expand(-1, -1, logits.shape[-1])), nfe
 
     def _record(self, step, refresh, query, window, queries, keys) -> None:
+        if self.state.stats is not None:
+            self.state.stats.record(int(queries), int(keys))
         self.trace.append(
             {
                 "step": step,

@@ -125,7 +125,7 @@ def test_rectified_hunyuan_traces_as_one_graph_and_matches_eager():
     """HunyuanVideo's joint video + padded-text attention: one graph (no break) and eager's output."""
     from torch._dynamo.testing import CompileCounter
 
-    from tests.test_processors_hunyuan import inputs, tiny_hunyuan
+    from tests.tiny_models import inputs, tiny_hunyuan
 
     torch._dynamo.reset()
     model = tiny_hunyuan()
@@ -233,7 +233,7 @@ def test_window_diffusion_pipeline_traces_without_breaks_and_matches_eager(rules
     from torch._dynamo.utils import counters
 
     from fastgen import SparseDConfig, WindowDiffusionConfig
-    from tests.test_window_diffusion import prompts, tiny_pipe
+    from tests.tiny_models import prompts, tiny_pipe
 
     torch._dynamo.reset()
     counters.clear()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, dream_transfer_count
 
-from tests.test_window_diffusion import MASK, prompts, tiny_pipe
+from tests.tiny_models import MASK, prompts, tiny_pipe
 
 
 def dream_counts(masks: int, steps: int, eps: float = 1e-3) -> list[int]:

@@ -9,48 +9,7 @@ import fastgen
 from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
 from fastgen.processors import hunyuan_video
 from fastgen.processors.hunyuan_video import HunyuanVideoRectifiedProcessor
-
-GRID = (3, 6, 11)  # 198 video tokens after 1x2x2 patchify
-
-
-def tiny_hunyuan():
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(3)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=32,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(8, 12, 12),
-    ).eval()
-
-
-def inputs(text_lengths=(6, 10), timestep=900.0):
-    g = torch.Generator().manual_seed(4)
-    b = len(text_lengths)
-    f, h, w = GRID
-    x = torch.randn(b, 4, f, 2 * h, 2 * w, generator=g)
-    text = torch.randn(b, 10, 16, generator=g)
-    mask = torch.zeros(b, 10, dtype=torch.long)
-    for i, n in enumerate(text_lengths):
-        mask[i, :n] = 1
-    return {
-        "hidden_states": x,
-        "timestep": torch.full((b,), timestep),
-        "encoder_hidden_states": text,
-        "encoder_attention_mask": mask,
-        "pooled_projections": torch.randn(b, 8, generator=g),
-        "guidance": torch.full((b,), 6000.0),
-    }
+from tests.tiny_models import inputs, tiny_hunyuan
 
 
 def run(model, kw):

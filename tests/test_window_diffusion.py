@@ -8,57 +8,12 @@ import types
 import pytest
 import torch
 from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline, num_transfer_tokens
-from fastgen.pipelines.tiny_lm import build_tiny_llama
 
 import fastgen
 from fastgen import SparseDConfig, WindowDiffusionConfig
 from fastgen.attention.window import WindowKVCache, leftmost, pack_positions, window_attention
 from fastgen.processors import transformers_lm
-
-MASK = 63
-VOCAB = 64
-
-
-def tiny_pipe(family="llada", dtype=torch.float32, kv_heads=None, seed=0):
-    """A tiny bidirectional Llama (LLaDA-shaped) or Qwen2 (Dream-shaped, GQA, logit shift)."""
-    if family == "dream":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads or 2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            use_cache=False,
-            initializer_range=0.1,
-            tie_word_embeddings=False,
-        )
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).eval()
-    else:
-        model = build_tiny_llama(
-            VOCAB, hidden=64, heads=4, kv_heads=kv_heads, layers=2, max_positions=512, seed=seed
-        )
-    model.config.fastgen_family = family
-    model.config.fastgen_mask_token_id = MASK
-    return DiffusionLMPipeline(model.to(dtype), mask_token_id=MASK)
-
-
-def prompts(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    lengths = [9, 5, 7][:batch]
-    ids = torch.zeros(batch, max(lengths), dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, -n:] = torch.randint(4, MASK, (n,), generator=g)
-        attn[b, -n:] = 1
-    return ids, attn
-
+from tests.tiny_models import MASK, VOCAB, prompts, tiny_pipe
 
 # ------------------------------------------------------------------------------------------- model-agnostic parts
 
@@ -440,9 +395,9 @@ def test_composition_with_sparsed_runs_sparse_refresh_steps(monkeypatch):
     pipe = tiny_pipe()
     ids, attn = prompts()
     calls = []
-    real = transformers_lm.sparsed_attention
+    real = transformers_lm.sparsed.sparsed_attention
     monkeypatch.setattr(
-        transformers_lm, "sparsed_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+        transformers_lm.sparsed, "sparsed_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     wd = WindowDiffusionConfig(window=24, active=8, refresh_cycle=4)
     kw = dict(input_ids=ids, attention_mask=attn, gen_length=32, steps=32, progress=False)

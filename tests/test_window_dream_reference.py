@@ -28,7 +28,7 @@ import torch
 from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
 
 from fastgen import WindowDiffusionConfig
-from tests.test_window_diffusion import tiny_pipe
+from tests.tiny_models import tiny_pipe
 
 MASK = 61
 VOCAB = 64
@@ -306,7 +306,7 @@ def test_sparsed_pattern_reused_on_another_length_matches_naive(dtype, num_token
 def test_sparsed_runs_sparse_on_dream_rule_refreshes_with_the_naive_pattern(monkeypatch):
     from fastgen import SparseDConfig
     from fastgen.attention.sparsed_naive import sparsed_naive
-    from fastgen.processors import transformers_lm
+    from fastgen.processors.transformers_lm import sparsed as transformers_lm
 
     pipe = tiny_qwen2()
     prompt = prompt_rows((21,))[0]
@@ -360,7 +360,7 @@ def test_sparsed_on_padded_dream_rule_refreshes_keeps_the_padding(monkeypatch):
     padding from the pipeline's declared mask (its first ``n`` positions), so with ``select=1`` the
     tokens are those of Window-Diffusion alone, and a sparse pattern still decodes every mask."""
     from fastgen import SparseDConfig
-    from fastgen.processors import transformers_lm
+    from fastgen.processors.transformers_lm import sparsed as transformers_lm
 
     calls = []
     real = transformers_lm.sparsed_attention

@@ -221,3 +221,30 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
+
+
+def tables_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
+    """Bool block mask ``[..., nqb, nkb]`` from an index table ``[..., nqb, width]`` and its counts
+    ``[..., nqb]`` (unused slots scatter into a sink column that is cut off)."""
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    target = torch.where(used, indices.long(), num_key_blocks)
+    mask = torch.zeros(*indices.shape[:-1], num_key_blocks + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, target, True)[..., :-1]
+
+
+def gapr_compensated(
+    pooled_q: torch.Tensor,
+    pooled_k: torch.Tensor,
+    query_deviation: torch.Tensor,
+    key_deviation: torch.Tensor,
+    dropped: torch.Tensor,
+) -> torch.Tensor:
+    """GAPR (Rectified SpaAttn; Light Forcing reuses it): the ``dropped`` blocks whose pooled-logit gain
+    ``|q̄·k̄|`` beats the pooling error ``|a·k̄| + |q̄·b|`` (``a``, ``b``: the blocks' mean absolute
+    deviations from their pooled query / key). Pooled tensors ``[B, H, nqb | nkb, D]``; bool like ``dropped``
+    ``[B, H, nqb, nkb]``."""
+    k_bar = pooled_k.transpose(-1, -2)
+    gain = torch.matmul(pooled_q, k_bar).abs()
+    error = torch.matmul(query_deviation, k_bar).abs()
+    error = error + torch.matmul(pooled_q, key_deviation.transpose(-1, -2)).abs()
+    return dropped & ((gain > error) | (error <= 0))

@@ -53,7 +53,7 @@ from fastgen._validation import check_int
 
 from ._checks import check_block_size, check_qkv, check_sparsity
 from .backends import default_scale
-from .blocks import num_blocks, pool_abs_deviation, pool_blocks
+from .blocks import gapr_compensated, num_blocks, pool_abs_deviation, pool_blocks, tables_to_mask
 from .execute import execute_plan
 from .plan import SelectionPlan
 
@@ -370,14 +370,6 @@ def hsa_tables(
     return indices.to(torch.int32), counts
 
 
-def tables_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
-    """Bool block mask ``[..., nqb, nkb]`` from an index table and its counts."""
-    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-    target = torch.where(used, indices.long(), num_key_blocks)
-    mask = torch.zeros(*indices.shape[:-1], num_key_blocks + 1, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(-1, target, True)[..., :-1]
-
-
 def hsa_select(
     pooled_q: torch.Tensor, pooled_k: torch.Tensor, frame_keys: torch.Tensor | None, **kwargs
 ) -> torch.Tensor:
@@ -451,21 +443,6 @@ def _key_block_counts(num_keys: int, block_size: int, device: torch.device) -> t
     """Keys per key block ``[nkb]`` fp32 (the last block may be partial)."""
     nkb = num_blocks(num_keys, block_size)
     return (num_keys - torch.arange(nkb, device=device) * block_size).clamp(max=block_size).float()
-
-
-def gapr_compensated(
-    pooled_q: torch.Tensor,
-    query_deviation: torch.Tensor,
-    pooled: PooledKeys,
-    dropped: torch.Tensor,
-) -> torch.Tensor:
-    """Rectified SpaAttn's GAPR on Light Forcing's pooled statistics: the dropped blocks whose
-    pooled-logit gain ``|q̄·k̄|`` beats the pooling error ``|a·k̄| + |q̄·b|``. Bool like ``dropped``."""
-    k_bar = pooled.block_keys.transpose(-1, -2)
-    gain = torch.matmul(pooled_q, k_bar).abs()
-    error = torch.matmul(query_deviation, k_bar).abs()
-    error = error + torch.matmul(pooled_q, pooled.block_key_deviation.transpose(-1, -2)).abs()
-    return dropped & ((gain > error) | (error <= 0))
 
 
 def light_forcing_attention(
@@ -551,7 +528,9 @@ def light_forcing_attention(
     if rectify:
         dropped = ~block_mask
         query_deviation = pool_abs_deviation(q, pooled_q, block_size)
-        compensated = gapr_compensated(pooled_q, query_deviation, everything, dropped)
+        compensated = gapr_compensated(
+            pooled_q, everything.block_keys, query_deviation, everything.block_key_deviation, dropped
+        )
         info["compensated"] = compensated
         log_counts = torch.log(_key_block_counts(k.shape[2], block_size, q.device))
         extras = {

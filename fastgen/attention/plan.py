@@ -26,11 +26,11 @@ methods build on; add fields only with defaults.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import block_mask_to_indices, num_blocks
+from .blocks import block_mask_to_indices, num_blocks, tables_to_mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,12 +123,7 @@ class SelectionPlan:
     @property
     def block_mask(self) -> torch.Tensor:
         """The selected key blocks as a bool mask ``[B, H, nqb, nkb]``."""
-        b, h, nqb, width = self.block_indices.shape
-        slot = torch.arange(width, device=self.block_indices.device)
-        used = slot < self.block_counts[..., None]
-        mask = torch.zeros(b, h, nqb, self.num_key_blocks + 1, dtype=torch.bool, device=used.device)
-        target = torch.where(used, self.block_indices.long(), self.num_key_blocks)  # unused -> sink col
-        return mask.scatter_(-1, target, True)[..., :-1]
+        return tables_to_mask(self.block_indices, self.block_counts, self.num_key_blocks)
 
     def extra_bias(self) -> torch.Tensor | None:
         """The CPU gather kernel's packed form of the extra keys: the additive fp32 logit bias
@@ -159,10 +154,6 @@ class SelectionPlan:
             bias = self.extra_bias()
             per_block = per_block + torch.isfinite(bias).sum(-1, dtype=torch.float32)
         return per_block.mean()
-
-    def with_stats(self, **stats: torch.Tensor) -> SelectionPlan:
-        """A copy of the plan with more statistics recorded."""
-        return replace(self, stats={**self.stats, **stats})
 
 
 def check_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelectionPlan) -> None:

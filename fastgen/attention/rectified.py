@@ -47,8 +47,14 @@ import torch
 from fastgen.configs import RectifiedSpaAttnConfig
 
 from ._checks import check_key_padding_mask, check_qkv
-from .backends import resolve_backend
-from .blocks import default_tile, inverse_permutation, keep_count, num_blocks, tile_permutation
+from .blocks import (
+    default_tile,
+    gapr_compensated,
+    inverse_permutation,
+    keep_count,
+    num_blocks,
+    tile_permutation,
+)
 from .execute import execute_plan
 from .gather import extended_key_buffer
 from .plan import SelectionPlan
@@ -322,14 +328,6 @@ def block_neighbours(
     return pairs
 
 
-def gapr_compensated(stats: BlockStatistics, dropped: torch.Tensor) -> torch.Tensor:
-    """GAPR: dropped blocks whose pooled-logit gain beats their pooling error. Bool ``[B, H, nqb, nkb]``."""
-    gain = torch.matmul(stats.pooled_q, stats.pooled_k.transpose(-1, -2)).abs()
-    error = torch.matmul(stats.query_deviation, stats.pooled_k.transpose(-1, -2)).abs()
-    error = error + torch.matmul(stats.pooled_q, stats.key_deviation.transpose(-1, -2)).abs()
-    return dropped & ((gain > error) | (error <= 0))
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +366,13 @@ def select_blocks(
     if config.form == "none":
         compensated = torch.zeros_like(dropped)
     else:
-        compensated = gapr_compensated(stats, dropped) if config.gapr else dropped
+        compensated = (
+            gapr_compensated(
+                stats.pooled_q, stats.pooled_k, stats.query_deviation, stats.key_deviation, dropped
+            )
+            if config.gapr
+            else dropped
+        )
     isolated = None
     if n_isolated > 0:
         isolated = stats.key_distance.topk(n_isolated, dim=-1).indices
@@ -770,11 +774,6 @@ def rectified_sparse_attention(
 
 
 _OP_OPTIONS = ("form", "selection", "pool_splits", "isolated_keys", "mass_threshold", "gapr", "reorder")
-
-
-def resolved_backend(q: torch.Tensor, backend: str | None = None) -> str:
-    """The engine a rectified call on ``q`` would use (for benchmarks' labels)."""
-    return resolve_backend(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], extra_keys=True)
 
 
 __all__ = [

@@ -8,8 +8,9 @@ attend to the cached keys/values gathered at the phase's frozen *window* set. Ma
 window (the far field) are neither computed nor attended.
 
 This module is model-agnostic: bool sets over positions ``[B, N]``, packed position indices, and
-SDPA-layout tensors ``[B, H, N, D]``. The diffusion-LM pipeline decides the sets (the rules of the
-paper) and the transformers adapter feeds the cache from inside the attention layers.
+SDPA-layout tensors ``[B, H, N, D]``. :mod:`fastgen.attention.window_rules` decides the sets (the
+rules of the paper), the diffusion-LM pipeline's Window-Diffusion loop runs the model on them, and the
+transformers adapter feeds the cache from inside the attention layers.
 
 - :func:`leftmost` - the ``count`` leftmost positions of a set, per row.
 - :func:`pack_positions` - a set as padded, sorted position indices plus a validity mask.
@@ -190,10 +191,6 @@ class WindowKVCache:
         if self.window_key_mask is None:
             return keys[:, :, :-1], values[:, :, :-1], None
         return keys, values, self.window_key_mask
-
-    def memory_bytes(self) -> int:
-        """Bytes held by the cache tensors."""
-        return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
 
 def _gather_positions(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

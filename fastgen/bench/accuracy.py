@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgen.bench._timing import synchronize
+
 logger = logging.getLogger(__name__)
 
 
@@ -99,6 +101,7 @@ def build_variants(quick: bool = False, block_size: int = 32) -> list[Variant]:
 def evaluate(pipe, examples, variant: Variant, batch: int, decoding: dict) -> tuple[float, float, list[str]]:
     """``(accuracy, seconds, texts)`` of ``variant`` over ``examples`` (prompts decoded ``batch`` at a time)."""
     texts = []
+    synchronize()
     start = time.perf_counter()
     for lo in range(0, len(examples), batch):
         chunk = examples[lo : lo + batch]
@@ -111,6 +114,7 @@ def evaluate(pipe, examples, variant: Variant, batch: int, decoding: dict) -> tu
             **variant.options,
         )
         texts.extend(out.texts)
+    synchronize()
     seconds = time.perf_counter() - start
     correct = sum(t.split() == e.answer.split() for t, e in zip(texts, examples))
     return correct / len(examples), seconds, texts

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.attention import block_sparse_attention, keep_count, pool_blocks, select_topk_blocks
+from fastgen.bench._timing import time_call
 
 from .workloads import Workload, text_workload, video_workload
 
@@ -58,20 +59,6 @@ DTYPES.update({"float16": torch.float16, "fp16": torch.float16})
 
 
 # ------------------------------------------------------------------------------------ measuring
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call of ``fn`` (synchronised on CUDA)."""
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
 
 
 def _release_free_memory() -> None:

@@ -41,9 +41,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from fastgen.bench._timing import time_call, timed
 
 FRAME_HW = (64, 96)  # latent height, width -> 32 x 48 = 1536 tokens per frame
 TEXT_TOKENS = 512
@@ -131,16 +132,6 @@ def _generate(pipe, noise, text, frames, seed, *, record_cache=None):
         output_type="latent",
         callback_on_chunk_end=on_chunk,
     ).frames
-
-
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def computed_fraction(rows: list[dict], frames_per_chunk: int = 3) -> float:
@@ -237,10 +228,10 @@ def run_causal_bench(
     for round_index in range(rounds):
         for name in names:
             record = cache_bytes if name == "dense" and not cache_bytes else None
-            t, (out, stats) = _timed(lambda name=name, record=record: run_variant(name, record))
+            (out, stats), t = timed(lambda name=name, record=record: run_variant(name, record))
             times[name].append(t)
             outputs[name], rows[name] = out, stats
-        rest_times.append(_timed(run_without_attention)[0])
+        rest_times.append(time_call(run_without_attention))
         _summarize(result, names, times, rest_times, outputs, rows, cache_bytes, round_index + 1)
         if partial_out is not None:
             with open(partial_out, "w") as f:
@@ -427,7 +418,7 @@ def run_op_bench(rounds: int = 5, frames: int = 9, block_size: int = 128, frame_
             fn()
         for _ in range(rounds):
             for name, fn in calls.items():
-                times[name].append(_timed(fn)[0])
+                times[name].append(time_call(fn))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     sparse = [name for name in med if name.startswith("light_forcing")]
     return {

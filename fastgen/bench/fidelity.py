@@ -24,6 +24,7 @@ import torch
 
 from fastgen.attention import dense_attention
 from fastgen.attention.rectified import rectified_sparse_attention
+from fastgen.bench._timing import time_call
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ def measure_cost(
     variant is timed with its own selection; the ``*_selection`` entries show it separately."""
     import os
     import statistics
-    import time
 
     from fastgen.attention.execute import execute_plan
     from fastgen.attention.rectified import plan_rectified
@@ -329,9 +329,7 @@ def measure_cost(
         fn()  # warm-up (kernel build, caches)
     for _ in range(rounds):  # interleaved: every stage once per round
         for name, fn in stages.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(time_call(fn))
     times = {name: statistics.median(x) for name, x in samples.items()}
     for name in configs:
         times[f"{name}_total"] = times[f"{name}_selection"] + times[f"{name}_attention"]

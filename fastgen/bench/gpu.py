@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastgen.bench._timing import cuda_event_ms
+
 logger = logging.getLogger(__name__)
 
 TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}
@@ -157,19 +159,6 @@ def _rel_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def _time_ms(fn, rounds: int) -> list[float]:
-    """Milliseconds of ``fn()`` per round (CUDA events around each call, synchronised)."""
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def _flash_attn():
     try:
         from flash_attn import flash_attn_func  # noqa: PLC0415
@@ -243,7 +232,7 @@ def check_shape(shape: Shape, dtype: torch.dtype, device, *, rounds: int, seed: 
         times = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, fn in contenders.items():
-                times[name].extend(_time_ms(fn, 1))
+                times[name].extend(cuda_event_ms(fn, 1))
         medians = {name: statistics.median(t) for name, t in times.items()}
         for row in results:
             row["ms"] = medians[row["kernel"]]

@@ -17,29 +17,15 @@ import logging
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from fastgen.attention.sparsed import compute_sparsed_pattern, dense_step_count, sparsed_attention
+from fastgen.bench._timing import timed
 from fastgen.configs import SparseDConfig
 from fastgen.metrics import token_agreement
 
 logger = logging.getLogger(__name__)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device):
-    """``(result, seconds)``: wall clock (synchronised on CUDA)."""
-    _sync(device)
-    start = time.perf_counter()
-    result = fn()
-    _sync(device)
-    return result, time.perf_counter() - start
 
 
 def _interleaved(fns: dict, device: torch.device, rounds: int) -> tuple[dict, dict]:
@@ -49,7 +35,7 @@ def _interleaved(fns: dict, device: torch.device, rounds: int) -> tuple[dict, di
     results = {}
     for _ in range(rounds):
         for name, fn in fns.items():
-            results[name], seconds = _timed(fn, device)
+            results[name], seconds = timed(fn, device)
             samples[name].append(seconds)
     return results, {name: statistics.median(x) for name, x in samples.items()}
 

@@ -32,11 +32,11 @@ import argparse
 import json
 import logging
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from fastgen.bench._timing import time_call, timed
 from fastgen.processors.hunyuan_video import HunyuanVideoRectifiedProcessor
 from fastgen.processors.wan import WanRectifiedProcessor
 
@@ -134,17 +134,6 @@ def _hunyuan(grid, heads, head_dim, layers):
 MODELS = {"wan": _wan, "hunyuan": _hunyuan}
 
 
-def _timed(fn) -> tuple[float, torch.Tensor]:
-    """Wall-clock seconds of one call (synchronised on CUDA) and its result."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
 def run_transformer_bench(
     model: str = "wan",
     grid: tuple[int, int, int] = (9, 30, 52),
@@ -206,12 +195,12 @@ def run_transformer_bench(
     # the variants take turns, so a change of load on the machine hits all of them
     dense_t, fastgen_dense_t, sparse_t, rest_t = [], [], [], []
     for _ in range(repeats):
-        t, dense_out = _timed(forward)
+        dense_out, t = timed(forward)
         dense_t.append(t)
-        fastgen_dense_t.append(_timed(fastgen_dense_forward)[0])
-        t, (sparse_out, rows) = _timed(sparse_forward)
+        fastgen_dense_t.append(time_call(fastgen_dense_forward))
+        (sparse_out, rows), t = timed(sparse_forward)
         sparse_t.append(t)
-        rest_t.append(_timed(no_self_attention)[0])
+        rest_t.append(time_call(no_self_attention))
     dense_s, fastgen_dense_s, sparse_s, rest_s = (
         min(dense_t),
         min(fastgen_dense_t),

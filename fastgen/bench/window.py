@@ -28,18 +28,18 @@ CUDA memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
 from fastgen.attention.window import predicted_flop_ratio
-from fastgen.bench.attention import _synchronize
+from fastgen.bench._timing import time_per_call, timed
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 from fastgen.metrics import token_agreement
 
@@ -156,17 +156,6 @@ def _build_real(family: str, max_positions: int, device, dtype, seed: int):
     return DiffusionLMPipeline(model, mask_token_id=shape["mask_token_id"])
 
 
-def _timed(fn, **kwargs):
-    """``(fn(**kwargs), wall seconds)``, synchronised on CUDA."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(**kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
     """Wall time of a plain forward over ``total`` tokens over one over ``rows`` tokens (interleaved,
     median of ``rounds``): what a pruned step of ``rows`` rows can cost at best relative to a dense step
@@ -183,12 +172,10 @@ def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
                     torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
                 )
                 calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
-                _synchronize(model.device)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                _synchronize(model.device)
-                times[n].append((time.perf_counter() - start) / calls)
+                forward = functools.partial(
+                    model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+                )
+                times[n].append(time_per_call(forward, calls, model.device))
     return statistics.median(times[total]) / statistics.median(times[rows])
 
 
@@ -262,10 +249,10 @@ def run_window_bench(
             times = {"dense_step": []}
             outs = {}
             for _ in range(max(1, int(rounds.get(gen, 1)))):
-                _, t = _timed(pipe, steps=dense_probe_steps, block_length=gen, **common)
+                _, t = timed(functools.partial(pipe, steps=dense_probe_steps, block_length=gen, **common))
                 times["dense_step"].append(t / dense_probe_steps)
                 for name, options in variants_here.items():
-                    out, t = _timed(pipe, steps=gen, **common, **options)
+                    out, t = timed(functools.partial(pipe, steps=gen, **common, **options))
                     times.setdefault(name, []).append(t)
                     outs[name] = out
             dense_step = statistics.median(times["dense_step"])
@@ -291,7 +278,7 @@ def run_window_bench(
             }
             dense_tokens = None
             if gen <= agreement_up_to:
-                dense_out, t_full = _timed(pipe, steps=gen, block_length=gen, **common)
+                dense_out, t_full = timed(functools.partial(pipe, steps=gen, block_length=gen, **common))
                 dense_tokens = dense_out.sequences[0, prompt_length:].tolist()
                 row["dense"]["full_run_s"] = t_full
             for name in variants_here:
@@ -381,10 +368,7 @@ def pruned_attention_bench(
         times = {name: [] for name in variants}
         for _ in range(rounds):
             for name, fn in variants.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - start) / calls)
+                times[name].append(time_per_call(fn, calls))
         sdpa = statistics.median(times["sdpa"])
         for name in variants:
             ms = statistics.median(times[name])
@@ -446,7 +430,7 @@ def trained_bench(
     results = {}
     for _ in range(rounds):
         for name, options in variants.items():
-            (texts, steps), seconds = _timed(run, options=options)
+            (texts, steps), seconds = timed(functools.partial(run, options=options))
             times[name].append(seconds)
             results[name] = (texts, steps)
     dense_s = statistics.median(times["dense"])

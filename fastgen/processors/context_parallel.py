@@ -103,7 +103,7 @@ def context_parallel_layout(parallel_config) -> ContextParallelLayout | None:
     )
 
 
-def _layout_of(processor) -> ContextParallelLayout:
+def layout_of(processor) -> ContextParallelLayout:
     """The processor's layout, cached on the processor instance for its current parallel config."""
     config = processor._parallel_config
     cached = getattr(processor, "_fastgen_cp_layout", None)
@@ -205,7 +205,7 @@ def _note_heads(processor, layer: int, first_head: int) -> None:
         stats["first_head"] = first_head
 
 
-def _check_heads(layout: ContextParallelLayout, heads: int) -> None:
+def check_heads(layout: ContextParallelLayout, heads: int) -> None:
     if heads % layout.ulysses:
         raise ValueError(
             f"context parallelism: {heads} attention heads are not divisible by ulysses_degree={layout.ulysses}; "
@@ -223,9 +223,9 @@ def wan_self_attention(processor, layer: int, step: int, grid, query, key, value
     with the rank's RoPE slice); returns the same shape. ``grid``: the global latent grid of the call
     (the step tracker's); ``step``/``layer``: the processor's warm-up/dense-layer decision inputs.
     """
-    layout = _layout_of(processor)
+    layout = layout_of(processor)
     _, s_local, heads, head_dim = query.shape
-    _check_heads(layout, heads)
+    check_heads(layout, heads)
     n_tokens = s_local * layout.world
     ring_ok = processor.config.form in RING_FORMS
     reason = (
@@ -364,9 +364,9 @@ def hunyuan_joint_attention(
     """
     from .rectified_base import key_padding_from_attention_mask
 
-    layout = _layout_of(processor)
+    layout = layout_of(processor)
     batch, s_local, heads, head_dim = query.shape
-    _check_heads(layout, heads)
+    check_heads(layout, heads)
     world = layout.world
     n_text = n_text_share * world
     n_tokens = s_local * world
@@ -424,50 +424,6 @@ def hunyuan_joint_attention(
 
 
 # ------------------------------------------------------------------- causal Wan (KV-cached)
-
-
-def causal_self_attention(processor, attn, session, hidden_states, rotary_emb) -> torch.Tensor:
-    """``attn1`` of fastgen's causal Wan (Self-Forcing, Light Forcing) during a generation under Ulysses.
-
-    Only the current chunk is exchanged: q/k/v of the rank's token share ``[B, S_chunk/U, H, D]`` become
-    the whole chunk for heads ``[u*H/U, (u+1)*H/U)``, and the processor's own cache logic runs on them
-    unchanged (``processor._causal``): each rank's KV cache holds its heads over the whole token range
-    (global frame indices, so windowing, sinks and eviction are as in one process; memory / U), and
-    ``chunk_attention`` (dense, or Light Forcing's) sees the rank's heads. RoPE: the rank's slice of the
-    chunk table is applied before the exchange; a whole-chunk table (fastgen's RoPE hook registered
-    after ``enable_parallelism``, so no split hook slices it) after it. Returns the block output
-    ``[B, S_chunk/U, C]`` (after ``to_out``).
-    """
-    from .wan import apply_wan_rotary, norm_rope, projections
-
-    layout = _layout_of(processor)
-    if layout.ring > 1 or layout.uneven:
-        raise ValueError(
-            f"causal Wan under context parallelism: ring_degree={layout.ring} / uneven shares are not supported; "
-            "allowed: ContextParallelConfig(ulysses_degree=N) (mode='ulysses')"
-        )
-    heads = attn.heads
-    _check_heads(layout, heads)
-    share = hidden_states.shape[1]
-    rows = None if rotary_emb is None else rotary_emb[0].shape[1]
-    if rows not in (None, share, share * layout.world):
-        raise ValueError(
-            f"causal Wan under context parallelism: a RoPE table of {rows} tokens fits neither the rank's "
-            f"{share} tokens nor the chunk's {share * layout.world}"
-        )
-    before = rotary_emb if rows == share else None
-    raw_keys = session.rope_positions == "window"
-    query, key, value = projections(attn, hidden_states, None)
-    query = norm_rope(attn.norm_q, query, heads, before)
-    key = norm_rope(attn.norm_k, key, heads, None if raw_keys else before)
-    value = value.unflatten(2, (heads, -1))
-    q, k, v = (heads_to_sequence(t, layout) for t in (query, key, value))
-    if rotary_emb is not None and before is None:
-        q = apply_wan_rotary(q, *rotary_emb)
-        k = k if raw_keys else apply_wan_rotary(k, *rotary_emb)
-    out = sequence_to_heads(processor._causal(session, q, k, v), layout)
-    out = attn.to_out[0](out.flatten(2, 3).type_as(query))
-    return attn.to_out[1](out)
 
 
 def unsplit_rope_forward(module: torch.nn.Module, forward, hook_name: str):
@@ -530,7 +486,7 @@ def gathered_layer_stats(model: torch.nn.Module) -> list[dict]:
 __all__ = [
     "MODES",
     "ContextParallelLayout",
-    "causal_self_attention",
+    "check_heads",
     "context_parallel_layout",
     "deinterleave",
     "gather_ring",
@@ -538,6 +494,7 @@ __all__ = [
     "heads_to_sequence",
     "hunyuan_joint_attention",
     "interleaved_order",
+    "layout_of",
     "reinterleave",
     "sequence_to_heads",
     "unsplit_rope_forward",

@@ -232,7 +232,7 @@ def enable_context_parallel(
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
-    from fastgen.hooks import is_pipeline, pipeline_transformers
+    from fastgen.api import is_pipeline, pipeline_transformers
 
     models = pipeline_transformers(target) if is_pipeline(target) else [target]
     if not models or not all(_is_wan(m) or _is_hunyuan(m) for m in models):

@@ -51,7 +51,6 @@ from .causal_wan import (
     CausalWanState,
     ChunkInfo,
     check_causal_wan,
-    get_causal_state,
     install_causal_processors,
     remove_causal_processors,
 )
@@ -300,17 +299,11 @@ def chunk_densities(stats: list[dict]) -> dict[int, float]:
     return {c: float(sum(v) / len(v)) for c, v in sorted(per_chunk.items())}
 
 
-def is_light_forcing(model) -> bool:
-    """Whether Light Forcing is installed on ``model``."""
-    return bool(getattr(model, _MARK_ATTR, False)) and get_causal_state(model) is not None
-
-
 __all__ = [
     "LightForcingWanProcessor",
     "apply",
     "check_config",
     "chunk_densities",
-    "is_light_forcing",
     "processors",
     "remove",
     "stats",

@@ -1,53 +1,5 @@
-"""SparseD and Window-Diffusion on transformers diffusion LMs (Llama, Qwen2, ... any model using
-``ALL_ATTENTION_FUNCTIONS``).
-
-The adapter registers one transformers attention function, ``"fastgen_sparsed"``, and switches the
-model to it. Per-model state (config, current step, per-layer patterns) lives on a
-:class:`SparseDState` attached to the model and to each of its attention modules; nothing is kept on
-classes or globally, so several models can carry different configs.
-
-Step protocol (the diffusion-LM pipeline drives it; all three are no-ops on a model without SparseD):
-
-- :func:`begin_generation` ``(model, total_steps, prompt_length=None, key_valid=None)`` resets the
-  patterns; ``key_valid`` (the pipeline's ``[B, N]`` real-token mask) declares the key padding of
-  every call, so the 4D mask's values are never read (no host read, nothing data-dependent for
-  ``torch.compile``);
-- :func:`set_step` ``(model, step)`` before each denoising forward (0-based over the whole
-  generation, across semi-autoregressive blocks); it decides the step's phase in Python, so a
-  compiled model sees one of three phase strings (one graph per phase), never the step number;
-- :func:`end_generation` ``(model)`` at the end.
-
-The first ``dense_step_count(skip, total_steps) = max(1, round(skip * total_steps))`` steps run
-transformers' own SDPA function (bit-identical to the unmodified model); at the last of them each
-layer also computes its pattern (per batch row and head, so both CFG branches get their own). Later
-steps run :func:`fastgen.attention.sparsed.sparsed_attention` with that pattern. ``skip=0`` still
-needs one dense step to compute the pattern; ``skip=1`` is fully dense. Forwards outside a generation
-(no ``begin_generation``/``set_step``) are dense.
-
-Masks: the sparse path serves the masks a diffusion LM uses - none on a non-causal module
-(bidirectional), or a 4D bool / additive mask that is a key padding mask for every real query (the
-pipeline's padding-aware full mask; rows of padded queries may hold anything). Padded keys are
-never selected and partially padded key blocks are handled exactly. Any other mask (causal, sliding
-window, biases), a missing mask on a causal module (SDPA would run it causally), a KV cache, or
-dropout falls back to SDPA, logged once.
-
-Window-Diffusion (:class:`~fastgen.configs.WindowDiffusionConfig`) is driven by the diffusion-LM
-pipeline, which decides the active and window sets of each step. For the length of one generation
-:func:`begin_window` switches the model to a second attention function, ``"fastgen_window"``, that
-wraps the implementation the model had (SDPA, eager, or SparseD's function when the two are composed):
-
-- refresh step (:meth:`WindowState.refresh`): the layer's post-RoPE keys/values of the positions run
-  are written into the :class:`~fastgen.attention.window.WindowKVCache`, then the wrapped function
-  computes attention as it would without Window-Diffusion (SparseD's pattern applies here);
-- after the refresh (:meth:`WindowState.freeze_window`): the phase's window positions are copied once
-  per layer from the cache into a contiguous window buffer;
-- pruned step (:meth:`WindowState.pruned`): the model was called with the active tokens only (their
-  absolute ``position_ids``); their fresh keys/values are written into the window buffer at their
-  slots and they attend to the whole buffer (no per-step gather).
-
-``apply_sparse_attention(model, WindowDiffusionConfig(...))`` only records the config on the model
-(the pipeline then uses it for every call); nothing in the model changes until a generation starts.
-"""
+"""SparseD on transformers diffusion LMs (Llama, Qwen2, ... any model using ``ALL_ATTENTION_FUNCTIONS``):
+the attention function, its per-model state and the step protocol. See the package docstring."""
 
 from __future__ import annotations
 
@@ -56,15 +8,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastgen.attention.backends import log_once
+from fastgen._validation import log_once
 from fastgen.attention.sparsed import (
     SparseDPattern,
     compute_sparsed_pattern,
     dense_step_count,
     sparsed_attention,
 )
-from fastgen.attention.window import WindowKVCache, window_attention
+from fastgen.attention_stats import stats_providers
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
+
+from .window import WINDOW_CONFIG_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +54,32 @@ class SparseDState:
     sparse_call_count: torch.Tensor | None = None
     """Attention calls served sparsely in this generation (a device counter allocated by
     :func:`begin_generation`: no host read per call)."""
+    layers: list[int] = field(default_factory=list)
+    """Layer indices of the attention modules this state serves."""
+    record_stats: str = "summary"
+    """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"`` (no rows), ``"summary"`` (layer,
+    density) or ``"masks"`` (also each layer's block mask of batch row 0). The patterns are kept anyway:
+    they are the method's state."""
     _mask_cache: tuple | None = None
+
+    def layer_stats(self) -> list[dict]:
+        """One row per layer: ``layer``, ``method`` (``"sparsed"``), ``density`` (fraction of tiles computed;
+        1.0 while dense) and at ``"masks"`` level, once a pattern exists, ``block_mask`` of batch row 0 as a
+        CPU bool ``[H, nqb, nkb]``."""
+        if self.record_stats == "off":
+            return []
+        rows = []
+        for layer in self.layers:
+            pattern = self.patterns.get(layer)
+            row = {
+                "layer": layer,
+                "method": "sparsed",
+                "density": 1.0 if pattern is None else pattern.density,
+            }
+            if pattern is not None and self.record_stats == "masks":
+                row["block_mask"] = pattern.block_mask[0].detach().cpu()
+            rows.append(row)
+        return rows
 
     @property
     def sparse_calls(self) -> int:
@@ -221,7 +200,7 @@ def sparsed_attention_forward(
             if not ok:
                 reason = "the attention mask is not a key padding mask"
     if reason is not None:
-        log_once(f"fastgen SparseD: dense attention ({reason})", logging.INFO)
+        log_once(logger, f"fastgen SparseD: dense attention ({reason})", logging.INFO)
         return dense()
     layer = module.layer_idx
     groups = getattr(module, "num_key_value_groups", 1)
@@ -239,10 +218,13 @@ def sparsed_attention_forward(
         return dense()
     pattern = state.patterns.get(layer)
     if pattern is None or tuple(pattern.block_mask.shape[:2]) != (query.shape[0], query.shape[1]):
-        log_once("fastgen SparseD: dense attention (no pattern for this layer and shape)", logging.INFO)
+        log_once(
+            logger, "fastgen SparseD: dense attention (no pattern for this layer and shape)", logging.INFO
+        )
         return dense()
     if pattern.num_tokens != query.shape[2]:  # Window-Diffusion's Dream rules: refresh prefixes grow
         log_once(
+            logger,
             "fastgen SparseD: pattern reused on a call of another length (tiles it never saw run dense)",
             logging.INFO,
         )
@@ -331,6 +313,10 @@ def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "layer_idx", None), int):
             setattr(module, _STATE_ATTR, state)
+    state.layers = sorted(
+        {m.layer_idx for m in model.modules() if getattr(m, _STATE_ATTR, None) is state and m is not model}
+    )
+    stats_providers(model)["sparsed"] = state
 
 
 def remove(model: torch.nn.Module) -> None:
@@ -340,6 +326,7 @@ def remove(model: torch.nn.Module) -> None:
     state = _state(model)
     if state is None:
         return
+    stats_providers(model).pop("sparsed", None)
     model.set_attn_implementation(state.saved_implementation)
     for module in model.modules():
         if module.__dict__.get(_STATE_ATTR) is not None:
@@ -347,16 +334,15 @@ def remove(model: torch.nn.Module) -> None:
 
 
 def stats(model: torch.nn.Module) -> list[dict]:
-    """Per-layer statistics: ``layer``, ``density`` (fraction of tiles computed; 1.0 while dense) and,
-    once a pattern exists, ``block_mask`` of batch row 0 as a CPU bool ``[H, nqb, nkb]``."""
+    """SparseD's per-layer statistics: ``layer``, ``density`` (fraction of tiles computed; 1.0 while dense)
+    and, once a pattern exists, ``block_mask`` of batch row 0 as a CPU bool ``[H, nqb, nkb]`` (whatever the
+    recording level; ``fastgen.attention_stats(model)`` gives these rows, and Window-Diffusion's, through
+    the shared interface)."""
     state = _state(model)
     if state is None:
         return []
-    layers = sorted(
-        {m.layer_idx for m in model.modules() if getattr(m, _STATE_ATTR, None) is state and m is not model}
-    )
     rows = []
-    for layer in layers:
+    for layer in state.layers:
         pattern = state.patterns.get(layer)
         row = {"layer": layer, "density": 1.0 if pattern is None else pattern.density}
         if pattern is not None:
@@ -441,172 +427,8 @@ def end_generation(model: torch.nn.Module) -> None:
     state._mask_cache = None
 
 
-# ---------------------------------------------------------------- Window-Diffusion
-
-WINDOW_IMPLEMENTATION = "fastgen_window"
-"""Name under which the Window-Diffusion attention function is registered with transformers."""
-
-WINDOW_CONFIG_ATTR = "_fastgen_window_config"
-"""Attribute holding the :class:`WindowDiffusionConfig` recorded by ``apply_sparse_attention``."""
-
-_WINDOW_ATTR = "_fastgen_window"
-
-
-@dataclass
-class WindowState:
-    """Window-Diffusion state of one model during one generation."""
-
-    cache: WindowKVCache
-    """Post-RoPE keys/values per layer and position."""
-    saved_implementation: str | dict | None
-    """``config._attn_implementation`` before :func:`begin_window` (the wrapped function)."""
-    mode: str = "off"
-    """``"refresh"``, ``"pruned"`` or ``"off"`` (plain forward, cache untouched)."""
-    query_index: torch.Tensor | None = None
-    """Pruned step: positions ``[B, Q]`` of the rows the model runs (padding: the dump slot)."""
-    query_slots: torch.Tensor | None = None
-    """Pruned step: slots ``[B, Q]`` of those rows in the phase's window buffer."""
-
-    def refresh(self) -> None:
-        """Next forward is a refresh: write keys/values of the positions run, attend as usual."""
-        self.mode = "refresh"
-        self.query_index = self.query_slots = None
-
-    def freeze_window(self, window_index: torch.Tensor, window_valid: torch.Tensor) -> None:
-        """After a refresh: the phase's window ``window_index [B, W]`` (``window_valid [B, W]``) is copied
-        once into the cache's contiguous window buffer that the phase's pruned steps read and update."""
-        self.cache.freeze_window(window_index, window_valid)
-
-    def pruned(self, query_index: torch.Tensor) -> None:
-        """Next forward runs the rows at ``query_index [B, Q]``; they attend to the frozen window."""
-        self.mode = "pruned"
-        self.query_index = query_index
-        self.query_slots = self.cache.window_slots(query_index)
-
-
-def _wrapped_function(module: torch.nn.Module, implementation):
-    """The attention function ``implementation`` names for ``module`` (eager: the model's own)."""
-    import sys
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if implementation in (None, "eager") or not isinstance(implementation, str):
-        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if eager is not None:
-            return eager
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        log_once("fastgen Window-Diffusion: no eager attention function found; refresh steps use SDPA")
-        return sdpa_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def window_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function of Window-Diffusion (q ``[B, H, Q, D]``, k/v ``[B, H_kv, Q, D]``).
-
-    Refresh: cache the keys/values of positions ``[0, Q)`` and call the wrapped function. Pruned:
-    write them into the phase's window buffer at the state's ``query_slots`` and attend to the buffer. Returns
-    ``(attn_output [B, Q, H, D], None)``.
-    """
-    state: WindowState | None = getattr(module, _WINDOW_ATTR, None)
-    layer = getattr(module, "layer_idx", None)
-    if state is None or state.mode == "off" or not isinstance(layer, int):
-        inner = _wrapped_function(module, state.saved_implementation if state else None)
-        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if state.mode == "refresh":
-        state.cache.write_prefix(layer, key, value)
-        inner = _wrapped_function(module, state.saved_implementation)
-        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if state.query_index.shape != (query.shape[0], query.shape[2]):
-        raise ValueError(
-            f"pruned step: the model ran {tuple(query.shape[::2])} (batch, rows) but the plan has "
-            f"query_index of shape {tuple(state.query_index.shape)}"
-        )
-    state.cache.scatter_window(layer, state.query_slots, key, value)
-    k_window, v_window, key_mask = state.cache.window(layer)
-    out = window_attention(query, k_window, v_window, key_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_window() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(WINDOW_IMPLEMENTATION, window_attention_forward)
-    AttentionMaskInterface.register(WINDOW_IMPLEMENTATION, sdpa_mask)
-
-
-def window_config(model: torch.nn.Module) -> WindowDiffusionConfig | None:
-    """The :class:`WindowDiffusionConfig` recorded on ``model`` by ``apply_sparse_attention`` (or None)."""
-    return getattr(model, WINDOW_CONFIG_ATTR, None)
-
-
-def begin_window(model: torch.nn.Module, num_positions: int) -> WindowState:
-    """Switch ``model`` to the Window-Diffusion attention function for one generation of
-    ``num_positions`` tokens (prompt + generated) and return its fresh state (mode ``"off"``)."""
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(
-            f"Window-Diffusion needs a transformers PreTrainedModel using AttentionInterface, got model="
-            f"{type(model).__name__}"
-        )
-    end_window(model)
-    _register_window()
-    state = WindowState(
-        cache=WindowKVCache(num_positions), saved_implementation=model.config._attn_implementation
-    )
-    model.set_attn_implementation(WINDOW_IMPLEMENTATION)
-    if model.config._attn_implementation != WINDOW_IMPLEMENTATION:
-        model.set_attn_implementation(state.saved_implementation)
-        raise ValueError(
-            f"model={type(model).__name__} cannot switch its attention implementation (it does not use "
-            "transformers' AttentionInterface); Window-Diffusion is not available for it"
-        )
-    setattr(model, _WINDOW_ATTR, state)
-    count = 0
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and module is not model:
-            setattr(module, _WINDOW_ATTR, state)
-            count += 1
-    if count == 0:
-        end_window(model)
-        raise ValueError(
-            f"model={type(model).__name__} has no attention modules with a layer_idx; Window-Diffusion needs "
-            "them to address its per-layer cache"
-        )
-    return state
-
-
-def end_window(model: torch.nn.Module) -> None:
-    """Restore the attention implementation of before :func:`begin_window` and drop the cache."""
-    state = getattr(model, _WINDOW_ATTR, None)
-    if state is None:
-        return
-    model.set_attn_implementation(state.saved_implementation)
-    for module in model.modules():
-        if module.__dict__.get(_WINDOW_ATTR) is not None:
-            delattr(module, _WINDOW_ATTR)
-
-
 __all__ = [
     "IMPLEMENTATION",
-    "WINDOW_CONFIG_ATTR",
-    "WINDOW_IMPLEMENTATION",
-    "WindowState",
-    "begin_window",
-    "end_window",
-    "window_attention_forward",
-    "window_config",
     "SparseDState",
     "apply",
     "begin_generation",
