@@ -157,8 +157,8 @@ def _masks(model) -> dict[int, torch.Tensor]:
 
 def _sparse_under_cp(model, inputs, name: str, mode: str = "ulysses", apply_after: bool = False) -> None:
     import fastgen
-    from fastgen.hooks import reset_step_tracking
     from fastgen.processors.context_parallel import gathered_layer_stats
+    from fastgen.tracking import reset_step_tracking
 
     fastgen.apply_sparse_attention(model, sparse_config())
     fastgen.record_attention_stats(model, "masks")
@@ -390,7 +390,7 @@ def ring_two_grids() -> None:
     """Ring sparse on two grids of the same token count, one after the other (the cached query rows
     of one grid's tile order must not serve the other): both equal the single process."""
     import fastgen
-    from fastgen.hooks import reset_step_tracking
+    from fastgen.tracking import reset_step_tracking
 
     model = tiny_wan()
     fastgen.apply_sparse_attention(model, sparse_config())

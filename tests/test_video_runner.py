@@ -14,7 +14,7 @@ from fastgen import RectifiedSpaAttnConfig
 from fastgen.cli import build_parser
 from fastgen.cli.generate import generate_video_from_args as generate_from_args
 from fastgen.cli.options import Run
-from fastgen.hooks import get_step_tracker
+from fastgen.tracking import get_step_tracker
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "frames": 5}  # latent 2 x 8 x 8 = 128 tokens (patch 1)
 

@@ -121,7 +121,7 @@ class ContextParallelGuardHook(_model_hook_base()):
 
     def pre_forward(self, module, *args, **kwargs):
         """Check the token counts of this call and the processors' parallel config."""
-        from fastgen.hooks import video_grid
+        from fastgen.tracking import video_grid
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         grid = video_grid(module, hidden)

@@ -186,7 +186,7 @@ class RectifiedProcessorBase:
             if self._own_forwards == 0:
                 self._log_once(
                     "fastgen: processor has no step tracker; counting forward passes as steps "
-                    "(call fastgen.hooks.register_step_tracker(transformer) for timestep-based counting)"
+                    "(call fastgen.tracking.register_step_tracker(transformer) for timestep-based counting)"
                 )
         return max(self._own_forwards, 0), None
 

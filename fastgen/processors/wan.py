@@ -13,7 +13,7 @@ Example:
     >>> fastgen.processors.wan.stats(pipe.transformer)[3]["density"]
     >>> remove_sparse_attention(pipe.transformer)  # original processors back, output identical
 
-Set by hand (one instance on every attention layer; see ``fastgen.processors.common`` for how the
+Set by hand (one instance on every attention layer; see ``fastgen.processors.rectified_base`` for how the
 layer index and the step are found then):
     >>> transformer.set_attn_processor(WanRectifiedProcessor(RectifiedSpaAttnConfig()))
 """
