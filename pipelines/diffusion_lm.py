@@ -684,6 +684,26 @@ class DiffusionLMPipeline:
                 f"acceleration holds {len(window_configs)} WindowDiffusionConfig; allowed: at most one"
             )
         window = window_configs[0] if window_configs else _recorded_window_config(self.model)
+        # >>> Fast-dLLM hook (issue 25; pipelines/fast_dllm.py owns the rest; port after the split)
+        from .fast_dllm import split_fast_dllm
+
+        fast_dllm, configs = split_fast_dllm(configs, window_configs[0] if window_configs else None)
+        if fast_dllm is not None and confidence_threshold is not None:
+            raise ValueError(
+                f"confidence_threshold={confidence_threshold!r} with a FastDLLMConfig; allowed: None "
+                "(the config's threshold / factor decides)"
+            )
+        if fast_dllm is not None:
+            if block_length not in (None, fast_dllm.block_length):
+                raise ValueError(
+                    f"block_length={block_length!r} differs from FastDLLMConfig.block_length="
+                    f"{fast_dllm.block_length}; allowed: None or {fast_dllm.block_length}"
+                )
+            block_length = fast_dllm.block_length  # Fast-dLLM runs each block until it is full:
+            steps = max(
+                1, gen_length // block_length
+            )  # steps is nominal (one per block), as its scripts pass
+        # <<< Fast-dLLM hook
         if window is not None:
             window = window.resolved(family)
         if sampler is None:
@@ -754,6 +774,30 @@ class DiffusionLMPipeline:
             raise ValueError("logits_shift=True needs a prompt of at least one token")
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
 
+        # >>> Fast-dLLM hook (issue 25)
+        if fast_dllm is not None:
+            from .fast_dllm import run_fast_dllm
+
+            extra = {"alg_temp": alg_temp, "top_p": top_p, "top_k": top_k}
+            if sampler == "dream" and alg != "entropy":
+                extra["alg"] = alg
+            given = {k: v for k, v in extra.items() if v is not None}
+            if cfg_scale > 0 or remasking != "low_confidence" or given:
+                raise ValueError(
+                    f"cfg_scale={cfg_scale!r}, remasking={remasking!r}, {given} with a FastDLLMConfig; allowed: "
+                    "cfg_scale=0, remasking='low_confidence', no Dream sampler options (Fast-dLLM's own rule)"
+                )
+            logger.info(
+                "Fast-dLLM (%s): blocks of %d run until full; steps is not used",
+                fast_dllm.cache,
+                block_length,
+            )
+            return run_fast_dllm(
+                self, fast_dllm, rows, prompt_length=prompt_length, gen_length=gen_length,
+                temperature=float(temperature), logits_shift=bool(logits_shift), eos_ids=eos_ids,
+                generator=generator, callback=callback,
+            )  # fmt: skip
+        # <<< Fast-dLLM hook
         if window is not None:
             self._check_window(window, gen_length, steps, block_length)
         user_applied = getattr(self.model, "_fastgen_adapter", None) is not None
