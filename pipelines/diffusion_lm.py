@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from fastgen.pipelines.fast_dllm import fast_dllm_schedule, generate_fast_dllm, split_fast_dllm
 from fastgen.pipelines.lm_sampler import (
     DREAM_ALGS,
     DREAM_EPS,
@@ -400,6 +401,17 @@ class DiffusionLMPipeline:
         """
         # every check runs here, before any model call
         configs, window = self._resolve_acceleration(acceleration)
+        fast_dllm, configs = split_fast_dllm(configs, window)
+        if fast_dllm is not None:  # Fast-dLLM decides its own schedule and commit rule
+            steps, block_length = fast_dllm_schedule(
+                fast_dllm,
+                gen_length=gen_length,
+                block_length=block_length,
+                confidence_threshold=confidence_threshold,
+                cfg_scale=cfg_scale,
+                remasking=remasking,
+                dream_options={"alg": alg, "alg_temp": alg_temp, "top_p": top_p, "top_k": top_k},
+            )
         options = self._resolve_sampler(
             sampler, remasking, temperature, confidence_threshold, alg, alg_temp, top_p, top_k
         )
@@ -407,6 +419,28 @@ class DiffusionLMPipeline:
         check_number("cfg_scale", cfg_scale, 0.0, math.inf, high_open=True)
         rows = self._prompt_rows(prompt, input_ids, attention_mask)
         call = self._resolve_call(rows, schedule, options, window, cfg_scale, logits_shift, eos_token_id)
+        if fast_dllm is not None:
+            with torch.no_grad():
+                sequences, steps_run, nfe = generate_fast_dllm(
+                    self,
+                    call.rows,
+                    fast_dllm,
+                    prompt_length=call.prompt_length,
+                    gen_length=call.gen_length,
+                    temperature=float(call.options.temperature),
+                    logits_shift=call.logits_shift,
+                    eos_ids=call.eos_ids,
+                    generator=generator,
+                    callback=callback,
+                    family=model_family(self.model),
+                )
+            return DiffusionLMOutput(
+                sequences=sequences,
+                texts=self._texts(sequences, call),
+                steps_run=steps_run,
+                nfe=nfe,
+                prompt_length=call.prompt_length,
+            )
 
         # acceleration=: applied for this call only, unless the user applied fastgen attention already
         if configs and getattr(self.model, api.STATE_ATTR, None) is not None:
