@@ -80,10 +80,11 @@ def _fastgen_modules() -> list[str]:
 
 
 IMPORTS_FROM_THE_ROOT = """
-import importlib, sys
+import importlib, os, sys
 import transformers.integrations.hub_kernels
 import kernels
-assert not kernels.__file__ or not kernels.__file__.startswith(sys.argv[1]), kernels.__file__
+ours = os.path.join(os.path.realpath(sys.argv[1]), "kernels") + os.sep
+assert not kernels.__file__ or not os.path.realpath(kernels.__file__).startswith(ours), kernels.__file__
 from diffusers import AutoencoderKLWan, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 from transformers import LlamaForCausalLM
 for name in sys.argv[2:]:
