@@ -101,6 +101,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="rectified, light_forcing, sparsed: tokens per attention block, a power of two >= 16",
     )
     _add_video_arguments(p)
+    from fastgen.cli.context_parallel import add_context_parallel_arguments
+
+    add_context_parallel_arguments(p)
     _add_text_arguments(p)
 
 
