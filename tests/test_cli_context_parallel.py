@@ -165,3 +165,14 @@ def test_batch_ulysses_two_ranks_two_items(tmp_path):
     with open(tmp_path / "out" / "manifest.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     assert sorted((r["index"], r["status"]) for r in records) == [(0, "ok"), (1, "ok")]
+
+
+def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):
+    """Every rank finds the same problem; rank 0 says it, the others only exit with status 2."""
+    world(2)
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
+    assert (code, err) == (2, "")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
+    assert code == 2 and "--cp-degree=3 is not allowed with 2 processes" in err
