@@ -1,7 +1,7 @@
 """``fastgen bench``: argument parsing and dispatch to the benchmark modules.
 
 Suites: ``attention`` (:mod:`fastgen.bench.attention`, options parsed here), and ``fidelity``,
-``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu``, ``window`` whose modules parse their own
+``transformer``, ``sparsed``, ``causal``, ``accuracy``, ``gpu``, ``window``, ``cp`` whose modules parse their own
 options: everything after the suite name
 is handed to that module's ``main(argv)``, imported only when the suite runs.
 """
@@ -33,6 +33,10 @@ PASS_THROUGH_SUITES = {
     "window": (
         "fastgen.bench.window",
         "Window-Diffusion on tiny LLaDA/Dream-shaped LMs: tokens/s vs dense, with SparseD and threshold",
+    ),
+    "cp": (
+        "fastgen.bench.context_parallel",
+        "sparse vs dense attention under context parallelism (run under torchrun): per-rank time, exchange share",
     ),
 }
 """Suite name -> (module with ``main(argv)``, one-line help)."""

@@ -101,6 +101,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="rectified, light_forcing, sparsed: tokens per attention block, a power of two >= 16",
     )
     _add_video_arguments(p)
+    from fastgen.cli.context_parallel import add_context_parallel_arguments
+
+    add_context_parallel_arguments(p)
     _add_text_arguments(p)
 
 
@@ -387,11 +390,22 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as err:
         if args.verbose:
             traceback.print_exc()
-        for line in str(err).splitlines() or [type(err).__name__]:
-            sys.stderr.write(f"{prefix}error: {line}\n")
+        if _launched_rank() == 0:  # under torchrun every rank finds the same problem: rank 0 says it
+            for line in str(err).splitlines() or [type(err).__name__]:
+                sys.stderr.write(f"{prefix}error: {line}\n")
         return EXIT_USAGE
     except Exception as err:  # noqa: BLE001 - a failure of the run: one line, the traceback with -v
         return _unexpected(prefix, err, args.verbose)
+
+
+def _launched_rank() -> int:
+    """This process's rank under a launcher (torchrun: ``RANK``), 0 without one."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    except ValueError:
+        return 0
 
 
 def _unexpected(prefix: str, err: BaseException, verbose: bool) -> int:

@@ -205,16 +205,23 @@ def load_pipeline(load, *args, **kwargs):
 
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
+    from fastgen.cli.context_parallel import check_context_parallel, context_parallel_session, rank_device
+
     run = check_run(args)
+    plan = check_context_parallel(args, run.family, command="generate")
     out = args.out
     if out is None and run.family != "text":
         out = "output.mp4"
-    if out is not None:
+    if out is not None and (plan is None or plan.writer):  # under CP only the writing rank touches files
         check_output_file(out, run.family, overwrite=getattr(args, "overwrite", False))
     args.out = out
     if run.family == "text":
         return generate_text_from_args(args, run)
-    return generate_video_from_args(args, run)
+    if plan is None:
+        return generate_video_from_args(args, run)
+    args.device = rank_device(plan)
+    with context_parallel_session(plan):
+        return generate_video_from_args(args, run, plan)
 
 
 def _print_comparison(comparison) -> None:
@@ -224,11 +231,14 @@ def _print_comparison(comparison) -> None:
         print(warning)
 
 
-def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -> int:
+def generate_video_from_args(args: argparse.Namespace, run: Run | None = None, plan=None) -> int:
     """``fastgen generate`` for video: generate, write ``--out`` (mp4, atomic), report; returns the exit status.
 
     With ``--compare-dense`` the run goes through :func:`fastgen.compare.compare_with_dense` (warm-up
-    excluded, interleaved rounds, the same helper as batch and the demo)."""
+    excluded, interleaved rounds, the same helper as batch and the demo). With ``plan`` (a
+    :class:`fastgen.cli.context_parallel.ContextParallelPlan`, process group initialised) the
+    transformer runs under context parallelism (dense and sparse alike) and only the writing rank
+    writes and prints."""
     from fastgen.compare import (
         DEFAULT_ROUNDS,
         VIDEO_WARM_UP,
@@ -247,6 +257,10 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -
         dtype=args.dtype,
         self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
     )
+    if plan is not None:
+        from fastgen.cli.context_parallel import enable
+
+        enable(pipe, plan)
     method = run.method
     if run.family == "video" and args.block_size is not None:
         from fastgen.pipelines.video_runner import check_block_size_fits
@@ -286,9 +300,18 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None) -
         )  # fmt: skip
         result = comparison.accelerated
     else:
-        result = generate_video(pipe, method=method, config=config, **common)
+        result = generate_video(
+            pipe, method=method, config=config, progress=plan is None or plan.writer, **common
+        )
+    if plan is not None and not plan.writer:
+        return 0
     write_video(args.out, result["frames"], fps=result["fps"])
     _print_video_result(args.out, result, comparison, run)
+    if plan is not None:
+        print(
+            f"context parallel: {plan.describe()}; times and densities are rank {plan.rank}'s "
+            "(its share of the heads / tokens)"
+        )
     return 0
 
 

@@ -157,6 +157,13 @@ class BatchRunner:
     """Rank 0 stops waiting for the other ranks' final counts after this long without any report."""
     poll_seconds: float = 1.0
     """How often rank 0 reads the other ranks' progress."""
+    writer: bool = True
+    """Whether this process writes outputs, journals and progress; ``False`` for the ranks of a
+    context-parallel group other than its first, which generate every item in step with it and write
+    nothing (:mod:`fastgen.cli.context_parallel`)."""
+    context_parallel: object = None
+    """The :class:`fastgen.cli.context_parallel.ContextParallelPlan` of a ``--context-parallel`` run
+    (its process group is set up around :meth:`run` by :func:`run_batch`), else ``None``."""
 
     def __post_init__(self):
         if self.kind not in ("video", "text"):
@@ -229,6 +236,8 @@ class BatchRunner:
     def _write_output(self, path: str, result: dict) -> None:
         from fastgen.io import write_text, write_video
 
+        if not self.writer:
+            return
         if self.kind == "video":
             write_video(path, result["frames"], fps=int(result.get("fps") or 16))
         else:
@@ -254,7 +263,8 @@ class BatchRunner:
         path = os.path.join(self.out_dir, name)
         base, ext = os.path.splitext(name)
         for stale in glob.glob(os.path.join(self.out_dir, f".{glob.escape(base)}.*.partial{ext}")):
-            os.remove(stale)  # temp file of an interrupted earlier attempt at this (same-rank) item
+            if self.writer:
+                os.remove(stale)  # temp file of an interrupted earlier attempt at this (same-rank) item
         pipe = self._pipeline()
         started = time.perf_counter()
         options = dict(prompt=item.prompt, seed=seed, progress=self.progress and self.rank == 0, **params)
@@ -325,6 +335,8 @@ class BatchRunner:
         """
         from tqdm.auto import tqdm
 
+        if not self.writer:
+            return self._follow(items)
         os.makedirs(self.out_dir, exist_ok=True)
         merge_manifests(self.out_dir)  # fold journals of an interrupted earlier run
         previous = latest_records(self.out_dir)
@@ -372,6 +384,25 @@ class BatchRunner:
             glob.glob(os.path.join(self.out_dir, "manifest.rank*.jsonl")) if self.world_size == 1 else ()
         )
         merge_manifests(self.out_dir, remove_journals=leftovers)
+        return counts
+
+    def _follow(self, items: Sequence[Item]) -> dict:
+        """A non-writing rank of a context-parallel group: generate the items its group's writer
+        generates (same skip decisions, read from the manifest before the writer changes it), write nothing."""
+        previous = latest_records(self.out_dir) if os.path.isdir(self.out_dir) else {}
+        mine = [item for item in items if item.index % self.world_size == self.rank]
+        counts = {"ok": 0, "skipped": 0, "failed": 0, "total": len(mine)}
+        for item in mine:
+            seed = item.resolved_seed(self.base_seed)
+            if self._is_done(item, previous.get(item.index), seed):
+                counts["skipped"] += 1
+                continue
+            try:
+                self.run_item(item)
+                counts["ok"] += 1
+            except Exception as err:  # noqa: BLE001 - the writer records the item's failure
+                logger.debug("item %d failed on a non-writing rank: %s", item.index, err)
+                counts["failed"] += 1
         return counts
 
     def _run_items(self, mine, previous, journal, counts, run_id, started_at, multi, refresh) -> None:
@@ -448,14 +479,19 @@ def runner_from_args(
     after every check that needs no model (:func:`fastgen.cli.batch.checks.batch_run`) and of ``--out-dir``."""
     from fastgen.cli.batch.checks import batch_run
     from fastgen.cli.checks import check_writable_folder
+    from fastgen.cli.context_parallel import check_context_parallel, enable, rank_device
     from fastgen.cli.generate import load_pipeline
 
     run = batch_run(args, kind)
+    plan = check_context_parallel(args, run.family, command="batch")
     kind = "text" if run.family == "text" else "video"
     method = run.method
-    check_writable_folder(args.out_dir, flag="--out-dir")
+    if plan is None or plan.writer:
+        check_writable_folder(args.out_dir, flag="--out-dir")
     rank, world_size, local_rank = distributed_rank()
     device = args.device
+    if plan is not None:  # one group of ranks makes every item: its first rank is the one writer
+        rank, world_size, device = 0, 1, rank_device(plan)
     if device is None and world_size > 1:
         import torch
 
@@ -492,6 +528,14 @@ def runner_from_args(
             default_generate = generate_text
         load = load or default_load
         generate = generate or default_generate
+    if plan is not None:
+        plain_load = load
+
+        def load():
+            pipe = plain_load()
+            enable(pipe, plan)
+            return pipe
+
     config_options = {}
     if method != "dense":
         for f in (f for part in _method_parts(method) for f in dataclasses.fields(METHOD_CONFIGS[part])):
@@ -515,8 +559,11 @@ def runner_from_args(
         rank=rank,
         world_size=world_size,
         rounds=getattr(args, "rounds", None),
-        report=_report if rank == 0 else None,
+        report=_report if rank == 0 and (plan is None or plan.writer) else None,
         run_spec=run,
+        writer=plan is None or plan.writer,
+        progress=plan is None or plan.writer,
+        context_parallel=plan,
     )
     return runner
 
@@ -537,12 +584,16 @@ def run_batch(
 ) -> int:
     """Run ``fastgen batch``; returns 0 when every item of this rank is done, 1 when some failed."""
     from fastgen.cli.batch.checks import item_problems
+    from fastgen.cli.context_parallel import context_parallel_session
     from fastgen.cli.generate import RANDOM_WEIGHTS_NOTE, option_values, random_weights
 
     runner = runner_from_args(args, kind=kind, load=load, generate=generate)
     items = read_prompt_file(args.prompts, runner.columns(), item_problems(runner, option_values(args)))
-    counts = runner.run(items)
-    if runner.world_size > 1 and runner.rank != 0:
+    with context_parallel_session(runner.context_parallel):
+        counts = runner.run(items)
+    if not runner.writer:
+        logger.info("context-parallel rank: %s (the group's first rank prints the summary)", counts)
+    elif runner.world_size > 1 and runner.rank != 0:
         logger.info("rank %d: %s (rank 0 prints the summary of all ranks)", runner.rank, counts)
     else:
         who, total = "", counts

@@ -1,0 +1,178 @@
+"""``--context-parallel`` of ``fastgen generate`` / ``fastgen batch``: every refusal is ONE line with exit
+status 2 before any model is loaded (in-process, the launcher's environment set with monkeypatch), and a
+real 2-rank run under ``python -m torch.distributed.run`` on gloo through ``tests/cp_cli_wrapper.py``
+(which, like ``tests/cp_worker.py``, makes ``torch.accelerator.device_count`` return 1 on a CPU rank)
+whose video equals a single-process run's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastgen.cli import main
+
+WRAPPER = Path(__file__).with_name("cp_cli_wrapper.py")
+GEN = ["generate", "--preset", "tiny-wan", "--prompt", "a cat"]
+
+
+def _run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def world(monkeypatch, tmp_path):
+    """Set the launcher's environment: ``world(n)`` as torchrun would for rank 0 of ``n``."""
+    monkeypatch.chdir(tmp_path)
+
+    def set_world(n: int | None):
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        if n is not None:
+            monkeypatch.setenv("WORLD_SIZE", str(n))
+            monkeypatch.setenv("RANK", "0")
+            monkeypatch.setenv("LOCAL_RANK", "0")
+
+    return set_world
+
+
+def _no_load(monkeypatch):
+    """Loading a model fails the test: every refusal comes before it."""
+    import pipelines.video_runner as runner  # noqa: F401 - the folder behind fastgen.pipelines
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("fastgen.pipelines.video_runner.load_video_pipeline", boom)
+    monkeypatch.setattr("fastgen.pipelines.text_runner.load_text_pipeline", boom)
+
+
+# (id, world size, extra argv, expected fragment of the one line)
+CASES = [
+    ("no-torchrun", None, [*GEN, "--context-parallel", "ulysses"],
+     "needs one process per GPU; launch with `torchrun --nproc-per-node N -m fastgen.cli generate ...` (WORLD_SIZE is unset)"),
+    ("world-1", 1, [*GEN, "--context-parallel", "ring"], "(WORLD_SIZE is 1)"),
+    ("text", 2, ["generate", "--preset", "tiny-llada", "--prompt", "hi", "--context-parallel", "ulysses"],
+     "--context-parallel=ulysses is for video models (Wan, HunyuanVideo, the causal Wan); this run is text"),
+    ("causal-ring", 2, ["generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--context-parallel", "ring"],
+     "--context-parallel=ring is not supported for the causal Wan (its KV cache is split by heads); allowed: ulysses"),
+    ("causal-unified", 4, ["generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--context-parallel", "unified"],
+     "--context-parallel=unified is not supported for the causal Wan"),
+    ("degree-not-divisor", 4, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"],
+     "--cp-degree=3 is not allowed with 4 processes; allowed: a divisor of the world size 4, >= 2"),
+    ("degree-one", 2, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "1"], "--cp-degree=1 is not allowed"),
+    ("generate-dp", 4, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "2"],
+     "--cp-degree=2 with 4 processes: generate makes one video; allowed: --cp-degree 4 (the world size)"),
+    ("batch-dp", 4, ["batch", "prompts.txt", "--preset", "tiny-wan", "--context-parallel", "ulysses", "--cp-degree", "2"],
+     "--cp-degree=2 with 4 processes: batch splits items over groups"),
+    ("ulysses-degree-not-unified", 4, [*GEN, "--context-parallel", "ulysses", "--ulysses-degree", "2"],
+     "--ulysses-degree=2 does not apply: it is for --context-parallel unified (this run: ulysses)"),
+    ("ulysses-degree-bad", 4, [*GEN, "--context-parallel", "unified", "--ulysses-degree", "3"],
+     "--ulysses-degree=3 is not allowed for unified over 4 ranks; allowed: a divisor of 4 in [2, 2]"),
+    ("unified-2", 2, [*GEN, "--context-parallel", "unified"], "--context-parallel=unified over 2 ranks has no room"),
+    ("cp-degree-without-cp", 2, [*GEN, "--cp-degree", "2"],
+     "--cp-degree=2 does not apply: it is for --context-parallel"),
+    ("no-gpu", 2, [*GEN, "--context-parallel", "ulysses"],
+     "--context-parallel=ulysses: no GPU is visible; diffusers' context parallelism runs one GPU per rank"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("world_size, argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refusals_are_one_line_before_loading(world, monkeypatch, capsys, world_size, argv, expected):
+    import torch
+
+    world(world_size)
+    Path("prompts.txt").write_text("a cat\na dog\n")
+    _no_load(monkeypatch)
+    if torch.accelerator.device_count():  # the no-GPU case can only be shown without one
+        pytest.skip("an accelerator is visible")
+    code, out, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert sorted(os.listdir(".")) == ["prompts.txt"]  # nothing written
+
+
+def test_cp_flags_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--context-parallel {ulysses,ring,unified}", "--cp-degree", "--ulysses-degree"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "cp " in capsys.readouterr().out
+
+
+def _torchrun(ranks: int, argv: list[str], cwd: Path, timeout: int = 300) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    proc = subprocess.run(
+        [*cmd, str(WRAPPER), *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return proc.stdout
+
+
+def test_generate_ulysses_two_ranks_equals_single_process(tmp_path, capsys, monkeypatch):
+    """Rank 0 writes the video, rank 1 writes nothing; the frames equal a single-process run's (fp32)."""
+    from fastgen.io import read_video
+
+    common = [*GEN, "--method", "rectified", "--seed", "3", "--dtype", "float32"]
+    cp_dir, single_dir = tmp_path / "cp", tmp_path / "single"
+    cp_dir.mkdir()
+    single_dir.mkdir()
+    out = _torchrun(2, [*common, "--context-parallel", "ulysses", "--out", "video.mp4"], cp_dir)
+    assert out.count("wrote video.mp4") == 1, out  # one report, from rank 0
+    assert "context parallel: ulysses over 2 ranks" in out, out
+    assert sorted(os.listdir(cp_dir)) == ["video.mp4"]  # no second file, no leftover temp file
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(single_dir)
+    code, _, err = _run([*common, "--out", "video.mp4"], capsys)
+    assert code in (0, None), err
+    cp_frames, single_frames = read_video(cp_dir / "video.mp4"), read_video(single_dir / "video.mp4")
+    assert cp_frames.shape == single_frames.shape
+    diff = np.abs(cp_frames.astype(np.int16) - single_frames.astype(np.int16))
+    assert diff.max() <= 1, diff.max()  # fp32 sums in another order may round a value to the next level
+    assert (diff > 0).mean() < 1e-3, (diff > 0).mean()
+
+
+def test_batch_ulysses_two_ranks_two_items(tmp_path):
+    """``fastgen batch`` under context parallelism: the group's first rank writes both videos and the
+    manifest; the other rank writes nothing (no journal, no progress file of its own)."""
+    import json
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    argv = ["batch", "prompts.txt", "--preset", "tiny-wan", "--method", "rectified", "--steps", "2"]
+    _torchrun(2, [*argv, "--context-parallel", "ulysses", "--out-dir", "out"], tmp_path)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert [f for f in files if f.endswith(".mp4")] == ["0000-a-cat.mp4", "0001-a-dog.mp4"], files
+    assert not [f for f in files if "rank1" in f], files
+    with open(tmp_path / "out" / "manifest.jsonl") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    assert sorted((r["index"], r["status"]) for r in records) == [(0, "ok"), (1, "ok")]
+
+
+def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):
+    """Every rank finds the same problem; rank 0 says it, the others only exit with status 2."""
+    world(2)
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
+    assert (code, err) == (2, "")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
+    assert code == 2 and "--cp-degree=3 is not allowed with 2 processes" in err
