@@ -6,11 +6,18 @@
 
 from .api import apply_sparse_attention, remove_sparse_attention, sparse_attention
 from .attention_stats import attention_stats, record_attention_stats, recording_attention_stats
-from .configs import LightForcingConfig, RectifiedSpaAttnConfig, SparseDConfig, WindowDiffusionConfig
+from .configs import (
+    FastDLLMConfig,
+    LightForcingConfig,
+    RectifiedSpaAttnConfig,
+    SparseDConfig,
+    WindowDiffusionConfig,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FastDLLMConfig",
     "LightForcingConfig",
     "RectifiedSpaAttnConfig",
     "SparseDConfig",

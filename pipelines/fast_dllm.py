@@ -125,7 +125,7 @@ class FastDLLMCache(DynamicCache):
 # --------------------------------------------------------------------------------------------- dispatch
 def split_fast_dllm(configs: list, window) -> tuple[object | None, list]:
     """``(the FastDLLMConfig or None, the other configs)``; ValueError when it is combined with others."""
-    from fastgen.fast_dllm_config import FastDLLMConfig
+    from fastgen.configs import FastDLLMConfig
 
     fast = [c for c in configs if isinstance(c, FastDLLMConfig)]
     if not fast:

@@ -73,6 +73,12 @@ PRESETS: dict[str, Preset] = {
             "fastgen.pipelines.tiny_llada_kv:build_tiny_llada_kv",
             "tiny LLaDA trained on key-value retrieval (samples/tiny-llada-kv); answers can be checked",
         ),
+        Preset(
+            "tiny-llada-long",
+            "text",
+            "fastgen.pipelines.tiny_llada_long:build_tiny_llada_long",
+            "tiny LLaDA trained on the ledger task (samples/tiny-llada-long); 256-token answers that can be checked",
+        ),
     )
 }
 """Every preset by name: the embedded defaults, tiny models built in code (no download).
@@ -80,7 +86,7 @@ PRESETS: dict[str, Preset] = {
 Example:
     >>> from fastgen.pipelines import PRESETS
     >>> sorted(name for name, preset in PRESETS.items() if preset.kind == "text")
-    ['tiny-llada', 'tiny-llada-kv']
+    ['tiny-llada', 'tiny-llada-kv', 'tiny-llada-long']
 """
 
 

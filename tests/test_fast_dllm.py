@@ -31,7 +31,7 @@ from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
 from fastgen.pipelines.fast_dllm import factor_commit, threshold_commit
 from fastgen.pipelines.tiny_lm import build_tiny_llama
 
-from fastgen.fast_dllm_config import FastDLLMConfig
+from fastgen.configs import FastDLLMConfig
 
 MASK = 61
 VOCAB = 64

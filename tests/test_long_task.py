@@ -118,7 +118,7 @@ def test_shipped_checkpoint_writes_correct_long_answers():
     cheap; dense accuracy is in the model card), batch of two."""
     from fastgen.pipelines.tiny_llada_long import build_tiny_llada_long
 
-    from fastgen.fast_dllm_config import FastDLLMConfig
+    from fastgen.configs import FastDLLMConfig
 
     pipe = build_tiny_llada_long()
     task = pipe.fastgen_task

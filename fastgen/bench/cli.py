@@ -30,6 +30,10 @@ PASS_THROUGH_SUITES = {
         "fastgen.bench.gpu",
         "the prepared GPU check: every Triton kernel vs its reference, timed vs SDPA",
     ),
+    "long-answers": (
+        "fastgen.bench.long_answers",
+        "trained long-answer LM: dense vs threshold, Fast-dLLM (prefix/dual) and Window-Diffusion (+ SparseD)",
+    ),
     "window": (
         "fastgen.bench.window",
         "Window-Diffusion on tiny LLaDA/Dream-shaped LMs: tokens/s vs dense, with SparseD and threshold",

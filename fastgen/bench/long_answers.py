@@ -49,8 +49,7 @@ class Variant:
 
 def build_variants(gen_length: int, sweep: bool = False, block: int = 32) -> list[Variant]:
     """The table's variants at ``gen_length`` (and the threshold sweep when ``sweep``)."""
-    from fastgen.configs import SparseDConfig, WindowDiffusionConfig
-    from fastgen.fast_dllm_config import FastDLLMConfig
+    from fastgen.configs import FastDLLMConfig, SparseDConfig, WindowDiffusionConfig
 
     dense = {"steps": gen_length, "block_length": block}
     wd = WindowDiffusionConfig()

@@ -280,7 +280,7 @@ def _check_bench(args: argparse.Namespace) -> None:
             )
             break
     if problems:
-        from fastgen.cli.generate import UsageError
+        from fastgen.cli.checks import UsageError
 
         raise UsageError(problems)
     from fastgen.cli.checks import check_device

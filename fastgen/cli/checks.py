@@ -14,6 +14,14 @@ import zipfile
 from fastgen.cli.options import OUTPUT_EXTENSIONS
 
 
+class UsageError(ValueError):
+    """One or more problems with what the user typed (exit status 2); one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
 class RuntimeFailure(Exception):
     """A failure of the run itself (not of what the user typed): the command exits with status 1."""
 

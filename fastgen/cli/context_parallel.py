@@ -97,7 +97,7 @@ def check_context_parallel(
     ``text``) by ``command`` (``generate`` / ``batch``) before any model is loaded; returns the plan
     (``None`` without ``--context-parallel``). Raises :class:`fastgen.cli.generate.UsageError` (one
     line per problem)."""
-    from fastgen.cli.generate import UsageError
+    from fastgen.cli.checks import UsageError
 
     mode = getattr(args, "context_parallel", None)
     degree = getattr(args, "cp_degree", None)

@@ -13,6 +13,7 @@ import numpy as np
 
 from fastgen.cli.checks import (
     RuntimeFailure,
+    UsageError,
     check_checkpoint_folder,
     check_device,
     check_output_file,
@@ -25,14 +26,6 @@ logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_NOTE = "random weights: output is noise by design"
 """What a run of a preset with random weights says where its output is reported."""
-
-
-class UsageError(ValueError):
-    """One or more problems with what the user typed (exit status 2); one line each."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
 
 
 def random_weights(source: str | None) -> bool:
@@ -178,14 +171,22 @@ def _short(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
-def task_of_preset(preset: str | None):
-    """The checkable task a text preset was trained on (``tiny-llada-kv``), read without loading it."""
-    if preset != "tiny-llada-kv":
-        return None
-    from fastgen.pipelines.tiny_llada_kv import checkpoint_folder, task_of
+TASK_PRESETS = {
+    "tiny-llada-kv": "fastgen.pipelines.tiny_llada_kv",
+    "tiny-llada-long": "fastgen.pipelines.tiny_llada_long",
+}
+"""Text presets trained on a checkable task: the module with their ``checkpoint_folder`` and ``task_of``."""
 
+
+def task_of_preset(preset: str | None):
+    """The checkable task a text preset was trained on (``TASK_PRESETS``), read without loading it."""
+    if preset not in TASK_PRESETS:
+        return None
+    import importlib
+
+    module = importlib.import_module(TASK_PRESETS[preset])
     try:
-        return task_of(checkpoint_folder())
+        return module.task_of(module.checkpoint_folder())
     except OSError:
         return None  # the loader says the checkpoint is missing
 
