@@ -127,7 +127,8 @@ def _torchrun(ranks: int, argv: list[str], cwd: Path, timeout: int = 300) -> str
     return proc.stdout
 
 
-def test_generate_ulysses_two_ranks_equals_single_process(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("mode", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
+def test_generate_two_ranks_equals_single_process(tmp_path, capsys, monkeypatch, mode):
     """Rank 0 writes the video, rank 1 writes nothing; the frames equal a single-process run's (fp32)."""
     from fastgen.io import read_video
 
@@ -135,9 +136,9 @@ def test_generate_ulysses_two_ranks_equals_single_process(tmp_path, capsys, monk
     cp_dir, single_dir = tmp_path / "cp", tmp_path / "single"
     cp_dir.mkdir()
     single_dir.mkdir()
-    out = _torchrun(2, [*common, "--context-parallel", "ulysses", "--out", "video.mp4"], cp_dir)
+    out = _torchrun(2, [*common, "--context-parallel", mode, "--out", "video.mp4"], cp_dir)
     assert out.count("wrote video.mp4") == 1, out  # one report, from rank 0
-    assert "context parallel: ulysses over 2 ranks" in out, out
+    assert f"context parallel: {mode} over 2 ranks" in out, out
     assert sorted(os.listdir(cp_dir)) == ["video.mp4"]  # no second file, no leftover temp file
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
