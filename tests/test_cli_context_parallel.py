@@ -124,7 +124,7 @@ def _torchrun(ranks: int, argv: list[str], cwd: Path, timeout: int = 300) -> str
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    return proc.stdout
+    return output
 
 
 @pytest.mark.parametrize("mode", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
@@ -166,6 +166,8 @@ def test_batch_ulysses_two_ranks_two_items(tmp_path):
     with open(tmp_path / "out" / "manifest.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     assert sorted((r["index"], r["status"]) for r in records) == [(0, "ok"), (1, "ok")]
+    again = _torchrun(2, [*argv, "--context-parallel", "ulysses", "--out-dir", "out"], tmp_path)
+    assert "0 generated, 2 already done, 0 failed" in again, again[-3000:]  # resumed: every rank skips both
 
 
 def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):

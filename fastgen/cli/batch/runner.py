@@ -335,6 +335,13 @@ class BatchRunner:
         """
         from tqdm.auto import tqdm
 
+        if self.context_parallel is not None:  # the group decides what is done on the same manifest
+            import torch.distributed as dist
+
+            if self.writer:
+                os.makedirs(self.out_dir, exist_ok=True)
+                merge_manifests(self.out_dir)
+            dist.barrier()
         if not self.writer:
             return self._follow(items)
         os.makedirs(self.out_dir, exist_ok=True)
