@@ -71,9 +71,9 @@ CASES = [
      "--cp-degree=3 is not allowed with 4 processes; allowed: a divisor of the world size 4, >= 2"),
     ("degree-one", 2, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "1"], "--cp-degree=1 is not allowed"),
     ("generate-dp", 4, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "2"],
-     "--cp-degree=2 with 4 processes: generate makes one video; allowed: --cp-degree 4 (the world size)"),
-    ("batch-dp", 4, ["batch", "prompts.txt", "--preset", "tiny-wan", "--context-parallel", "ulysses", "--cp-degree", "2"],
-     "--cp-degree=2 with 4 processes: batch splits items over groups"),
+     "--cp-degree=2 with 4 processes: generate makes one video; allowed: --cp-degree 4 (the world size"),
+    ("batch-degree-not-divisor", 4, ["batch", "prompts.txt", "--preset", "tiny-wan", "--context-parallel", "ulysses", "--cp-degree", "3"],
+     "--cp-degree=3 is not allowed with 4 processes"),
     ("ulysses-degree-not-unified", 4, [*GEN, "--context-parallel", "ulysses", "--ulysses-degree", "2"],
      "--ulysses-degree=2 does not apply: it is for --context-parallel unified (this run: ulysses)"),
     ("ulysses-degree-bad", 4, [*GEN, "--context-parallel", "unified", "--ulysses-degree", "3"],
@@ -179,3 +179,31 @@ def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
     assert code == 2 and "--cp-degree=3 is not allowed with 2 processes" in err
+
+
+@pytest.mark.slow
+def test_batch_two_groups_of_two_ranks(tmp_path, capsys, monkeypatch):
+    """4 ranks, ``--cp-degree 2``: two groups split the items; each group's first rank writes its items;
+    the item made by the second group (ranks 2, 3) equals a single-process run with its seed."""
+    import json
+
+    from fastgen.io import read_video
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    argv = ["batch", "prompts.txt", "--preset", "tiny-wan", "--method", "rectified", "--steps", "2"]
+    _torchrun(4, [*argv, "--context-parallel", "ulysses", "--cp-degree", "2", "--out-dir", "out"], tmp_path)
+    with open(tmp_path / "out" / "manifest.jsonl") as f:
+        records = {r["index"]: r for r in (json.loads(line) for line in f if line.strip())}
+    assert {i: (r["status"], r["rank"]) for i, r in records.items()} == {0: ("ok", 0), 1: ("ok", 1)}
+    assert not [f for f in os.listdir(tmp_path / "out") if "rank2" in f or "rank3" in f]
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    single = [*GEN[:3], "--prompt", "a dog", "--method", "rectified", "--steps", "2", "--seed", "1"]
+    code, _, err = _run([*single, "--out", "single.mp4"], capsys)
+    assert code in (0, None), err
+    diff = np.abs(
+        read_video(tmp_path / "out" / records[1]["output"]).astype(np.int16)
+        - read_video(tmp_path / "single.mp4").astype(np.int16)
+    )
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
