@@ -207,3 +207,24 @@ def test_batch_two_groups_of_two_ranks(tmp_path, capsys, monkeypatch):
         - read_video(tmp_path / "single.mp4").astype(np.int16)
     )
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+@pytest.mark.slow
+def test_library_refusal_after_loading_ends_every_rank(tmp_path):
+    """tiny-wan's 2 heads under Ulysses over 4 ranks: ``enable_context_parallel`` refuses after loading;
+    rank 0 says it in one line, every rank exits (nothing hangs), nothing is written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(WRAPPER)]
+    proc = subprocess.run(
+        [*cmd, *GEN, "--steps", "2", "--context-parallel", "ulysses", "--out", "v.mp4"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastgen generate: error:")]
+    assert lines == [
+        "fastgen generate: error: context parallelism: 2 attention heads are not divisible by ulysses_degree=4; "
+        "allowed: a Ulysses degree that divides 2 (or mode='ring' / 'unified')"
+    ], proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == []
