@@ -71,9 +71,9 @@ CASES = [
      "--cp-degree=3 is not allowed with 4 processes; allowed: a divisor of the world size 4, >= 2"),
     ("degree-one", 2, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "1"], "--cp-degree=1 is not allowed"),
     ("generate-dp", 4, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "2"],
-     "--cp-degree=2 with 4 processes: generate makes one video; allowed: --cp-degree 4 (the world size)"),
-    ("batch-dp", 4, ["batch", "prompts.txt", "--preset", "tiny-wan", "--context-parallel", "ulysses", "--cp-degree", "2"],
-     "--cp-degree=2 with 4 processes: batch splits items over groups"),
+     "--cp-degree=2 with 4 processes: generate makes one video; allowed: --cp-degree 4 (the world size"),
+    ("batch-degree-not-divisor", 4, ["batch", "prompts.txt", "--preset", "tiny-wan", "--context-parallel", "ulysses", "--cp-degree", "3"],
+     "--cp-degree=3 is not allowed with 4 processes"),
     ("ulysses-degree-not-unified", 4, [*GEN, "--context-parallel", "ulysses", "--ulysses-degree", "2"],
      "--ulysses-degree=2 does not apply: it is for --context-parallel unified (this run: ulysses)"),
     ("ulysses-degree-bad", 4, [*GEN, "--context-parallel", "unified", "--ulysses-degree", "3"],
@@ -124,7 +124,7 @@ def _torchrun(ranks: int, argv: list[str], cwd: Path, timeout: int = 300) -> str
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    return proc.stdout
+    return output
 
 
 @pytest.mark.parametrize("mode", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
@@ -166,6 +166,8 @@ def test_batch_ulysses_two_ranks_two_items(tmp_path):
     with open(tmp_path / "out" / "manifest.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     assert sorted((r["index"], r["status"]) for r in records) == [(0, "ok"), (1, "ok")]
+    again = _torchrun(2, [*argv, "--context-parallel", "ulysses", "--out-dir", "out"], tmp_path)
+    assert "0 generated, 2 already done, 0 failed" in again, again[-3000:]  # resumed: every rank skips both
 
 
 def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):
@@ -177,3 +179,52 @@ def test_usage_error_is_said_once_under_torchrun(world, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     code, _, err = _run([*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"], capsys)
     assert code == 2 and "--cp-degree=3 is not allowed with 2 processes" in err
+
+
+@pytest.mark.slow
+def test_batch_two_groups_of_two_ranks(tmp_path, capsys, monkeypatch):
+    """4 ranks, ``--cp-degree 2``: two groups split the items; each group's first rank writes its items;
+    the item made by the second group (ranks 2, 3) equals a single-process run with its seed."""
+    import json
+
+    from fastgen.io import read_video
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    argv = ["batch", "prompts.txt", "--preset", "tiny-wan", "--method", "rectified", "--steps", "2"]
+    _torchrun(4, [*argv, "--context-parallel", "ulysses", "--cp-degree", "2", "--out-dir", "out"], tmp_path)
+    with open(tmp_path / "out" / "manifest.jsonl") as f:
+        records = {r["index"]: r for r in (json.loads(line) for line in f if line.strip())}
+    assert {i: (r["status"], r["rank"]) for i, r in records.items()} == {0: ("ok", 0), 1: ("ok", 1)}
+    assert not [f for f in os.listdir(tmp_path / "out") if "rank2" in f or "rank3" in f]
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    single = [*GEN[:3], "--prompt", "a dog", "--method", "rectified", "--steps", "2", "--seed", "1"]
+    code, _, err = _run([*single, "--out", "single.mp4"], capsys)
+    assert code in (0, None), err
+    diff = np.abs(
+        read_video(tmp_path / "out" / records[1]["output"]).astype(np.int16)
+        - read_video(tmp_path / "single.mp4").astype(np.int16)
+    )
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+@pytest.mark.slow
+def test_library_refusal_after_loading_ends_every_rank(tmp_path):
+    """tiny-wan's 2 heads under Ulysses over 4 ranks: ``enable_context_parallel`` refuses after loading;
+    rank 0 says it in one line, every rank exits (nothing hangs), nothing is written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(WRAPPER)]
+    proc = subprocess.run(
+        [*cmd, *GEN, "--steps", "2", "--context-parallel", "ulysses", "--out", "v.mp4"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastgen generate: error:")]
+    assert lines == [
+        "fastgen generate: error: context parallelism: 2 attention heads are not divisible by ulysses_degree=4; "
+        "allowed: a Ulysses degree that divides 2 (or mode='ring' / 'unified')"
+    ], proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == []

@@ -9,8 +9,10 @@ initialises the process group (nccl on CUDA, gloo otherwise), pins ``cuda:LOCAL_
 group at exit, also on an error or Ctrl-C. Every rank runs the same generation with the same seed; only
 the writer of a group (its first rank) writes and prints.
 
-Data parallelism over groups (``world size > --cp-degree``) is refused for ``generate`` (one video) and
-for ``batch`` in this version (``--cp-degree`` must equal the world size).
+Data parallelism over groups (``world size > --cp-degree``): ``batch`` splits the items over the
+``world / degree`` groups of consecutive ranks (item ``i`` to group ``i % groups``; each group's first
+rank writes its outputs and its own journal, merged into ``manifest.jsonl`` as for plain data
+parallelism); ``generate`` (one video) refuses it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ class ContextParallelPlan:
     """Number of processes."""
     local_rank: int
     """This process's rank on its machine (its GPU)."""
+
+    @property
+    def groups(self) -> int:
+        """Data-parallel groups (``world_size // degree``), each making its own items."""
+        return self.world_size // self.degree
+
+    @property
+    def group(self) -> int:
+        """This rank's group (ranks ``[g * degree, (g + 1) * degree)``)."""
+        return self.rank // self.degree
 
     @property
     def writer(self) -> bool:
@@ -143,15 +155,11 @@ def check_context_parallel(
                 f"size {world}, >= 2"
             ]
         )
-    if degree != world:
-        what = (
-            "generate makes one video"
-            if command == "generate"
-            else "batch splits items over groups of ranks only without context parallelism in this version"
-        )
+    if degree != world and command == "generate":
         raise UsageError(
             [
-                f"--cp-degree={degree} with {world} processes: {what}; allowed: --cp-degree {world} (the world size)"
+                f"--cp-degree={degree} with {world} processes: generate makes one video; allowed: --cp-degree "
+                f"{world} (the world size; fastgen batch splits items over groups of ranks)"
             ]
         )
     if ulysses is not None:
@@ -234,9 +242,22 @@ def context_parallel_session(plan: ContextParallelPlan | None):
 
 def enable(pipe, plan: ContextParallelPlan) -> None:
     """Turn on diffusers' context parallelism on ``pipe``'s transformer(s) as ``plan`` says."""
-    from fastgen.processors.context_parallel_plans import enable_context_parallel
+    from fastgen.processors.context_parallel_plans import degrees, enable_context_parallel
 
-    enable_context_parallel(pipe, plan.mode, plan.degree, ulysses_degree=plan.ulysses_degree)
+    if plan.groups == 1:
+        enable_context_parallel(pipe, plan.mode, plan.degree, ulysses_degree=plan.ulysses_degree)
+        return
+    # several groups: a ("dp", "ring", "ulysses") mesh over every rank; each group gets its slice
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastgen.api import pipeline_transformers
+
+    heads = int(pipeline_transformers(pipe)[0].config.num_attention_heads)
+    u, r = degrees(plan.mode, plan.degree, heads, plan.ulysses_degree)
+    device_type = "cuda" if rank_device(plan).startswith("cuda") else "cpu"
+    mesh = init_device_mesh(device_type, (plan.groups, r, u), mesh_dim_names=("dp", "ring", "ulysses"))
+    enable_context_parallel(pipe, plan.mode, plan.degree, ulysses_degree=u if r > 1 and u > 1 else None,
+                            mesh=mesh["ring", "ulysses"])  # fmt: skip
 
 
 __all__ = [

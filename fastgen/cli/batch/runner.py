@@ -335,6 +335,13 @@ class BatchRunner:
         """
         from tqdm.auto import tqdm
 
+        if self.context_parallel is not None:  # the group decides what is done on the same manifest
+            import torch.distributed as dist
+
+            if self.writer:
+                os.makedirs(self.out_dir, exist_ok=True)
+                merge_manifests(self.out_dir)
+            dist.barrier()
         if not self.writer:
             return self._follow(items)
         os.makedirs(self.out_dir, exist_ok=True)
@@ -490,8 +497,8 @@ def runner_from_args(
         check_writable_folder(args.out_dir, flag="--out-dir")
     rank, world_size, local_rank = distributed_rank()
     device = args.device
-    if plan is not None:  # one group of ranks makes every item: its first rank is the one writer
-        rank, world_size, device = 0, 1, rank_device(plan)
+    if plan is not None:  # a group of ranks makes each item: the groups split the items, first ranks write
+        rank, world_size, device = plan.group, plan.groups, rank_device(plan)
     if device is None and world_size > 1:
         import torch
 
