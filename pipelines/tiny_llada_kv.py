@@ -18,55 +18,43 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 
 from .diffusion_lm import DiffusionLMPipeline
 from .kv_task import KVTask
+from .trained_tiny_lm import TrainedTinyLM
 
-CHECKPOINT_ENV = "FASTGEN_TINY_LLADA_KV"
+MODEL = TrainedTinyLM(
+    name="tiny-llada-kv",
+    checkpoint_env="FASTGEN_TINY_LLADA_KV",
+    task_class=KVTask,
+    decoding={"gen_length": 4, "steps": 4, "block_length": 4, "temperature": 0.0},
+    train_command="python -m fastgen.pipelines.train_tiny_lm --out DIR",
+)
+"""The shipped checkpoint's description (folder, task, decoding, how to retrain it)."""
+
+CHECKPOINT_ENV = MODEL.checkpoint_env
 """Environment variable that overrides the checkpoint folder."""
 
-DECODING = {"gen_length": 4, "steps": 4, "block_length": 4, "temperature": 0.0}
-"""Decoding settings of the model card (greedy, low-confidence remasking, one token per step)."""
+DECODING = MODEL.decoding
+"""Decoding settings of the model card."""
 
 
 def checkpoint_folder() -> str:
     """The shipped checkpoint: ``$FASTGEN_TINY_LLADA_KV`` or ``samples/tiny-llada-kv`` of this repository."""
-    override = os.environ.get(CHECKPOINT_ENV)
-    if override:
-        return override
-    return str(Path(__file__).resolve().parent.parent / "samples" / "tiny-llada-kv")
+    return MODEL.checkpoint_folder()
 
 
 def task_of(folder: str) -> KVTask:
     """The :class:`KVTask` a checkpoint was trained on (``fastgen_task`` of its ``config.json``)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        fields = dict(json.load(f).get("fastgen_task") or {})
-    fields.pop("name", None)
-    return KVTask(**fields)
+    return MODEL.task_of(folder)
 
 
 def build_tiny_llada_kv(
     device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
 ) -> DiffusionLMPipeline:
     """Load the trained ``tiny-llada-kv`` checkpoint as a :class:`DiffusionLMPipeline` (float32 on CPU)."""
-    from .lm_loaders import load_diffusion_lm
-
-    folder = checkpoint_folder()
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise ValueError(
-            f"the tiny-llada-kv checkpoint is missing at {folder!r}; set {CHECKPOINT_ENV} or train one with "
-            "`python -m fastgen.pipelines.train_tiny_lm --out DIR`"
-        )
-    model, tokenizer, mask_token_id = load_diffusion_lm(folder, device=device, dtype=dtype)
-    pipe = DiffusionLMPipeline(model, tokenizer=tokenizer, mask_token_id=mask_token_id)
-    pipe.fastgen_defaults = dict(DECODING)
-    pipe.fastgen_task = task_of(folder)
-    return pipe
+    return MODEL.build(device=device, dtype=dtype)
 
 
-__all__ = ["CHECKPOINT_ENV", "DECODING", "build_tiny_llada_kv", "checkpoint_folder", "task_of"]
+__all__ = ["CHECKPOINT_ENV", "DECODING", "MODEL", "build_tiny_llada_kv", "checkpoint_folder", "task_of"]
