@@ -44,13 +44,19 @@ def write_text(path: str | os.PathLike, text: str) -> str:
     return os.fspath(path)
 
 
+def to_uint8(frames) -> np.ndarray:
+    """``frames`` as uint8: floats in [0, 1] are clipped, scaled to 0-255 and rounded; uint8 is kept."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return frames
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> str:
     """Write ``frames`` (``[T, H, W, 3]`` uint8, or float in [0, 1]) as an mp4 atomically with imageio."""
     import imageio.v2 as imageio
 
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    frames = to_uint8(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must have shape [T, H, W, 3], got {frames.shape}")
     with atomic_path(path) as tmp:

@@ -22,9 +22,10 @@ import time
 import torch
 
 from fastgen.configs import LightForcingConfig
+from fastgen.io import to_uint8
 from fastgen.processors.light_forcing_wan import chunk_densities
 
-from .video_runner import _to_uint8
+from .video_common import check_generation_values
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def generate_causal_video(
     """
     from fastgen import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors import light_forcing_wan
-
-    from .video_runner import check_generation_values
 
     check_generation_values(
         steps=steps, height=height, width=width, frames=frames, guidance_scale=guidance_scale,
@@ -134,7 +133,7 @@ def generate_causal_video(
         if method == "light_forcing":
             remove_sparse_attention(pipe.transformer)
     return {
-        "frames": _to_uint8(output.frames[0]),
+        "frames": to_uint8(output.frames[0]),
         "seconds": seconds,
         "fps": int(defaults["fps"]),
         "stats": stats,

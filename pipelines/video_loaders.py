@@ -38,7 +38,7 @@ def load_video_checkpoint(source: str, device=None, dtype=None):
     """A Wan or HunyuanVideo diffusers pipeline from ``source`` (hub id or folder), on ``device`` in ``dtype``."""
     import diffusers
 
-    from .video_runner import resolve_device_dtype
+    from .video_common import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(device, dtype)
     name = pipeline_class_name(source)
@@ -56,7 +56,7 @@ def load_causal_wan_checkpoint(source: str, self_forcing_checkpoint: str, device
     transformer weights of the Self-Forcing ``.pt`` (EMA), on ``device`` in ``dtype``."""
     from .causal_wan import CausalWanPipeline
     from .self_forcing import load_self_forcing_checkpoint
-    from .video_runner import resolve_device_dtype
+    from .video_common import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(device, dtype)
     name = pipeline_class_name(source)

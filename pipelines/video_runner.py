@@ -20,6 +20,9 @@ import torch
 from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
 
 from fastgen.configs import RectifiedSpaAttnConfig
+from fastgen.io import to_uint8
+
+from .video_common import check_generation_values, execution_device, resolve_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +34,6 @@ FAMILY_DEFAULTS = {
     "hunyuan": {"steps": 50, "height": 720, "width": 1280, "frames": 129, "guidance_scale": 6.0, "fps": 24},
 }
 """Generation defaults of real checkpoints per model family (tiny presets carry their own)."""
-
-
-def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """Default device (CUDA if available) and dtype (float32 on CPU, bfloat16 on GPU); strings accepted."""
-    device = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, str):
-        allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in allowed:
-            raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {', '.join(allowed)}")
-        dtype = allowed[dtype]
-    return device, dtype
 
 
 def pipeline_family(pipe) -> str:
@@ -92,13 +78,6 @@ def load_video_pipeline(
     return load_preset(preset, device=device, dtype=dtype)
 
 
-def execution_device(pipe) -> torch.device:
-    """Where the pipeline computes: diffusers' ``_execution_device`` (the accelerator under
-    ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``, where ``pipe.device`` says cpu)."""
-    device = getattr(pipe, "_execution_device", None)
-    return torch.device(device) if device is not None else torch.device(pipe.device)
-
-
 def takes_image(pipe) -> bool:
     """Whether the pipeline is image-to-video (its call takes an ``image``)."""
     import inspect
@@ -115,31 +94,12 @@ def load_image(image):
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"image array must be [H, W, 3] (or 4), got shape {image.shape}")
-        return Image.fromarray(_to_uint8(image)).convert("RGB")
+        return Image.fromarray(to_uint8(image)).convert("RGB")
     try:
         with Image.open(image) as opened:
             return opened.convert("RGB")
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"image={image!r} could not be read as a picture: {err}") from err
-
-
-def check_generation_values(**values) -> None:
-    """A ``ValueError`` naming the first value that is not allowed: ``steps``, ``height``, ``width``,
-    ``frames``, ``local_attn_frames`` must be integers >= 1 when given, ``sink_frames`` an integer >= 0,
-    ``guidance_scale`` a finite number >= 0 (``None`` = the pipeline's default; 0 is never read as one)."""
-    import math
-
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name == "guidance_scale":
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            if not ok or value < 0:
-                raise ValueError(f"guidance_scale={value!r} is not allowed; allowed: a number >= 0")
-            continue
-        low = 0 if name == "sink_frames" else 1
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer >= {low}")
 
 
 def video_tokens(pipe, frames: int, height: int, width: int) -> int | None:
@@ -184,13 +144,6 @@ def check_block_size_fits(pipe, block_size: int, *, frames=None, height=None, wi
 def _defaults(pipe) -> dict:
     family = FAMILY_DEFAULTS[pipeline_family(pipe)]
     return {**family, **getattr(pipe, "fastgen_defaults", {})}
-
-
-def _to_uint8(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return frames
 
 
 def generate_video(
@@ -312,7 +265,7 @@ def generate_video(
         if method == "rectified":
             remove_sparse_attention(pipe)
     return {
-        "frames": _to_uint8(output.frames[0]),
+        "frames": to_uint8(output.frames[0]),
         "seconds": seconds,
         "fps": int(defaults["fps"]),
         "stats": stats,
