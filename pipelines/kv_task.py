@@ -136,24 +136,31 @@ class KVTask:
 
     def build_tokenizer(self):
         """A word-level ``PreTrainedTokenizerFast`` over :attr:`vocabulary`, built in code."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        return word_level_tokenizer(self.vocabulary)
 
-        vocab = {tok: i for i, tok in enumerate(self.vocabulary)}
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="<|pad|>",
-            unk_token="<|unk|>",
-            eos_token="<|eos|>",
-            mask_token="<|mdm_mask|>",
-            padding_side="left",
-        )
+
+def word_level_tokenizer(vocabulary: list[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``vocabulary`` (ids in list order), built in code:
+    whitespace split, the special tokens ``<|pad|>``, ``<|unk|>``, ``<|eos|>``, ``<|mdm_mask|>``, left padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(vocabulary)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        eos_token="<|eos|>",
+        mask_token="<|mdm_mask|>",
+        padding_side="left",
+    )
 
 
 __all__ = [
+    "word_level_tokenizer",
     "ANSWER_MARK",
     "FIELDS",
     "FILLER_WORDS",

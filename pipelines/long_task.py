@@ -36,6 +36,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .kv_task import word_level_tokenizer
+
 SPECIAL_TOKENS = ("<|pad|>", "<|unk|>", "<|eos|>", "<|mdm_mask|>")
 """Special tokens of the task tokenizer, in id order (0, 1, 2, 3)."""
 
@@ -166,21 +168,7 @@ class LedgerTask:
 
     def build_tokenizer(self):
         """A word-level ``PreTrainedTokenizerFast`` over :attr:`vocabulary`, built in code."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        vocab = {tok: i for i, tok in enumerate(self.vocabulary)}
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="<|pad|>",
-            unk_token="<|unk|>",
-            eos_token="<|eos|>",
-            mask_token="<|mdm_mask|>",
-            padding_side="left",
-        )
+        return word_level_tokenizer(self.vocabulary)
 
 
 __all__ = [
