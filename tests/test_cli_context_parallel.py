@@ -228,3 +228,56 @@ def test_library_refusal_after_loading_ends_every_rank(tmp_path):
         "allowed: a Ulysses degree that divides 2 (or mode='ring' / 'unified')"
     ], proc.stderr[-3000:]
     assert os.listdir(tmp_path) == []
+
+
+# a tiny-wan run long enough to be sparse: 5 latent frames x 8x8 tokens = 320 tokens in 20 blocks of 16
+SPARSE_WAN = [
+    *GEN, "--method", "rectified", "--seed", "3", "--dtype", "float32", "--steps", "2", "--warmup-steps", "0",
+    "--dense-layers", "0", "--frames", "17", "--height", "128", "--width", "128", "--block-size", "16",
+    "--sparsity", "0.8",
+]  # fmt: skip
+
+
+def _figure(pattern: str, text: str) -> float:
+    import re
+
+    found = re.findall(pattern, text)
+    assert len(found) == 1, (pattern, text[-3000:])  # said once: by rank 0 only
+    return float(found[0])
+
+
+def test_compare_dense_under_ulysses_reports_what_a_single_process_does(tmp_path, capsys, monkeypatch):
+    """``generate --compare-dense --context-parallel ulysses`` on 2 ranks: rank 0 alone writes the video and
+    prints the report (one line each, one progress bar per run); the speed-up is the printed dense time
+    over the printed sparse time; the fidelity vs dense equals a single-process ``--compare-dense``'s for
+    the same seed. The dense run goes through the same CP-enabled transformer: a dense run on the rank's
+    token share alone (no exchange) would attend half the keys and give other frames and figures."""
+    cp_dir, single_dir = tmp_path / "cp", tmp_path / "single"
+    cp_dir.mkdir()
+    single_dir.mkdir()
+    argv = [*SPARSE_WAN, "--compare-dense", "--rounds", "1", "--out", "video.mp4"]
+    out = _torchrun(2, [*argv, "--context-parallel", "ulysses"], cp_dir)
+    assert sorted(os.listdir(cp_dir)) == ["video.mp4"]
+    assert out.count("context parallel: ulysses over 2 ranks") == 1, out
+    # one progress bar per timed run (sparse, dense), from rank 0 only (the warm-up runs show none)
+    assert out.count("| 0/2 [") == 2, out[-4000:]
+    sparse_s = _figure(r"wrote video\.mp4: 17 frames 128x128 in ([0-9.]+)s \(rectified\)", out)
+    density = _figure(r"sparse layers: 3, mean density ([0-9.]+)", out)
+    assert 0.0 < density < 0.5, density  # sparse under CP, not the dense fallback
+    dense_s = _figure(r"dense: ([0-9.]+)s; PSNR", out)
+    psnr = _figure(r"; PSNR ([0-9.]+) dB;", out)
+    ssim = _figure(r"; SSIM ([0-9.]+)", out)
+    speedup = _figure(r"speedup vs dense ([0-9.]+)x \(1 round", out)
+    half = 0.005  # the printed figures are rounded to 2 decimals
+    low, high = (dense_s - half) / (sparse_s + half), (dense_s + half) / max(sparse_s - half, 1e-3)
+    assert low - half <= speedup <= high + half, (speedup, dense_s, sparse_s)
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(single_dir)
+    code, single, err = _run(argv, capsys)
+    assert code in (0, None), err
+    assert psnr < 80, single  # sparse differs from dense: the comparison can tell a wrong dense run
+    assert abs(psnr - _figure(r"; PSNR ([0-9.]+) dB;", single)) <= 0.05, (psnr, single)
+    assert abs(ssim - _figure(r"; SSIM ([0-9.]+)", single)) <= 5e-4, (ssim, single)
+    assert abs(density - _figure(r"mean density ([0-9.]+)", single)) <= 0.05, (density, single)

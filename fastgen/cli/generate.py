@@ -297,7 +297,7 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None, p
     if getattr(args, "compare_dense", False) and method != "dense":
         comparison = compare_with_dense(
             generate_video, pipe, method=method, config=config, fidelity=video_fidelity, warm_up=VIDEO_WARM_UP,
-            rounds=args.rounds or DEFAULT_ROUNDS, **common,
+            rounds=args.rounds or DEFAULT_ROUNDS, progress=plan is None or plan.writer, **common,
         )  # fmt: skip
         result = comparison.accelerated
     else:
