@@ -281,3 +281,64 @@ def test_compare_dense_under_ulysses_reports_what_a_single_process_does(tmp_path
     assert abs(psnr - _figure(r"; PSNR ([0-9.]+) dB;", single)) <= 0.05, (psnr, single)
     assert abs(ssim - _figure(r"; SSIM ([0-9.]+)", single)) <= 5e-4, (ssim, single)
     assert abs(density - _figure(r"mean density ([0-9.]+)", single)) <= 0.05, (density, single)
+
+
+CAUSAL = [
+    "generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--seed", "3", "--dtype", "float32",
+    "--local-attn-frames", "6", "--sink-frames", "1",
+]  # fmt: skip
+
+
+def _single_process(argv: list[str], cwd: Path, timeout: int = 300) -> str:
+    """``python -m fastgen.cli *argv`` in ``cwd``, one process, with the environment of ``_torchrun``'s ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastgen.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.mark.parametrize("method", ["light_forcing", pytest.param("dense", marks=pytest.mark.slow)])
+def test_causal_wan_under_ulysses_equals_single_process(tmp_path, method):
+    """The causal Wan (3 chunks of 3 latent frames, rolling window of 6 frames with 1 sink, so frames
+    are evicted) through ``generate --context-parallel ulysses`` on 2 ranks: rank 0 alone writes; the
+    video equals a single-process run's (fp32; the mp4 is what the CLI writes, so equality is up to one
+    level of rounding); Light Forcing runs sparse under CP (its per-chunk density line, below 1 after
+    the first chunk, not the dense fallback). The reference runs in its own process with the ranks'
+    ``OMP_NUM_THREADS=1``: on this tiny random model a near-tie in Light Forcing's top-k flips with the
+    intra-op thread count (1 vs ``torch.set_num_threads(2)``, as this test process has: up to 9 levels
+    from chunk 1 on), in one process as under CP."""
+    from fastgen.io import read_video
+
+    argv = [*CAUSAL, "--method", method, "--out", "video.mp4"]
+    cp_dir, single_dir = tmp_path / "cp", tmp_path / "single"
+    cp_dir.mkdir()
+    single_dir.mkdir()
+    out = _torchrun(2, [*argv, "--context-parallel", "ulysses"], cp_dir)
+    assert out.count("wrote video.mp4: 33 frames 128x128") == 1, out[-4000:]
+    assert out.count("context parallel: ulysses over 2 ranks") == 1, out
+    assert sorted(os.listdir(cp_dir)) == ["video.mp4"]
+    if method == "light_forcing":
+        import re
+
+        lines = re.findall(r"Light Forcing density per chunk \(mean over layers\): (.*)", out)
+        assert len(lines) == 1, out[-4000:]
+        per_chunk = {int(c): float(d) for c, d in (item.split(": ") for item in lines[0].split(", "))}
+        assert sorted(per_chunk) == [0, 1, 2], per_chunk
+        assert all(0.0 < per_chunk[c] < 0.5 for c in (1, 2)), per_chunk  # sparse after the first chunk
+    else:
+        assert "density" not in out and "sparse attention never ran" not in out, out[-3000:]
+    _single_process(argv, single_dir)
+    cp_frames, single_frames = read_video(cp_dir / "video.mp4"), read_video(single_dir / "video.mp4")
+    assert cp_frames.shape == single_frames.shape == (33, 128, 128, 3)
+    diff = np.abs(cp_frames.astype(np.int16) - single_frames.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
