@@ -450,10 +450,11 @@ def causal_generate(pipe, rope_positions: str) -> torch.Tensor:
     ).frames
 
 
-def causal() -> None:
-    """Causal Wan (Self-Forcing) under Ulysses: latents over 4 chunks with a rolling window equal the
+def causal(mode: str = "ulysses", name: str = "causal") -> None:
+    """Causal Wan (Self-Forcing) under ``mode``: latents over 4 chunks with a rolling window equal the
     single process, RoPE absolute and window, fastgen's causal processors installed before
-    enable_parallelism or (the pipeline's own install) after it; each rank's cache holds H/U heads."""
+    enable_parallelism or (the pipeline's own install) after it; each rank's cache holds its H/U heads
+    over every token (under ring the whole chunk: no saving from the ring degree)."""
     from fastgen.processors.causal_wan import install_causal_processors
 
     errs = []
@@ -463,12 +464,19 @@ def causal() -> None:
             expected = causal_generate(pipe, rope)
             if installed_first:
                 install_causal_processors(pipe.transformer)
-            enable(pipe.transformer)
+            (config,) = enable(pipe.transformer, mode)
             got = causal_generate(pipe, rope)
-            errs.append(check(f"causal {rope} installed_first={installed_first}", got, expected))
-            world = dist.get_world_size()
-            assert pipe.last_generation["cache_bytes"] * world == _single_cache_bytes(), "cache not split"
-    report("causal", f"max-err={max(errs):.2e}")
+            errs.append(check(f"{name} {rope} installed_first={installed_first}", got, expected))
+            u = config.context_parallel_config.ulysses_degree
+            assert pipe.last_generation["cache_bytes"] * u == _single_cache_bytes(), (
+                "cache not split by heads"
+            )
+    report(name, f"max-err={max(errs):.2e}")
+
+
+def causal_ring() -> None:
+    """Causal Wan (Self-Forcing) under ring (2 ranks) or unified 2x2 (4 ranks): as :func:`causal`."""
+    causal(_ring_mode(), "causal_ring")
 
 
 def _single_cache_bytes() -> int:
@@ -476,9 +484,10 @@ def _single_cache_bytes() -> int:
     return 2 * 2 * 4 * 5 * 32 * 32 * 4
 
 
-def causal_light_forcing() -> None:
-    """Light Forcing on the causal Wan under Ulysses: latents equal the single process, sparse chunks
-    ran (the output differs from dense), per-head masks of the rank's heads equal."""
+def causal_light_forcing(mode: str = "ulysses", name: str = "causal_light_forcing") -> None:
+    """Light Forcing on the causal Wan under ``mode``: latents over 4 chunks with a rolling window equal
+    the single process, sparse chunks ran (the output differs from dense), per-head masks of the rank's
+    (Ulysses) heads equal."""
     import fastgen
     from fastgen import LightForcingConfig
 
@@ -492,20 +501,30 @@ def causal_light_forcing() -> None:
     expected = causal_generate(pipe, "absolute")
     assert rel_err(expected, dense) > 1e-3, "Light Forcing ran no sparse chunk"
     expected_masks = _masks(pipe.transformer)
-    enable(pipe.transformer)
-    err = check("causal light forcing", causal_generate(pipe, "absolute"), expected)
-    heads = pipe.transformer.config.num_attention_heads // dist.get_world_size()
-    first = dist.get_rank() * heads
-    for layer, mask in _masks(pipe.transformer).items():
+    (config,) = enable(pipe.transformer, mode)
+    err = check(name, causal_generate(pipe, "absolute"), expected)
+    cp = config.context_parallel_config
+    heads = pipe.transformer.config.num_attention_heads // cp.ulysses_degree
+    first = cp._ulysses_local_rank * heads
+    masks = _masks(pipe.transformer)
+    assert masks.keys() == expected_masks.keys() and masks, f"{name}: layers {sorted(masks)}"
+    for layer, mask in masks.items():
         assert torch.equal(mask, expected_masks[layer][first : first + heads]), (
-            f"LF layer {layer} masks differ"
+            f"{name}: LF layer {layer} masks differ"
         )
-    report("causal_light_forcing", f"err={err:.2e}")
+    report(name, f"err={err:.2e}")
+
+
+def causal_light_forcing_ring() -> None:
+    """Light Forcing on the causal Wan under ring (2 ranks) or unified 2x2 (4 ranks)."""
+    causal_light_forcing(_ring_mode(), "causal_light_forcing_ring")
 
 
 SCENARIOS = {
     "causal": causal,
     "causal_light_forcing": causal_light_forcing,
+    "causal_ring": causal_ring,
+    "causal_light_forcing_ring": causal_light_forcing_ring,
     "wan_ring": wan_ring,
     "hunyuan_ring": hunyuan_ring,
     "ring_dense": ring_dense,

@@ -63,10 +63,8 @@ CASES = [
     ("world-1", 1, [*GEN, "--context-parallel", "ring"], "(WORLD_SIZE is 1)"),
     ("text", 2, ["generate", "--preset", "tiny-llada", "--prompt", "hi", "--context-parallel", "ulysses"],
      "--context-parallel=ulysses is for video models (Wan, HunyuanVideo, the causal Wan); this run is text"),
-    ("causal-ring", 2, ["generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--context-parallel", "ring"],
-     "--context-parallel=ring is not supported for the causal Wan (its KV cache is split by heads); allowed: ulysses"),
-    ("causal-unified", 4, ["generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--context-parallel", "unified"],
-     "--context-parallel=unified is not supported for the causal Wan"),
+    ("causal-no-gpu", 2, ["generate", "--preset", "tiny-causal-wan", "--prompt", "a cat", "--context-parallel", "ring"],
+     "--context-parallel=ring: no GPU is visible"),
     ("degree-not-divisor", 4, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "3"],
      "--cp-degree=3 is not allowed with 4 processes; allowed: a divisor of the world size 4, >= 2"),
     ("degree-one", 2, [*GEN, "--context-parallel", "ulysses", "--cp-degree", "1"], "--cp-degree=1 is not allowed"),
@@ -307,10 +305,17 @@ def _single_process(argv: list[str], cwd: Path, timeout: int = 300) -> str:
     return output
 
 
-@pytest.mark.parametrize("method", ["light_forcing", pytest.param("dense", marks=pytest.mark.slow)])
-def test_causal_wan_under_ulysses_equals_single_process(tmp_path, method):
+@pytest.mark.parametrize(
+    "method, mode",
+    [
+        ("light_forcing", "ulysses"),
+        pytest.param("dense", "ulysses", marks=pytest.mark.slow),
+        pytest.param("light_forcing", "ring", marks=pytest.mark.slow),
+    ],
+)
+def test_causal_wan_under_cp_equals_single_process(tmp_path, method, mode):
     """The causal Wan (3 chunks of 3 latent frames, rolling window of 6 frames with 1 sink, so frames
-    are evicted) through ``generate --context-parallel ulysses`` on 2 ranks: rank 0 alone writes; the
+    are evicted) through ``generate --context-parallel ulysses|ring`` on 2 ranks: rank 0 alone writes; the
     video equals a single-process run's (fp32; the mp4 is what the CLI writes, so equality is up to one
     level of rounding); Light Forcing runs sparse under CP (its per-chunk density line, below 1 after
     the first chunk, not the dense fallback). The reference runs in its own process with the ranks'
@@ -323,9 +328,9 @@ def test_causal_wan_under_ulysses_equals_single_process(tmp_path, method):
     cp_dir, single_dir = tmp_path / "cp", tmp_path / "single"
     cp_dir.mkdir()
     single_dir.mkdir()
-    out = _torchrun(2, [*argv, "--context-parallel", "ulysses"], cp_dir)
+    out = _torchrun(2, [*argv, "--context-parallel", mode], cp_dir)
     assert out.count("wrote video.mp4: 33 frames 128x128") == 1, out[-4000:]
-    assert out.count("context parallel: ulysses over 2 ranks") == 1, out
+    assert out.count(f"context parallel: {mode} over 2 ranks") == 1, out
     assert sorted(os.listdir(cp_dir)) == ["video.mp4"]
     if method == "light_forcing":
         import re

@@ -71,8 +71,9 @@ def test_two_ranks_ring_and_causal_wan():
     HunyuanVideo with padded text (output, masks, statistics equal the single process). Causal Wan
     (Self-Forcing pipeline): latents over 4 chunks with a rolling window and a sink equal the single
     process, RoPE absolute and window, causal processors installed before or after
-    enable_parallelism, the KV cache split over ranks."""
-    run_worker(2, "wan_ring", "hunyuan_ring", "causal")
+    enable_parallelism, the KV cache split over ranks; the same under ring (the chunk's q/k/v
+    all-gathered over the ring group)."""
+    run_worker(2, "wan_ring", "hunyuan_ring", "causal", "causal_ring")
 
 
 @pytest.mark.slow
@@ -80,13 +81,22 @@ def test_two_ranks_ring_dense_fallback_two_grids_i2v_light_forcing():
     """2 ranks: the logged dense all-gather-K/V form where the sparse call has no ring form, exact
     (Wan, HunyuanVideo); ring sparse on two grids of the same token count in turn; Wan 2.1 I2V
     (image tokens in the cross-attention context) sparse under Ulysses, fastgen applied after
-    enable_parallelism; Light Forcing on the causal Wan: latents and the rank's per-head masks equal."""
-    run_worker(2, "ring_dense", "ring_two_grids", "wan_i2v_sparse", "causal_light_forcing")
+    enable_parallelism; Light Forcing on the causal Wan under Ulysses and ring: latents and the rank's
+    per-head masks equal."""
+    run_worker(
+        2,
+        "ring_dense",
+        "ring_two_grids",
+        "wan_i2v_sparse",
+        "causal_light_forcing",
+        "causal_light_forcing_ring",
+    )
 
 
 @pytest.mark.slow
 def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
-    """Every scenario at 4 ranks (one head per rank, text share 2; unified = Ulysses 2 x ring 2)."""
+    """Every scenario at 4 ranks (one head per rank, text share 2; unified = Ulysses 2 x ring 2, the
+    causal Wan included)."""
     run_worker(
         4,
         "wan_dense",
@@ -103,6 +113,8 @@ def test_four_ranks_ulysses_dense_and_sparse_equal_single_process():
         "ring_two_grids",
         "causal",
         "causal_light_forcing",
+        "causal_ring",
+        "causal_light_forcing_ring",
     )
 
 

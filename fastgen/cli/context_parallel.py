@@ -4,7 +4,7 @@ one process per GPU under ``torchrun``.
 
 :func:`check_context_parallel` checks the flags before any model is loaded (one line each, exit status 2):
 a video model, launched under ``torchrun`` (``WORLD_SIZE`` > 1), a degree that divides the world size,
-``--ulysses-degree`` only for ``unified``, Ulysses only for the causal Wan. :func:`context_parallel_session`
+``--ulysses-degree`` only for ``unified``. :func:`context_parallel_session`
 initialises the process group (nccl on CUDA, gloo otherwise), pins ``cuda:LOCAL_RANK`` and destroys the
 group at exit, also on an error or Ctrl-C. Every rank runs the same generation with the same seed; only
 the writer of a group (its first rank) writes and prints.
@@ -78,7 +78,7 @@ def add_context_parallel_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=MODES,
         help="spread each video over the GPUs with diffusers' context parallelism: ulysses (heads split, "
-        "sparse attention kept), ring (K/V gathered) or unified (both); the causal Wan: ulysses only",
+        "sparse attention kept), ring (K/V gathered) or unified (both)",
     )
     cp.add_argument(
         "--cp-degree",
@@ -130,13 +130,6 @@ def check_context_parallel(
             [
                 f"--context-parallel={mode} is for video models (Wan, HunyuanVideo, the causal Wan); this run is "
                 "text (a diffusion LM)"
-            ]
-        )
-    if family == "causal" and mode != "ulysses":
-        raise UsageError(
-            [
-                f"--context-parallel={mode} is not supported for the causal Wan (its KV cache is split by heads); "
-                "allowed: ulysses"
             ]
         )
     rank, world, local = _environment()
