@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastgen.optional import require
 
 from .backends import DemoBackend
-from .limits import TEXT_DEFAULTS, TEXT_METHODS, task_examples
+from .limits import TEXT_METHODS, task_examples, text_defaults_of
 from .video_tab import BLOCK_SIZES
 
 
@@ -52,10 +52,11 @@ def _text_inputs(gr, limits, td: dict, examples: list[str]) -> dict:
 
 
 def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None) -> None:
-    """The "Text" tab, built inside an open ``gr.Blocks``."""
+    """The "Text" tab, built inside an open ``gr.Blocks``; initial values are ``source``'s
+    (:func:`~fastgen.app.limits.text_defaults_of`), updated by ``defaults``."""
     gr = require("gradio")
     limits = backend.limits
-    td = {**TEXT_DEFAULTS, **(defaults or {})}
+    td = {**text_defaults_of(source), **(defaults or {})}
     track = gr.Progress(track_tqdm=True)
 
     def run_text(prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
