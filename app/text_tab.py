@@ -6,7 +6,7 @@ from fastgen.optional import require
 
 from .backends import DemoBackend
 from .limits import TEXT_METHODS, task_examples, text_defaults_of
-from .video_tab import BLOCK_SIZES
+from .video_tab import BLOCK_SIZES, metrics_outputs
 
 
 def _text_inputs(gr, limits, td: dict, examples: list[str]) -> dict:
@@ -76,8 +76,7 @@ def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None
             sparse_out = gr.Textbox(label="accelerated (the chosen method)", lines=6, elem_id="text-sparse")
         with gr.Row():
             with gr.Column():
-                table = gr.Markdown(elem_id="text-metrics")
-                metrics = gr.JSON(label="metrics")
+                table, metrics = metrics_outputs(gr, "text")
             with gr.Column():
                 mask = gr.Image(
                     label="block mask (kept key blocks, SparseD)", type="filepath", elem_id="text-mask"
