@@ -298,18 +298,23 @@ def test_window_sets_picture_codes(tmp_path):
     assert os.path.getsize(draw_window_sets(None, 0, 0, str(tmp_path / "none.png"))) > 0
 
 
-@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
-def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
+def _real_text_backend(preset: str, limits: DemoLimits):
+    """The demo's Text backend on ``preset`` with the real text runner (no video pipeline)."""
     from fastgen.app.demo import DemoBackend, LazyPipeline
     from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
 
-    backend = DemoBackend(
+    return DemoBackend(
         video_pipeline=LazyPipeline(lambda: None),
-        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
+        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset=preset)),
         video_generate=None,
         text_generate=generate_text,
-        limits=DemoLimits(max_gen_length=64),
+        limits=limits,
     )
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
+    backend = _real_text_backend("tiny-llada", DemoLimits(max_gen_length=64))
     args = dict(prompt="Hello", method="sparsed+window_diffusion", skip=0.25, select=0.5, block_size=16, window=16,
                 active=4, refresh_cycle=8, steps=32, gen_length=32, block_length=32, temperature=0.0, seed=0)  # fmt: skip
     dense, fast, table, metrics, mask, layer, head, state, sets = backend.run_text(*args.values())
@@ -467,18 +472,10 @@ def test_text_tab_starts_with_the_long_answer_models_card_and_examples():
 
 @pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
 def test_text_handler_checks_the_long_answer_of_tiny_llada_long():
-    from fastgen.app.demo import DemoBackend, LazyPipeline
     from fastgen.app.limits import task_examples, text_defaults_of
     from fastgen.pipelines.long_task import LedgerTask
-    from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
 
-    backend = DemoBackend(
-        video_pipeline=LazyPipeline(lambda: None),
-        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada-long")),
-        video_generate=None,
-        text_generate=generate_text,
-        limits=DemoLimits(rounds=1),
-    )
+    backend = _real_text_backend("tiny-llada-long", DemoLimits(rounds=1))
     td = text_defaults_of("tiny-llada-long")
     # 4 tokens per step (64 steps) to stay fast: Window-Diffusion's window must hold 16 + 31 * 4 masks
     args = dict(prompt=task_examples("tiny-llada-long")[0], method=td["method"], skip=td["skip"],

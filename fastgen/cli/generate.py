@@ -208,26 +208,14 @@ def pipeline_from_args(args: argparse.Namespace, kind: str, device=None):
     """The ``kind`` (``"text"`` or video) pipeline that ``args`` name (``--preset`` / ``--model``, ``--dtype``,
     and the kind's own options) on ``device``, through :func:`load_pipeline`."""
     if kind == "text":
-        from fastgen.pipelines.text_runner import load_text_pipeline
+        from fastgen.pipelines.text_runner import load_text_pipeline as load
 
-        return load_pipeline(
-            load_text_pipeline,
-            preset=args.preset,
-            model=args.model,
-            device=device,
-            dtype=args.dtype,
-            trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-        )
-    from fastgen.pipelines.video_runner import load_video_pipeline
+        own = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
+    else:
+        from fastgen.pipelines.video_runner import load_video_pipeline as load
 
-    return load_pipeline(
-        load_video_pipeline,
-        preset=args.preset,
-        model=args.model,
-        device=device,
-        dtype=args.dtype,
-        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
-    )
+        own = {"self_forcing_checkpoint": getattr(args, "self_forcing_checkpoint", None)}
+    return load_pipeline(load, preset=args.preset, model=args.model, device=device, dtype=args.dtype, **own)
 
 
 def run_generate(args: argparse.Namespace) -> int:
