@@ -72,6 +72,61 @@ def _note_rows(note: str | None) -> list[tuple[str, object]]:
     return [("note", note)] if note else []
 
 
+def _locked_comparison(lazy: LazyPipeline, what: str, progress, compare: Callable[[object], object]):
+    """``compare(pipe)`` on the lazily loaded pipeline, holding its lock for the whole comparison (loading
+    shown as ``what``); a ``ValueError`` from the run becomes a ``gr.Error`` with its message."""
+    with lazy.lock:
+        if progress is not None:
+            progress(0, desc=f"loading the {what}")
+        pipe = lazy.get()
+        try:
+            return compare(pipe)
+        except ValueError as err:
+            raise gr_error(str(err)) from None
+
+
+def _write_videos(comparison, folder: str, name: str) -> tuple[str, str]:
+    """The dense and accelerated videos of a comparison as ``dense.mp4`` and ``<name>.mp4`` in ``folder``."""
+    from fastgen.io import write_video
+
+    dense, fast = (
+        write_video(os.path.join(folder, f"{file}.mp4"), result["frames"], fps=int(result.get("fps") or 16))
+        for result, file in ((comparison.dense, "dense"), (comparison.accelerated, name))
+    )
+    return dense, fast
+
+
+def _video_metrics(
+    comparison, label: str, seconds_key: str, own: dict, own_rows: list, **tail
+) -> tuple[dict, str]:
+    """The metrics JSON and table of a video comparison: times (the accelerated one under ``seconds_key``,
+    named ``label`` in the table), speed-up, PSNR / SSIM, then the method's ``own`` figures and rows; ``tail``
+    (seed, config, note) ends the JSON and its note heads the table."""
+    dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+    metrics = {
+        "dense_seconds": float(dense["seconds"]),
+        seconds_key: float(sparse["seconds"]),
+        **comparison_metrics(comparison),
+        "psnr": fid["psnr"],
+        "identical": fid["identical"],
+        "ssim": fid["ssim"],
+        **own,
+        **tail,
+    }
+    table = metrics_table(
+        [
+            *_note_rows(tail.get("note")),
+            ("dense time (s)", metrics["dense_seconds"]),
+            (f"{label} time (s)", metrics[seconds_key]),
+            *comparison_rows(comparison),
+            ("PSNR vs dense (dB)", math.inf if fid["identical"] else fid["psnr"]),
+            ("SSIM vs dense", metrics["ssim"]),
+            *own_rows,
+        ]
+    )
+    return metrics, table
+
+
 def _mask_outputs(stats, folder):
     """Heatmap of the first recorded layer plus updated layer/head selectors and the stats state."""
     gr = require("gradio")
@@ -159,7 +214,6 @@ class DemoBackend:
         """Dense and Rectified SpaAttn with one seed; returns outputs, metrics and the mask heatmap.
         ``image`` (a file path) is the first frame for image-to-video pipelines (Wan I2V)."""
         from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
-        from fastgen.io import write_video
 
         lim = self.limits
         prompt = check_prompt(prompt, lim)
@@ -168,71 +222,41 @@ class DemoBackend:
         negative_prompt = (negative_prompt or "").strip()[: lim.max_prompt_chars] or None
         config = self._video_config(sparsity, block_size, dense_layers, warmup_steps, form)
         folder = self.folders.new()
-        with self.video_pipeline.lock:
-            if progress is not None:
-                progress(0, desc="loading the video pipeline")
-            pipe = self.video_pipeline.get()
-            common = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **params}
-            if image:
-                common["image"] = image
-            try:
-                comparison = compare_with_dense(
-                    self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
-                    warm_up=VIDEO_WARM_UP, rounds=lim.rounds, **common,
-                )  # fmt: skip
-            except ValueError as err:
-                raise gr_error(str(err)) from None
-        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
-        dense_path = write_video(
-            os.path.join(folder, "dense.mp4"), dense["frames"], fps=int(dense.get("fps") or 16)
-        )
-        sparse_path = write_video(
-            os.path.join(folder, "rectified.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
-        )
-        metrics = {
-            "dense_seconds": float(dense["seconds"]),
-            "sparse_seconds": float(sparse["seconds"]),
-            **comparison_metrics(comparison),
-            "psnr": fid["psnr"],
-            "identical": fid["identical"],
-            "ssim": fid["ssim"],
-            "density": mean_density(sparse.get("stats")),
-            "seed": seed,
-            "config": config.to_dict(),
-            "note": self.video_note,
-        }
-        table = metrics_table(
-            [
-                *_note_rows(self.video_note),
-                ("dense time (s)", metrics["dense_seconds"]),
-                ("Rectified SpaAttn time (s)", metrics["sparse_seconds"]),
-                *comparison_rows(comparison),
-                ("PSNR vs dense (dB)", math.inf if fid["identical"] else fid["psnr"]),
-                ("SSIM vs dense", metrics["ssim"]),
-                ("mean density of sparse layers", metrics["density"]),
-            ]
-        )
+        common = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **params}
+        if image:
+            common["image"] = image
+        comparison = _locked_comparison(
+            self.video_pipeline, "video pipeline", progress,
+            lambda pipe: compare_with_dense(
+                self.video_generate, pipe, method="rectified", config=config, fidelity=video_fidelity,
+                warm_up=VIDEO_WARM_UP, rounds=lim.rounds, **common,
+            ),
+        )  # fmt: skip
+        sparse = comparison.accelerated
+        dense_path, sparse_path = _write_videos(comparison, folder, "rectified")
+        density = mean_density(sparse.get("stats"))
+        metrics, table = _video_metrics(
+            comparison, "Rectified SpaAttn", "sparse_seconds", {"density": density},
+            [("mean density of sparse layers", density)], seed=seed, config=config.to_dict(), note=self.video_note,
+        )  # fmt: skip
         return dense_path, sparse_path, table, metrics, *_mask_outputs(sparse.get("stats"), folder)
 
     def _text_comparison(self, method, configs, prompt, seed, params, progress):
         from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
 
-        with self.text_pipeline.lock:
-            if progress is not None:
-                progress(0, desc="loading the diffusion LM")
-            pipe = self.text_pipeline.get()
+        def compare(pipe):
             task = getattr(pipe, "fastgen_task", None)
             answer = task.answer_of(prompt) if task is not None else None
             windowed = "window_diffusion" in method
-            try:
-                comparison = compare_with_dense(
-                    self.text_generate, pipe, method=method, config=configs if windowed else configs[0],
-                    fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
-                    warm_up=text_warm_up(params["gen_length"]), rounds=self.limits.rounds, prompt=prompt,
-                    seed=seed, **params,
-                )  # fmt: skip
-            except ValueError as err:
-                raise gr_error(str(err)) from None
+            comparison = compare_with_dense(
+                self.text_generate, pipe, method=method, config=configs if windowed else configs[0],
+                fidelity=lambda acc, dense: text_fidelity(acc, dense, answer),
+                warm_up=text_warm_up(params["gen_length"]), rounds=self.limits.rounds, prompt=prompt,
+                seed=seed, **params,
+            )  # fmt: skip
+            return comparison, answer
+
+        comparison, answer = _locked_comparison(self.text_pipeline, "diffusion LM", progress, compare)
         return comparison, answer
 
     def run_text(self, prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
@@ -366,7 +390,6 @@ class CausalDemoBackend:
         """Dense and Light Forcing with one seed: both videos, metrics, per-chunk density, a mask heatmap.
         ``local_attn_frames`` (0: every earlier frame) and ``sink_frames`` set the causal local window."""
         from fastgen.compare import VIDEO_WARM_UP, compare_with_dense, video_fidelity
-        from fastgen.io import write_video
         from fastgen.processors.light_forcing_wan import chunk_densities
 
         lim = self.limits
@@ -380,49 +403,22 @@ class CausalDemoBackend:
         seed = check_range("seed", seed, 0, 2**31 - 1)
         config = self._config(sparsity, sparsity_base, block_size, rectify)
         folder = self.folders.new()
-        with self.pipeline.lock:
-            if progress is not None:
-                progress(0, desc="loading the causal Wan pipeline")
-            pipe = self.pipeline.get()
-            try:
-                comparison = compare_with_dense(
-                    self.generate, pipe, method="light_forcing", config=config, fidelity=video_fidelity,
-                    warm_up=VIDEO_WARM_UP, rounds=lim.rounds, prompt=prompt, seed=seed, **params,
-                )  # fmt: skip
-            except ValueError as err:
-                raise gr_error(str(err)) from None
-        dense, sparse, fid = comparison.dense, comparison.accelerated, comparison.fidelity
-        dense_path = write_video(
-            os.path.join(folder, "dense.mp4"), dense["frames"], fps=int(dense.get("fps") or 16)
-        )
-        sparse_path = write_video(
-            os.path.join(folder, "light_forcing.mp4"), sparse["frames"], fps=int(sparse.get("fps") or 16)
-        )
-        stats = list(sparse.get("stats") or [])
+        comparison = _locked_comparison(
+            self.pipeline, "causal Wan pipeline", progress,
+            lambda pipe: compare_with_dense(
+                self.generate, pipe, method="light_forcing", config=config, fidelity=video_fidelity,
+                warm_up=VIDEO_WARM_UP, rounds=lim.rounds, prompt=prompt, seed=seed, **params,
+            ),
+        )  # fmt: skip
+        dense_path, sparse_path = _write_videos(comparison, folder, "light_forcing")
+        stats = list(comparison.accelerated.get("stats") or [])
         per_chunk = chunk_densities(stats)
-        metrics = {
-            "dense_seconds": float(dense["seconds"]),
-            "light_forcing_seconds": float(sparse["seconds"]),
-            **comparison_metrics(comparison),
-            "psnr": fid["psnr"],
-            "identical": fid["identical"],
-            "ssim": fid["ssim"],
-            "chunk_density": {str(c): d for c, d in per_chunk.items()},
-            "seed": seed,
-            "config": config.to_dict(),
-            "note": self.note,
-        }
-        table = metrics_table(
-            [
-                *_note_rows(self.note),
-                ("dense time (s)", metrics["dense_seconds"]),
-                ("Light Forcing time (s)", metrics["light_forcing_seconds"]),
-                *comparison_rows(comparison),
-                ("PSNR vs dense (dB)", math.inf if fid["identical"] else fid["psnr"]),
-                ("SSIM vs dense", metrics["ssim"]),
-                *[(f"density of chunk {c}", d) for c, d in per_chunk.items()],
-            ]
-        )
+        metrics, table = _video_metrics(
+            comparison, "Light Forcing", "light_forcing_seconds",
+            {"chunk_density": {str(c): d for c, d in per_chunk.items()}},
+            [(f"density of chunk {c}", d) for c, d in per_chunk.items()],
+            seed=seed, config=config.to_dict(), note=self.note,
+        )  # fmt: skip
         density_png = draw_chunk_density(stats, os.path.join(folder, "density.png"))
         return dense_path, sparse_path, table, metrics, density_png, *self._mask_outputs(stats, folder)
 

@@ -7,6 +7,7 @@ from fastgen.optional import require
 
 from .backends import CausalDemoBackend
 from .limits import CAUSAL_DEFAULTS
+from .video_tab import metrics_outputs, video_pair
 
 
 def _causal_inputs(gr, limits, cd: dict) -> dict:
@@ -54,13 +55,10 @@ def add_causal_tab(backend: CausalDemoBackend, source: str, defaults: dict | Non
             f"Light Forcing (Chunk-Aware Growth + Hierarchical Sparse Attention).{note}"
         )
         c = _causal_inputs(gr, limits, cd)
-        with gr.Row():
-            dense_out = gr.Video(label="dense", format="mp4", elem_id="causal-dense")
-            sparse_out = gr.Video(label="Light Forcing", format="mp4", elem_id="causal-sparse")
+        dense_out, sparse_out = video_pair(gr, "causal", "Light Forcing")
         with gr.Row():
             with gr.Column():
-                table = gr.Markdown(elem_id="causal-metrics")
-                metrics = gr.JSON(label="metrics")
+                table, metrics = metrics_outputs(gr, "causal")
                 density = gr.Image(label="density per chunk", type="filepath", elem_id="causal-density")
             with gr.Column():
                 mask = gr.Image(label="block mask (kept key blocks)", type="filepath", elem_id="causal-mask")

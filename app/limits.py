@@ -73,17 +73,36 @@ CAUSAL_DEFAULTS = {"height": 128, "width": 128, "frames": 33, "sparsity": 0.88, 
 """Initial values of the Causal tab (the tiny-causal-wan preset: 9 latent frames = 3 chunks; a local
 window of 0 frames means every earlier frame)."""
 
+TEXT_PRESET_DEFAULTS = {
+    "tiny-llada-long": {"method": "window_diffusion", "steps": 256, "gen_length": 256, "block_length": 256},
+}
+"""Initial values of the Text tab that differ per preset from :data:`TEXT_DEFAULTS` (the ``tiny-llada-kv``
+card's). ``tiny-llada-long``: its model card's 256 answer tokens at one token per step, compared with
+Window-Diffusion in one block of 256 (as ``fastgen generate --method window_diffusion`` runs it when no block
+length is given) at the authors' 64 / 16 / 32: 8 refresh steps, 248 pruned ones."""
+
 TEXT_EXAMPLE_SEEDS = (1_000_000, 1_000_001, 1_000_002)
-"""Held-out task examples offered as prompts in the Text tab (seeds of ``KVTask.example``)."""
+"""Held-out task examples offered as prompts in the Text tab for ``tiny-llada-kv`` (seeds of ``KVTask.example``;
+``tiny-llada-long`` offers the first three of ``LedgerTask.held_out``)."""
+
+
+def text_defaults_of(preset: str | None) -> dict:
+    """Initial values of the Text tab for ``preset`` (a model name or ``None`` gets :data:`TEXT_DEFAULTS`)."""
+    return {**TEXT_DEFAULTS, **TEXT_PRESET_DEFAULTS.get(preset or "", {})}
 
 
 def task_examples(preset: str | None) -> list[str]:
-    """Example prompts from the task generator when ``preset`` is a model trained on a checkable task."""
-    if preset != "tiny-llada-kv":
-        return []
-    from fastgen.pipelines.kv_task import KVTask
+    """Example prompts from the task generator when ``preset`` is a model trained on a checkable task
+    (``tiny-llada-kv``, ``tiny-llada-long``); ``[]`` otherwise."""
+    if preset == "tiny-llada-kv":
+        from fastgen.pipelines.kv_task import KVTask
 
-    return [KVTask().example(seed).prompt for seed in TEXT_EXAMPLE_SEEDS]
+        return [KVTask().example(seed).prompt for seed in TEXT_EXAMPLE_SEEDS]
+    if preset == "tiny-llada-long":
+        from fastgen.pipelines.long_task import LedgerTask
+
+        return [example.prompt for example in LedgerTask().held_out(len(TEXT_EXAMPLE_SEEDS))]
+    return []
 
 
 class LazyPipeline:
@@ -151,6 +170,7 @@ __all__ = [
     "CAUSAL_DEFAULTS",
     "TEXT_DEFAULTS",
     "TEXT_METHODS",
+    "TEXT_PRESET_DEFAULTS",
     "VIDEO_DEFAULTS",
     "DemoLimits",
     "LazyPipeline",
@@ -159,4 +179,5 @@ __all__ = [
     "check_range",
     "gr_error",
     "task_examples",
+    "text_defaults_of",
 ]

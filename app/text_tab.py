@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastgen.optional import require
 
 from .backends import DemoBackend
-from .limits import TEXT_DEFAULTS, TEXT_METHODS, task_examples
-from .video_tab import BLOCK_SIZES
+from .limits import TEXT_METHODS, task_examples, text_defaults_of
+from .video_tab import BLOCK_SIZES, metrics_outputs
 
 
 def _text_inputs(gr, limits, td: dict, examples: list[str]) -> dict:
@@ -52,10 +52,11 @@ def _text_inputs(gr, limits, td: dict, examples: list[str]) -> dict:
 
 
 def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None) -> None:
-    """The "Text" tab, built inside an open ``gr.Blocks``."""
+    """The "Text" tab, built inside an open ``gr.Blocks``; initial values are ``source``'s
+    (:func:`~fastgen.app.limits.text_defaults_of`), updated by ``defaults``."""
     gr = require("gradio")
     limits = backend.limits
-    td = {**TEXT_DEFAULTS, **(defaults or {})}
+    td = {**text_defaults_of(source), **(defaults or {})}
     track = gr.Progress(track_tqdm=True)
 
     def run_text(prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
@@ -75,8 +76,7 @@ def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None
             sparse_out = gr.Textbox(label="accelerated (the chosen method)", lines=6, elem_id="text-sparse")
         with gr.Row():
             with gr.Column():
-                table = gr.Markdown(elem_id="text-metrics")
-                metrics = gr.JSON(label="metrics")
+                table, metrics = metrics_outputs(gr, "text")
             with gr.Column():
                 mask = gr.Image(
                     label="block mask (kept key blocks, SparseD)", type="filepath", elem_id="text-mask"

@@ -41,6 +41,20 @@ def _video_inputs(gr, limits, vd: dict, takes_image: bool) -> dict:
     return c
 
 
+def video_pair(gr, prefix: str, label: str) -> tuple:
+    """The dense and the accelerated (``label``) video players side by side (ids ``<prefix>-dense`` / ``-sparse``)."""
+    with gr.Row():
+        return (
+            gr.Video(label="dense", format="mp4", elem_id=f"{prefix}-dense"),
+            gr.Video(label=label, format="mp4", elem_id=f"{prefix}-sparse"),
+        )
+
+
+def metrics_outputs(gr, prefix: str) -> tuple:
+    """The metrics table (id ``<prefix>-metrics``) and the metrics JSON, in the open column."""
+    return gr.Markdown(elem_id=f"{prefix}-metrics"), gr.JSON(label="metrics")
+
+
 def add_video_tab(backend: DemoBackend, source: str, defaults: dict | None = None, takes_image: bool = False):
     """The "Video (Rectified SpaAttn)" tab, built inside an open ``gr.Blocks``; ``takes_image`` shows the
     first-frame upload (image-to-video models only)."""
@@ -58,13 +72,10 @@ def add_video_tab(backend: DemoBackend, source: str, defaults: dict | None = Non
         note = f" **{backend.video_note}.**" if backend.video_note else ""
         gr.Markdown(f"Model: `{source}`: video DiT with Rectified SpaAttn.{note}")
         c = _video_inputs(gr, limits, vd, takes_image)
-        with gr.Row():
-            dense_out = gr.Video(label="dense", format="mp4", elem_id="video-dense")
-            sparse_out = gr.Video(label="Rectified SpaAttn", format="mp4", elem_id="video-sparse")
+        dense_out, sparse_out = video_pair(gr, "video", "Rectified SpaAttn")
         with gr.Row():
             with gr.Column():
-                table = gr.Markdown(elem_id="video-metrics")
-                metrics = gr.JSON(label="metrics")
+                table, metrics = metrics_outputs(gr, "video")
             with gr.Column():
                 mask = gr.Image(label="block mask (kept key blocks)", type="filepath", elem_id="video-mask")
                 with gr.Row():

@@ -11,6 +11,8 @@ Layout (see ``kernels/README.md`` for the derivation):
   tile once, then walks the list of selected key blocks of its query block (never
   scanning the others) with an fp32 online softmax in base 2, and writes the output and
   the natural-log LSE.
+- ``_online_softmax_update`` and ``_normalize``: the base-2 online-softmax step and its end
+  (``triton.jit`` too), shared with the Rectified kernel.
 - ``_block_sparse_attn_fwd``: host launcher. Validates, picks tile sizes and warps,
   allocates outputs, launches.
 - ``block_sparse_attention_triton``: the thin public function.
@@ -37,6 +39,8 @@ import torch
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 triton = None  # the ``triton`` module once loaded
 tl = None  # the ``triton.language`` module once loaded; the kernel body resolves it here
+_online_softmax_update = None  # the jitted ``_online_softmax_update_fn`` once loaded (Rectified uses it too)
+_normalize = None  # the jitted ``_normalize_fn`` once loaded (Rectified uses it too)
 _jitted_kernel = None
 
 __all__ = ["HAS_TRITON", "block_mask_to_indices", "block_sparse_attention_triton"]
@@ -50,6 +54,38 @@ def _op_defined(qualname: str) -> bool:
     """Whether the custom op ``namespace::name`` is registered in this process already."""
     namespace, name = qualname.split("::")
     return hasattr(getattr(torch.ops, namespace), name)
+
+
+def _online_softmax_update_fn(
+    scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr
+):
+    """One FlashAttention-2 step: fold a key tile (base-2 ``scores [BM, BN]``, ``v [BN, D]``) into
+    the running max ``m_i [BM]``, sum ``l_i [BM]`` and ``acc [BM, D]``; ``-inf`` scores are absent keys.
+    Shared by this kernel and the Rectified one (``triton.jit`` on first use, as ``_online_softmax_update``).
+    """
+    m_new = tl.maximum(m_i, tl.max(scores, 1))  # [BM]
+    # a tile with no valid key leaves m_new at -inf: shift by 0 instead of NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BM]
+    alpha = tl.math.exp2(m_i - m_shift)  # [BM]
+    p = tl.math.exp2(scores - m_shift[:, None])  # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p_cast = p.to(v.dtype)  # [BM, BN] in the input dtype, as FA2
+    if DOT_IN_FP32:
+        v = v.to(tl.float32)
+        p_cast = p_cast.to(tl.float32)
+    acc = tl.dot(p_cast, v, acc, input_precision=DOT_PRECISION)  # [BM, D]
+    return m_new, l_i, acc
+
+
+def _normalize_fn(m_i, l_i, acc):
+    """The end of the online softmax: ``(out [BM, D], lse [BM])`` (natural log) from the running max, sum and
+    accumulator; rows without keys get zeros and ``-inf`` (``triton.jit`` on first use, as ``_normalize``)."""
+    has_keys = l_i > 0.0  # [BM]
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]  # [BM, D]; zeros for rows without keys
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return out, lse
 
 
 def _block_sparse_attn_fwd_kernel(
@@ -146,28 +182,11 @@ def _block_sparse_attn_fwd_kernel(
                 k = k.to(tl.float32)
             scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
             scores = tl.where(kv_valid[None, :], scores, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(scores, 1))  # [BM]
-            # a tile with no valid key leaves m_new at -inf: shift by 0 instead of NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BM]
-            alpha = tl.math.exp2(m_i - m_shift)  # [BM]
-            p = tl.math.exp2(scores - m_shift[:, None])  # [BM, BN]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-
             v_ptrs = v_base + offs_kv[:, None] * stride_vn + offs_d[None, :] * stride_vd
             v = tl.load(v_ptrs, mask=kv_valid[:, None], other=0.0)  # [BN, D]
-            p_cast = p.to(V.dtype.element_ty)  # [BM, BN] in the input dtype, as FA2
-            if DOT_IN_FP32:
-                v = v.to(tl.float32)
-                p_cast = p_cast.to(tl.float32)
-            acc = tl.dot(p_cast, v, acc, input_precision=DOT_PRECISION)  # [BM, D]
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION, DOT_IN_FP32)
 
-    has_keys = l_i > 0.0  # [BM]
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]  # [BM, D]; zeros for rows without keys
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = _normalize(m_i, l_i, acc)
 
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_valid[:, None])
@@ -188,8 +207,8 @@ def _launch_config(head_dim: int, block_size: int, dtype: torch.dtype) -> tuple[
 
 
 def _load_kernel():
-    """Import Triton and wrap ``_block_sparse_attn_fwd_kernel`` with ``triton.jit`` (once)."""
-    global triton, tl, _jitted_kernel
+    """Import Triton and wrap ``_block_sparse_attn_fwd_kernel`` and its helpers with ``triton.jit`` (once)."""
+    global triton, tl, _online_softmax_update, _normalize, _jitted_kernel
     if _jitted_kernel is None:
         if not HAS_TRITON:
             raise RuntimeError(
@@ -201,6 +220,8 @@ def _load_kernel():
         except Exception as exc:  # a broken or partial install
             raise RuntimeError(f"Triton is installed but does not import: {exc!r}") from exc
         triton, tl = triton_module, language_module
+        _online_softmax_update = triton.jit(_online_softmax_update_fn)
+        _normalize = triton.jit(_normalize_fn)
         _jitted_kernel = triton.jit(_block_sparse_attn_fwd_kernel)
     return _jitted_kernel
 

@@ -13,7 +13,8 @@ Layout (the derivation is in ``kernels/README.md``):
   use). One program per (query tile, batch * head). It loads its query tile once, walks the
   selected key blocks of its query block (index table, as the block-sparse kernel), then the
   text keys in tiles, then the compensated pooled keys (a second index table) in tiles.
-- ``_online_softmax_update``: the shared base-2 online-softmax step (``triton.jit`` too).
+- ``_online_softmax_update`` and ``_normalize``: the base-2 online-softmax step and its end, shared with
+  the block-sparse kernel (defined and jitted in ``block_sparse_attn.py``).
 - ``_rectified_exact_attn_fwd``: host launcher. Validates, casts, picks tiles, launches.
 - ``rectified_exact_attention_triton``: the thin public function.
 
@@ -32,33 +33,13 @@ from .block_sparse_attn import _op_defined
 
 triton = None  # the ``triton`` module once loaded
 tl = None  # ``triton.language`` once loaded; the kernel bodies resolve it here
-_online_softmax_update = None  # the jitted ``_online_softmax_update_fn`` once loaded
+_online_softmax_update = None  # the block-sparse module's jitted ``_online_softmax_update_fn`` once loaded
+_normalize = None  # the block-sparse module's jitted ``_normalize_fn`` once loaded
 _jitted_kernel = None
 
 __all__ = ["rectified_exact_attention_triton"]
 
 _LOG2_E = 1.4426950408889634
-
-
-def _online_softmax_update_fn(
-    scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr
-):
-    """One FlashAttention-2 step: fold a key tile (base-2 ``scores [BM, BN]``, ``v [BN, D]``) into
-    the running max ``m_i [BM]``, sum ``l_i [BM]`` and ``acc [BM, D]``; ``-inf`` scores are absent keys.
-    """
-    m_new = tl.maximum(m_i, tl.max(scores, 1))  # [BM]
-    # a tile with no valid key leaves m_new at -inf: shift by 0 instead of NaN
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BM]
-    alpha = tl.math.exp2(m_i - m_shift)  # [BM]
-    p = tl.math.exp2(scores - m_shift[:, None])  # [BM, BN]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    p_cast = p.to(v.dtype)  # [BM, BN] in the input dtype, as FA2
-    if DOT_IN_FP32:
-        v = v.to(tl.float32)
-        p_cast = p_cast.to(tl.float32)
-    acc = tl.dot(p_cast, v, acc, input_precision=DOT_PRECISION)  # [BM, D]
-    return m_new, l_i, acc
 
 
 def _rectified_exact_attn_fwd_kernel(
@@ -252,10 +233,7 @@ def _rectified_exact_attn_fwd_kernel(
         )  # [BP, D]
         m_i, l_i, acc = _online_softmax_update(scores, v, m_i, l_i, acc, DOT_PRECISION, DOT_IN_FP32)
 
-    has_keys = l_i > 0.0  # [BM]
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]  # [BM, D]; zeros for rows without keys
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = _normalize(m_i, l_i, acc)
 
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_valid[:, None])
@@ -263,12 +241,12 @@ def _rectified_exact_attn_fwd_kernel(
 
 
 def _load_kernel():
-    """Import Triton (through the block-sparse module) and jit the kernel and its helper (once)."""
-    global triton, tl, _online_softmax_update, _jitted_kernel
+    """Import Triton (through the block-sparse module, which jits the shared helpers) and jit the kernel (once)."""
+    global triton, tl, _online_softmax_update, _normalize, _jitted_kernel
     if _jitted_kernel is None:
         _bsa._load_kernel()  # imports Triton, or raises the RuntimeError that names the fallback
         triton, tl = _bsa.triton, _bsa.tl
-        _online_softmax_update = triton.jit(_online_softmax_update_fn)
+        _online_softmax_update, _normalize = _bsa._online_softmax_update, _bsa._normalize
         _jitted_kernel = triton.jit(_rectified_exact_attn_fwd_kernel)
     return _jitted_kernel
 

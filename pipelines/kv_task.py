@@ -51,17 +51,39 @@ FILLER_WORDS = (
 
 
 @dataclass(frozen=True)
-class KVExample:
-    """One task instance."""
+class TaskExample:
+    """One instance of a trained tiny LM's task (this one's and the ledger's): a prompt and its exact answer."""
 
     prompt: str
-    """Haystack with the hidden codes, then ``? ->`` (space-separated words)."""
+    """The prompt, space-separated tokens of the task's vocabulary (here: the haystack with the hidden codes,
+    then ``? ->``)."""
     answer: str
-    """The codes in field order, space-separated."""
+    """The answer, space-separated tokens without EOS padding (here: the codes in field order)."""
+
+
+KVExample = TaskExample
+"""One instance of the key-value task (the name this module has always used)."""
+
+
+class SeededExamples:
+    """What the trained tasks share: the instance of an example seed and a fixed held-out set; a task
+    defines ``sample(rng) -> (prompt tokens, answer tokens)`` and its ``held_out_seed_base``."""
+
+    held_out_seed_base = HELD_OUT_SEED_BASE
+    """Held-out instances use example seeds from here on."""
+
+    def example(self, seed: int) -> TaskExample:
+        """The instance of example seed ``seed`` (the same text on every machine)."""
+        prompt, answer = self.sample(random.Random(seed))
+        return TaskExample(" ".join(prompt), " ".join(answer))
+
+    def held_out(self, count: int) -> list[TaskExample]:
+        """The fixed held-out set: ``count`` instances from seeds ``held_out_seed_base + i``."""
+        return [self.example(self.held_out_seed_base + i) for i in range(count)]
 
 
 @dataclass(frozen=True)
-class KVTask:
+class KVTask(SeededExamples):
     """The task's sizes; one object generates prompts, token ids and checks answers."""
 
     num_fields: int = 4
@@ -104,15 +126,6 @@ class KVTask:
         for code in codes:
             words.insert(rng.randint(0, len(words)), code)
         return [*words, QUERY_MARK, ANSWER_MARK], codes
-
-    def example(self, seed: int) -> KVExample:
-        """The evaluation instance of example seed ``seed`` (the same text on every machine)."""
-        words, answer = self.sample(random.Random(seed))
-        return KVExample(" ".join(words), " ".join(answer))
-
-    def held_out(self, count: int) -> list[KVExample]:
-        """The fixed held-out set: ``count`` instances from seeds ``HELD_OUT_SEED_BASE + i``."""
-        return [self.example(HELD_OUT_SEED_BASE + i) for i in range(count)]
 
     def answer_of(self, prompt: str) -> str | None:
         """The correct answer of a prompt in the task's format; ``None`` if it is not one."""
@@ -167,6 +180,8 @@ __all__ = [
     "HELD_OUT_SEED_BASE",
     "KVExample",
     "KVTask",
+    "SeededExamples",
+    "TaskExample",
     "MASK_TOKEN_ID",
     "QUERY_MARK",
     "SPECIAL_TOKENS",

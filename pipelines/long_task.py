@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .kv_task import word_level_tokenizer
+from .kv_task import SeededExamples, TaskExample, word_level_tokenizer
 
 SPECIAL_TOKENS = ("<|pad|>", "<|unk|>", "<|eos|>", "<|mdm_mask|>")
 """Special tokens of the task tokenizer, in id order (0, 1, 2, 3)."""
@@ -79,19 +79,16 @@ def next_line(line: list[str]) -> list[str]:
     return [f"L{number + 1:02d}", *words[1:], words[0], str(count), str((total + count) % 10)]
 
 
-@dataclass(frozen=True)
-class LedgerExample:
-    """One task instance."""
-
-    prompt: str
-    """Instruction, records and ``->`` (space-separated tokens)."""
-    answer: str
-    """The transformed records (space-separated tokens), without EOS padding."""
+LedgerExample = TaskExample
+"""One ledger instance: the instruction and the prompt's lines; the answer's lines (no EOS padding)."""
 
 
 @dataclass(frozen=True)
-class LedgerTask:
+class LedgerTask(SeededExamples):
     """The task's size; one object generates prompts, token ids and checks answers."""
+
+    held_out_seed_base = HELD_OUT_SEED_BASE
+    """Held-out instances use example seeds from here on (another range than the key-value task's)."""
 
     num_lines: int = 32
     """Lines in the prompt and lines in the answer (``8 * num_lines`` answer tokens: 256 by default)."""
@@ -129,15 +126,6 @@ class LedgerTask:
             lines.append(next_line(lines[-1]))
         prompt = INSTRUCTION.split() + [t for ln in lines[: self.num_lines] for t in ln]
         return prompt, [t for ln in lines[self.num_lines :] for t in ln]
-
-    def example(self, seed: int) -> LedgerExample:
-        """The instance of example seed ``seed`` (the same text on every machine)."""
-        prompt, answer = self.sample(random.Random(seed))
-        return LedgerExample(" ".join(prompt), " ".join(answer))
-
-    def held_out(self, count: int) -> list[LedgerExample]:
-        """The fixed held-out set: ``count`` instances from seeds ``HELD_OUT_SEED_BASE + i``."""
-        return [self.example(HELD_OUT_SEED_BASE + i) for i in range(count)]
 
     def answer_of(self, prompt: str) -> str | None:
         """The correct answer of a prompt in the task's format (continued from its last line); ``None``

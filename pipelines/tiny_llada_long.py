@@ -33,21 +33,14 @@ MODEL = TrainedTinyLM(
 )
 """The shipped checkpoint's description (folder, task, decoding, how to retrain it)."""
 
-CHECKPOINT_ENV = MODEL.checkpoint_env
-"""Environment variable that overrides the checkpoint folder."""
+CHECKPOINT_ENV, DECODING = MODEL.checkpoint_env, MODEL.decoding
+"""The environment variable that overrides the checkpoint folder; the model card's decoding settings."""
 
-DECODING = MODEL.decoding
-"""Decoding settings of the model card."""
+checkpoint_folder = MODEL.checkpoint_folder
+"""The shipped checkpoint: ``$FASTGEN_TINY_LLADA_LONG`` or ``samples/tiny-llada-long`` of this repository."""
 
-
-def checkpoint_folder() -> str:
-    """The shipped checkpoint: ``$FASTGEN_TINY_LLADA_LONG`` or ``samples/tiny-llada-long`` of this repository."""
-    return MODEL.checkpoint_folder()
-
-
-def task_of(folder: str) -> LedgerTask:
-    """The :class:`LedgerTask` a checkpoint was trained on (``fastgen_task`` of its ``config.json``)."""
-    return MODEL.task_of(folder)
+task_of = MODEL.task_of
+"""The :class:`LedgerTask` a checkpoint was trained on (``fastgen_task`` of its ``config.json``)."""
 
 
 def build_tiny_llada_long(

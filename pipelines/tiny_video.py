@@ -81,6 +81,27 @@ def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def tiny_wan_transformer(num_layers: int, in_channels: int = 16):
+    """The tiny ``WanTransformer3DModel`` of the Wan presets (2 heads x 32, 1x1 patches), drawn from the current
+    torch seed; ``in_channels`` 36 for image-to-video (noisy latent 16 + frame mask 4 + first-frame latent 16)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 1, 1),  # 1x1 patches: many tokens for a small (cheap to decode) video
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=64,
+        ffn_dim=128,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=256,
+    ).eval()
+
+
 def build_tiny_wan(device=None, dtype=None, num_layers: int = 3, light_vae: bool = False):
     """A ``WanPipeline`` with a tiny ``WanTransformer3DModel`` (2 heads x 32, ``num_layers`` blocks, 1x1x1 patches).
 
@@ -95,7 +116,6 @@ def build_tiny_wan(device=None, dtype=None, num_layers: int = 3, light_vae: bool
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
         WanPipeline,
-        WanTransformer3DModel,
     )
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -136,20 +156,7 @@ def build_tiny_wan(device=None, dtype=None, num_layers: int = 3, light_vae: bool
             temperal_downsample=[False, True, True],
         ).eval()
     torch.manual_seed(SEED + 2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 1, 1),  # 1x1 patches: many tokens for a small (cheap to decode) video
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=64,
-        ffn_dim=128,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=256,
-    ).eval()
+    transformer = tiny_wan_transformer(num_layers)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
@@ -294,4 +301,5 @@ __all__ = [
     "build_tiny_wan",
     "build_tiny_wan_long",
     "char_tokenizer",
+    "tiny_wan_transformer",
 ]

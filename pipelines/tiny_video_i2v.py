@@ -19,27 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_video import SEED, WAN_DEFAULTS, build_tiny_wan
+from .tiny_video import SEED, WAN_DEFAULTS, build_tiny_wan, tiny_wan_transformer
 
 
 def _transformer(num_layers: int, seed: int):
-    from diffusers import WanTransformer3DModel
-
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 1, 1),
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=36,  # noisy latent 16 + frame mask 4 + first-frame latent 16
-        out_channels=16,
-        text_dim=32,
-        freq_dim=64,
-        ffn_dim=128,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=256,
-    ).eval()
+    return tiny_wan_transformer(num_layers, in_channels=36)  # noisy latent 16 + frame mask 4 + first frame 16
 
 
 def build_tiny_wan_i2v(device=None, dtype=None, num_layers: int = 2, two_experts: bool = True):

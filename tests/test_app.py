@@ -298,18 +298,23 @@ def test_window_sets_picture_codes(tmp_path):
     assert os.path.getsize(draw_window_sets(None, 0, 0, str(tmp_path / "none.png"))) > 0
 
 
-@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
-def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
+def _real_text_backend(preset: str, limits: DemoLimits):
+    """The demo's Text backend on ``preset`` with the real text runner (no video pipeline)."""
     from fastgen.app.demo import DemoBackend, LazyPipeline
     from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
 
-    backend = DemoBackend(
+    return DemoBackend(
         video_pipeline=LazyPipeline(lambda: None),
-        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset="tiny-llada")),
+        text_pipeline=LazyPipeline(lambda: load_text_pipeline(preset=preset)),
         video_generate=None,
         text_generate=generate_text,
-        limits=DemoLimits(max_gen_length=64),
+        limits=limits,
     )
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_text_handler_composes_window_diffusion_and_sparsed_on_tiny_llada():
+    backend = _real_text_backend("tiny-llada", DemoLimits(max_gen_length=64))
     args = dict(prompt="Hello", method="sparsed+window_diffusion", skip=0.25, select=0.5, block_size=16, window=16,
                 active=4, refresh_cycle=8, steps=32, gen_length=32, block_length=32, temperature=0.0, seed=0)  # fmt: skip
     dense, fast, table, metrics, mask, layer, head, state, sets = backend.run_text(*args.values())
@@ -445,3 +450,41 @@ def test_task_example_prompts_fit_the_demo_prompt_limit():
     assert examples
     for prompt in examples:
         assert _check_prompt(prompt, DemoLimits()) == prompt.strip()  # raises when over the limit
+
+
+def test_text_tab_starts_with_the_long_answer_models_card_and_examples():
+    # `fastgen demo --text-preset tiny-llada-long`: its card's 256 tokens, one per step, a held-out ledger prompt
+    from fastgen.app.limits import TEXT_DEFAULTS, text_defaults_of
+    from fastgen.pipelines.long_task import LedgerTask
+
+    assert text_defaults_of("tiny-llada-kv") == TEXT_DEFAULTS == text_defaults_of(None)
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_loader=lambda: None,
+                      text_generate=None, text_preset="tiny-llada-long")  # fmt: skip
+    values = {getattr(b, "label", None): getattr(b, "value", None) for b in demo.blocks.values()}
+    expected = LedgerTask().held_out(1)[0]
+    assert values["generation length"] == values["steps"] == values["block length"] == 256
+    assert values["method"] == "window_diffusion"
+    assert values["prompt (a held-out task example; the answer is checked)"] == expected.prompt
+    from fastgen.app.limits import check_prompt
+
+    assert check_prompt(expected.prompt, DemoLimits()) == expected.prompt  # raises when over the limit
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_text_handler_checks_the_long_answer_of_tiny_llada_long():
+    from fastgen.app.limits import task_examples, text_defaults_of
+    from fastgen.pipelines.long_task import LedgerTask
+
+    backend = _real_text_backend("tiny-llada-long", DemoLimits(rounds=1))
+    td = text_defaults_of("tiny-llada-long")
+    # 4 tokens per step (64 steps) to stay fast: Window-Diffusion's window must hold 16 + 31 * 4 masks
+    args = dict(prompt=task_examples("tiny-llada-long")[0], method=td["method"], skip=td["skip"],
+                select=td["select"], block_size=td["block_size"], window=160, active=16, refresh_cycle=32, steps=64,
+                gen_length=td["gen_length"], block_length=td["block_length"], temperature=0.0, seed=0)  # fmt: skip
+    dense, fast, table, metrics, *_ = backend.run_text(*args.values())
+    answer = LedgerTask().held_out(1)[0].answer
+    assert metrics["answer"] == answer and len(answer.split()) == 256
+    assert metrics["dense_correct"] == (dense.split() == answer.split())
+    assert metrics["accelerated_correct"] == (fast.split() == answer.split())
+    assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (2, 62)
+    assert "expected answer" in table and "Window-Diffusion answer right" in table

@@ -35,11 +35,12 @@ class Variant:
     name: str
     """Row label."""
     method: str
-    """Group for the plot: dense, sparsed, threshold, window_diffusion or a combination."""
+    """Group for the plot (one colour each): dense, sparsed, threshold, window_diffusion, Fast-dLLM or a
+    combination."""
     acceleration: list = field(default_factory=list)
     """Configs passed as ``acceleration=`` (empty = dense attention)."""
     options: dict = field(default_factory=dict)
-    """Extra pipeline options (e.g. ``confidence_threshold``)."""
+    """Extra pipeline options (``confidence_threshold``, ``steps``, ``block_length``)."""
 
 
 def window_diffusion_config(**fields):
@@ -243,6 +244,16 @@ def plot(result: dict, path: str) -> str:
     return path
 
 
+def save_result(result, json_path: str | None, plot_path: str | None = None, draw=None) -> None:
+    """Write ``result`` as indented JSON to ``json_path`` and ``draw(result, plot_path)``, each when its path
+    is given."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if plot_path:
+        draw(result, plot_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgen bench accuracy", description=__doc__)
     parser.add_argument("--preset", default="tiny-llada-kv", help="a text preset trained on a checkable task")
@@ -264,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"load average {result['loadavg']}; {result['examples']} prompts, {result['rounds']} rounds\n"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot(result, args.plot)
+    save_result(result, args.json, args.plot, plot)
     return 0
 
 

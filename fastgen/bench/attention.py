@@ -30,7 +30,6 @@ import argparse
 import ctypes
 import gc
 import importlib.util
-import json
 import logging
 import math
 import statistics
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from fastgen.attention import block_sparse_attention, keep_count, pool_blocks, select_topk_blocks
 from fastgen.bench._timing import time_call
 
+from .attention_report import format_table, format_target, write_json, write_plot
 from .workloads import Workload, text_workload, video_workload
 
 logger = logging.getLogger(__name__)
@@ -265,6 +265,64 @@ def prepare_method(
 # ------------------------------------------------------------------------------------ running
 
 
+def _prepared_cases(
+    w: Workload, methods, sparsities, block_size: int, backend, reference, measure_memory: bool
+):
+    """Every (method, sparsity) call prepared, warmed up, checked against ``reference`` and (when asked) its
+    peak memory measured; each a dict with empty ``times`` / ``select_times`` for the rounds."""
+    cases = []
+    for method in methods:
+        for sparsity in sparsities:
+            prepared = prepare_method(method, w, sparsity, block_size, backend)
+            if prepared is None:
+                continue
+            fn, select, density, kpq = prepared
+            out = fn()  # warm-up (compiles) and the output checked for error
+            rel, cos = errors(out, reference)
+            del out
+            peak = peak_memory(fn, w.q.device) if measure_memory else None
+            cases.append(
+                dict(
+                    method=method,
+                    sparsity=sparsity,
+                    fn=fn,
+                    select=select,
+                    density=density,
+                    kpq=kpq,
+                    rel=rel,
+                    cos=cos,
+                    peak=peak,
+                    times=[],
+                    select_times=[],
+                )
+            )
+    return cases
+
+
+def _row_of(c: dict, dense_times: list[float], n: int, dense_peak) -> dict:
+    """The table row of a timed case: medians, speed-ups (median and best), ideal and errors."""
+    median = statistics.median(c["times"])
+    speedup = statistics.median(dense_times) / median
+    logger.info("%s sparsity %.2f: %.2fx, rel L2 %.4f", c["method"], c["sparsity"], speedup, c["rel"])
+    return {
+        "method": c["method"],
+        "sparsity": c["sparsity"],
+        "density": c["density"],
+        "keys_per_query": c["kpq"],
+        "effective_density": c["kpq"] / n,
+        "ideal": 1.0 / c["density"] if c["density"] > 0 else float("inf"),
+        "speedup": speedup,
+        "speedup_best": min(dense_times) / min(c["times"]),
+        "fraction_of_ideal": speedup * c["density"],
+        "time_s": median,
+        "select_s": statistics.median(c["select_times"]),
+        "rel_l2": c["rel"],
+        "cosine": c["cos"],
+        "peak_bytes": c["peak"],
+        "dense_peak_bytes": dense_peak,
+    }
+
+
 def run_attention_bench(
     w: Workload,
     methods: tuple[str, ...] = ("block_sparse", "rectified"),
@@ -293,32 +351,7 @@ def run_attention_bench(
     with torch.no_grad():
         reference = dense_fn()  # warm-up and reference output
         dense_peak = peak_memory(dense_fn, device) if measure_memory else None
-        cases = []
-        for method in methods:
-            for sparsity in sparsities:
-                prepared = prepare_method(method, w, sparsity, block_size, backend)
-                if prepared is None:
-                    continue
-                fn, select, density, kpq = prepared
-                out = fn()  # warm-up (compiles) and the output checked for error
-                rel, cos = errors(out, reference)
-                del out
-                peak = peak_memory(fn, device) if measure_memory else None
-                cases.append(
-                    dict(
-                        method=method,
-                        sparsity=sparsity,
-                        fn=fn,
-                        select=select,
-                        density=density,
-                        kpq=kpq,
-                        rel=rel,
-                        cos=cos,
-                        peak=peak,
-                        times=[],
-                        select_times=[],
-                    )
-                )
+        cases = _prepared_cases(w, methods, sparsities, block_size, backend, reference, measure_memory)
         dense_times = []
         for _ in range(repeats):  # interleaved rounds
             dense_times.append(time_call(dense_fn, device))
@@ -326,31 +359,8 @@ def run_attention_bench(
                 case["times"].append(time_call(case["fn"], device))
             for case in cases:
                 case["select_times"].append(time_call(case["select"], device))
-    rows = []
+    rows = [_row_of(c, dense_times, n, dense_peak) for c in cases]
     dense_median = statistics.median(dense_times)
-    for c in cases:
-        median = statistics.median(c["times"])
-        speedup = dense_median / median
-        rows.append(
-            {
-                "method": c["method"],
-                "sparsity": c["sparsity"],
-                "density": c["density"],
-                "keys_per_query": c["kpq"],
-                "effective_density": c["kpq"] / n,
-                "ideal": 1.0 / c["density"] if c["density"] > 0 else float("inf"),
-                "speedup": speedup,
-                "speedup_best": min(dense_times) / min(c["times"]),
-                "fraction_of_ideal": speedup * c["density"],
-                "time_s": median,
-                "select_s": statistics.median(c["select_times"]),
-                "rel_l2": c["rel"],
-                "cosine": c["cos"],
-                "peak_bytes": c["peak"],
-                "dense_peak_bytes": dense_peak,
-            }
-        )
-        logger.info("%s sparsity %.2f: %.2fx, rel L2 %.4f", c["method"], c["sparsity"], speedup, c["rel"])
     return {
         "config": _config_of(w, block_size, backend, repeats),
         "dense": {"time_s": dense_median, "time_best_s": min(dense_times), "peak_bytes": dense_peak},
@@ -463,99 +473,6 @@ def run_target(
             "fraction_of_ideal_best": min(dense_times) / min(samples) * density,
         }
     return result
-
-
-# ------------------------------------------------------------------------------------ output
-
-
-def _mib(x: int | None) -> str:
-    return "n/a" if x is None else f"{x / 2**20:.1f}"
-
-
-def format_table(result: dict) -> str:
-    """Plain-text table of :func:`run_attention_bench` results."""
-    c, dense = result["config"], result["dense"]
-    lines = [
-        f"workload {c['workload']} B={c['batch']} H={c['heads']} N={c['tokens']} D={c['head_dim']} "
-        f"{c['dtype']} on {c['device']}, block {c['block_size']}, backend {c['backend']}, "
-        f"{c['repeats']} interleaved rounds (wall clock, medians), load {c['load_average']}",
-        f"SDPA: {dense['time_s'] * 1e3:.1f} ms median, {dense['time_best_s'] * 1e3:.1f} ms best, "
-        f"peak {_mib(dense['peak_bytes'])} MiB",
-        "",
-        f"{'method':<13}{'sparsity':>9}{'density':>9}{'keys/q':>8}{'eff.dens':>9}{'speedup':>9}{'best':>7}"
-        f"{'ideal':>7}{'frac':>6}{'select ms':>10}{'rel L2':>9}{'cosine':>9}{'peak MiB':>10}{'SDPA MiB':>10}",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['method']:<13}{r['sparsity']:>9.2f}{r['density']:>9.3f}{r['keys_per_query']:>8.0f}"
-            f"{r['effective_density']:>9.3f}{r['speedup']:>8.2f}x{r['speedup_best']:>6.2f}x{r['ideal']:>7.2f}"
-            f"{r['fraction_of_ideal']:>6.2f}{r['select_s'] * 1e3:>10.1f}{r['rel_l2']:>9.4f}{r['cosine']:>9.5f}"
-            f"{_mib(r['peak_bytes']):>10}{_mib(r['dense_peak_bytes']):>10}"
-        )
-    return "\n".join(lines)
-
-
-def format_target(result: dict) -> str:
-    """Plain-text summary of :func:`run_target`."""
-    c = result["config"]
-    lines = [
-        f"target: block_sparse_attention, {c['heads']} heads x {c['tokens']} tokens x head_dim "
-        f"{c['head_dim']}, block {c['block_size']}, {c['dtype']}, backend {c['backend']}, "
-        f"{c['threads']} threads, load {c['load_average']}",
-        f"density {result['density']:.4f} ({result['kept_blocks_per_query_block']} key blocks per query "
-        f"block), ideal speedup {result['ideal']:.2f}x; wall clock, {c['repeats']} interleaved rounds",
-        "SDPA s: " + " ".join(f"{t:.2f}" for t in result["dense_times_s"]),
-    ]
-    for name in ("structured", "random"):
-        r = result[name]
-        lines.append(
-            f"{name} mask: median {r['speedup_median']:.2f}x ({r['fraction_of_ideal_median']:.2f} of ideal), "
-            f"best {r['speedup_best']:.2f}x ({r['fraction_of_ideal_best']:.2f}); s: "
-            + " ".join(f"{t:.2f}" for t in r["times_s"])
-        )
-    lines.append(
-        f"rel L2 {result['rel_l2']:.4f}, cosine {result['cosine']:.5f}; peak memory sparse "
-        f"{_mib(result['peak_bytes'])} MiB, SDPA {_mib(result['dense_peak_bytes'])} MiB ({c['memory_measure']})"
-    )
-    return "\n".join(lines)
-
-
-def write_plot(result: dict, path: str) -> None:
-    """PNG of speedup (x) vs relative L2 error (y), one series per method, points labelled by sparsity."""
-    from fastgen.optional import require
-
-    require("matplotlib").use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fastgen.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["method"] == method]
-        xs, ys = [r["speedup"] for r in rows], [max(r["rel_l2"], 1e-8) for r in rows]
-        ax.plot(xs, ys, marker="o", label=method)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{r['sparsity']:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("speedup vs SDPA (same run)")
-    ax.set_ylabel("relative L2 error vs dense")
-    ax.set_yscale("log")
-    c = result["config"]
-    ax.set_title(
-        f"{c['workload']} H={c['heads']} N={c['tokens']} D={c['head_dim']} {c['dtype']} {c['device']}"
-    )
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def write_json(result: dict, path: str) -> None:
-    """Write ``result`` as JSON atomically."""
-    from fastgen.io import write_text
-
-    write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------ command line

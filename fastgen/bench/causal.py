@@ -145,40 +145,25 @@ def computed_fraction(rows: list[dict], frames_per_chunk: int = 3) -> float:
     return done / work if work else 1.0
 
 
-def run_causal_bench(
-    rounds: int = 3,
-    frames: int = 9,
-    block_size: int = 128,
-    layers: int = 2,
-    variants: list[str] | None = None,
-    device: str | None = None,
-    memory: bool = False,
-    frame_hw: tuple[int, int] = FRAME_HW,
-    partial_out: str | None = None,
-) -> dict:
-    """Run the benchmark; returns a dict of times, ratios, errors, densities and memory."""
-    from fastgen import apply_sparse_attention, remove_sparse_attention
-    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
-    from fastgen.pipelines.causal_wan import CausalWanPipeline
-    from fastgen.processors import light_forcing_wan
-    from fastgen.processors.causal_wan import install_causal_processors, remove_causal_processors
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        warm_up_cpu_kernel()
-    configs = variant_configs(block_size, frames)
+def _variant_names(variants: list[str] | None, configs: dict) -> list[str]:
+    """The variants to run (default :data:`DEFAULT_VARIANTS`), dense first; a ``ValueError`` for unknown names."""
     names = variants or list(DEFAULT_VARIANTS)
     unknown = sorted(set(names) - set(configs))
     if unknown:
         raise ValueError(f"variants={unknown} are unknown; allowed: {', '.join(configs)}")
     if "dense" not in names:
         names = ["dense", *names]
-    transformer = build_transformer(layers=layers, device=device)
-    pipe = CausalWanPipeline(transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(1)
-    noise = _smooth_noise(frames, g, frame_hw).to(device)
-    text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g).to(device)
+    return names
+
+
+def _causal_runs(pipe, configs: dict, noise: torch.Tensor, text: torch.Tensor, frames: int):
+    """``run_variant(name, record_cache=None) -> (output, stats)`` with the variant's config applied, and a run
+    with every self-attention skipped (the rest of the model's cost)."""
+    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen.processors import light_forcing_wan
+    from fastgen.processors.causal_wan import install_causal_processors, remove_causal_processors
+
+    transformer = pipe.transformer
 
     def run_variant(name, record_cache=None):
         config = configs[name]
@@ -205,6 +190,38 @@ def run_causal_bench(
         from fastgen.processors.causal_wan import CausalWanSelfAttnProcessor
 
         return CausalWanSelfAttnProcessor(layer, state, chunk_attention_fn=_SkipAttention())
+
+    return run_variant, run_without_attention
+
+
+def run_causal_bench(
+    rounds: int = 3,
+    frames: int = 9,
+    block_size: int = 128,
+    layers: int = 2,
+    variants: list[str] | None = None,
+    device: str | None = None,
+    memory: bool = False,
+    frame_hw: tuple[int, int] = FRAME_HW,
+    partial_out: str | None = None,
+) -> dict:
+    """Run the benchmark; returns a dict of times, ratios, errors, densities and memory."""
+    from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
+    from fastgen.pipelines.causal_wan import CausalWanPipeline
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        warm_up_cpu_kernel()
+    configs = variant_configs(block_size, frames)
+    names = _variant_names(variants, configs)
+    transformer = build_transformer(layers=layers, device=device)
+    pipe = CausalWanPipeline(transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    noise = _smooth_noise(frames, g, frame_hw).to(device)
+    text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g).to(device)
+
+    run_variant, run_without_attention = _causal_runs(pipe, configs, noise, text, frames)
 
     cache_bytes: list[int] = []
     # warm-up of the dense and sparse paths (first-call costs) on one chunk, which every variant runs dense

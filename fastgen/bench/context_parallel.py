@@ -50,18 +50,110 @@ def _timed(fn, device, barrier) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark on this rank (``torch.distributed`` initialised); the report on every rank."""
+NAMES = (
+    "single_dense",
+    "single_sparse",
+    "cp_dense_in",
+    "cp_dense_attn",
+    "cp_dense_out",
+    "cp_sparse_in",
+    "cp_sparse_attn",
+    "cp_sparse_out",
+)
+"""The timed parts: one device alone, then per attention kind the exchange in, the attention, the exchange out."""
+
+
+def _ulysses_layout(rank: int, world: int):
+    """Ulysses over every rank of the default group (no ring)."""
     import torch.distributed as dist
+
+    from fastgen.processors.context_parallel import ContextParallelLayout
+
+    return ContextParallelLayout(
+        ulysses=world,
+        ring=1,
+        ulysses_rank=rank,
+        ring_rank=0,
+        rank=rank,
+        world=world,
+        ulysses_group=dist.group.WORLD,
+        ring_group=None,
+        uneven=False,
+    )
+
+
+def _calls(w, config, layout, local: list) -> dict:
+    """The calls the bench times: dense and Rectified attention on one device (whole workload ``w``), the
+    all-to-all in (``local``: this rank's share of the sequence), the attention on this rank's heads, the
+    all-to-all out."""
     import torch.nn.functional as F
 
     from fastgen.attention.rectified import rectified_attention
+    from fastgen.processors.context_parallel import heads_to_sequence, sequence_to_heads
+
+    return {
+        "dense_single": lambda: F.scaled_dot_product_attention(w.q, w.k, w.v),
+        "sparse_single": lambda: rectified_attention(w.q, w.k, w.v, config, grid=w.grid, return_stats=True),
+        "exchange_in": lambda: [
+            heads_to_sequence(t, layout).transpose(1, 2) for t in local
+        ],  # [B, H/P, S, D]
+        "dense": lambda qkv: F.scaled_dot_product_attention(*qkv),
+        "sparse": lambda qkv: rectified_attention(*qkv, config, grid=w.grid),
+        "exchange_out": lambda out: sequence_to_heads(out.transpose(1, 2), layout),
+    }
+
+
+def _measure(calls: dict, args: argparse.Namespace, device, heads_slice: tuple[int, int]):
+    """``args.warmup`` then ``args.rounds`` rounds of every call (a barrier before each); returns the recorded
+    times by :data:`NAMES`, the density and the largest error of the sparse context-parallel output against
+    the single-device one (on this rank's heads, ``heads_slice``)."""
+    import torch.distributed as dist
+
+    def barrier():
+        dist.barrier()
+
+    times: dict[str, list[float]] = {n: [] for n in NAMES}
+    density = None
+    max_err = 0.0
+    for round_index in range(args.warmup + args.rounds):
+        record = round_index >= args.warmup
+        measured = {}
+        _, measured["single_dense"] = _timed(calls["dense_single"], device, barrier)
+        (single_out, stats), measured["single_sparse"] = _timed(calls["sparse_single"], device, barrier)
+        for kind in ("dense", "sparse"):
+            qkv, measured[f"cp_{kind}_in"] = _timed(calls["exchange_in"], device, barrier)
+            out, measured[f"cp_{kind}_attn"] = _timed(
+                lambda qkv=qkv, fn=calls[kind]: fn(qkv), device, barrier
+            )
+            _, measured[f"cp_{kind}_out"] = _timed(
+                lambda out=out: calls["exchange_out"](out), device, barrier
+            )
+            if kind == "sparse":
+                ref = single_out[:, heads_slice[0] : heads_slice[1]].float()
+                max_err = max(max_err, float((out.float() - ref).norm() / ref.norm()))
+        density = float(stats["density"])
+        if record:
+            for name, seconds in measured.items():
+                times[name].append(seconds)
+    return times, density, max_err
+
+
+def _cp_times(slowest: dict) -> dict:
+    """Per attention kind: the slowest rank's attention, exchange (in + out), total and communication share."""
+    cp = {}
+    for kind in ("dense", "sparse"):
+        exchange = slowest[f"cp_{kind}_in"] + slowest[f"cp_{kind}_out"]
+        total = exchange + slowest[f"cp_{kind}_attn"]
+        cp[kind] = {"attention_s": slowest[f"cp_{kind}_attn"], "exchange_s": exchange, "total_s": total}
+        cp[kind]["communication_share"] = exchange / total
+    return cp
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark on this rank (``torch.distributed`` initialised); the report on every rank."""
+    import torch.distributed as dist
+
     from fastgen.configs import RectifiedSpaAttnConfig
-    from fastgen.processors.context_parallel import (
-        ContextParallelLayout,
-        heads_to_sequence,
-        sequence_to_heads,
-    )
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(args.device)
@@ -74,74 +166,16 @@ def run(args: argparse.Namespace) -> dict:
         "video", heads=args.heads, head_dim=args.head_dim, tokens=args.tokens, dtype=dtype, device=device
     )
     config = RectifiedSpaAttnConfig(sparsity=args.sparsity, block_size=args.block_size)
-    layout = ContextParallelLayout(
-        ulysses=world,
-        ring=1,
-        ulysses_rank=rank,
-        ring_rank=0,
-        rank=rank,
-        world=world,
-        ulysses_group=dist.group.WORLD,
-        ring_group=None,
-        uneven=False,
-    )
     share = args.tokens // world
     local = [t.transpose(1, 2)[:, rank * share : (rank + 1) * share].contiguous() for t in (w.q, w.k, w.v)]
+    calls = _calls(w, config, _ulysses_layout(rank, world), local)
     heads = args.heads // world
-    first = rank * heads
-
-    def barrier():
-        dist.barrier()
-
-    def dense_single():
-        return F.scaled_dot_product_attention(w.q, w.k, w.v)
-
-    def sparse_single():
-        return rectified_attention(w.q, w.k, w.v, config, grid=w.grid, return_stats=True)
-
-    def exchange_in():
-        return [heads_to_sequence(t, layout).transpose(1, 2) for t in local]  # [B, H/P, S, D]
-
-    def dense_local(qkv):
-        return F.scaled_dot_product_attention(*qkv)
-
-    def sparse_local(qkv):
-        return rectified_attention(*qkv, config, grid=w.grid)
-
-    def exchange_out(out):
-        return sequence_to_heads(out.transpose(1, 2), layout)
-
-    names = ("single_dense", "single_sparse", "cp_dense_in", "cp_dense_attn", "cp_dense_out")
-    names += ("cp_sparse_in", "cp_sparse_attn", "cp_sparse_out")
-    times: dict[str, list[float]] = {n: [] for n in names}
-    density = None
-    max_err = 0.0
-    for round_index in range(args.warmup + args.rounds):
-        record = round_index >= args.warmup
-        measured = {}
-        _, measured["single_dense"] = _timed(dense_single, device, barrier)
-        (single_out, stats), measured["single_sparse"] = _timed(sparse_single, device, barrier)
-        for kind, attention in (("dense", dense_local), ("sparse", sparse_local)):
-            qkv, measured[f"cp_{kind}_in"] = _timed(exchange_in, device, barrier)
-            out, measured[f"cp_{kind}_attn"] = _timed(lambda qkv=qkv, fn=attention: fn(qkv), device, barrier)
-            _, measured[f"cp_{kind}_out"] = _timed(lambda out=out: exchange_out(out), device, barrier)
-            if kind == "sparse":
-                ref = single_out[:, first : first + heads].float()
-                max_err = max(max_err, float((out.float() - ref).norm() / ref.norm()))
-        density = float(stats["density"])
-        if record:
-            for name, seconds in measured.items():
-                times[name].append(seconds)
+    times, density, max_err = _measure(calls, args, device, heads_slice=(rank * heads, (rank + 1) * heads))
     medians = {n: statistics.median(v) for n, v in times.items()}
     gathered: list[dict] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(gathered, {"medians": medians, "err": max_err})
-    slowest = {n: max(g["medians"][n] for g in gathered) for n in names}
-    cp = {}
-    for kind in ("dense", "sparse"):
-        exchange = slowest[f"cp_{kind}_in"] + slowest[f"cp_{kind}_out"]
-        total = exchange + slowest[f"cp_{kind}_attn"]
-        cp[kind] = {"attention_s": slowest[f"cp_{kind}_attn"], "exchange_s": exchange, "total_s": total}
-        cp[kind]["communication_share"] = exchange / total
+    slowest = {n: max(g["medians"][n] for g in gathered) for n in NAMES}
+    cp = _cp_times(slowest)
     single_ratio = slowest["single_sparse"] / slowest["single_dense"]
     cp_ratio = cp["sparse"]["attention_s"] / cp["dense"]["attention_s"]
     return {

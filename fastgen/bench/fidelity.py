@@ -80,6 +80,19 @@ def _axis_channels(d: int) -> list[slice]:
     return [slice(0, dt), slice(dt, dt + dh), slice(dt + dh, d)]
 
 
+def _head_positions(kinds: list[str], d: int, locality: float, gen: torch.Generator) -> torch.Tensor:
+    """Each head's constant positional component ``[H, D]`` on the RoPE axes its kind lives on, scaled so that
+    a query meets its own position with logit ``locality``."""
+    amplitude = {"spatial": (1.0, 0.6, 0.6), "temporal": (0.0, 1.0, 1.0), "mixed": (0.6, 0.7, 0.7)}
+    position = torch.zeros(len(kinds), d)
+    for i, kind in enumerate(kinds):
+        base = torch.randn(d, generator=gen).abs() + 0.5
+        for axis, sl in enumerate(_axis_channels(d)):
+            position[i, sl] = base[sl] * amplitude[kind][axis]
+        position[i] *= math.sqrt(locality * math.sqrt(d)) / position[i].norm()
+    return position
+
+
 def structured_video_workload(
     grid: tuple[int, int, int] = (8, 16, 16),
     heads: int = 4,
@@ -119,15 +132,7 @@ def structured_video_workload(
         return torch.einsum("bnc,hcd->bhnd", field, weight)
 
     kinds = [HEAD_KINDS[i % len(HEAD_KINDS)] for i in range(heads)]
-    amplitude = {"spatial": (1.0, 0.6, 0.6), "temporal": (0.0, 1.0, 1.0), "mixed": (0.6, 0.7, 0.7)}
-    position = torch.zeros(heads, d)
-    for i, kind in enumerate(kinds):
-        base = torch.randn(d, generator=gen).abs() + 0.5
-        for axis, sl in enumerate(_axis_channels(d)):
-            position[i, sl] = base[sl] * amplitude[kind][axis]
-        # scaled so that a query meets its own position with logit ``locality``
-        position[i] *= math.sqrt(locality * math.sqrt(d)) / position[i].norm()
-    position = position[None, :, None, :]
+    position = _head_positions(kinds, d, locality, gen)[None, :, None, :]
     qv = _rope_3d(content * project() + position, grid)
     kv = _rope_3d(content * project() + position, grid)
     vv = project() + 0.3 * torch.randn(batch, heads, n_video, d, generator=gen)
@@ -206,30 +211,8 @@ def run_fidelity(
         raise ValueError(f"variants={unknown} are unknown; allowed: {sorted(VARIANTS)}")
     rows = []
     for seed in seeds:
-        if workload == "shared":
-            from fastgen.bench.workloads import video_workload
-
-            shared = video_workload(
-                grid,
-                heads,
-                head_dim,
-                num_text_tokens=text_tokens,
-                text_valid=text_tokens - padded_text,
-                seed=seed,
-            )
-            q, k, v, mask = shared.q, shared.k, shared.v, shared.key_padding_mask
-        else:
-            work = structured_video_workload(
-                grid,
-                heads,
-                head_dim,
-                text_tokens=text_tokens,
-                padded_text=padded_text,
-                sinks=sinks,
-                locality=locality,
-                seed=seed,
-            )
-            q, k, v, mask = work["q"], work["k"], work["v"], work["key_padding_mask"]
+        q, k, v, mask = _workload_tensors(workload, seed, grid, heads, head_dim, text_tokens, padded_text, sinks,
+                                          locality)  # fmt: skip
         n_video = q.shape[2] - text_tokens
         ref = dense_attention(q, k, v, key_padding_mask=mask)[:, :, :n_video]
         for sparsity in sparsities:
@@ -241,7 +224,6 @@ def run_fidelity(
                 reorder=reorder,
                 return_stats=True,
             )
-            topk_error = None
             results = {}
             for name in ("topk",) + tuple(x for x in variants if x != "topk"):
                 out, stats = rectified_sparse_attention(
@@ -250,42 +232,83 @@ def run_fidelity(
                 results[name] = (sparsity, out, stats)
             if "default" in results:  # top-k at the default's keys per query
                 target = float(results["default"][2]["keys_per_query"])
-                n_blocks = -(-n_video // block_size)
-                keep = min(n_blocks, math.ceil(target / block_size - 1e-9))
-                matched = max(0.0, 1.0 - keep / n_blocks)
-                while True:
-                    out, stats = rectified_sparse_attention(
-                        q, k, v, sparsity=matched, **common, **VARIANTS["topk"]
-                    )
-                    if float(stats["keys_per_query"]) >= target or matched <= 0.0:
-                        break
-                    matched = max(0.0, matched - 1.0 / n_blocks)
-                results[MATCHED] = (matched, out, stats)
-            for name, (used, out, stats) in results.items():
-                rel, cos = _errors(out[:, :, :n_video], ref)
-                topk_error = rel if name == "topk" else topk_error
-                if name not in variants and name != MATCHED:
-                    continue
-                kpq = float(stats["keys_per_query"])
-                rows.append(
-                    {
-                        "seed": seed,
-                        "sparsity": sparsity,
-                        "variant": name,
-                        "block_sparsity": used,
-                        "rel_l2": rel,
-                        "cosine": cos,
-                        "ratio_to_topk": rel / topk_error if topk_error else float("nan"),
-                        "density": float(stats["density"]),
-                        "keys_per_query": kpq,
-                        "effective_density": kpq / n_video,
-                        "compensated_fraction": float(stats["compensated_fraction"]),
-                    }
-                )
-            by_name = {r["variant"]: r for r in rows if r["seed"] == seed and r["sparsity"] == sparsity}
-            if MATCHED in by_name:
-                for r in by_name.values():
-                    r["ratio_to_topk_at_keys"] = r["rel_l2"] / by_name[MATCHED]["rel_l2"]
+                results[MATCHED] = _topk_at_keys(q, k, v, target, -(-n_video // block_size), common)
+            rows += _fidelity_rows(results, variants, ref, n_video, seed=seed, sparsity=sparsity)
+    return rows
+
+
+def _workload_tensors(
+    workload: str, seed: int, grid, heads, head_dim, text_tokens, padded_text, sinks, locality
+):
+    """``(q, k, v, key_padding_mask)`` of the ``"local"`` or ``"shared"`` workload at ``seed``."""
+    if workload == "shared":
+        from fastgen.bench.workloads import video_workload
+
+        shared = video_workload(
+            grid,
+            heads,
+            head_dim,
+            num_text_tokens=text_tokens,
+            text_valid=text_tokens - padded_text,
+            seed=seed,
+        )
+        return shared.q, shared.k, shared.v, shared.key_padding_mask
+    work = structured_video_workload(
+        grid,
+        heads,
+        head_dim,
+        text_tokens=text_tokens,
+        padded_text=padded_text,
+        sinks=sinks,
+        locality=locality,
+        seed=seed,
+    )
+    return work["q"], work["k"], work["v"], work["key_padding_mask"]
+
+
+def _topk_at_keys(q, k, v, target: float, n_blocks: int, common: dict):
+    """Plain top-k at the sparsity whose keys per query first reach ``target``: ``(sparsity, out, stats)``."""
+    block_size = common["block_size"]
+    keep = min(n_blocks, math.ceil(target / block_size - 1e-9))
+    matched = max(0.0, 1.0 - keep / n_blocks)
+    while True:
+        out, stats = rectified_sparse_attention(q, k, v, sparsity=matched, **common, **VARIANTS["topk"])
+        if float(stats["keys_per_query"]) >= target or matched <= 0.0:
+            break
+        matched = max(0.0, matched - 1.0 / n_blocks)
+    return matched, out, stats
+
+
+def _fidelity_rows(results: dict, variants, ref, n_video: int, *, seed: int, sparsity: float) -> list[dict]:
+    """The rows of one seed and sparsity: each variant's (and the matched top-k's) errors against ``ref``,
+    with its ratios to top-k at the same sparsity and at the default's keys per query."""
+    rows = []
+    topk_error = None
+    for name, (used, out, stats) in results.items():
+        rel, cos = _errors(out[:, :, :n_video], ref)
+        topk_error = rel if name == "topk" else topk_error
+        if name not in variants and name != MATCHED:
+            continue
+        kpq = float(stats["keys_per_query"])
+        rows.append(
+            {
+                "seed": seed,
+                "sparsity": sparsity,
+                "variant": name,
+                "block_sparsity": used,
+                "rel_l2": rel,
+                "cosine": cos,
+                "ratio_to_topk": rel / topk_error if topk_error else float("nan"),
+                "density": float(stats["density"]),
+                "keys_per_query": kpq,
+                "effective_density": kpq / n_video,
+                "compensated_fraction": float(stats["compensated_fraction"]),
+            }
+        )
+    by_name = {r["variant"]: r for r in rows}
+    if MATCHED in by_name:
+        for r in by_name.values():
+            r["ratio_to_topk_at_keys"] = r["rel_l2"] / by_name[MATCHED]["rel_l2"]
     return rows
 
 

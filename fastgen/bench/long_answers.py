@@ -26,25 +26,12 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from .accuracy import Variant, save_result
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Variant:
-    """One decoding setting."""
-
-    name: str
-    """Row label."""
-    method: str
-    """Group for the plot (one colour each)."""
-    acceleration: list = field(default_factory=list)
-    """Configs passed as ``acceleration=``."""
-    options: dict = field(default_factory=dict)
-    """Pipeline options (``confidence_threshold``, ``steps``, ``block_length``)."""
 
 
 def build_variants(gen_length: int, sweep: bool = False, block: int = 32) -> list[Variant]:
@@ -325,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         rows = step_costs(gen_lengths=tuple(args.gen), device=args.device, dtype=args.dtype, scale=args.scale)
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+        save_result(rows, args.json)
         return 0
     for name in ("examples", "batch", "rounds", "threads", "sweep_rounds"):
         if getattr(args, name) < 1:
@@ -338,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     result = run(args)
     sys.stdout.write(markdown_table(result) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot(result, args.plot)
+    save_result(result, args.json, args.plot, plot)
     return 0
 
 

@@ -108,6 +108,37 @@ def bench_op(
     }
 
 
+def _end_to_end(pipe, input_ids: torch.Tensor, config: SparseDConfig, common: dict, rounds: int) -> dict:
+    """Dense and SparseD generations of ``input_ids`` interleaved over ``rounds`` (after a warm-up at a small
+    length: first-call overheads of both paths): median times, speed-up, token agreement, dense steps."""
+    warm = input_ids[:, : min(input_ids.shape[1], 4 * config.block_size)]
+    pipe(input_ids=warm, **common)
+    pipe(input_ids=warm, acceleration=[config], **common)
+    runs, seconds = _interleaved(
+        {
+            "dense": lambda: pipe(input_ids=input_ids, **common),
+            "sparse": lambda: pipe(input_ids=input_ids, acceleration=[config], **common),
+        },
+        pipe.device,
+        rounds,
+    )
+    dense, sparse = runs["dense"], runs["sparse"]
+    t_dense, t_sparse = seconds["dense"], seconds["sparse"]
+    p = dense.prompt_length
+    return {
+        "prompt_length": input_ids.shape[1],
+        "gen_length": common["gen_length"],
+        "steps": common["steps"],
+        "block_length": common["block_length"],
+        "config": config.to_dict(),
+        "dense_s": t_dense,
+        "sparse_s": t_sparse,
+        "speedup": t_dense / t_sparse,
+        "token_agreement": token_agreement(dense.sequences[0, p:].tolist(), sparse.sequences[0, p:].tolist()),
+        "dense_steps": dense_step_count(config.skip, common["steps"]),
+    }
+
+
 def run_sparsed_bench(
     *,
     prompt_length: int = 8192,
@@ -153,22 +184,7 @@ def run_sparsed_bench(
         common = dict(
             gen_length=gen_length, steps=steps, block_length=block_length, generator=seed, progress=False
         )
-        # warm-up at a small length (first-call overheads of both paths)
-        warm = input_ids[:, : min(prompt_length, 4 * block_size)]
-        pipe(input_ids=warm, **common)
-        pipe(input_ids=warm, acceleration=[config], **common)
-        runs, seconds = _interleaved(
-            {
-                "dense": lambda: pipe(input_ids=input_ids, **common),
-                "sparse": lambda: pipe(input_ids=input_ids, acceleration=[config], **common),
-            },
-            dev,
-            rounds,
-        )
-        dense, sparse = runs["dense"], runs["sparse"]
-        t_dense, t_sparse = seconds["dense"], seconds["sparse"]
-        p = dense.prompt_length
-        agreement = token_agreement(dense.sequences[0, p:].tolist(), sparse.sequences[0, p:].tolist())
+        end_to_end = _end_to_end(pipe, input_ids, config, common, rounds)
         result = {
             "device": str(dev),
             "dtype": str(pipe.dtype),
@@ -176,18 +192,7 @@ def run_sparsed_bench(
             "clock": f"wall clock, {rounds} interleaved rounds, median",
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "backend": backend or "auto",
-            "end_to_end": {
-                "prompt_length": prompt_length,
-                "gen_length": gen_length,
-                "steps": steps,
-                "block_length": block_length,
-                "config": config.to_dict(),
-                "dense_s": t_dense,
-                "sparse_s": t_sparse,
-                "speedup": t_dense / t_sparse,
-                "token_agreement": agreement,
-                "dense_steps": dense_step_count(skip, steps),
-            },
+            "end_to_end": end_to_end,
             "op": [
                 bench_op(
                     n,

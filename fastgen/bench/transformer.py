@@ -134,39 +134,16 @@ def _hunyuan(grid, heads, head_dim, layers):
 MODELS = {"wan": _wan, "hunyuan": _hunyuan}
 
 
-def run_transformer_bench(
-    model: str = "wan",
-    grid: tuple[int, int, int] = (9, 30, 52),
-    heads: int = 12,
-    head_dim: int = 128,
-    layers: int = 2,
-    sparsity: float = 0.85,
-    block_size: int = 128,
-    form: str = "exact",
-    repeats: int = 3,
-    device: str | None = None,
-) -> dict:
-    """Dense vs Rectified SpaAttn forward of a tiny Wan or HunyuanVideo transformer (``model``);
-    returns a dict of times, ratios and errors."""
-    from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
+def _variant_runs(model, kwargs: dict, sparse_names, skipping, config, all_dense) -> tuple:
+    """The four forwards the bench times: plain, Rectified SpaAttn (``config``, with its statistics), fastgen's
+    processors all dense (``all_dense``) and without self-attention (a fresh ``skipping(all_dense)`` processor
+    in the ``sparse_names``)."""
+    from fastgen import apply_sparse_attention, remove_sparse_attention
     from fastgen.processors.rectified_base import collect_stats
-
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is not allowed; allowed: {', '.join(map(repr, MODELS))}")
-    family = model
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, kwargs, sparse_names, skipping = MODELS[family](grid, heads, head_dim, layers)
-    model = model.to(device)
-    kwargs = {key: value.to(device) for key, value in kwargs.items()}
 
     def forward():
         with torch.no_grad():
             return model(**kwargs, return_dict=False)[0]
-
-    config = RectifiedSpaAttnConfig(
-        sparsity=sparsity, block_size=block_size, dense_layers=0, warmup_steps=0, form=form, min_tokens=0
-    )
-    all_dense = RectifiedSpaAttnConfig(dense_layers=layers, min_tokens=0)
 
     def no_self_attention():
         saved = dict(model.attn_processors)
@@ -189,18 +166,55 @@ def run_transformer_bench(
 
         return run
 
-    sparse_forward, fastgen_dense_forward = with_processors(config), with_processors(all_dense)
-    # warm-up (caches, the kernel's build)
-    forward(), sparse_forward(), fastgen_dense_forward(), no_self_attention()
-    # the variants take turns, so a change of load on the machine hits all of them
+    return forward, with_processors(config), with_processors(all_dense), no_self_attention
+
+
+def _timed_turns(forward, sparse_forward, fastgen_dense_forward, no_self_attention, repeats: int) -> tuple:
+    """The variants take turns, so a change of load on the machine hits all of them: the times of plain, fastgen
+    dense, sparse and no-self-attention forwards per turn, the last plain output and sparse ``(output, stats)``."""
     dense_t, fastgen_dense_t, sparse_t, rest_t = [], [], [], []
     for _ in range(repeats):
         dense_out, t = timed(forward)
         dense_t.append(t)
         fastgen_dense_t.append(time_call(fastgen_dense_forward))
-        (sparse_out, rows), t = timed(sparse_forward)
+        sparse, t = timed(sparse_forward)
         sparse_t.append(t)
         rest_t.append(time_call(no_self_attention))
+    return dense_t, fastgen_dense_t, sparse_t, rest_t, dense_out, sparse
+
+
+def run_transformer_bench(
+    model: str = "wan",
+    grid: tuple[int, int, int] = (9, 30, 52),
+    heads: int = 12,
+    head_dim: int = 128,
+    layers: int = 2,
+    sparsity: float = 0.85,
+    block_size: int = 128,
+    form: str = "exact",
+    repeats: int = 3,
+    device: str | None = None,
+) -> dict:
+    """Dense vs Rectified SpaAttn forward of a tiny Wan or HunyuanVideo transformer (``model``);
+    returns a dict of times, ratios and errors."""
+    from fastgen import RectifiedSpaAttnConfig
+
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is not allowed; allowed: {', '.join(map(repr, MODELS))}")
+    family = model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, kwargs, sparse_names, skipping = MODELS[family](grid, heads, head_dim, layers)
+    model = model.to(device)
+    kwargs = {key: value.to(device) for key, value in kwargs.items()}
+
+    config = RectifiedSpaAttnConfig(
+        sparsity=sparsity, block_size=block_size, dense_layers=0, warmup_steps=0, form=form, min_tokens=0
+    )
+    all_dense = RectifiedSpaAttnConfig(dense_layers=layers, min_tokens=0)
+    runs = _variant_runs(model, kwargs, sparse_names, skipping, config, all_dense)
+    for run in runs:  # warm-up (caches, the kernel's build)
+        run()
+    dense_t, fastgen_dense_t, sparse_t, rest_t, dense_out, (sparse_out, rows) = _timed_turns(*runs, repeats)
     dense_s, fastgen_dense_s, sparse_s, rest_s = (
         min(dense_t),
         min(fastgen_dense_t),

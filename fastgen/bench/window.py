@@ -40,143 +40,20 @@ import torch
 
 from fastgen.attention.window import predicted_flop_ratio
 from fastgen.bench._timing import time_per_call, timed
+from fastgen.bench.lm_models import (  # noqa: F401 - VOCAB: importable from here as before
+    REAL_SHAPES,
+    SHAPES,
+    VOCAB,
+    _forward_cost_ratio,
+    build_model,
+)
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 from fastgen.metrics import token_agreement
 
 logger = logging.getLogger(__name__)
 
-SHAPES = {
-    "llada": {"hidden": 512, "heads": 4, "kv_heads": 4, "head_dim": 128, "layers": 4, "mlp": 1536},
-    "dream": {"hidden": 512, "heads": 4, "kv_heads": 2, "head_dim": 128, "layers": 4, "mlp": 1536},
-}
-"""Tiny model shapes: LLaDA-like (MHA) and Dream-like (GQA, attention biases, logit shift)."""
-
-VOCAB = 256
-
-REAL_SHAPES = {
-    "llada": {
-        "hidden": 4096, "heads": 32, "kv_heads": 32, "head_dim": 128, "layers": 32, "mlp": 12288,
-        "vocab": 126464, "mask_token_id": 126336, "rope_theta": 500000.0,
-    },
-    "dream": {
-        "hidden": 3584, "heads": 28, "kv_heads": 4, "head_dim": 128, "layers": 28, "mlp": 18944,
-        "vocab": 152064, "mask_token_id": 151666, "rope_theta": 1000000.0,
-    },
-}  # fmt: skip
-"""``--scale real``: the published LLaDA-8B and Dream-7B (Qwen2.5-7B) shapes, vocabularies and mask ids,
-with random weights (a GPU measurement: 16 / 15 GB in bf16; no checkpoint is read)."""
-
 VARIANTS = ("window_diffusion", "window_diffusion+sparsed", "window_diffusion+threshold")
 """The accelerated variants timed against dense (one token per step)."""
-
-
-def build_model(family: str, max_positions: int, device=None, dtype=None, seed: int = 0, scale: str = "tiny"):
-    """A tiny ``LlamaForCausalLM`` (``"llada"``) or ``Qwen2ForCausalLM`` (``"dream"``) pipeline, mask = last id;
-    ``scale="real"``: the published model's shape (:data:`REAL_SHAPES`), random weights made on ``device``."""
-    from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    if scale == "real":
-        return _build_real(family, max_positions, device, dtype, seed)
-    if scale != "tiny":
-        raise ValueError(f"scale={scale!r}: allowed 'tiny' or 'real'")
-    shape = SHAPES[family]
-    if family == "llada":
-        from fastgen.pipelines.tiny_lm import build_tiny_llama
-
-        model = build_tiny_llama(
-            VOCAB,
-            hidden=shape["hidden"],
-            heads=shape["heads"],
-            head_dim=shape["head_dim"],
-            layers=shape["layers"],
-            intermediate=shape["mlp"],
-            max_positions=max_positions,
-            seed=seed,
-        )
-    else:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        config = Qwen2Config(**_config_fields(shape, VOCAB, max_positions), initializer_range=0.1)
-        config._attn_implementation = "sdpa"
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config).eval()
-    model.config.fastgen_family = family
-    model.config.fastgen_mask_token_id = VOCAB - 1
-    return DiffusionLMPipeline(model.to(device=device, dtype=dtype), mask_token_id=VOCAB - 1)
-
-
-def _config_fields(shape: dict, vocab: int, max_positions: int) -> dict:
-    """The transformers config fields of a bench shape (shared by the Llama and Qwen2 configs)."""
-    return dict(
-        vocab_size=vocab,
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=max_positions,
-        use_cache=False,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-
-
-def _build_real(family: str, max_positions: int, device, dtype, seed: int):
-    """The published shape of ``family`` with random weights, built directly on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    from fastgen.pipelines.diffusion_lm import DiffusionLMPipeline
-
-    if family not in REAL_SHAPES:
-        raise ValueError(f"family={family!r}: allowed {', '.join(REAL_SHAPES)}")
-    shape = REAL_SHAPES[family]
-    common = _config_fields(shape, shape["vocab"], max_positions)
-    common["rope_parameters"] = {"rope_type": "default", "rope_theta": shape["rope_theta"]}
-    if family == "llada":
-        from transformers import LlamaForCausalLM as cls
-
-        config = LlamaConfig(head_dim=shape["head_dim"], **common)
-    else:
-        from transformers import Qwen2ForCausalLM as cls
-
-        config = Qwen2Config(**common)
-    config._attn_implementation = "sdpa"
-    fork_devices = []
-    if device.type == "cuda":
-        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=fork_devices), torch.device(device):
-        torch.manual_seed(seed)
-        model = cls._from_config(config, dtype=dtype).eval()
-    model.config.fastgen_family = family
-    model.config.fastgen_mask_token_id = shape["mask_token_id"]
-    return DiffusionLMPipeline(model, mask_token_id=shape["mask_token_id"])
-
-
-def _forward_cost_ratio(model, total: int, rows: int, rounds: int = 3) -> float:
-    """Wall time of a plain forward over ``total`` tokens over one over ``rows`` tokens (interleaved,
-    median of ``rounds``): what a pruned step of ``rows`` rows can cost at best relative to a dense step
-    on this machine (small matrix products stream the same weights for fewer rows)."""
-    from fastgen.pipelines.diffusion_lm import bidirectional_mask
-
-    times = {total: [], rows: []}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for n in (total, rows):
-                ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-                positions = torch.arange(n, device=model.device)[None]
-                mask = bidirectional_mask(
-                    torch.ones(1, n, dtype=torch.bool, device=model.device), model.dtype
-                )
-                calls = 1 if n == total else max(1, min(20, total // max(rows, 1)))
-                forward = functools.partial(
-                    model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-                )
-                times[n].append(time_per_call(forward, calls, model.device))
-    return statistics.median(times[total]) / statistics.median(times[rows])
 
 
 def _plan_flops(out, total: int, shape: dict) -> float:
@@ -184,6 +61,124 @@ def _plan_flops(out, total: int, shape: dict) -> float:
     queries = [t["queries"] for t in trace]
     keys = [t["keys"] for t in trace]
     return predicted_flop_ratio(total, queries, keys, hidden=shape["hidden"], mlp=shape["mlp"])
+
+
+def _variant_options(family: str, variants: tuple[str, ...], sparsed, threshold: float):
+    """Window-Diffusion's config at ``family``'s rules and the pipeline options of each chosen variant."""
+    wd = WindowDiffusionConfig().resolved(family)
+    every = {
+        "window_diffusion": dict(acceleration=[wd]),
+        "window_diffusion+sparsed": dict(acceleration=[wd, sparsed]),
+        "window_diffusion+threshold": dict(acceleration=[wd], confidence_threshold=threshold),
+    }
+    unknown = set(variants) - set(every)
+    if unknown or not variants:
+        raise ValueError(f"variants={variants!r}: allowed a non-empty subset of {', '.join(every)}")
+    return wd, {name: every[name] for name in variants}
+
+
+def _timed_rounds(pipe, common: dict, variants_here: dict, rounds: int, dense_probe_steps: int):
+    """Interleaved rounds: a dense step (from a ``dense_probe_steps`` probe, one block) then every variant's
+    whole run; returns the times per round by name and each variant's last output."""
+    gen = common["gen_length"]
+    times = {"dense_step": []}
+    outs = {}
+    for _ in range(rounds):
+        _, t = timed(functools.partial(pipe, steps=dense_probe_steps, block_length=gen, **common))
+        times["dense_step"].append(t / dense_probe_steps)
+        for name, options in variants_here.items():
+            out, t = timed(functools.partial(pipe, steps=gen, **common, **options))
+            times.setdefault(name, []).append(t)
+            outs[name] = out
+    return times, outs
+
+
+def _variant_entry(
+    out, seconds: float, gen: int, dense_tps: float, total: int, shape: dict, dense_tokens, prompt_length
+):
+    """One variant's figures in a row (agreement with dense when its tokens were generated)."""
+    entry = {
+        "seconds": seconds,
+        "tokens_per_s": gen / seconds,
+        "speedup": (gen / seconds) / dense_tps,
+        "predicted_flop_ratio": _plan_flops(out, total, shape),
+        "steps_run": out.steps_run,
+        "refresh_steps": sum(1 for t in out.window_trace or [] if t["refresh"]),
+    }
+    if dense_tokens is not None:
+        entry["token_agreement"] = token_agreement(dense_tokens, out.sequences[0, prompt_length:].tolist())
+    return entry
+
+
+def _forward_cost(pipe, trace: list, total: int, steps_run: int) -> dict | None:
+    """The cost of a pruned step's forward against a full one and the speed-up bound it implies (``None``
+    without pruned steps)."""
+    pruned_rows = [t["queries"] for t in trace if not t["refresh"]]
+    if not pruned_rows:
+        return None
+    rows_run = round(statistics.mean(pruned_rows))
+    ratio = _forward_cost_ratio(pipe.model, total, rows_run, rounds=3)
+    # refresh steps in dense-step units (Dream rules run a prefix: its share of the tokens)
+    refreshes = sum(t["queries"] / total for t in trace if t["refresh"])
+    return {
+        "pruned_rows_mean": rows_run,
+        "full_over_pruned_forward": ratio,
+        # the speed-up if a pruned step cost exactly a plain forward of its rows
+        "speedup_bound": steps_run / (refreshes + len(pruned_rows) / ratio),
+    }
+
+
+def _kv_cache_mib(shape: dict, total: int, dtype: torch.dtype) -> float:
+    """The K and V cache of every layer for ``total`` positions (plus one), in MiB."""
+    return (
+        2
+        * shape["layers"]
+        * shape["kv_heads"]
+        * (total + 1)
+        * shape["head_dim"]
+        * torch.finfo(dtype).bits
+        / 8
+        / 2**20
+    )
+
+
+def _window_row(pipe, input_ids, family: str, gen: int, ctx: dict) -> dict:
+    """The report's row of one family and generation length (``ctx``: the bench's settings)."""
+    prompt_length, shape, variants_here = ctx["prompt_length"], ctx["shape"], ctx["variants_here"]
+    total = prompt_length + gen
+    common = dict(input_ids=input_ids, gen_length=gen, progress=False, generator=ctx["seed"])
+    rounds = max(1, int(ctx["rounds"].get(gen, 1)))
+    times, outs = _timed_rounds(pipe, common, variants_here, rounds, ctx["dense_probe_steps"])
+    dense_step = statistics.median(times["dense_step"])
+    dense_tps = 1.0 / dense_step
+    row = {
+        "family": family,
+        "shape": shape,
+        "gen_length": gen,
+        "steps": gen,
+        "rounds": len(times["dense_step"]),
+        "dense": {"seconds_per_step": dense_step, "tokens_per_s": dense_tps},
+        "window_config": ctx["wd"].to_dict(),
+        "sparsed_config": ctx["sparsed"].to_dict(),
+        "threshold": ctx["threshold"],
+        "kv_cache_mib": _kv_cache_mib(shape, total, pipe.dtype),
+    }
+    dense_tokens = None
+    if gen <= ctx["agreement_up_to"]:
+        dense_out, t_full = timed(functools.partial(pipe, steps=gen, block_length=gen, **common))
+        dense_tokens = dense_out.sequences[0, prompt_length:].tolist()
+        row["dense"]["full_run_s"] = t_full
+    for name in variants_here:
+        seconds = statistics.median(times[name])
+        row[name] = _variant_entry(
+            outs[name], seconds, gen, dense_tps, total, shape, dense_tokens, prompt_length
+        )
+    first = next(iter(variants_here))
+    cost = _forward_cost(pipe, outs[first].window_trace or [], total, row[first]["steps_run"])
+    if cost is not None:
+        row["forward_cost"] = cost
+    row["loadavg"] = os.getloadavg()
+    return row
 
 
 def run_window_bench(
@@ -227,92 +222,18 @@ def run_window_bench(
         g = torch.Generator().manual_seed(seed)
         # random prompt tokens below the mask id (the tiny models' mask is their last id)
         input_ids = torch.randint(0, pipe.mask_token_id, (1, prompt_length), generator=g).to(pipe.device)
-        wd = WindowDiffusionConfig().resolved(family)
-        every = {
-            "window_diffusion": dict(acceleration=[wd]),
-            "window_diffusion+sparsed": dict(acceleration=[wd, sparsed]),
-            "window_diffusion+threshold": dict(acceleration=[wd], confidence_threshold=threshold),
-        }
-        unknown = set(variants) - set(every)
-        if unknown or not variants:
-            raise ValueError(f"variants={variants!r}: allowed a non-empty subset of {', '.join(every)}")
-        variants_here = {name: every[name] for name in variants}
+        wd, variants_here = _variant_options(family, variants, sparsed, threshold)
         # warm-up: first-call overheads (kernel builds, allocator) of every path
         warm_gen = min(64, min(gen_lengths))  # fits the model's positions (prompt + longest generation)
         warm = dict(gen_length=warm_gen, steps=warm_gen, progress=False, generator=seed)
         pipe(input_ids=input_ids[:, :64], **warm, block_length=warm_gen)
         for options in variants_here.values():
             pipe(input_ids=input_ids[:, :64], **warm, **options)
+        ctx = dict(prompt_length=prompt_length, shape=shape, variants_here=variants_here, seed=seed, rounds=rounds,
+                   dense_probe_steps=dense_probe_steps, wd=wd, sparsed=sparsed, threshold=threshold,
+                   agreement_up_to=agreement_up_to)  # fmt: skip
         for gen in gen_lengths:
-            total = prompt_length + gen
-            common = dict(input_ids=input_ids, gen_length=gen, progress=False, generator=seed)
-            times = {"dense_step": []}
-            outs = {}
-            for _ in range(max(1, int(rounds.get(gen, 1)))):
-                _, t = timed(functools.partial(pipe, steps=dense_probe_steps, block_length=gen, **common))
-                times["dense_step"].append(t / dense_probe_steps)
-                for name, options in variants_here.items():
-                    out, t = timed(functools.partial(pipe, steps=gen, **common, **options))
-                    times.setdefault(name, []).append(t)
-                    outs[name] = out
-            dense_step = statistics.median(times["dense_step"])
-            dense_tps = 1.0 / dense_step
-            row = {
-                "family": family,
-                "shape": shape,
-                "gen_length": gen,
-                "steps": gen,
-                "rounds": len(times["dense_step"]),
-                "dense": {"seconds_per_step": dense_step, "tokens_per_s": dense_tps},
-                "window_config": wd.to_dict(),
-                "sparsed_config": sparsed.to_dict(),
-                "threshold": threshold,
-                "kv_cache_mib": 2
-                * shape["layers"]
-                * shape["kv_heads"]
-                * (total + 1)
-                * shape["head_dim"]
-                * torch.finfo(pipe.dtype).bits
-                / 8
-                / 2**20,
-            }
-            dense_tokens = None
-            if gen <= agreement_up_to:
-                dense_out, t_full = timed(functools.partial(pipe, steps=gen, block_length=gen, **common))
-                dense_tokens = dense_out.sequences[0, prompt_length:].tolist()
-                row["dense"]["full_run_s"] = t_full
-            for name in variants_here:
-                seconds = statistics.median(times[name])
-                out = outs[name]
-                entry = {
-                    "seconds": seconds,
-                    "tokens_per_s": gen / seconds,
-                    "speedup": (gen / seconds) / dense_tps,
-                    "predicted_flop_ratio": _plan_flops(out, total, shape),
-                    "steps_run": out.steps_run,
-                    "refresh_steps": sum(1 for t in out.window_trace or [] if t["refresh"]),
-                }
-                if dense_tokens is not None:
-                    entry["token_agreement"] = token_agreement(
-                        dense_tokens, out.sequences[0, prompt_length:].tolist()
-                    )
-                row[name] = entry
-            first = row[next(iter(variants_here))]
-            trace = outs[next(iter(variants_here))].window_trace or []
-            pruned_rows = [t["queries"] for t in trace if not t["refresh"]]
-            if pruned_rows:
-                rows_run = round(statistics.mean(pruned_rows))
-                ratio = _forward_cost_ratio(pipe.model, total, rows_run, rounds=3)
-                # refresh steps in dense-step units (Dream rules run a prefix: its share of the tokens)
-                refreshes = sum(t["queries"] / total for t in trace if t["refresh"])
-                row["forward_cost"] = {
-                    "pruned_rows_mean": rows_run,
-                    "full_over_pruned_forward": ratio,
-                    # the speed-up if a pruned step cost exactly a plain forward of its rows
-                    "speedup_bound": first["steps_run"] / (refreshes + len(pruned_rows) / ratio),
-                }
-            row["loadavg"] = os.getloadavg()
-            report["results"].append(row)
+            report["results"].append(_window_row(pipe, input_ids, family, gen, ctx))
             logger.info("window bench %s gen %d done", family, gen)
             if on_row is not None:
                 on_row(report)

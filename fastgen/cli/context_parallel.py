@@ -102,6 +102,70 @@ def _environment() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _family_problem(mode: str, family: str) -> str | None:
+    """Why ``--context-parallel=mode`` cannot run ``family`` (``None`` when it can)."""
+    if family == "text":
+        return (
+            f"--context-parallel={mode} is for video models (Wan, HunyuanVideo, the causal Wan); this run is "
+            "text (a diffusion LM)"
+        )
+    return None
+
+
+def _degree_problem(mode: str, degree, world: int, command: str) -> str | None:
+    """Why the launch (``world`` processes) or ``--cp-degree`` does not fit (``None`` when they do)."""
+    if world < 2:
+        return (
+            f"--context-parallel={mode} needs one process per GPU; launch with `{LAUNCH_HINT} {command} ...` "
+            f"(WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')})"
+        )
+    if isinstance(degree, bool) or degree < 2 or world % degree:
+        return (
+            f"--cp-degree={degree} is not allowed with {world} processes; allowed: a divisor of the world "
+            f"size {world}, >= 2"
+        )
+    if degree != world and command == "generate":
+        return (
+            f"--cp-degree={degree} with {world} processes: generate makes one video; allowed: --cp-degree "
+            f"{world} (the world size; fastgen batch splits items over groups of ranks)"
+        )
+    return None
+
+
+def _ulysses_problem(mode: str, ulysses, degree: int) -> str | None:
+    """Why ``--ulysses-degree`` (or unified's rank count) does not fit (``None`` when it does)."""
+    if ulysses is not None:
+        if mode != "unified":
+            return f"--ulysses-degree={ulysses} does not apply: it is for --context-parallel unified (this run: {mode})"
+        if ulysses < 2 or degree % ulysses or ulysses == degree:
+            return (
+                f"--ulysses-degree={ulysses} is not allowed for unified over {degree} ranks; allowed: a divisor "
+                f"of {degree} in [2, {degree // 2}]"
+            )
+    if mode == "unified" and degree < 4:
+        return (
+            f"--context-parallel=unified over {degree} ranks has no room for Ulysses x ring; allowed: 4 or more "
+            "ranks, or ulysses / ring"
+        )
+    return None
+
+
+def _device_problem(mode: str, device) -> str | None:
+    """Why ``--device`` or the visible devices do not fit context parallelism (``None`` when they do)."""
+    if device is not None and device not in ("cuda", "cpu"):
+        return (
+            f"--device={device!r} with --context-parallel: each rank uses cuda:LOCAL_RANK; allowed: cuda "
+            "(or leave --device out)"
+        )
+    import torch
+
+    if torch.cuda.is_available() and device == "cpu":
+        return "--device='cpu' with --context-parallel: diffusers' context parallelism runs one GPU per rank; allowed: cuda"
+    if torch.accelerator.device_count() == 0:
+        return f"--context-parallel={mode}: no GPU is visible; diffusers' context parallelism runs one GPU per rank"
+    return None
+
+
 def check_context_parallel(
     args: argparse.Namespace, family: str, *, command: str
 ) -> ContextParallelPlan | None:
@@ -125,78 +189,17 @@ def check_context_parallel(
                 ]
             )
         return None
-    if family == "text":
-        raise UsageError(
-            [
-                f"--context-parallel={mode} is for video models (Wan, HunyuanVideo, the causal Wan); this run is "
-                "text (a diffusion LM)"
-            ]
+    problem = _family_problem(mode, family)
+    if problem is None:
+        rank, world, local = _environment()
+        degree = world if degree is None else degree
+        problem = (
+            _degree_problem(mode, degree, world, command)
+            or _ulysses_problem(mode, ulysses, degree)
+            or _device_problem(mode, getattr(args, "device", None))
         )
-    rank, world, local = _environment()
-    if world < 2:
-        raise UsageError(
-            [
-                f"--context-parallel={mode} needs one process per GPU; launch with `{LAUNCH_HINT} {command} ...` "
-                f"(WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')})"
-            ]
-        )
-    degree = world if degree is None else degree
-    if isinstance(degree, bool) or degree < 2 or world % degree:
-        raise UsageError(
-            [
-                f"--cp-degree={degree} is not allowed with {world} processes; allowed: a divisor of the world "
-                f"size {world}, >= 2"
-            ]
-        )
-    if degree != world and command == "generate":
-        raise UsageError(
-            [
-                f"--cp-degree={degree} with {world} processes: generate makes one video; allowed: --cp-degree "
-                f"{world} (the world size; fastgen batch splits items over groups of ranks)"
-            ]
-        )
-    if ulysses is not None:
-        if mode != "unified":
-            raise UsageError(
-                [
-                    f"--ulysses-degree={ulysses} does not apply: it is for --context-parallel unified (this run: {mode})"
-                ]
-            )
-        if ulysses < 2 or degree % ulysses or ulysses == degree:
-            raise UsageError(
-                [
-                    f"--ulysses-degree={ulysses} is not allowed for unified over {degree} ranks; allowed: a divisor "
-                    f"of {degree} in [2, {degree // 2}]"
-                ]
-            )
-    if mode == "unified" and degree < 4:
-        raise UsageError(
-            [
-                f"--context-parallel=unified over {degree} ranks has no room for Ulysses x ring; allowed: 4 or more ranks, or ulysses / ring"
-            ]
-        )
-    device = getattr(args, "device", None)
-    if device is not None and device not in ("cuda", "cpu"):
-        raise UsageError(
-            [
-                f"--device={device!r} with --context-parallel: each rank uses cuda:LOCAL_RANK; allowed: cuda "
-                "(or leave --device out)"
-            ]
-        )
-    import torch
-
-    if torch.cuda.is_available() and device == "cpu":
-        raise UsageError(
-            [
-                "--device='cpu' with --context-parallel: diffusers' context parallelism runs one GPU per rank; allowed: cuda"
-            ]
-        )
-    if torch.accelerator.device_count() == 0:
-        raise UsageError(
-            [
-                f"--context-parallel={mode}: no GPU is visible; diffusers' context parallelism runs one GPU per rank"
-            ]
-        )
+    if problem is not None:
+        raise UsageError([problem])
     return ContextParallelPlan(mode, degree, ulysses, rank, world, local)
 
 

@@ -204,6 +204,20 @@ def load_pipeline(load, *args, **kwargs):
         raise RuntimeFailure(message) from None
 
 
+def pipeline_from_args(args: argparse.Namespace, kind: str, device=None):
+    """The ``kind`` (``"text"`` or video) pipeline that ``args`` name (``--preset`` / ``--model``, ``--dtype``,
+    and the kind's own options) on ``device``, through :func:`load_pipeline`."""
+    if kind == "text":
+        from fastgen.pipelines.text_runner import load_text_pipeline as load
+
+        own = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
+    else:
+        from fastgen.pipelines.video_runner import load_video_pipeline as load
+
+        own = {"self_forcing_checkpoint": getattr(args, "self_forcing_checkpoint", None)}
+    return load_pipeline(load, preset=args.preset, model=args.model, device=device, dtype=args.dtype, **own)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``fastgen generate``; returns the process exit status."""
     from fastgen.cli.context_parallel import check_context_parallel, context_parallel_session, rank_device
@@ -232,6 +246,26 @@ def _print_comparison(comparison) -> None:
         print(warning)
 
 
+def _video_options(args: argparse.Namespace, run: Run) -> dict:
+    """The generation options of a video run from ``args`` (the first frame and the causal window when given)."""
+    common = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "frames": args.frames,
+        "guidance_scale": args.guidance_scale,
+    }
+    if getattr(args, "image", None) is not None:
+        common["image"] = args.image
+    if run.family == "causal":
+        common["local_attn_frames"] = getattr(args, "local_attn_frames", None)
+        common["sink_frames"] = getattr(args, "sink_frames", None) or 0
+    return common
+
+
 def generate_video_from_args(args: argparse.Namespace, run: Run | None = None, plan=None) -> int:
     """``fastgen generate`` for video: generate, write ``--out`` (mp4, atomic), report; returns the exit status.
 
@@ -247,17 +281,10 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None, p
         video_fidelity,
     )
     from fastgen.io import write_video
-    from fastgen.pipelines.video_runner import config_from_args, generate_video, load_video_pipeline
+    from fastgen.pipelines.video_runner import config_from_args, generate_video
 
     run = run or check_run(args)
-    pipe = load_pipeline(
-        load_video_pipeline,
-        preset=args.preset,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
-    )
+    pipe = pipeline_from_args(args, "video", args.device)
     if plan is not None:
         from fastgen.cli.context_parallel import enable
 
@@ -278,21 +305,7 @@ def generate_video_from_args(args: argparse.Namespace, run: Run | None = None, p
         config = causal_config_from_args(args) if method != "dense" else None
     else:
         config = config_from_args(args, pipe) if method == "rectified" else None
-    common = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "height": args.height,
-        "width": args.width,
-        "frames": args.frames,
-        "guidance_scale": args.guidance_scale,
-    }
-    if getattr(args, "image", None) is not None:
-        common["image"] = args.image
-    if run.family == "causal":
-        common["local_attn_frames"] = getattr(args, "local_attn_frames", None)
-        common["sink_frames"] = getattr(args, "sink_frames", None) or 0
+    common = _video_options(args, run)
     comparison = None
     if getattr(args, "compare_dense", False) and method != "dense":
         comparison = compare_with_dense(
@@ -450,22 +463,11 @@ def generate_text_from_args(args: argparse.Namespace, run: Run | None = None) ->
         text_warm_up,
     )
     from fastgen.io import write_text
-    from fastgen.pipelines.text_runner import (
-        generate_text,
-        load_text_pipeline,
-        text_defaults,
-    )
+    from fastgen.pipelines.text_runner import generate_text, text_defaults
 
     run = run or check_run(args)
     method = run.method
-    pipe = load_pipeline(
-        load_text_pipeline,
-        preset=args.preset,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-    )
+    pipe = pipeline_from_args(args, "text", args.device)
     prompt = args.prompt
     task = getattr(pipe, "fastgen_task", None)
     if task is not None and prompt is None:
@@ -509,6 +511,7 @@ __all__ = [
     "is_causal_request",
     "load_pipeline",
     "model_kind",
+    "pipeline_from_args",
     "random_weights",
     "resolve_family",
     "run_generate",

@@ -1,6 +1,6 @@
 """``fastgen batch``: generate a video or text for every prompt of a file, with a resumable manifest.
 
-This module is the runner and the command; prompt files are read by :mod:`fastgen.cli.batch.prompts`, the
+This module is the runner (:mod:`fastgen.cli.batch.command` is the command); prompt files are read by :mod:`fastgen.cli.batch.prompts`, the
 manifest is kept by :mod:`fastgen.cli.batch.manifest`, every row is checked up front by the CLI's
 validation layer (:mod:`fastgen.cli.options`), statistics are summarised by :mod:`fastgen.stats`, and
 ``--compare-dense`` goes through :func:`fastgen.compare.compare_with_dense` (warm-up excluded).
@@ -27,13 +27,11 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -261,10 +259,7 @@ class BatchRunner:
         params = self.item_params(item)
         name = output_name(item, self.kind)
         path = os.path.join(self.out_dir, name)
-        base, ext = os.path.splitext(name)
-        for stale in glob.glob(os.path.join(self.out_dir, f".{glob.escape(base)}.*.partial{ext}")):
-            if self.writer:
-                os.remove(stale)  # temp file of an interrupted earlier attempt at this (same-rank) item
+        self._remove_partials(name)
         pipe = self._pipeline()
         started = time.perf_counter()
         options = dict(prompt=item.prompt, seed=seed, progress=self.progress and self.rank == 0, **params)
@@ -294,36 +289,48 @@ class BatchRunner:
         if self.kind == "text":
             record["tokens_per_s"] = _finite(result.get("tokens_per_s"))
         if comparison is not None:
-            dense = comparison.dense
-            record["dense_seconds"] = _finite(dense.get("seconds"))
-            record["speedup"] = _finite(comparison.speedup)
-            record["speedups"] = [_finite(x) for x in comparison.speedups]
-            record["rounds"] = comparison.rounds
-            record["load_average"] = _finite(comparison.load)
-            record["cpus"] = comparison.cpus
-            record["sparse_never_ran"] = comparison.not_sparse
-            if self.kind == "video":
-                record["psnr"] = _finite(comparison.fidelity["psnr"])
-                record["identical"] = comparison.fidelity["identical"]
-                record["ssim"] = _finite(comparison.fidelity["ssim"])
-                fidelity_text = (
-                    "identical frames" if record["identical"] else f"PSNR {record['psnr']:.2f} dB"
-                ) + f", SSIM {record['ssim']:.4f}"
-            else:
-                record["token_agreement"] = comparison.fidelity["token_agreement"]
-                record["dense_tokens_per_s"] = _finite(dense.get("tokens_per_s"))
-                fidelity_text = f"token agreement {record['token_agreement']:.3f}"
-            if self.report is not None:
-                self.report(f"item {item.index} ({name}): {comparison.speed_summary()}; {fidelity_text}")
-                warning = comparison.load_warning()
-                if warning:
-                    self.report(warning)
+            self._add_comparison(record, comparison, f"item {item.index} ({name})")
         record["wall_seconds"] = time.perf_counter() - started
         if result.get("method") is not None:
             record["method_run"] = result["method"]  # a runner may fall back to dense
         if result.get("config") is not None:
             record["runner_config"] = result["config"]
         return record
+
+    def _add_comparison(self, record: dict, comparison, label: str) -> None:
+        """Add the comparison with dense to an item's ``record`` (times, speed-up, rounds, load, fidelity) and
+        report its line (``label``: the item) and any timing warning."""
+        dense = comparison.dense
+        record["dense_seconds"] = _finite(dense.get("seconds"))
+        record["speedup"] = _finite(comparison.speedup)
+        record["speedups"] = [_finite(x) for x in comparison.speedups]
+        record["rounds"] = comparison.rounds
+        record["load_average"] = _finite(comparison.load)
+        record["cpus"] = comparison.cpus
+        record["sparse_never_ran"] = comparison.not_sparse
+        if self.kind == "video":
+            record["psnr"] = _finite(comparison.fidelity["psnr"])
+            record["identical"] = comparison.fidelity["identical"]
+            record["ssim"] = _finite(comparison.fidelity["ssim"])
+            fidelity_text = (
+                "identical frames" if record["identical"] else f"PSNR {record['psnr']:.2f} dB"
+            ) + f", SSIM {record['ssim']:.4f}"
+        else:
+            record["token_agreement"] = comparison.fidelity["token_agreement"]
+            record["dense_tokens_per_s"] = _finite(dense.get("tokens_per_s"))
+            fidelity_text = f"token agreement {record['token_agreement']:.3f}"
+        if self.report is not None:
+            self.report(f"{label}: {comparison.speed_summary()}; {fidelity_text}")
+            warning = comparison.load_warning()
+            if warning:
+                self.report(warning)
+
+    def _remove_partials(self, name: str) -> None:
+        """Delete the temp files of an interrupted earlier attempt at the (same-rank) item ``name`` (the writer)."""
+        base, ext = os.path.splitext(name)
+        for stale in glob.glob(os.path.join(self.out_dir, f".{glob.escape(base)}.*.partial{ext}")):
+            if self.writer:
+                os.remove(stale)
 
     def run(self, items: Sequence[Item]) -> dict:
         """Run this rank's share of ``items``; returns counts ``{"ok", "skipped", "failed", "total"}``.
@@ -471,161 +478,6 @@ class BatchRunner:
             time.sleep(self.poll_seconds)
 
 
-# ----------------------------------------------------------------------------------------------------
-# the command
-
-
-def runner_from_args(
-    args: argparse.Namespace,
-    *,
-    kind: str | None = None,
-    load: Callable[[], object] | None = None,
-    generate: Callable[..., dict] | None = None,
-) -> BatchRunner:
-    """Build a :class:`BatchRunner` from ``fastgen batch`` arguments (``load``/``generate`` injectable),
-    after every check that needs no model (:func:`fastgen.cli.batch.checks.batch_run`) and of ``--out-dir``."""
-    from fastgen.cli.batch.checks import batch_run
-    from fastgen.cli.checks import check_writable_folder
-    from fastgen.cli.context_parallel import check_context_parallel, enable, rank_device
-    from fastgen.cli.generate import load_pipeline
-
-    run = batch_run(args, kind)
-    plan = check_context_parallel(args, run.family, command="batch")
-    kind = "text" if run.family == "text" else "video"
-    method = run.method
-    if plan is None or plan.writer:
-        check_writable_folder(args.out_dir, flag="--out-dir")
-    rank, world_size, local_rank = distributed_rank()
-    device = args.device
-    if plan is not None:  # a group of ranks makes each item: the groups split the items, first ranks write
-        rank, world_size, device = plan.group, plan.groups, rank_device(plan)
-    if device is None and world_size > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    if load is None or generate is None:
-        if kind == "video":
-            from fastgen.pipelines.video_runner import generate_video, load_video_pipeline
-
-            def default_load():
-                return load_pipeline(
-                    load_video_pipeline,
-                    preset=args.preset,
-                    model=args.model,
-                    device=device,
-                    dtype=args.dtype,
-                    self_forcing_checkpoint=getattr(args, "self_forcing_checkpoint", None),
-                )
-
-            default_generate = generate_video
-        else:
-            from fastgen.pipelines.text_runner import generate_text, load_text_pipeline
-
-            def default_load():
-                return load_pipeline(
-                    load_text_pipeline,
-                    preset=args.preset,
-                    model=args.model,
-                    device=device,
-                    dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code,
-                )
-
-            default_generate = generate_text
-        load = load or default_load
-        generate = generate or default_generate
-    if plan is not None:
-        plain_load = load
-
-        def load():
-            pipe = plain_load()
-            enable(pipe, plan)
-            return pipe
-
-    config_options = {}
-    if method != "dense":
-        for f in (f for part in _method_parts(method) for f in dataclasses.fields(METHOD_CONFIGS[part])):
-            value = getattr(args, f.name, None)
-            if value is not None:
-                config_options[f.name] = value
-    names = VIDEO_PARAMS if kind == "video" else TEXT_PARAMS
-    params = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    runner = BatchRunner(
-        kind=kind,
-        load=load,
-        generate=generate,
-        out_dir=args.out_dir,
-        method=method,
-        config_options=config_options,
-        params=params,
-        model=args.preset or args.model or "",
-        base_seed=args.seed,
-        compare_dense=args.compare_dense,
-        overwrite=args.overwrite,
-        rank=rank,
-        world_size=world_size,
-        rounds=getattr(args, "rounds", None),
-        report=_report if rank == 0 and (plan is None or plan.writer) else None,
-        run_spec=run,
-        writer=plan is None or plan.writer,
-        progress=plan is None or plan.writer,
-        context_parallel=plan,
-    )
-    return runner
-
-
-def _report(line: str) -> None:
-    """A line on screen that does not break the progress bar."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-
-
-def run_batch(
-    args: argparse.Namespace,
-    *,
-    kind: str | None = None,
-    load: Callable[[], object] | None = None,
-    generate: Callable[..., dict] | None = None,
-) -> int:
-    """Run ``fastgen batch``; returns 0 when every item of this rank is done, 1 when some failed."""
-    from fastgen.cli.batch.checks import item_problems
-    from fastgen.cli.context_parallel import context_parallel_session
-    from fastgen.cli.generate import RANDOM_WEIGHTS_NOTE, option_values, random_weights
-
-    runner = runner_from_args(args, kind=kind, load=load, generate=generate)
-    items = read_prompt_file(args.prompts, runner.columns(), item_problems(runner, option_values(args)))
-    with context_parallel_session(runner.context_parallel):
-        counts = runner.run(items)
-    if not runner.writer:
-        logger.info("context-parallel rank: %s (the group's first rank prints the summary)", counts)
-    elif runner.world_size > 1 and runner.rank != 0:
-        logger.info("rank %d: %s (rank 0 prints the summary of all ranks)", runner.rank, counts)
-    else:
-        who, total = "", counts
-        if runner.world_size > 1:
-            reports = counts.get("ranks", {})
-            total = {k: sum(c[k] for c in reports.values()) for k in ("ok", "skipped", "failed", "total")}
-            missing = runner.world_size - len(reports)
-            who = f"{len(reports)} of {runner.world_size} ranks" + (
-                f" ({missing} did not report)" if missing else ""
-            )
-            who += ": "
-        sys.stderr.write(
-            f"fastgen batch: {who}{total['ok']} generated, {total['skipped']} already done, "
-            f"{total['failed']} failed, of {total['total']} items; manifest: "
-            f"{os.path.join(runner.out_dir, MANIFEST)}\n"
-        )
-        if random_weights(runner.model):
-            sys.stderr.write(f"fastgen batch: note: {runner.model} has {RANDOM_WEIGHTS_NOTE}\n")
-    if counts["failed"]:
-        logger.warning(
-            "%d item(s) failed; see 'error' in the manifest; re-run to retry them", counts["failed"]
-        )
-    return 1 if counts["failed"] else 0
-
-
 __all__ = [
     "DEFAULT_METHOD",
     "MANIFEST",
@@ -642,7 +494,5 @@ __all__ = [
     "output_name",
     "read_prompt_file",
     "read_records",
-    "run_batch",
-    "runner_from_args",
     "slugify",
 ]
