@@ -193,7 +193,7 @@ def test_bench_cp_runs_and_checks_its_outputs(tmp_path):
     report = tmp_path / "cp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "fastgen.bench.context_parallel", "--tokens", "1024", "--heads", "2", "--rounds", "1"]
+    cmd += ["-m", "fastgen.bench.context_parallel", "--tokens", "1024", "--heads", "2", "--rounds", "3"]
     proc = subprocess.run([*cmd, "--json", str(report)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     result = json.loads(report.read_text())
@@ -202,3 +202,25 @@ def test_bench_cp_runs_and_checks_its_outputs(tmp_path):
     assert 0 < result["cp"]["sparse"]["communication_share"] < 1
     assert {"cp_attention_ratio", "cp_total_ratio", "within_10_percent"} <= set(result)
     assert "ratio sparse/dense under CP" in proc.stdout
+    paired = result["paired_ratio_vs_single"]
+    assert 0 < paired["q1"] <= paired["median"] <= paired["q3"]
+
+
+def test_bench_cp_paired_ratio_takes_each_rounds_slowest_rank():
+    """The round-by-round comparison: per round, each call's slowest rank, then (CP sparse / CP dense) over
+    (single sparse / single dense); worked out by hand for two ranks and three rounds."""
+    from fastgen.bench.context_parallel import NAMES, _paired_ratio_vs_single
+
+    def rank_times(single_dense, single_sparse, cp_dense, cp_sparse):
+        times = {n: [1.0, 1.0, 1.0] for n in NAMES}
+        times.update(single_dense=single_dense, single_sparse=single_sparse)
+        times.update(cp_dense_attn=cp_dense, cp_sparse_attn=cp_sparse)
+        return times
+
+    a = rank_times([10, 10, 20], [4, 5, 8], [5, 6, 10], [2, 3, 4])
+    b = rank_times([8, 12, 20], [4, 4, 8], [6, 6, 10], [2, 2, 5])
+    # round 1: single 4/10, CP 2/6 -> (1/3)/(2/5) = 5/6; round 2: single 5/12, CP 3/6 -> 6/5;
+    # round 3: single 8/20, CP 5/10 -> 5/4
+    got = _paired_ratio_vs_single([a, b], rounds=3)
+    assert got["median"] == pytest.approx(6 / 5)
+    assert got["q1"] <= 6 / 5 <= got["q3"] and got["q1"] < got["q3"]
