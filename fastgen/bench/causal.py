@@ -157,7 +157,7 @@ def run_causal_bench(
     partial_out: str | None = None,
 ) -> dict:
     """Run the benchmark; returns a dict of times, ratios, errors, densities and memory."""
-    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen import apply_sparse_attention, record_attention_stats, remove_sparse_attention
     from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
     from fastgen.pipelines.causal_wan import CausalWanPipeline
     from fastgen.processors import light_forcing_wan
@@ -184,6 +184,7 @@ def run_causal_bench(
         config = configs[name]
         if config is not None:
             apply_sparse_attention(transformer, config)
+            record_attention_stats(transformer, "summary")  # statistics are opt-in; the bench reads them
         try:
             out = _generate(pipe, noise, text, frames, seed=2, record_cache=record_cache)
             return out, light_forcing_wan.stats(transformer)

@@ -148,7 +148,12 @@ def run_transformer_bench(
 ) -> dict:
     """Dense vs Rectified SpaAttn forward of a tiny Wan or HunyuanVideo transformer (``model``);
     returns a dict of times, ratios and errors."""
-    from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
+    from fastgen import (
+        RectifiedSpaAttnConfig,
+        apply_sparse_attention,
+        record_attention_stats,
+        remove_sparse_attention,
+    )
     from fastgen.processors.rectified_base import collect_stats
 
     if model not in MODELS:
@@ -182,6 +187,7 @@ def run_transformer_bench(
     def with_processors(cfg):
         def run():
             apply_sparse_attention(model, cfg)
+            record_attention_stats(model, "summary")  # statistics are opt-in; the bench reads them
             try:
                 return forward(), collect_stats(model)
             finally:

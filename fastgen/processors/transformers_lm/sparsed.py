@@ -15,7 +15,7 @@ from fastgen.attention.sparsed import (
     dense_step_count,
     sparsed_attention,
 )
-from fastgen.attention_stats import stats_providers
+from fastgen.attention_stats import DEFAULT_LEVEL, requested_level, stats_providers
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 
 from .window import WINDOW_CONFIG_ATTR
@@ -56,10 +56,11 @@ class SparseDState:
     :func:`begin_generation`: no host read per call)."""
     layers: list[int] = field(default_factory=list)
     """Layer indices of the attention modules this state serves."""
-    record_stats: str = "summary"
-    """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"`` (no rows), ``"summary"`` (layer,
-    density) or ``"masks"`` (also each layer's block mask of batch row 0). The patterns are kept anyway:
-    they are the method's state."""
+    record_stats: str = DEFAULT_LEVEL
+    """Statistics shown (``fastgen.attention_stats`` protocol): ``"off"`` (no rows; the default, statistics
+    are opt-in), ``"summary"`` (layer, density) or ``"masks"`` (also each layer's block mask of batch row 0).
+    The patterns are kept anyway (they are the method's state), so the rows follow the level of the moment
+    they are read."""
     _mask_cache: tuple | None = None
 
     def layer_stats(self) -> list[dict]:
@@ -301,7 +302,11 @@ def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
     if _state(model) is not None:
         remove(model)
     _register()
-    state = SparseDState(config=config, saved_implementation=model.config._attn_implementation)
+    state = SparseDState(
+        config=config,
+        saved_implementation=model.config._attn_implementation,
+        record_stats=requested_level(model),
+    )
     model.set_attn_implementation(IMPLEMENTATION)
     if model.config._attn_implementation != IMPLEMENTATION:
         model.set_attn_implementation(state.saved_implementation)

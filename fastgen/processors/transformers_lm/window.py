@@ -10,7 +10,7 @@ import torch
 
 from fastgen._validation import log_once
 from fastgen.attention.window import WindowKVCache, window_attention
-from fastgen.attention_stats import stats_providers
+from fastgen.attention_stats import DEFAULT_LEVEL, requested_level, stats_providers
 from fastgen.configs import WindowDiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -60,21 +60,26 @@ class WindowState:
 
 class WindowStats:
     """Window-Diffusion's statistics of the last generation (``fastgen.attention_stats`` protocol): per step,
-    the rows run and the keys each attends to, against a dense step's ``N`` rows x ``N`` keys."""
+    the rows run and the keys each attends to, against a dense step's ``N`` rows x ``N`` keys. Steps are
+    counted only while ``record_stats`` is not ``"off"`` (the default); what was counted stays readable."""
 
     def __init__(self, layers: list[int], num_positions: int) -> None:
         self.layers = layers
         """Layer indices of the attention modules (every layer runs the same sets)."""
         self.num_positions = num_positions
         """``N``: positions of the sequence (prompt + generated)."""
-        self.record_stats = "summary"
-        """``"off"`` (no rows) or ``"summary"`` / ``"masks"`` (rows; Window-Diffusion has no block mask)."""
+        self.record_stats = DEFAULT_LEVEL
+        """``"off"`` (nothing counted; the default) or ``"summary"`` / ``"masks"`` (steps counted; rows;
+        Window-Diffusion has no block mask)."""
         self.scores = 0
         self.steps = 0
         self.keys = 0
 
     def record(self, queries: int, keys: int) -> None:
-        """One step ran ``queries`` rows over ``keys`` keys (host ints the loop already has)."""
+        """One step ran ``queries`` rows over ``keys`` keys (host ints the loop already has); nothing is
+        counted while recording is off."""
+        if self.record_stats == "off":
+            return
         self.scores += queries * keys
         self.keys += keys
         self.steps += 1
@@ -82,7 +87,7 @@ class WindowStats:
     def layer_stats(self) -> list[dict]:
         """One row per layer: ``layer``, ``method`` (``"window_diffusion"``), ``density`` (attention scores
         computed over the generation / a dense generation's), ``keys_per_query`` (mean over steps), ``steps``."""
-        if self.record_stats == "off" or self.steps == 0:
+        if self.steps == 0:
             return []
         density = self.scores / (self.steps * self.num_positions**2)
         keys = self.keys / self.steps
@@ -196,8 +201,7 @@ def begin_window(model: torch.nn.Module, num_positions: int) -> WindowState:
             layers.add(module.layer_idx)
     previous = stats_providers(model).get("window_diffusion")
     state.stats = WindowStats(sorted(layers), num_positions)
-    if previous is not None:
-        state.stats.record_stats = previous.record_stats
+    state.stats.record_stats = previous.record_stats if previous is not None else requested_level(model)
     stats_providers(model)["window_diffusion"] = state.stats
     if not layers:
         end_window(model)
