@@ -13,6 +13,8 @@ from fastgen.attention.window import WindowKVCache, window_attention
 from fastgen.attention_stats import DEFAULT_LEVEL, requested_level, stats_providers
 from fastgen.configs import WindowDiffusionConfig
 
+from ._switch import attach_to_layers, switch_attention
+
 logger = logging.getLogger(__name__)
 
 WINDOW_IMPLEMENTATION = "fastgen_window"
@@ -158,14 +160,6 @@ def window_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_window() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(WINDOW_IMPLEMENTATION, window_attention_forward)
-    AttentionMaskInterface.register(WINDOW_IMPLEMENTATION, sdpa_mask)
-
-
 def window_config(model: torch.nn.Module) -> WindowDiffusionConfig | None:
     """The :class:`WindowDiffusionConfig` recorded on ``model`` by ``apply_sparse_attention`` (or None)."""
     return getattr(model, WINDOW_CONFIG_ATTR, None)
@@ -182,25 +176,11 @@ def begin_window(model: torch.nn.Module, num_positions: int) -> WindowState:
             f"{type(model).__name__}"
         )
     end_window(model)
-    _register_window()
-    state = WindowState(
-        cache=WindowKVCache(num_positions), saved_implementation=model.config._attn_implementation
-    )
-    model.set_attn_implementation(WINDOW_IMPLEMENTATION)
-    if model.config._attn_implementation != WINDOW_IMPLEMENTATION:
-        model.set_attn_implementation(state.saved_implementation)
-        raise ValueError(
-            f"model={type(model).__name__} cannot switch its attention implementation (it does not use "
-            "transformers' AttentionInterface); Window-Diffusion is not available for it"
-        )
-    setattr(model, _WINDOW_ATTR, state)
-    layers = set()
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and module is not model:
-            setattr(module, _WINDOW_ATTR, state)
-            layers.add(module.layer_idx)
+    saved = switch_attention(model, WINDOW_IMPLEMENTATION, window_attention_forward, "Window-Diffusion")
+    state = WindowState(cache=WindowKVCache(num_positions), saved_implementation=saved)
+    layers = attach_to_layers(model, _WINDOW_ATTR, state)
     previous = stats_providers(model).get("window_diffusion")
-    state.stats = WindowStats(sorted(layers), num_positions)
+    state.stats = WindowStats(layers, num_positions)
     state.stats.record_stats = previous.record_stats if previous is not None else requested_level(model)
     stats_providers(model)["window_diffusion"] = state.stats
     if not layers:
