@@ -5,15 +5,16 @@ Statistics are opt-in. Recording is a per-processor level: ``"off"`` (the defaul
 :data:`DEFAULT_LEVEL`: nothing kept, no extra work per call), ``"summary"`` (a few 0-dim device
 tensors per layer, overwritten at every call; no host sync until they are read) or ``"masks"`` (the
 summary plus each layer's block / compensated masks, the memory-heavy part: about 1 GB for Wan-14B
-at 720p). Opt in after ``apply_sparse_attention``, for a block or from then on:
+at 720p). Opt in for a block or from then on:
 
 >>> fastgen.apply_sparse_attention(pipe, config)
 >>> with fastgen.recording_attention_stats(pipe.transformer, "summary"):  # or "masks"
 ...     pipe(prompt)
 >>> rows = fastgen.attention_stats(pipe.transformer)   # one dict per sparse layer
 
-The level asked for is also kept on the model, so a provider created later on it (Window-Diffusion
-creates its recorder at each generation) starts at that level.
+The level asked for is also kept on the model, so a provider created later on it (by a later
+``apply_sparse_attention``; Window-Diffusion creates its recorder at each generation) starts at that
+level.
 
 How a method plugs in: give its processor (or its per-model state) an attribute ``record_stats`` (one
 of :data:`LEVELS`) and a method ``layer_stats() -> list[dict]`` returning one row per layer with at
@@ -102,8 +103,8 @@ def record_attention_stats(model: torch.nn.Module, level: str = "summary") -> di
     :func:`recording_attention_stats` to restore.
 
     ``level`` is ``"off"`` (keep nothing: the default), ``"summary"`` (0-dim device tensors per layer)
-    or ``"masks"`` (also the block masks). Call it after ``apply_sparse_attention``: the processors
-    it installs start at ``"off"``.
+    or ``"masks"`` (also the block masks). Before or after ``apply_sparse_attention``: the providers it
+    installs start at the level last asked for on the model.
 
     Example:
         >>> import fastgen

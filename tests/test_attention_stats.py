@@ -180,3 +180,26 @@ def test_window_diffusion_records_nothing_by_default(fresh_lm):
     assert rows and all(0 < r["density"] < 1 for r in rows)  # readable after the block
     fresh_lm(prompt="hello there", acceleration=[wd], **GEN)  # outside the block: off again
     assert fastgen.attention_stats(fresh_lm.model) == []
+
+
+def test_a_level_asked_before_apply_holds_for_the_processors_installed_later():
+    from fastgen.pipelines.tiny_video import build_tiny_causal_wan, build_tiny_wan
+
+    from fastgen import LightForcingConfig, RectifiedSpaAttnConfig
+    from fastgen.processors import light_forcing_wan
+
+    wan = build_tiny_wan(num_layers=2).transformer
+    fastgen.record_attention_stats(wan, "summary")
+    fastgen.apply_sparse_attention(wan, RectifiedSpaAttnConfig(dense_layers=0))
+    procs = [p for p in wan.attn_processors.values() if hasattr(p, "layer_stats")]
+    assert len(procs) == 2 and all(p.record_stats == "summary" for p in procs)
+    fastgen.record_attention_stats(wan, "off")
+    fastgen.apply_sparse_attention(wan, RectifiedSpaAttnConfig(dense_layers=0))  # new processors
+    procs = [p for p in wan.attn_processors.values() if hasattr(p, "layer_stats")]
+    assert len(procs) == 2 and all(p.record_stats == "off" for p in procs)
+
+    causal = build_tiny_causal_wan(num_layers=2).transformer
+    fastgen.record_attention_stats(causal, "masks")
+    fastgen.apply_sparse_attention(causal, LightForcingConfig())
+    procs = light_forcing_wan.processors(causal)
+    assert len(procs) == 2 and all(p.record_stats == "masks" for p in procs)
