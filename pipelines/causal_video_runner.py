@@ -17,15 +17,13 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
-
-import torch
 
 from fastgen.configs import LightForcingConfig
 from fastgen.io import to_uint8
+from fastgen.processors import light_forcing_wan
 from fastgen.processors.light_forcing_wan import chunk_densities
 
-from .video_common import check_generation_values
+from .video_common import call_kwargs, check_generation_values, timed_call
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +74,6 @@ def generate_causal_video(
     (rows of ``fastgen.processors.light_forcing_wan.stats``: ``chunk``, ``layer``, ``density``, ``sparsity``,
     ``regime``, ``block_mask``; empty for dense) and ``config`` (the method's settings as a dict).
     """
-    from fastgen import apply_sparse_attention, remove_sparse_attention
-    from fastgen.processors import light_forcing_wan
-
     check_generation_values(
         steps=steps, height=height, width=width, frames=frames, guidance_scale=guidance_scale,
         local_attn_frames=local_attn_frames, sink_frames=sink_frames,
@@ -90,48 +85,16 @@ def generate_causal_video(
         if not isinstance(config, LightForcingConfig):
             raise ValueError(f"config={type(config).__name__} does not match method='light_forcing'")
     defaults = {**CAUSAL_DEFAULTS, **getattr(pipe, "fastgen_defaults", {})}
-    kwargs = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "height": defaults["height"] if height is None else height,
-        "width": defaults["width"] if width is None else width,
-        "num_frames": defaults["frames"] if frames is None else frames,
-        "denoising_timesteps": denoising_timesteps(steps),
-        "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-        "local_attn_frames": local_attn_frames,
-        "sink_frames": sink_frames,
-        "generator": torch.Generator("cpu").manual_seed(int(seed)),
-        "output_type": "np",
-    }
+    kwargs = call_kwargs(
+        defaults, prompt=prompt, negative_prompt=negative_prompt, seed=seed, height=height, width=width,
+        frames=frames, guidance_scale=guidance_scale, denoising_timesteps=denoising_timesteps(steps),
+        local_attn_frames=local_attn_frames, sink_frames=sink_frames,
+    )  # fmt: skip
     pipe.set_progress_bar_config(disable=not progress)
-    stats = []
-    if method == "light_forcing":
-        if pipe.device.type == "cpu":  # a first build of the CPU kernel must not land in the timing
-            from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
-
-            warm_up_cpu_kernel()
-        apply_sparse_attention(pipe.transformer, config)
-    try:
-        import contextlib
-
-        from fastgen.attention_stats import recording_attention_stats
-
-        record = (
-            recording_attention_stats(pipe.transformer, "masks")
-            if method == "light_forcing"
-            else contextlib.nullcontext()
-        )
-        start = time.perf_counter()
-        with torch.no_grad(), record:
-            output = pipe(**kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        if method == "light_forcing":
-            stats = light_forcing_wan.stats(pipe.transformer)
-    finally:
-        if method == "light_forcing":
-            remove_sparse_attention(pipe.transformer)
+    output, seconds, stats = timed_call(
+        pipe, kwargs, config=config if method == "light_forcing" else None, target=pipe.transformer,
+        models=[pipe.transformer], read_stats=lambda: light_forcing_wan.stats(pipe.transformer),
+    )  # fmt: skip
     return {
         "frames": to_uint8(output.frames[0]),
         "seconds": seconds,

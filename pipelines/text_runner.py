@@ -7,6 +7,7 @@ lands in :func:`fastgen.cli.generate.generate_text_from_args`, which uses the fu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import time
@@ -118,19 +119,15 @@ def _window_stats(out) -> dict:
 
 
 def _sparse_stats(model) -> dict:
-    """The adapter's statistics: mean ``density`` and the per-layer rows (``block_mask`` of batch row 0
-    kept as a CPU bool tensor, for pictures of what the sparse attention kept)."""
-    name = getattr(model, "_fastgen_adapter", None)
-    stats = getattr(importlib.import_module(name), "stats", None) if name is not None else None
-    if stats is None:
-        return {}
-    raw = stats(model)
-    if isinstance(raw, dict):
-        return {k: v for k, v in raw.items() if not isinstance(v, torch.Tensor)}
-    layers = [dict(row) for row in raw or []]
+    """SparseD's statistics through ``fastgen.attention_stats`` (read while recording is on, see
+    :func:`generate_text`): mean ``density`` and the per-layer rows (``block_mask`` of batch row 0 kept as
+    a CPU bool tensor, for pictures of what the sparse attention kept)."""
+    import fastgen
+
+    layers = [dict(row) for row in fastgen.attention_stats(model) if row.get("method") == "sparsed"]
     densities = [row["density"] for row in layers if "density" in row]
     summary = {"density": sum(densities) / len(densities)} if densities else {}
-    return {**summary, "layers": layers}
+    return {**summary, "layers": layers} if layers else {}
 
 
 def text_defaults(
@@ -221,15 +218,20 @@ def generate_text(
                 fastgen.apply_sparse_attention(model, sparse_config)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
-        start = time.perf_counter()
         extra = {}
         if acceleration is not None:
             extra["acceleration"] = acceleration[:1] if applied_here else acceleration
-        out = pipe(prompt=prompt, generator=seed, progress=progress, **settings, **extra)
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize(pipe.device)
-        seconds = time.perf_counter() - start
-        stats = {**(_window_stats(out) if windowed else {}), **(_sparse_stats(model) if sparse else {})}
+        # statistics are opt-in: record for this call (masks: the demo draws them); SparseD's rows are
+        # read inside the block, they follow the level of the moment they are read
+        record = fastgen.recording_attention_stats(model, "masks") if sparse else contextlib.nullcontext()
+        with record:
+            start = time.perf_counter()
+            out = pipe(prompt=prompt, generator=seed, progress=progress, **settings, **extra)
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize(pipe.device)
+            seconds = time.perf_counter() - start
+            sparse_stats = _sparse_stats(model) if sparse else {}
+        stats = {**(_window_stats(out) if windowed else {}), **sparse_stats}
     finally:
         if applied_here:
             fastgen.remove_sparse_attention(model)

@@ -11,18 +11,20 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import time
 
 import numpy as np
-import torch
-from fastgen.kernels.cpu_attn import warm_up_cpu_kernel
 
 from fastgen.configs import RectifiedSpaAttnConfig
 from fastgen.io import to_uint8
 
-from .video_common import check_generation_values, execution_device, resolve_device_dtype
+from .video_common import (
+    call_kwargs,
+    check_generation_values,
+    execution_device,
+    resolve_device_dtype,
+    timed_call,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +178,7 @@ def generate_video(
     ``stats`` (per-layer rows of the last sparse step with their block masks, each with ``model``:
     ``transformer`` / ``transformer_2``), ``steps`` (denoising steps run) and ``config`` (the method's settings as a dict).
     """
-    from fastgen import attention_stats, recording_attention_stats
-    from fastgen.api import apply_sparse_attention, remove_sparse_attention
+    from fastgen import attention_stats
 
     from .causal_video_runner import generate_causal_video, is_causal_pipeline
 
@@ -215,23 +216,11 @@ def generate_video(
         if not isinstance(config, RectifiedSpaAttnConfig):
             raise ValueError(f"config={type(config).__name__} does not match method='rectified'")
     defaults = _defaults(pipe)
-    sizes = {
-        "frames": defaults["frames"] if frames is None else frames,
-        "height": defaults["height"] if height is None else height,
-        "width": defaults["width"] if width is None else width,
-    }
     steps = defaults["steps"] if steps is None else steps
-    kwargs = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "height": sizes["height"],
-        "width": sizes["width"],
-        "num_frames": sizes["frames"],
-        "num_inference_steps": steps,
-        "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-        "generator": torch.Generator("cpu").manual_seed(int(seed)),
-        "output_type": "np",
-    }
+    kwargs = call_kwargs(
+        defaults, prompt=prompt, negative_prompt=negative_prompt, seed=seed, height=height, width=width,
+        frames=frames, guidance_scale=guidance_scale, num_inference_steps=steps,
+    )  # fmt: skip
     if takes_image(pipe):
         if image is None:
             raise ValueError(f"image=None: {type(pipe).__name__} is image-to-video and needs a first frame")
@@ -239,31 +228,17 @@ def generate_video(
     elif image is not None:
         raise ValueError(f"image= was given but {type(pipe).__name__} is text-to-video (no image input)")
     pipe.set_progress_bar_config(disable=not progress)
-    stats = []
-    models = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m is not None]
-    if method == "rectified":
-        if execution_device(pipe).type == "cpu":  # a first CPU kernel build must not land in the timing
-            warm_up_cpu_kernel()
-        apply_sparse_attention(pipe, config)
-    try:
-        with contextlib.ExitStack() as recording:
-            if method == "rectified":  # keep the block masks (the demo draws them), not only the densities
-                for model in models:
-                    recording.enter_context(recording_attention_stats(model, "masks"))
-            start = time.perf_counter()
-            with torch.no_grad():
-                output = pipe(**kwargs)
-            if execution_device(pipe).type == "cuda":
-                torch.cuda.synchronize(execution_device(pipe))
-            seconds = time.perf_counter() - start
-        if method == "rectified":
-            for name in ("transformer", "transformer_2"):
-                model = getattr(pipe, name, None)
-                if model is not None:
-                    stats.extend({"model": name, **row} for row in attention_stats(model))
-    finally:
-        if method == "rectified":
-            remove_sparse_attention(pipe)
+    models = {
+        n: getattr(pipe, n) for n in ("transformer", "transformer_2") if getattr(pipe, n, None) is not None
+    }
+
+    def read_stats() -> list[dict]:
+        return [{"model": name, **row} for name, model in models.items() for row in attention_stats(model)]
+
+    output, seconds, stats = timed_call(
+        pipe, kwargs, config=config if method == "rectified" else None, target=pipe,
+        models=list(models.values()), read_stats=read_stats,
+    )  # fmt: skip
     return {
         "frames": to_uint8(output.frames[0]),
         "seconds": seconds,

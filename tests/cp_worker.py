@@ -310,6 +310,7 @@ def guards() -> None:
     logging.getLogger("fastgen").addHandler(records)
     logging.getLogger("fastgen").setLevel(logging.INFO)
     model.set_attn_processor(WanRectifiedProcessor(sparse_config()))  # by hand, after enabling
+    fastgen.record_attention_stats(model, "summary")  # statistics are opt-in
     err = check("wan hand-set processor (dense fallback)", forward(model, inputs), expected)
     assert any("was set after enable_parallelism" in m for m in records.messages), records.messages
     assert any("global video grid is unknown" in m for m in records.messages), records.messages
@@ -359,6 +360,7 @@ def _ring_dense(model, inputs, name: str) -> None:
 
     expected = forward(model, inputs)  # diffusers' own processors, one process
     fastgen.apply_sparse_attention(model, sparse_config(form="paper"))  # no ring form: dense, logged
+    fastgen.record_attention_stats(model, "summary")  # statistics are opt-in
     records = _Records()
     logging.getLogger("fastgen").addHandler(records)
     logging.getLogger("fastgen").setLevel(logging.INFO)

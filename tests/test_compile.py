@@ -9,17 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention
+from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, attention_stats, record_attention_stats
 
 
 @pytest.fixture(autouse=True)
 def _plain_torch_empty(monkeypatch):
-    """The suite's NaN-filling ``torch.empty`` (tests/conftest.py) is a Python wrapper that dynamo
-    would trace and break on; the traced code gets the real one."""
+    """The suite's NaN-filling ``torch.empty`` / ``torch.empty_like`` / ``Tensor.new_empty``
+    (tests/conftest.py) are Python wrappers that dynamo would trace and break on; the traced code gets
+    the real ones."""
     monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", torch._C.TensorBase.new_empty)
 
 
-def _tiny_wan(dtype=torch.float32, **config):
+def _tiny_wan(dtype=torch.float32, level="summary", **config):
     from fastgen.pipelines.tiny_video import build_tiny_wan
 
     model = build_tiny_wan(num_layers=2, dtype=dtype).transformer
@@ -29,6 +32,7 @@ def _tiny_wan(dtype=torch.float32, **config):
             sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=64, **config
         ),
     )
+    record_attention_stats(model, level)  # statistics are opt-in
     g = torch.Generator().manual_seed(0)
     inputs = dict(
         hidden_states=torch.randn(1, 16, 2, 8, 8, generator=g).to(dtype),
@@ -80,9 +84,25 @@ def test_rectified_variants_trace_without_graph_breaks(dtype, config):
 
 
 def fastgen_rows(model):
-    from fastgen import attention_stats
-
     return attention_stats(model)
+
+
+@pytest.mark.slow  # one dynamo trace of the tiny Wan, eager backend
+def test_rectified_wan_with_statistics_off_traces_without_graph_breaks():
+    """The default level ``"off"`` (statistics are opt-in): no graph break, eager's output, nothing
+    recorded, and the sparse path ran (the output differs from the all-dense processors')."""
+    torch._dynamo.reset()
+    model, inputs = _tiny_wan(level="off")
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        explanation = torch._dynamo.explain(model)(**inputs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, backend="eager")(**inputs)[0]
+        apply_sparse_attention(model, RectifiedSpaAttnConfig(dense_layers=2, min_tokens=64))
+        dense = model(**inputs)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert attention_stats(model) == []
+    assert (eager - dense).abs().max() > 1e-3
 
 
 @pytest.mark.slow  # two traces of the tiny Wan (dense warm-up step, then sparse), eager backend
@@ -108,6 +128,7 @@ def test_compiled_pipeline_compiles_once_per_phase_and_matches_eager():
     torch._dynamo.reset()
     pipe = build_tiny_wan(num_layers=2)
     fastgen.apply_sparse_attention(pipe, config)
+    fastgen.record_attention_stats(pipe.transformer, "summary")  # statistics are opt-in
     eager = run(pipe)
     counter = CompileCounter()
     pipe.transformer.compile(backend=counter)
@@ -133,6 +154,7 @@ def test_rectified_hunyuan_traces_as_one_graph_and_matches_eager():
         model,
         RectifiedSpaAttnConfig(sparsity=0.5, block_size=16, dense_layers=0, warmup_steps=0, min_tokens=64),
     )
+    record_attention_stats(model, "summary")  # statistics are opt-in
     kw = inputs(text_lengths=(6, 10))
     counter = CompileCounter()
     with torch.no_grad():

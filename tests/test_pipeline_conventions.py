@@ -48,6 +48,8 @@ def test_pipeline_apply_covers_both_experts_with_one_step_counter():
 
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     fastgen.apply_sparse_attention(pipe, config())
+    for expert in (pipe.transformer, pipe.transformer_2):
+        fastgen.record_attention_stats(expert, "summary")  # statistics are opt-in
     assert get_step_tracker(pipe.transformer) is get_step_tracker(pipe.transformer_2)
     assert len(fastgen_processors(pipe.transformer)) == 2 and len(fastgen_processors(pipe.transformer_2)) == 2
     steps = record_steps(pipe)

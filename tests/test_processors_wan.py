@@ -109,6 +109,7 @@ def test_set_by_hand_layers_and_steps_without_tracker(caplog):
     ref = run(model, x, t, text)
     proc = WanRectifiedProcessor(cfg(sparsity=0.0, warmup_steps=1))
     model.set_attn_processor(proc)
+    fastgen.record_attention_stats(model, "summary")  # statistics are opt-in
     with caplog.at_level(logging.INFO, logger="fastgen"):
         run(model, x, t, text)  # forward 0: warm-up, dense
     assert proc.layer_stats() == []
@@ -126,6 +127,7 @@ def test_set_by_hand_uses_registered_tracker():
     model = tiny_wan()
     proc = WanRectifiedProcessor(cfg(warmup_steps=1))
     model.set_attn_processor(proc)
+    fastgen.record_attention_stats(model, "summary")  # statistics are opt-in
     tracker = register_step_tracker(model)
     x, t, text = inputs(batch=1)
     run(model, x, t, text)
@@ -139,6 +141,7 @@ def test_set_by_hand_uses_registered_tracker():
 def test_step_tracking_cfg_two_calls_and_batched():
     model = tiny_wan(layers=1)
     apply_sparse_attention(model, cfg(warmup_steps=2))
+    fastgen.record_attention_stats(model, "summary")  # statistics are opt-in
     tracker = get_step_tracker(model)
     x, _, text = inputs(batch=1)
     x2, text2 = torch.cat([x, x]), torch.cat([text, text])
@@ -220,6 +223,7 @@ def test_apply_to_pipeline_shares_tracker_between_two_transformers():
     pipe = Pipe()
     pipe.transformer, pipe.transformer_2 = tiny_wan(layers=1), tiny_wan(layers=1)
     apply_to_pipeline(pipe, cfg(warmup_steps=1))
+    fastgen.record_attention_stats(pipe.transformer_2, "summary")  # statistics are opt-in
     tracker = get_step_tracker(pipe.transformer)
     assert get_step_tracker(pipe.transformer_2) is tracker
     x, _, text = inputs(batch=1)
@@ -323,11 +327,13 @@ def test_processor_workspace_lives_for_one_forward_call():
 
 
 def test_statistics_levels_off_summary_masks():
-    """Statistics are read through ``fastgen.attention_stats``: by default a summary (no masks held),
-    masks only when asked, nothing at all with ``"off"``."""
+    """Statistics are read through ``fastgen.attention_stats``: opt-in (nothing by default, see
+    ``test_statistics_are_off_by_default``), a summary when asked (no masks held), masks only when asked,
+    nothing at all with ``"off"``."""
     model = tiny_wan()
     x, t, text = inputs()
     apply_sparse_attention(model, cfg(sparsity=0.75))
+    fastgen.record_attention_stats(model, "summary")
     run(model, x, t, text)
     rows = fastgen.attention_stats(model)
     assert [r["layer"] for r in rows] == [0, 1]

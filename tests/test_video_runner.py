@@ -99,6 +99,26 @@ def test_generate_from_args_writes_mp4_and_compares(tmp_path, capsys, monkeypatc
     assert os.listdir(tmp_path) == ["v.mp4"]
 
 
+def test_generate_from_args_reports_density_and_speedup_when_sparse_ran(tmp_path, capsys, monkeypatch):
+    """Statistics are opt-in: the runner records them for its call, so the CLI still reports the mean
+    density and a speedup when sparse attention ran (every step, 256 tokens >= min_tokens)."""
+    from fastgen.pipelines.tiny_video import build_tiny_wan
+
+    from fastgen.pipelines import video_runner
+
+    monkeypatch.setattr(video_runner, "load_video_pipeline", lambda **kw: build_tiny_wan(num_layers=1))
+    args = build_parser().parse_args(
+        ["generate", "--preset", "tiny-wan", "--prompt", "a boat", "--steps", "2", "--height", "128"]
+        + ["--width", "64", "--frames", "5", "--block-size", "16", "--sparsity", "0.5", "--warmup-steps", "0"]
+        + ["--dense-layers", "0", "--rounds", "1", "--compare-dense", "--out", str(tmp_path / "v.mp4")]
+    )
+    assert generate_from_args(args) == 0
+    printed = capsys.readouterr().out
+    density = re.search(r"sparse layers: 1, mean density (0\.\d+)", printed)
+    assert density and 0 < float(density.group(1)) < 1, printed
+    assert re.search(r"speedup vs dense \d", printed) and "sparse attention never ran" not in printed
+
+
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     import imageio.v2 as imageio
     from fastgen.pipelines.tiny_video import build_tiny_wan

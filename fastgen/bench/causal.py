@@ -159,7 +159,7 @@ def _variant_names(variants: list[str] | None, configs: dict) -> list[str]:
 def _causal_runs(pipe, configs: dict, noise: torch.Tensor, text: torch.Tensor, frames: int):
     """``run_variant(name, record_cache=None) -> (output, stats)`` with the variant's config applied, and a run
     with every self-attention skipped (the rest of the model's cost)."""
-    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen import apply_sparse_attention, record_attention_stats, remove_sparse_attention
     from fastgen.processors import light_forcing_wan
     from fastgen.processors.causal_wan import install_causal_processors, remove_causal_processors
 
@@ -169,6 +169,7 @@ def _causal_runs(pipe, configs: dict, noise: torch.Tensor, text: torch.Tensor, f
         config = configs[name]
         if config is not None:
             apply_sparse_attention(transformer, config)
+            record_attention_stats(transformer, "summary")  # statistics are opt-in; the bench reads them
         try:
             out = _generate(pipe, noise, text, frames, seed=2, record_cache=record_cache)
             return out, light_forcing_wan.stats(transformer)

@@ -138,7 +138,7 @@ def _variant_runs(model, kwargs: dict, sparse_names, skipping, config, all_dense
     """The four forwards the bench times: plain, Rectified SpaAttn (``config``, with its statistics), fastgen's
     processors all dense (``all_dense``) and without self-attention (a fresh ``skipping(all_dense)`` processor
     in the ``sparse_names``)."""
-    from fastgen import apply_sparse_attention, remove_sparse_attention
+    from fastgen import apply_sparse_attention, record_attention_stats, remove_sparse_attention
     from fastgen.processors.rectified_base import collect_stats
 
     def forward():
@@ -159,6 +159,7 @@ def _variant_runs(model, kwargs: dict, sparse_names, skipping, config, all_dense
     def with_processors(cfg):
         def run():
             apply_sparse_attention(model, cfg)
+            record_attention_stats(model, "summary")  # statistics are opt-in; the bench reads them
             try:
                 return forward(), collect_stats(model)
             finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastgen.attention.workspace import Workspace
+from fastgen.attention_stats import requested_level
 from fastgen.tracking import get_step_tracker, register_step_tracker, remove_step_tracker
 
 MIN_HEAD_DIM = 16
@@ -87,9 +88,10 @@ def carry_backend(processor, original) -> None:
 
 def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
     """Attach the step tracker and set the processors ``build(tracker)`` returns (attention-processor
-    name -> new processor) on ``model``, keeping every other processor. The originals and whether the
-    tracker was attached here are saved on the model instance under ``state_attr`` so
-    :func:`restore_processors` puts back exactly those objects."""
+    name -> new processor) on ``model``, keeping every other processor; they record statistics at the
+    level asked for on ``model`` (``fastgen.attention_stats.requested_level``: ``"off"`` unless asked).
+    The originals and whether the tracker was attached here are saved on the model instance under
+    ``state_attr`` so :func:`restore_processors` puts back exactly those objects."""
     restore_processors(model, state_attr)
     owns_tracker = get_step_tracker(model) is None
     processors = build(register_step_tracker(model))
@@ -99,6 +101,8 @@ def install_processors(model: torch.nn.Module, state_attr: str, build) -> None:
     for name, proc in processors.items():
         carry_backend(proc, saved[name])
         proc.workspace = workspace
+        if hasattr(proc, "record_stats"):
+            proc.record_stats = requested_level(model)
         new[name] = proc
     model.set_attn_processor(new)
     setattr(model, state_attr, {"saved": saved, "owns_tracker": owns_tracker})

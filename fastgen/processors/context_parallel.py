@@ -447,7 +447,8 @@ def unsplit_rope_forward(module: torch.nn.Module, forward, hook_name: str):
 
 def gathered_layer_stats(model: torch.nn.Module) -> list[dict]:
     """Per-layer statistics of every head under Ulysses: each rank's :func:`fastgen.attention_stats`
-    rows joined over the Ulysses group (a collective: call it on every rank). Every head has the same
+    rows joined over the Ulysses group (a collective: call it on every rank; statistics are opt-in, so
+    record them first on every rank with ``fastgen.record_attention_stats(model, "summary")``). Every head has the same
     valid blocks and every rank the same number of heads, so ``density`` and ``keys_per_query`` are
     the means over ranks, ``compensated_fraction`` is weighted by each rank's dropped blocks, and
     ``block_mask`` (when recorded) is concatenated in global head order: the single-process values.

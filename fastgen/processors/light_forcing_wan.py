@@ -18,8 +18,9 @@ call of a chunk's queries over [cache + chunk] keys) runs Light Forcing
   so each cached chunk is pooled once instead of at every step (default False, as the reference: the
   benchmark measured no gain on the CPU).
 
-Statistics (``fastgen.attention_stats`` protocol: ``record_stats`` level, nothing is synced to the host while
-generating): :func:`stats` lists, per (chunk, layer), the density actually computed (mean over the chunk's
+Statistics (``fastgen.attention_stats`` protocol: ``record_stats`` level, opt-in, e.g.
+``fastgen.recording_attention_stats(model, "summary")``; nothing is synced to the host while generating):
+:func:`stats` lists, per (chunk, layer), the density actually computed (mean over the chunk's
 calls), keys per query, the fraction of dropped blocks compensated (rectification), the chunk's sparsity and
 regime, and with ``fastgen.recording_attention_stats(model, "masks")`` the block mask of the chunk's last call
 (batch 0); ``fastgen.attention_stats(model)`` gives the last chunk of each layer.
@@ -29,6 +30,7 @@ Example:
     >>> from fastgen.pipelines import CausalWanPipeline
     >>> pipe = CausalWanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
     >>> apply_sparse_attention(pipe.transformer, LightForcingConfig())
+    >>> fastgen.record_attention_stats(pipe.transformer, "summary")  # statistics are opt-in
     >>> video = pipe(prompt="a corgi on a beach", num_frames=81, height=512, width=768).frames[0]
     >>> fastgen.processors.light_forcing_wan.stats(pipe.transformer)[-1]["density"]
     >>> remove_sparse_attention(pipe.transformer)  # dense causal generation again, bit-identical
@@ -42,6 +44,7 @@ import torch
 
 from fastgen._validation import log_once
 from fastgen.attention.light_forcing import PooledKeys, chunk_sparsities, light_forcing_attention
+from fastgen.attention_stats import DEFAULT_LEVEL, requested_level
 from fastgen.configs import LightForcingConfig
 
 from ._install import Support, head_dim_supported, is_wan
@@ -77,9 +80,10 @@ class LightForcingWanProcessor(CausalWanSelfAttnProcessor):
         self._stats: dict[int, dict] = {}  # chunk -> accumulated statistics of this layer
         self._generation: object | None = None
         self._logged: set[str] = set()
-        self.record_stats = "summary"
-        """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"``, ``"summary"`` (per chunk: density,
-        keys per query, compensated fraction as device tensors) or ``"masks"`` (also each chunk's block mask)."""
+        self.record_stats = DEFAULT_LEVEL
+        """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"`` (the default: statistics are
+        opt-in), ``"summary"`` (per chunk: density, keys per query, compensated fraction as device tensors)
+        or ``"masks"`` (also each chunk's block mask)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         """The causal self-attention of :class:`CausalWanSelfAttnProcessor`; refused outside a causal
@@ -259,6 +263,8 @@ def apply(model, config: LightForcingConfig) -> None:
     install_causal_processors(
         model, self_attention=lambda layer, state: LightForcingWanProcessor(layer, state, config)
     )
+    for proc in processors(model):  # statistics at the level asked for on the model ("off" unless asked)
+        proc.record_stats = requested_level(model)
     setattr(model, _MARK_ATTR, True)
 
 

@@ -28,7 +28,7 @@ import torch
 from fastgen._validation import log_once
 from fastgen.attention.rectified import rectified_attention as rectified_sparse_attention_op
 from fastgen.attention.workspace import Workspace
-from fastgen.attention_stats import attention_stats
+from fastgen.attention_stats import DEFAULT_LEVEL, attention_stats
 from fastgen.configs import RectifiedSpaAttnConfig
 from fastgen.tracking import StepTracker, active_tracker
 
@@ -118,9 +118,9 @@ class RectifiedProcessorBase:
         # statistics of the last sparse call per layer; the layer's key exists from the start and
         # is never removed (reset writes None), so a compiled forward sees the same dict keys always
         self._last: dict[int, dict | None] = {} if layer is None else {layer: None}
-        self.record_stats = "summary"
-        """Statistics kept per layer: ``"off"``, ``"summary"`` (0-dim device tensors) or ``"masks"``
-        (also the block masks); see :mod:`fastgen.attention_stats`."""
+        self.record_stats = DEFAULT_LEVEL
+        """Statistics kept per layer: ``"off"`` (the default: statistics are opt-in), ``"summary"`` (0-dim
+        device tensors) or ``"masks"`` (also the block masks); see :mod:`fastgen.attention_stats`."""
         self._logged: set[str] = set()
         self._listening: StepTracker | None = None
         self.workspace = Workspace()

@@ -9,6 +9,7 @@ I2V image-context attention stay on diffusers' ``dispatch_attention_fn``, so
 Example:
     >>> from fastgen import RectifiedSpaAttnConfig, apply_sparse_attention, remove_sparse_attention
     >>> apply_sparse_attention(pipe.transformer, RectifiedSpaAttnConfig(sparsity=0.8))
+    >>> fastgen.record_attention_stats(pipe.transformer, "summary")  # statistics are opt-in
     >>> video = pipe(prompt="a corgi running on a beach", num_inference_steps=40).frames[0]
     >>> fastgen.processors.wan.stats(pipe.transformer)[3]["density"]
     >>> remove_sparse_attention(pipe.transformer)  # original processors back, output identical

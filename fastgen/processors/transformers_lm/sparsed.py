@@ -15,9 +15,10 @@ from fastgen.attention.sparsed import (
     dense_step_count,
     sparsed_attention,
 )
-from fastgen.attention_stats import stats_providers
+from fastgen.attention_stats import DEFAULT_LEVEL, requested_level, stats_providers
 from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 
+from ._switch import attach_to_layers, switch_attention
 from .window import WINDOW_CONFIG_ATTR
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,11 @@ class SparseDState:
     :func:`begin_generation`: no host read per call)."""
     layers: list[int] = field(default_factory=list)
     """Layer indices of the attention modules this state serves."""
-    record_stats: str = "summary"
-    """Statistics kept (``fastgen.attention_stats`` protocol): ``"off"`` (no rows), ``"summary"`` (layer,
-    density) or ``"masks"`` (also each layer's block mask of batch row 0). The patterns are kept anyway:
-    they are the method's state."""
+    record_stats: str = DEFAULT_LEVEL
+    """Statistics shown (``fastgen.attention_stats`` protocol): ``"off"`` (no rows; the default, statistics
+    are opt-in), ``"summary"`` (layer, density) or ``"masks"`` (also each layer's block mask of batch row 0).
+    The patterns are kept anyway (they are the method's state), so the rows follow the level of the moment
+    they are read."""
     _mask_cache: tuple | None = None
 
     def layer_stats(self) -> list[dict]:
@@ -264,15 +266,6 @@ def _unsupported_reason(module, query, key, attention_mask, dropout, kwargs) -> 
     return None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, sparsed_attention_forward)
-    # masks for 2D inputs are built as for SDPA, so dense steps match the unmodified model
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-
-
 def _state(model: torch.nn.Module) -> SparseDState | None:
     return getattr(model, _STATE_ATTR, None)
 
@@ -300,22 +293,9 @@ def apply(model: torch.nn.Module, config: SparseDConfig) -> None:
         )
     if _state(model) is not None:
         remove(model)
-    _register()
-    state = SparseDState(config=config, saved_implementation=model.config._attn_implementation)
-    model.set_attn_implementation(IMPLEMENTATION)
-    if model.config._attn_implementation != IMPLEMENTATION:
-        model.set_attn_implementation(state.saved_implementation)
-        raise ValueError(
-            f"model {type(model).__name__} cannot switch its attention implementation "
-            "(it does not use transformers' AttentionInterface)"
-        )
-    setattr(model, _STATE_ATTR, state)
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            setattr(module, _STATE_ATTR, state)
-    state.layers = sorted(
-        {m.layer_idx for m in model.modules() if getattr(m, _STATE_ATTR, None) is state and m is not model}
-    )
+    saved = switch_attention(model, IMPLEMENTATION, sparsed_attention_forward, "SparseD")
+    state = SparseDState(config=config, saved_implementation=saved, record_stats=requested_level(model))
+    state.layers = attach_to_layers(model, _STATE_ATTR, state)
     stats_providers(model)["sparsed"] = state
 
 

@@ -10,8 +10,10 @@ import torch
 
 from fastgen._validation import log_once
 from fastgen.attention.window import WindowKVCache, window_attention
-from fastgen.attention_stats import stats_providers
+from fastgen.attention_stats import DEFAULT_LEVEL, requested_level, stats_providers
 from fastgen.configs import WindowDiffusionConfig
+
+from ._switch import attach_to_layers, switch_attention
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +62,26 @@ class WindowState:
 
 class WindowStats:
     """Window-Diffusion's statistics of the last generation (``fastgen.attention_stats`` protocol): per step,
-    the rows run and the keys each attends to, against a dense step's ``N`` rows x ``N`` keys."""
+    the rows run and the keys each attends to, against a dense step's ``N`` rows x ``N`` keys. Steps are
+    counted only while ``record_stats`` is not ``"off"`` (the default); what was counted stays readable."""
 
     def __init__(self, layers: list[int], num_positions: int) -> None:
         self.layers = layers
         """Layer indices of the attention modules (every layer runs the same sets)."""
         self.num_positions = num_positions
         """``N``: positions of the sequence (prompt + generated)."""
-        self.record_stats = "summary"
-        """``"off"`` (no rows) or ``"summary"`` / ``"masks"`` (rows; Window-Diffusion has no block mask)."""
+        self.record_stats = DEFAULT_LEVEL
+        """``"off"`` (nothing counted; the default) or ``"summary"`` / ``"masks"`` (steps counted; rows;
+        Window-Diffusion has no block mask)."""
         self.scores = 0
         self.steps = 0
         self.keys = 0
 
     def record(self, queries: int, keys: int) -> None:
-        """One step ran ``queries`` rows over ``keys`` keys (host ints the loop already has)."""
+        """One step ran ``queries`` rows over ``keys`` keys (host ints the loop already has); nothing is
+        counted while recording is off."""
+        if self.record_stats == "off":
+            return
         self.scores += queries * keys
         self.keys += keys
         self.steps += 1
@@ -82,7 +89,7 @@ class WindowStats:
     def layer_stats(self) -> list[dict]:
         """One row per layer: ``layer``, ``method`` (``"window_diffusion"``), ``density`` (attention scores
         computed over the generation / a dense generation's), ``keys_per_query`` (mean over steps), ``steps``."""
-        if self.record_stats == "off" or self.steps == 0:
+        if self.steps == 0:
             return []
         density = self.scores / (self.steps * self.num_positions**2)
         keys = self.keys / self.steps
@@ -153,14 +160,6 @@ def window_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_window() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(WINDOW_IMPLEMENTATION, window_attention_forward)
-    AttentionMaskInterface.register(WINDOW_IMPLEMENTATION, sdpa_mask)
-
-
 def window_config(model: torch.nn.Module) -> WindowDiffusionConfig | None:
     """The :class:`WindowDiffusionConfig` recorded on ``model`` by ``apply_sparse_attention`` (or None)."""
     return getattr(model, WINDOW_CONFIG_ATTR, None)
@@ -177,27 +176,12 @@ def begin_window(model: torch.nn.Module, num_positions: int) -> WindowState:
             f"{type(model).__name__}"
         )
     end_window(model)
-    _register_window()
-    state = WindowState(
-        cache=WindowKVCache(num_positions), saved_implementation=model.config._attn_implementation
-    )
-    model.set_attn_implementation(WINDOW_IMPLEMENTATION)
-    if model.config._attn_implementation != WINDOW_IMPLEMENTATION:
-        model.set_attn_implementation(state.saved_implementation)
-        raise ValueError(
-            f"model={type(model).__name__} cannot switch its attention implementation (it does not use "
-            "transformers' AttentionInterface); Window-Diffusion is not available for it"
-        )
-    setattr(model, _WINDOW_ATTR, state)
-    layers = set()
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and module is not model:
-            setattr(module, _WINDOW_ATTR, state)
-            layers.add(module.layer_idx)
+    saved = switch_attention(model, WINDOW_IMPLEMENTATION, window_attention_forward, "Window-Diffusion")
+    state = WindowState(cache=WindowKVCache(num_positions), saved_implementation=saved)
+    layers = attach_to_layers(model, _WINDOW_ATTR, state)
     previous = stats_providers(model).get("window_diffusion")
-    state.stats = WindowStats(sorted(layers), num_positions)
-    if previous is not None:
-        state.stats.record_stats = previous.record_stats
+    state.stats = WindowStats(layers, num_positions)
+    state.stats.record_stats = previous.record_stats if previous is not None else requested_level(model)
     stats_providers(model)["window_diffusion"] = state.stats
     if not layers:
         end_window(model)
