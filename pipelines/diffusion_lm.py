@@ -420,29 +420,30 @@ class DiffusionLMPipeline:
         rows = self._prompt_rows(prompt, input_ids, attention_mask)
         call = self._resolve_call(rows, schedule, options, window, cfg_scale, logits_shift, eos_token_id)
         if fast_dllm is not None:
-            with torch.no_grad():
-                sequences, steps_run, nfe = generate_fast_dllm(
-                    self,
-                    call.rows,
-                    fast_dllm,
-                    prompt_length=call.prompt_length,
-                    gen_length=call.gen_length,
-                    temperature=float(call.options.temperature),
-                    logits_shift=call.logits_shift,
-                    eos_ids=call.eos_ids,
-                    generator=generator,
-                    callback=callback,
-                    family=model_family(self.model),
-                )
-            return DiffusionLMOutput(
-                sequences=sequences,
-                texts=self._texts(sequences, call),
-                steps_run=steps_run,
-                nfe=nfe,
-                prompt_length=call.prompt_length,
-            )
+            return self._run_fast_dllm(call, fast_dllm, generator, callback)
+        return self._run_dense_loop(call, configs, generator, progress, callback)
 
-        # acceleration=: applied for this call only, unless the user applied fastgen attention already
+    def _run_fast_dllm(self, call, fast_dllm, generator, callback) -> DiffusionLMOutput:
+        """Generate with Fast-dLLM (:func:`~fastgen.pipelines.fast_dllm.generate_fast_dllm`)."""
+        with torch.no_grad():
+            sequences, steps_run, nfe = generate_fast_dllm(
+                self,
+                call.rows,
+                fast_dllm,
+                prompt_length=call.prompt_length,
+                gen_length=call.gen_length,
+                temperature=float(call.options.temperature),
+                logits_shift=call.logits_shift,
+                eos_ids=call.eos_ids,
+                generator=generator,
+                callback=callback,
+                family=model_family(self.model),
+            )
+        return self._output(call, sequences, steps_run, nfe)
+
+    def _run_dense_loop(self, call, configs, generator, progress, callback) -> DiffusionLMOutput:
+        """Generate with the pipeline's own loop (:meth:`_generate`), the ``acceleration=`` configs
+        applied for this call only, unless the user applied fastgen attention already."""
         if configs and getattr(self.model, api.STATE_ATTR, None) is not None:
             logger.info("model already has fastgen attention applied; ignoring acceleration=%s", configs)
             configs = []
@@ -454,6 +455,9 @@ class DiffusionLMPipeline:
         finally:
             if configs:
                 api.remove_sparse_attention(self.model)
+        return self._output(call, sequences, steps_run, nfe, trace)
+
+    def _output(self, call, sequences, steps_run, nfe, trace=None) -> DiffusionLMOutput:
         return DiffusionLMOutput(
             sequences=sequences,
             texts=self._texts(sequences, call),
