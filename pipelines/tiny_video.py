@@ -193,7 +193,11 @@ def build_tiny_causal_wan(device=None, dtype=None, num_layers: int = 3):
 
 def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_layers: int = 2):
     """A ``HunyuanVideoPipeline`` with a tiny transformer (2 heads x 32), tiny Llama and CLIP text encoders."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     device, dtype = _resolve(device, dtype)
@@ -232,7 +236,21 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
     torch.manual_seed(SEED + 1)
     vae = _tiny_hunyuan_vae()
     torch.manual_seed(SEED + 2)
-    transformer = _tiny_hunyuan_transformer(num_layers, num_single_layers)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=32,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=32,
+        pooled_projection_dim=32,
+        rope_axes_dim=(8, 12, 12),
+    ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     pipe = HunyuanVideoPipeline(
         text_encoder=text_encoder,
@@ -268,27 +286,6 @@ def _tiny_hunyuan_vae():
         spatial_compression_ratio=8,
         temporal_compression_ratio=4,
         mid_block_add_attention=True,
-    ).eval()
-
-
-def _tiny_hunyuan_transformer(num_layers: int, num_single_layers: int):
-    """The tiny HunyuanVideo transformer (2 heads x 32; weights from the current seed)."""
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=32,
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        num_refiner_layers=1,
-        patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=32,
-        pooled_projection_dim=32,
-        rope_axes_dim=(8, 12, 12),
     ).eval()
 
 
