@@ -36,6 +36,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -68,6 +70,119 @@ def warp_timesteps(timesteps, shift: float = 5.0) -> list[float]:
 def allowed_num_frames(frames_per_chunk: int, temporal_factor: int = 4, up_to: int = 4) -> list[int]:
     """The first ``up_to`` video frame counts whose latent frame count is a whole number of chunks."""
     return [temporal_factor * (m * frames_per_chunk - 1) + 1 for m in range(1, up_to + 1)]
+
+
+def _check_schedule(denoising_timesteps, context_timestep, generator) -> list[float]:
+    """The checks of the denoising schedule and its noise generator (before any work); returns the
+    timesteps (default :data:`SELF_FORCING_TIMESTEPS`)."""
+    timesteps = [
+        float(t) for t in (SELF_FORCING_TIMESTEPS if denoising_timesteps is None else denoising_timesteps)
+    ]
+    if not timesteps or any(not (0.0 <= t <= 1000.0) or math.isnan(t) for t in timesteps):
+        raise ValueError(
+            f"denoising_timesteps={denoising_timesteps!r} must be a non-empty list of values in [0, 1000]"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator={type(generator).__name__} is not allowed; allowed: one torch.Generator or None "
+            "(the noise of every chunk is drawn for the whole batch, in chunk then step order)"
+        )
+    if not 0.0 <= float(context_timestep) <= 1000.0:
+        raise ValueError(f"context_timestep={context_timestep!r} must be in [0, 1000]")
+    return timesteps
+
+
+@contextlib.contextmanager
+def _explicit_steps(tracker):
+    """The step tracker (or None) marked by the pipeline itself for the call: reset, ``explicit`` set,
+    then restored and reset again afterwards (also on error)."""
+    if tracker is None:
+        yield None
+        return
+    was_explicit = tracker.explicit
+    tracker.reset()
+    tracker.explicit = True
+    try:
+        yield tracker
+    finally:
+        tracker.explicit = was_explicit
+        tracker.reset()
+
+
+class _ChunkedRun:
+    """One call's Self-Forcing loop (module docstring): per chunk the few-step denoising with re-noising,
+    then the context pass that writes the clean chunk into the KV cache; classifier-free guidance runs
+    the unconditional branch on its own cache. State of this call only."""
+
+    def __init__(
+        self,
+        transformer,
+        prompt_embeds,
+        negative_prompt_embeds,
+        guidance_scale,
+        timesteps,
+        context_timestep,
+        generator,
+    ) -> None:
+        self.transformer = transformer
+        self.prompt_embeds, self.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
+        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1
+        self.timesteps, self.context_timestep = timesteps, context_timestep
+        self.generator = generator
+        self.tracker = None
+        self.forwards = 0
+        """Transformer forwards so far (both CFG branches counted)."""
+
+    def predict(self, session, x, t) -> torch.Tensor:
+        """The flow ``v`` at timestep ``t`` (fp32), guided when ``guidance_scale > 1``."""
+        transformer, dtype = self.transformer, self.transformer.dtype
+        self.forwards += 2 if self.cfg else 1
+        stamp = torch.full((x.shape[0],), float(t), device=transformer.device, dtype=torch.float32)
+        session.branch = 0
+        flow = transformer(x.to(dtype), stamp, self.prompt_embeds, return_dict=False)[0].float()
+        if self.cfg:
+            session.branch = 1
+            uncond = transformer(x.to(dtype), stamp, self.negative_prompt_embeds, return_dict=False)[
+                0
+            ].float()
+            flow = uncond + self.guidance_scale * (flow - uncond)
+        session.branch = 0
+        return flow
+
+    def _mark(self, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.mark_step(step)
+
+    def denoise(self, session, x) -> torch.Tensor:
+        """One chunk's few-step denoising from its noise ``x`` to its clean latents (``x``'s dtype)."""
+        timesteps = self.timesteps
+        for s, t in enumerate(timesteps):
+            session.begin_step(s, t)
+            self._mark(s)
+            x0 = x.float() - t / 1000.0 * self.predict(session, x, t)
+            if s + 1 == len(timesteps):
+                return x0.to(x.dtype)
+            noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device, x.dtype)
+            sigma_next = timesteps[s + 1] / 1000.0
+            x = ((1.0 - sigma_next) * x0 + sigma_next * noise.float()).to(x.dtype)
+        return x
+
+    def generate(self, session, latents, k: int, progress, on_chunk_end) -> torch.Tensor:
+        """Every chunk of ``k`` latent frames in order; returns the clean latents (``latents``' shape)."""
+        output = torch.empty_like(latents)
+        num_chunks = latents.shape[2] // k
+        for c in range(num_chunks):
+            session.begin_chunk(c)
+            x = self.denoise(session, latents[:, :, c * k : (c + 1) * k])
+            output[:, :, c * k : (c + 1) * k] = x
+            if c + 1 < num_chunks:  # the context pass of the last chunk would be read by nobody
+                session.begin_step(len(self.timesteps), self.context_timestep, context=True)
+                self._mark(len(self.timesteps))
+                self.predict(session, x, self.context_timestep)
+            if on_chunk_end is not None:
+                on_chunk_end(c, output[:, :, : (c + 1) * k])
+            progress.update()
+        return output
 
 
 class CausalWanPipeline(DiffusionPipeline):
@@ -220,127 +335,69 @@ class CausalWanPipeline(DiffusionPipeline):
         """
         from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-        timesteps = self._check_call(
-            output_type,
+        self._check_call(output_type, prompt, prompt_embeds, guidance_scale)
+        timesteps = _check_schedule(denoising_timesteps, context_timestep, generator)
+        k = num_frames_per_chunk
+        geometry = self._latent_geometry(num_frames, height, width, k)  # latent (frames, height, width)
+        check_chunking(geometry[0], k, local_attn_frames, sink_frames)
+        embeds = self._text_embeddings(
             prompt,
             prompt_embeds,
-            guidance_scale,
-            denoising_timesteps,
-            generator,
-            context_timestep,
+            negative_prompt,
+            negative_prompt_embeds,
+            max_sequence_length,
+            guidance_scale > 1,
         )
-        latent_frames, latent_h, latent_w = self._latent_geometry(
-            num_frames, height, width, num_frames_per_chunk
-        )
-        check_chunking(latent_frames, num_frames_per_chunk, local_attn_frames, sink_frames)
-
         transformer = self.transformer
-        device, model_dtype = transformer.device, transformer.dtype
-        cfg = guidance_scale > 1
-        prompt_embeds, negative_prompt_embeds = self._text_embeddings(
-            prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, max_sequence_length, cfg
+        shape = (embeds[0].shape[0], transformer.config.in_channels, *geometry)
+        latents = self._initial_latents(latents, shape, generator, transformer.device)
+        run = _ChunkedRun(transformer, *embeds, guidance_scale, timesteps, context_timestep, generator)
+        window = dict(
+            local_attn_frames=local_attn_frames, sink_frames=sink_frames, rope_positions=rope_positions
         )
-        batch = prompt_embeds.shape[0]
-        shape = (batch, transformer.config.in_channels, latent_frames, latent_h, latent_w)
-        latents = self._initial_latents(latents, shape, generator, device)
-        patch = tuple(transformer.config.patch_size)
-        frame_tokens = (latent_h // patch[1]) * (latent_w // patch[2])
-        k = num_frames_per_chunk
-        num_chunks = latent_frames // k
-        output = torch.empty_like(latents)
+        output = self._run_chunks(run, latents, k, window, callback_on_chunk_end)
 
-        tracker = get_step_tracker(transformer)
-        was_explicit = tracker.explicit if tracker is not None else False
-        if tracker is not None:
-            tracker.reset()
-            tracker.explicit = True
-
-        forwards = 0
-
-        def predict(session, x, t):
-            nonlocal forwards
-            forwards += 2 if cfg else 1
-            stamp = torch.full((batch,), float(t), device=device, dtype=torch.float32)
-            session.branch = 0
-            flow = transformer(x.to(model_dtype), stamp, prompt_embeds, return_dict=False)[0].float()
-            if cfg:
-                session.branch = 1
-                uncond = transformer(x.to(model_dtype), stamp, negative_prompt_embeds, return_dict=False)[
-                    0
-                ].float()
-                flow = uncond + guidance_scale * (flow - uncond)
-            session.branch = 0
-            return flow
-
-        try:
-            with causal_generation(
-                transformer,
-                batch_size=batch,
-                num_frames=latent_frames,
-                frame_tokens=frame_tokens,
-                frames_per_chunk=k,
-                local_attn_frames=local_attn_frames,
-                sink_frames=sink_frames,
-                rope_positions=rope_positions,
-            ) as session:
-                with self.progress_bar(total=num_chunks) as progress:
-                    for c in range(num_chunks):
-                        session.begin_chunk(c)
-                        x = latents[:, :, c * k : (c + 1) * k]
-                        for s, t in enumerate(timesteps):
-                            session.begin_step(s, t)
-                            if tracker is not None:
-                                tracker.mark_step(s)
-                            sigma = t / 1000.0
-                            x0 = x.float() - sigma * predict(session, x, t)
-                            if s + 1 < len(timesteps):
-                                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-                                noise = noise.to(device=latents.device, dtype=latents.dtype)
-                                sigma_next = timesteps[s + 1] / 1000.0
-                                x = ((1.0 - sigma_next) * x0 + sigma_next * noise.float()).to(latents.dtype)
-                            else:
-                                x = x0.to(latents.dtype)
-                        output[:, :, c * k : (c + 1) * k] = x
-                        if c + 1 < num_chunks:  # the context pass of the last chunk would be read by nobody
-                            session.begin_step(len(timesteps), context_timestep, context=True)
-                            if tracker is not None:
-                                tracker.mark_step(len(timesteps))
-                            predict(session, x, context_timestep)
-                        if callback_on_chunk_end is not None:
-                            callback_on_chunk_end(self, c, output[:, :, : (c + 1) * k])
-                        progress.update()
-                self.last_generation = {
-                    "chunks": num_chunks,
-                    "frame_tokens": frame_tokens,
-                    "cache_frames": session.capacity_frames,
-                    "cache_bytes": session.cache_bytes(),
-                    "forwards": forwards,
-                }
-        finally:
-            if tracker is not None:
-                tracker.explicit = was_explicit
-                tracker.reset()
-
-        if output_type == "latent":
-            video = output
-        else:
-            video = self._decode(output, output_type)
+        video = output if output_type == "latent" else self._decode(output, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
         return WanPipelineOutput(frames=video)
 
-    def _check_call(
-        self,
-        output_type,
-        prompt,
-        prompt_embeds,
-        guidance_scale,
-        denoising_timesteps,
-        generator,
-        context_timestep,
-    ) -> list[float]:
-        """The checks of :meth:`__call__` that need no geometry (before any work); returns the timesteps."""
+    def _run_chunks(
+        self, run: _ChunkedRun, latents, k: int, window: dict, callback_on_chunk_end
+    ) -> torch.Tensor:
+        """Run every chunk inside the causal session (``window``: its attention-window options) with
+        the step tracker marked by the pipeline and a progress bar; records :attr:`last_generation`."""
+        transformer = run.transformer
+        patch = tuple(transformer.config.patch_size)
+        frame_tokens = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
+        batch, num_frames, num_chunks = latents.shape[0], latents.shape[2], latents.shape[2] // k
+        on_chunk_end = (
+            None if callback_on_chunk_end is None else functools.partial(callback_on_chunk_end, self)
+        )
+        with _explicit_steps(get_step_tracker(transformer)) as tracker:
+            run.tracker = tracker
+            with causal_generation(
+                transformer,
+                batch_size=batch,
+                num_frames=num_frames,
+                frame_tokens=frame_tokens,
+                frames_per_chunk=k,
+                **window,
+            ) as session:
+                with self.progress_bar(total=num_chunks) as progress:
+                    output = run.generate(session, latents, k, progress, on_chunk_end)
+                self.last_generation = {
+                    "chunks": num_chunks,
+                    "frame_tokens": frame_tokens,
+                    "cache_frames": session.capacity_frames,
+                    "cache_bytes": session.cache_bytes(),
+                    "forwards": run.forwards,
+                }
+        return output
+
+    def _check_call(self, output_type, prompt, prompt_embeds, guidance_scale) -> None:
+        """The checks of :meth:`__call__` on the components, the output and the text (before any work)."""
         if self.transformer is None:
             raise ValueError("transformer=None: the pipeline needs a WanTransformer3DModel")
         check_causal_wan(self.transformer)
@@ -356,21 +413,6 @@ class CausalWanPipeline(DiffusionPipeline):
             raise ValueError("give exactly one of prompt= and prompt_embeds=")
         if not is_number(guidance_scale) or guidance_scale < 1:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 1 (1: no guidance)")
-        timesteps = [
-            float(t) for t in (SELF_FORCING_TIMESTEPS if denoising_timesteps is None else denoising_timesteps)
-        ]
-        if not timesteps or any(not (0.0 <= t <= 1000.0) or math.isnan(t) for t in timesteps):
-            raise ValueError(
-                f"denoising_timesteps={denoising_timesteps!r} must be a non-empty list of values in [0, 1000]"
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator={type(generator).__name__} is not allowed; allowed: one torch.Generator or None "
-                "(the noise of every chunk is drawn for the whole batch, in chunk then step order)"
-            )
-        if not 0.0 <= float(context_timestep) <= 1000.0:
-            raise ValueError(f"context_timestep={context_timestep!r} must be in [0, 1000]")
-        return timesteps
 
     def _text_embeddings(
         self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, max_sequence_length, cfg: bool

@@ -44,12 +44,26 @@ from dataclasses import dataclass, field
 
 import torch
 from fastgen.pipelines.fast_dllm import fast_dllm_schedule, generate_fast_dllm, split_fast_dllm
+from fastgen.pipelines.lm_call import (
+    LMCall,
+    prompt_rows,
+    resolve_acceleration,
+    resolve_call,
+    resolve_sampler,
+    resolve_schedule,
+)
+from fastgen.pipelines.lm_family import (
+    KNOWN_MASK_TOKEN_IDS,
+    detect_family,
+    model_family,
+    resolve_mask_token_id,
+    vocabulary_size,
+)
 from fastgen.pipelines.lm_sampler import (
     DREAM_ALGS,
     DREAM_EPS,
     REMASKING,
     SAMPLERS,
-    SamplerOptions,
     cfg_combine,
     decide,
     dream_p_transfer,
@@ -59,15 +73,10 @@ from fastgen.pipelines.lm_sampler import (
 from fastgen.pipelines.lm_windowed import GenerationRun, WindowedRun, bidirectional_mask
 
 from fastgen import api
-from fastgen._validation import check_choice, check_int, check_number
-from fastgen.attention.window_rules import check_window_schedule
-from fastgen.configs import WindowDiffusionConfig
+from fastgen._validation import check_number
 from fastgen.processors import transformers_lm as lm_adapter
 
 logger = logging.getLogger(__name__)
-
-KNOWN_MASK_TOKEN_IDS = {"llada": 126336, "dream": 151666}
-"""Mask token id per model family (LLaDA-8B / LLaDA-1.5: 126336; Dream-v0-7B: 151666)."""
 
 
 @dataclass
@@ -95,86 +104,12 @@ class DiffusionLMOutput:
     and keys attended per row (max over rows), ``active`` / ``window`` = batch row 0's positions, CPU)."""
 
 
-def detect_family(config) -> str | None:
-    """``"llada"``, ``"dream"`` or ``None`` from a config (a ``config.json`` dict or a model config object):
-    ``fastgen_family`` if set, else ``model_type``, else an architecture name that starts with the
-    family's name. The one family detector (the loaders and the pipeline both use it)."""
-
-    def read(name):
-        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-
-    family = read("fastgen_family")
-    if family:
-        return str(family).lower()
-    model_type = str(read("model_type") or "").lower()
-    architectures = [str(a).lower() for a in (read("architectures") or [])]
-    for name in ("llada", "dream"):
-        if model_type == name or any(a.startswith(name) for a in architectures):
-            return name
-    return None
-
-
-def model_family(model) -> str | None:
-    """``"llada"``, ``"dream"`` or ``None`` from the model config (:func:`detect_family`)."""
-    config = getattr(model, "config", None)
-    return None if config is None else detect_family(config)
-
-
-def vocabulary_size(model) -> int | None:
-    """Tokens the model embeds (``config.vocab_size``, else its input embedding rows; None if unknown)."""
-    value = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(value, int):
-        return value
-    embeddings = getattr(model, "get_input_embeddings", None)
-    try:
-        table = embeddings() if callable(embeddings) else None
-    except (AttributeError, NotImplementedError):
-        table = None
-    return getattr(table, "num_embeddings", None)
-
-
-def resolve_mask_token_id(model, tokenizer=None) -> int:
-    """The mask token id: ``config.fastgen_mask_token_id``, ``config.mask_token_id``, the family default,
-    or the tokenizer's mask token; ``ValueError`` if none is known."""
-    config = getattr(model, "config", None)
-    for name in ("fastgen_mask_token_id", "mask_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    family = model_family(model)
-    if family in KNOWN_MASK_TOKEN_IDS:
-        return KNOWN_MASK_TOKEN_IDS[family]
-    value = getattr(tokenizer, "mask_token_id", None)
-    if isinstance(value, int):
-        return value
-    raise ValueError(
-        f"mask_token_id=None and it cannot be inferred for model={type(model).__name__}; pass the id of the "
-        f"mask token (known families: {KNOWN_MASK_TOKEN_IDS})"
-    )
-
-
-@dataclass
-class _Call:
-    """One call's checked options (everything ``__call__`` resolved before any work)."""
-
-    rows: list[list[int]]
-    prompt_length: int
-    gen_length: int
-    steps: int
-    block_length: int
-    options: SamplerOptions
-    cfg_scale: float
-    logits_shift: bool
-    eos_ids: list[int]
-    window: WindowDiffusionConfig | None
-
-
 @dataclass
 class _Loop:
     """The mutable state of one denoising loop."""
 
     run: GenerationRun
-    call: _Call
+    call: LMCall
     processor: object
     windowed: WindowedRun | None
     steps_per_block: int
@@ -251,32 +186,6 @@ class DiffusionLMPipeline:
         return None
 
     # ---------------------------------------------------------------- inputs
-    def _prompt_rows(self, prompt, input_ids, attention_mask) -> list[list[int]]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt= (strings) or input_ids= (token ids)")
-        if prompt is not None:
-            if self.tokenizer is None:
-                raise ValueError(
-                    "prompt= needs a tokenizer; pass tokenizer= to the pipeline or use input_ids="
-                )
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-            return [list(self.tokenizer(p)["input_ids"]) for p in prompts]
-        ids = torch.as_tensor(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.is_floating_point():
-            raise ValueError(
-                f"input_ids must be an integer tensor [L] or [B, L], got shape {tuple(ids.shape)}"
-            )
-        if attention_mask is None:
-            keep = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            keep = torch.as_tensor(attention_mask).reshape(ids.shape).bool()
-        # padding may be on either side: keep the real tokens of each row, re-pad on the left below
-        return [row[k].tolist() for row, k in zip(ids.cpu(), keep.cpu())]
-
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self.model, "config", None)):
             value = getattr(source, "pad_token_id", None)
@@ -400,7 +309,7 @@ class DiffusionLMPipeline:
             callback: ``callback(step, sequences)`` after every step (``sequences`` is a copy).
         """
         # every check runs here, before any model call
-        configs, window = self._resolve_acceleration(acceleration)
+        configs, window = resolve_acceleration(self, acceleration)
         fast_dllm, configs = split_fast_dllm(configs, window)
         if fast_dllm is not None:  # Fast-dLLM decides its own schedule and commit rule
             steps, block_length = fast_dllm_schedule(
@@ -412,37 +321,38 @@ class DiffusionLMPipeline:
                 remasking=remasking,
                 dream_options={"alg": alg, "alg_temp": alg_temp, "top_p": top_p, "top_k": top_k},
             )
-        options = self._resolve_sampler(
-            sampler, remasking, temperature, confidence_threshold, alg, alg_temp, top_p, top_k
+        options = resolve_sampler(
+            self, sampler, remasking, temperature, confidence_threshold, alg, alg_temp, top_p, top_k
         )
-        schedule = self._resolve_schedule(gen_length, steps, block_length, window, options.sampler)
+        schedule = resolve_schedule(gen_length, steps, block_length, window, options.sampler)
         check_number("cfg_scale", cfg_scale, 0.0, math.inf, high_open=True)
-        rows = self._prompt_rows(prompt, input_ids, attention_mask)
-        call = self._resolve_call(rows, schedule, options, window, cfg_scale, logits_shift, eos_token_id)
+        rows = prompt_rows(self, prompt, input_ids, attention_mask)
+        call = resolve_call(self, rows, schedule, options, window, cfg_scale, logits_shift, eos_token_id)
         if fast_dllm is not None:
-            with torch.no_grad():
-                sequences, steps_run, nfe = generate_fast_dllm(
-                    self,
-                    call.rows,
-                    fast_dllm,
-                    prompt_length=call.prompt_length,
-                    gen_length=call.gen_length,
-                    temperature=float(call.options.temperature),
-                    logits_shift=call.logits_shift,
-                    eos_ids=call.eos_ids,
-                    generator=generator,
-                    callback=callback,
-                    family=model_family(self.model),
-                )
-            return DiffusionLMOutput(
-                sequences=sequences,
-                texts=self._texts(sequences, call),
-                steps_run=steps_run,
-                nfe=nfe,
-                prompt_length=call.prompt_length,
-            )
+            return self._run_fast_dllm(call, fast_dllm, generator, callback)
+        return self._run_dense_loop(call, configs, generator, progress, callback)
 
-        # acceleration=: applied for this call only, unless the user applied fastgen attention already
+    def _run_fast_dllm(self, call, fast_dllm, generator, callback) -> DiffusionLMOutput:
+        """Generate with Fast-dLLM (:func:`~fastgen.pipelines.fast_dllm.generate_fast_dllm`)."""
+        with torch.no_grad():
+            sequences, steps_run, nfe = generate_fast_dllm(
+                self,
+                call.rows,
+                fast_dllm,
+                prompt_length=call.prompt_length,
+                gen_length=call.gen_length,
+                temperature=float(call.options.temperature),
+                logits_shift=call.logits_shift,
+                eos_ids=call.eos_ids,
+                generator=generator,
+                callback=callback,
+                family=model_family(self.model),
+            )
+        return self._output(call, sequences, steps_run, nfe)
+
+    def _run_dense_loop(self, call, configs, generator, progress, callback) -> DiffusionLMOutput:
+        """Generate with the pipeline's own loop (:meth:`_generate`), the ``acceleration=`` configs
+        applied for this call only, unless the user applied fastgen attention already."""
         if configs and getattr(self.model, api.STATE_ATTR, None) is not None:
             logger.info("model already has fastgen attention applied; ignoring acceleration=%s", configs)
             configs = []
@@ -454,6 +364,9 @@ class DiffusionLMPipeline:
         finally:
             if configs:
                 api.remove_sparse_attention(self.model)
+        return self._output(call, sequences, steps_run, nfe, trace)
+
+    def _output(self, call, sequences, steps_run, nfe, trace=None) -> DiffusionLMOutput:
         return DiffusionLMOutput(
             sequences=sequences,
             texts=self._texts(sequences, call),
@@ -463,137 +376,7 @@ class DiffusionLMPipeline:
             window_trace=trace,
         )
 
-    # ---------------------------------------------------------------- checks (before any work)
-    def _resolve_acceleration(self, acceleration) -> tuple[list, WindowDiffusionConfig | None]:
-        """The configs to apply for this call (Window-Diffusion's apart) and the resolved window config
-        (the call's, else the one recorded on the model by ``apply_sparse_attention``)."""
-        configs = list(acceleration) if isinstance(acceleration, (list, tuple)) else [acceleration]
-        configs = [c for c in configs if c is not None]
-        seen: dict[type, int] = {}
-        for config in configs:
-            seen[type(config)] = seen.get(type(config), 0) + 1
-        for kind, count in seen.items():
-            if count > 1:
-                raise ValueError(
-                    f"acceleration holds {count} {kind.__name__}; allowed: at most one config per method"
-                )
-        window_configs = [c for c in configs if isinstance(c, WindowDiffusionConfig)]
-        configs = [c for c in configs if not isinstance(c, WindowDiffusionConfig)]
-        window = window_configs[0] if window_configs else lm_adapter.window_config(self.model)
-        if window is not None:
-            window = window.resolved(model_family(self.model))
-            if not self._takes_position_ids:
-                raise ValueError(
-                    f"Window-Diffusion needs a model whose forward takes position_ids (the active tokens run "
-                    f"at their absolute positions); model={type(self.model).__name__} does not; allowed: "
-                    "transformers models using AttentionInterface (LlamaForCausalLM, Qwen2ForCausalLM, ...)"
-                )
-        return configs, window
-
-    def _resolve_sampler(
-        self, sampler, remasking, temperature, confidence_threshold, alg, alg_temp, top_p, top_k
-    ) -> SamplerOptions:
-        """The sampler and its options, checked: Dream's options only with Dream's sampler, ``remasking``
-        only with LLaDA's."""
-        family = model_family(self.model)
-        if sampler is None:
-            sampler = "dream" if family == "dream" else "llada"
-        check_choice("sampler", sampler, SAMPLERS)
-        what = f"a {family!r} checkpoint" if family else "this model"
-        if sampler != "dream":
-            for name, value in {"alg": alg, "alg_temp": alg_temp, "top_p": top_p, "top_k": top_k}.items():
-                if value is not None:
-                    raise ValueError(
-                        f"{name}={value!r} is an option of Dream's sampler, but {what} uses sampler="
-                        f"{sampler!r}; allowed: {name}=None, or pass sampler='dream'"
-                    )
-            remasking = "low_confidence" if remasking is None else remasking
-            check_choice("remasking", remasking, REMASKING)
-        else:
-            if remasking is not None:
-                raise ValueError(
-                    f"remasking={remasking!r} is an option of LLaDA's sampler, but {what} uses sampler='dream', "
-                    "whose confidence is alg=; allowed: remasking=None (and alg= one of "
-                    f"{', '.join(DREAM_ALGS)}), or pass sampler='llada'"
-                )
-            alg = "entropy" if alg is None else alg
-            check_choice("alg", alg, DREAM_ALGS)
-            if alg_temp is not None:
-                check_number("alg_temp", alg_temp, 0.0, math.inf, high_open=True)
-            if top_p is not None:
-                check_number("top_p", top_p, 0.0, 1.0, low_open=True)
-            if top_k is not None:
-                check_int("top_k", top_k, 1)
-        check_number("temperature", temperature, 0.0, math.inf, high_open=True)
-        if confidence_threshold is not None:
-            check_number("confidence_threshold", confidence_threshold, 0.0, 1.0, low_open=True)
-        return SamplerOptions(
-            sampler=sampler,
-            mask_token_id=self.mask_token_id,
-            remasking=remasking or "low_confidence",
-            temperature=float(temperature),
-            confidence_threshold=confidence_threshold,
-            alg=alg,
-            alg_temp=alg_temp,
-            top_p=top_p,
-            top_k=top_k,
-        )
-
-    def _resolve_schedule(self, gen_length, steps, block_length, window, sampler) -> tuple[int, int, int]:
-        """``(gen_length, steps, block_length)`` checked against each other and Window-Diffusion's rules."""
-        check_int("gen_length", gen_length, 1)
-        check_int("steps", steps, 1)
-        if steps > gen_length:
-            raise ValueError(
-                f"steps={steps} is more than gen_length={gen_length}; every step commits at least one token, "
-                f"so at most gen_length steps run; allowed: 1 <= steps <= {gen_length}"
-            )
-        if block_length is None:
-            block_length = gen_length if (window is not None or sampler == "dream") else 32
-        check_int("block_length", block_length, 1)
-        if gen_length % block_length:
-            raise ValueError(
-                f"block_length={block_length} must divide gen_length={gen_length} (allowed: divisors of gen_length)"
-            )
-        num_blocks = gen_length // block_length
-        if steps % num_blocks:
-            raise ValueError(
-                f"steps={steps} must be a multiple of the number of blocks gen_length/block_length={num_blocks}"
-            )
-        if window is not None:
-            check_window_schedule(window, gen_length, steps, block_length)
-        return gen_length, steps, block_length
-
-    def _resolve_call(self, rows, schedule, options, window, cfg_scale, logits_shift, eos_token_id) -> _Call:
-        """The checked plan of one call (prompt length against the model's positions, the logit shift)."""
-        gen_length, steps, block_length = schedule
-        prompt_length = max(len(r) for r in rows)
-        total = prompt_length + gen_length
-        limit = self.max_positions
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"gen_length={gen_length} plus the prompt ({prompt_length} tokens) = {total} exceeds the model's "
-                f"max_position_embeddings={limit}"
-            )
-        if logits_shift is None:
-            logits_shift = model_family(self.model) == "dream"
-        if logits_shift and prompt_length == 0:
-            raise ValueError("logits_shift=True needs a prompt of at least one token")
-        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        return _Call(
-            rows=rows,
-            prompt_length=prompt_length,
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            options=options,
-            cfg_scale=float(cfg_scale),
-            logits_shift=bool(logits_shift),
-            eos_ids=eos_ids,
-            window=window,
-        )
-
-    def _texts(self, sequences: torch.Tensor, call: _Call) -> list[str] | None:
+    def _texts(self, sequences: torch.Tensor, call: LMCall) -> list[str] | None:
         """Decoded generated part per row, cut at the first EOS (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
@@ -650,7 +433,7 @@ class DiffusionLMPipeline:
             return cfg_combine(both[:batch], both[batch:], run.cfg_scale), 2
         return self._logits(x, run.mask_4d, run.model_valid, run.model_positions, keep), 1
 
-    def _generate(self, call: _Call, generator, progress: bool, callback):
+    def _generate(self, call: LMCall, generator, progress: bool, callback):
         """The denoising loop over blocks and steps; returns ``(sequences, steps run, NFE, trace)``."""
         from tqdm.auto import tqdm
 

@@ -227,8 +227,6 @@ def generate_fast_dllm(
     a row whose completed blocks hold an EOS stops and its rest is filled with EOS (the pipeline's rule;
     Fast-dLLM v1 itself has no early stop).
     """
-    model = pipe.model
-    cache_kw, takes_keep = _model_kwargs(model)
     block = config.block_length
     if gen_length % block:
         raise ValueError(
@@ -239,59 +237,76 @@ def generate_fast_dllm(
     if rules == "dream" and temperature > 0:
         raise ValueError(f"temperature={temperature!r} with Fast-dLLM's Dream rules; allowed: 0 (greedy)")
     run = pipe._prepare(rows, prompt_length, gen_length, 0.0, generator)
-    x, mask_id, device = run.x, pipe.mask_token_id, pipe.device
-    batch, total = x.shape
-    mask4d = run.mask_4d  # [B, 1, L, L], an expanded view: slicing queries costs nothing
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids or [], dtype=torch.long, device=device)
-    rows_index = torch.arange(batch, device=device)
-    cache = FastDLLMCache()
-    steps = 0
+    decoder = _FastDLLMDecoder(pipe, run, config, rules, temperature, logits_shift, eos_ids, callback)
+    for b_index in range(gen_length // block):
+        start = prompt_length + b_index * block
+        decoder.decode_block(start, start + block)
+        if decoder.stop_at_eos(prompt_length, start + block):
+            break
+    return decoder.x, decoder.steps, decoder.steps
 
-    def forward(mode: str, start: int, end: int, keep: torch.Tensor) -> torch.Tensor:
+
+class _FastDLLMDecoder:
+    """One call's Fast-dLLM decoding state (:func:`generate_fast_dllm`): the sequences, the KV cache,
+    the rows that stopped at EOS and the step count."""
+
+    def __init__(
+        self, pipe, run, config, rules: str, temperature: float, logits_shift: bool, eos_ids, callback
+    ):
+        self.model, self.run, self.config, self.rules = pipe.model, run, config, rules
+        self.temperature, self.logits_shift, self.callback = temperature, logits_shift, callback
+        self.cache_kw, self.takes_keep = _model_kwargs(pipe.model)
+        self.x, self.mask_id, self.device = run.x, pipe.mask_token_id, pipe.device
+        self.done = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.device)
+        self.eos = torch.tensor(eos_ids or [], dtype=torch.long, device=self.device)
+        self.cache = FastDLLMCache()
+        self.steps = 0
+
+    def forward(self, mode: str, start: int, end: int, keep: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, len(keep), V]`` (float32, mask id -inf); ``keep`` indexes the forward's input."""
+        cache, run, total = self.cache, self.run, self.x.shape[1]
         cache.mode, cache.start, cache.end = mode, start, end
         lo, hi = (0, total) if mode == "refresh" else (start, total if mode == "prefix" else end)
         kwargs = {
-            "input_ids": x[:, lo:hi],
-            "attention_mask": mask4d[:, :, lo:hi],
+            "input_ids": self.x[:, lo:hi],
+            "attention_mask": run.mask_4d[:, :, lo:hi],  # [B, 1, L, L], an expanded view: slicing is free
             "position_ids": run.position_ids[:, lo:hi],
             "use_cache": True,
-            cache_kw: cache,
+            self.cache_kw: cache,
         }
-        if takes_keep:
+        if self.takes_keep:
             kwargs["logits_to_keep"] = keep
-        logits = model(**kwargs).logits
-        if not takes_keep or logits.shape[1] != keep.numel():
+        logits = self.model(**kwargs).logits
+        if not self.takes_keep or logits.shape[1] != keep.numel():
             logits = logits[:, keep]
-        logits = logits if rules == "dream" else logits.float()
-        if mask_id < logits.shape[-1]:
-            logits[..., mask_id] = -math.inf
+        logits = logits if self.rules == "dream" else logits.float()
+        if self.mask_id < logits.shape[-1]:
+            logits[..., self.mask_id] = -math.inf
         return logits
 
-    for b_index in range(gen_length // block):
-        start = prompt_length + b_index * block
-        end = start + block
-        positions = torch.arange(start, end, device=device)
+    def decode_block(self, start: int, end: int) -> None:
+        """Steps on the block ``[start, end)`` until no active row has a masked token in it."""
+        config, x = self.config, self.x
+        positions = torch.arange(start, end, device=self.device)
         i = 0
         while True:
-            in_block = x[:, start:end] == mask_id
-            active = in_block.any(1) & ~done
+            in_block = x[:, start:end] == self.mask_id
+            active = in_block.any(1) & ~self.done
             if not bool(active.any()):
-                break
+                return
             refresh = i == 0 or (config.refresh_interval is not None and i % config.refresh_interval == 0)
             if config.cache == "none" or refresh:
                 mode, base = "refresh", 0
             else:
                 mode, base = config.cache, start
-            source = positions - 1 if logits_shift else positions
+            source = positions - 1 if self.logits_shift else positions
             # Fast-dLLM's shifted cached forwards duplicate the first output (the block's first position,
             # committed at the block start under Dream's rules): source clamped to the forward's input
             keep = (source - base).clamp_min(0)
-            logits = forward(mode, start, end, keep)
-            chosen, confidence = _confidence(logits, rules, temperature, run.gens, active)
+            logits = self.forward(mode, start, end, keep)
+            chosen, confidence = _confidence(logits, self.rules, self.temperature, self.run.gens, active)
             candidates = in_block & active[:, None]
-            if i == 0 and rules == "dream":
+            if i == 0 and self.rules == "dream":
                 commit = torch.zeros_like(candidates)
                 commit[:, 0] = candidates[:, 0]
             elif config.threshold is not None:
@@ -300,20 +315,22 @@ def generate_fast_dllm(
                 commit = factor_commit(confidence, candidates, config.factor)
             x[:, start:end] = torch.where(commit, chosen, x[:, start:end])
             i += 1
-            steps += 1
-            if callback is not None:
-                callback(steps - 1, x.clone())
-        if eos.numel():
-            has_eos = torch.isin(x[:, prompt_length:end], eos).any(1)
-            stop = has_eos & ~done
-            if bool(stop.any()):
-                rest = x[:, end:]
-                x[:, end:] = torch.where(stop[:, None] & (rest == mask_id), eos[0], rest)
-                done |= stop
-            if bool(done.all()):
-                break
-    del rows_index
-    return x, steps, steps
+            self.steps += 1
+            if self.callback is not None:
+                self.callback(self.steps - 1, x.clone())
+
+    def stop_at_eos(self, prompt_length: int, end: int) -> bool:
+        """With EOS ids: rows whose generation up to ``end`` holds one stop, their masks after ``end``
+        filled with EOS; True when every row has stopped."""
+        eos, x = self.eos, self.x
+        if not eos.numel():
+            return False
+        stop = torch.isin(x[:, prompt_length:end], eos).any(1) & ~self.done
+        if bool(stop.any()):
+            rest = x[:, end:]
+            x[:, end:] = torch.where(stop[:, None] & (rest == self.mask_id), eos[0], rest)
+            self.done |= stop
+        return bool(self.done.all())
 
 
 __all__ = [

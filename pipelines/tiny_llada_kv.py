@@ -1,7 +1,7 @@
 """The ``tiny-llada-kv`` preset: the trained tiny diffusion LM shipped in ``samples/tiny-llada-kv``.
 
 A LLaDA checkpoint in the official layout (``config.json`` + ``model.safetensors`` + tokenizer files),
-trained on this machine by :mod:`fastgen.pipelines.train_tiny_lm` on the key-value retrieval task of
+trained on this machine by :mod:`fastgen.pipelines.training.tiny_lm` on the key-value retrieval task of
 :mod:`fastgen.pipelines.kv_task`; it is loaded with :func:`~fastgen.pipelines.lm_loaders.load_diffusion_lm` exactly
 like a real LLaDA. Its answers can be checked, so text fidelity is measured as task accuracy.
 
@@ -29,7 +29,7 @@ MODEL = TrainedTinyLM(
     checkpoint_env="FASTGEN_TINY_LLADA_KV",
     task_class=KVTask,
     decoding={"gen_length": 4, "steps": 4, "block_length": 4, "temperature": 0.0},
-    train_command="python -m fastgen.pipelines.train_tiny_lm --out DIR",
+    train_command="python -m fastgen.pipelines.training.tiny_lm --out DIR",
 )
 """The shipped checkpoint's description (folder, task, decoding, how to retrain it)."""
 

@@ -2,7 +2,7 @@
 whose answers are long (256 tokens; 1024 positions with EOS padding in the long setting).
 
 A LLaDA checkpoint in the official layout (``config.json`` + ``model.safetensors`` + tokenizer files),
-trained on this machine by ``scripts/train_long_lm.py`` on the ledger task of
+trained on this machine by :mod:`fastgen.pipelines.training.long_lm` on the ledger task of
 :mod:`fastgen.pipelines.long_task`; loaded with :func:`~fastgen.pipelines.lm_loaders.load_diffusion_lm`
 exactly like a real LLaDA. Answers can be checked exactly (``pipe.fastgen_task.answer_of(prompt)``).
 
@@ -29,7 +29,7 @@ MODEL = TrainedTinyLM(
     checkpoint_env="FASTGEN_TINY_LLADA_LONG",
     task_class=LedgerTask,
     decoding={"gen_length": 256, "steps": 256, "block_length": 32, "temperature": 0.0},
-    train_command="python scripts/train_long_lm.py --out DIR",
+    train_command="python -m fastgen.pipelines.training.long_lm --out DIR",
 )
 """The shipped checkpoint's description (folder, task, decoding, how to retrain it)."""
 

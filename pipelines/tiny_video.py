@@ -201,7 +201,6 @@ def build_tiny_causal_wan(device=None, dtype=None, num_layers: int = 3):
 def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_layers: int = 2):
     """A ``HunyuanVideoPipeline`` with a tiny transformer (2 heads x 32), tiny Llama and CLIP text encoders."""
     from diffusers import (
-        AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
@@ -242,21 +241,7 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
         )
     ).eval()
     torch.manual_seed(SEED + 1)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        act_fn="silu",
-        norm_num_groups=4,
-        scaling_factor=0.476986,
-        spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
-        mid_block_add_attention=True,
-    ).eval()
+    vae = _tiny_hunyuan_vae()
     torch.manual_seed(SEED + 2)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4,
@@ -288,6 +273,27 @@ def build_tiny_hunyuan(device=None, dtype=None, num_layers: int = 2, num_single_
         pipe.transformer.to(dtype)
     pipe.fastgen_defaults = dict(HUNYUAN_DEFAULTS)
     return pipe
+
+
+def _tiny_hunyuan_vae():
+    """The tiny HunyuanVideo VAE (4 latent channels, 8 channels per level; weights from the current seed)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    ).eval()
 
 
 __all__ = [

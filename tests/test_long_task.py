@@ -73,18 +73,12 @@ def test_checkpoint_in_llada_layout_loads_and_decodes(tmp_path):
     """A (tiny, untrained) checkpoint written by the training script's saver loads through
     load_diffusion_lm as a LLaDA checkpoint and runs at gen 256 through the preset builder."""
     import argparse
-    import importlib.util
-    from pathlib import Path
 
     from fastgen.pipelines.tiny_lm import build_tiny_llama
+    from fastgen.pipelines.training import long_lm as script
 
     from fastgen.pipelines import tiny_llada_long
 
-    spec = importlib.util.spec_from_file_location(
-        "train_long_lm", Path(__file__).resolve().parent.parent / "scripts" / "train_long_lm.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     task = LedgerTask()
     tok = task.build_tokenizer()
     args = argparse.Namespace(

@@ -79,7 +79,7 @@ def test_task_bad_sizes_name_the_parameter(bad):
 
 
 def test_diffusion_loss_masks_only_answer_tokens_and_weights_by_one_over_t():
-    from fastgen.pipelines.train_tiny_lm import _batch, diffusion_loss
+    from fastgen.pipelines.training.tiny_lm import _batch, diffusion_loss
 
     task = KVTask(num_filler=20)
     tok = task.build_tokenizer()
@@ -124,8 +124,8 @@ def test_saved_layout_is_llada_and_loads_like_a_real_checkpoint(tmp_path):
     from fastgen.pipelines.diffusion_lm import bidirectional_mask
     from fastgen.pipelines.lm_loaders import load_diffusion_lm
     from fastgen.pipelines.tiny_lm import build_tiny_llama
-    from fastgen.pipelines.train_tiny_lm import main as train_main
-    from fastgen.pipelines.train_tiny_lm import save_checkpoint
+    from fastgen.pipelines.training.tiny_lm import main as train_main
+    from fastgen.pipelines.training.tiny_lm import save_checkpoint
 
     task = KVTask(num_filler=8)
     tok = task.build_tokenizer()
@@ -154,6 +154,55 @@ def test_saved_layout_is_llada_and_loads_like_a_real_checkpoint(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
         train_main(["--out", str(tmp_path / "x"), "--steps", "0"])
+
+
+def test_training_loop_logs_records_checkpoints_and_the_final_evaluation(tmp_path):
+    """Three steps of the real trainer at a toy size: the log has its start line, a record at the last
+    step (loss, accuracy, the batch's curriculum values, the evaluation) and the done line; the saved
+    checkpoint loads as LLaDA with the trained (not the initial) weights."""
+    from fastgen.pipelines.lm_loaders import load_diffusion_lm
+    from fastgen.pipelines.tiny_lm import build_tiny_llama
+    from fastgen.pipelines.training.tiny_lm import main as train_main
+
+    out = tmp_path / "run"
+    sizes = ["--hidden", "16", "--heads", "2", "--layers", "1", "--intermediate", "32"]
+    argv = ["--out", str(out), "--steps", "3", "--batch-tokens", "64", "--threads", "1", "--warmup", "1"]
+    assert train_main(argv + sizes + ["--eval-every", "3"]) == 0
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [line.get("event") for line in lines] == ["start", None, "done"]
+    assert lines[0]["args"]["steps"] == 3 and lines[0]["parameters"] > 0
+    record = lines[1]
+    assert record["step"] == 3 and record["loss"] > 0 and 0 <= record["masked_token_acc"] <= 1
+    assert {"scale", "batch", "lr", "held_out_one_pass_exact"} <= set(record)
+    assert lines[2]["steps"] == 3 and 0 <= lines[2]["held_out_one_pass_exact_256"] <= 1
+    loaded, tokenizer, _ = load_diffusion_lm(str(out), device="cpu", dtype="float32")
+    initial = build_tiny_llama(len(tokenizer), hidden=16, heads=2, layers=1, intermediate=32, seed=0,
+                               initializer_range=0.02)  # fmt: skip
+    trained = loaded.state_dict()
+    assert any(
+        not torch.equal(trained[name], tensor)
+        for name, tensor in initial.state_dict().items()
+        if name in trained
+    )
+
+
+def test_old_trainer_path_reexports_and_logs_one_deprecation_line(caplog, monkeypatch):
+    import importlib
+    import logging
+    import sys
+
+    from fastgen.pipelines.training import common, tiny_lm
+
+    from fastgen import _validation
+
+    monkeypatch.setattr(_validation, "_logged", set())  # forget lines logged by earlier tests
+    sys.modules.pop("fastgen.pipelines.train_tiny_lm", None)
+    with caplog.at_level(logging.WARNING, logger="fastgen.deprecation"):
+        old = importlib.import_module("fastgen.pipelines.train_tiny_lm")
+        importlib.reload(old)
+    assert caplog.text.count("`fastgen.pipelines.train_tiny_lm` moved to") == 1
+    assert old.main is tiny_lm.main and old.save_checkpoint is tiny_lm.save_checkpoint
+    assert old.diffusion_loss is tiny_lm.diffusion_loss and old.llada_state_dict is common.llada_state_dict
 
 
 # ----------------------------------------------------------------------------------------------------

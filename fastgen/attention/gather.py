@@ -276,9 +276,7 @@ def gather_attention(
     nqb, nkb = num_blocks(nq, bs), num_blocks(k.shape[2], bs)
     if extra_k is None and scatter_out is None and kv_length is None and native_kernel_serves(q, k, v):
         return _native_rows(q, k, v, indices, counts, bs, scale, return_lse)
-    max_k = indices.shape[-1]
     rows = b * h * nqb
-    device = q.device
 
     def blocks_of(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
         return pad_to_blocks(x, bs).reshape(b * h * n_blocks, bs, d)
@@ -289,68 +287,87 @@ def gather_attention(
     counts_flat = counts.view(rows)
     extra_blocks = 0
     if extra_k is not None:  # extra keys become whole blocks after k's, padded with -inf bias
-        n_extra = extra_bias.shape[-1]  # extra_k may hold more (padding) rows, hidden by the bias
         extra_blocks = num_blocks(extra_k.shape[2], bs)
         k_blocks = _joined_blocks(k_blocks, extra_k, extra_blocks, bs)
         v_blocks = _joined_blocks(v_blocks, extra_v, extra_blocks, bs)
-        first = b * h * nkb + torch.arange(rows, dtype=torch.int32, device=device) // nqb * extra_blocks
-        extra_idx = first[:, None] + torch.arange(extra_blocks, dtype=torch.int32, device=device)
-        flat_idx = torch.cat([flat_idx, extra_idx], dim=1)
-        extra_bias = extra_bias.float().expand(b, h, nqb, n_extra).reshape(rows, n_extra)
-        extra_bias = torch.nn.functional.pad(
-            extra_bias, (0, extra_blocks * bs - n_extra), value=float("-inf")
-        )
-    slots = max_k + extra_blocks
+        flat_idx, extra_bias = _extra_slots(flat_idx, extra_bias, (b, h, nqb, nkb), extra_blocks, bs)
     if native_kernel_serves(q, k, v):
+        extra = extra_bias if extra_blocks else None
+        blocks = (q_blocks, k_blocks, v_blocks)
         real_blocks = b * h * nkb
         out, lse = _native_attention(
-            q_blocks,
-            k_blocks,
-            v_blocks,
-            flat_idx,
-            counts_flat,
-            extra_bias if extra_blocks else None,
-            nk,
-            nkb,
-            real_blocks,
-            scale,
-            scatter_out,
-            return_lse,
+            *blocks, flat_idx, counts_flat, extra, nk, nkb, real_blocks, scale, scatter_out, return_lse
         )
-        if scatter_out is not None:
-            return out, None
-        out = out.view(b, h, nqb * bs, d)[:, :, :nq]
-        return out, None if lse is None else lse.view(b, h, nqb * bs)[:, :, :nq]
-    keys = slots * bs
+    else:
+        key_bias = _slot_bias(indices, counts_flat, extra_bias if extra_blocks else None, nk, k.shape[2], bs)
+        empty = counts == 0  # query blocks that attend to nothing: output 0 (and lse -inf)
+        if extra_blocks:
+            empty = empty & torch.isinf(extra_bias).all(-1).view(b, h, nqb)
+        input_bytes = q.numel() * q.element_size()
+        blocks = (q_blocks, k_blocks, v_blocks)
+        out, lse = _flash_rows(*blocks, flat_idx, key_bias, empty.view(rows), scale, scatter_out, input_bytes)
+    if scatter_out is not None:
+        return out, None
+    out = out.view(b, h, nqb * bs, d)[:, :, :nq]
+    return out, None if lse is None else lse.view(b, h, nqb * bs)[:, :, :nq]
+
+
+def _extra_slots(flat_idx, extra_bias, shape, extra_blocks: int, bs: int):
+    """The index rows and bias of the extra-key blocks joined after the ``B*H*nkb`` key blocks
+    (``shape = (B, H, nqb, nkb)``): each query block's row gains its head's ``extra_blocks`` blocks,
+    and ``extra_bias`` ``[B, H, nqb, P]`` becomes fp32 ``[R, extra_blocks * bs]`` padded with -inf."""
+    b, h, nqb, nkb = shape
+    rows = b * h * nqb
+    device = flat_idx.device
+    n_extra = extra_bias.shape[-1]  # extra_k may hold more (padding) rows, hidden by the bias
+    first = b * h * nkb + torch.arange(rows, dtype=torch.int32, device=device) // nqb * extra_blocks
+    extra_idx = first[:, None] + torch.arange(extra_blocks, dtype=torch.int32, device=device)
+    flat_idx = torch.cat([flat_idx, extra_idx], dim=1)
+    extra_bias = extra_bias.float().expand(b, h, nqb, n_extra).reshape(rows, n_extra)
+    extra_bias = torch.nn.functional.pad(extra_bias, (0, extra_blocks * bs - n_extra), value=float("-inf"))
+    return flat_idx, extra_bias
+
+
+def _slot_bias(indices, counts_flat, extra_bias, nk: int, n_keys: int, bs: int) -> torch.Tensor | None:
+    """fp32 ``[R, slots * bs]`` logit bias of the gathered keys: -inf on slots past a row's count and
+    on keys at or after ``nk`` (only where the selection is ragged), then ``extra_bias`` for the extra
+    slots; None when nothing needs masking (``n_keys``: keys in k, padding included)."""
+    rows, max_k = counts_flat.shape[0], indices.shape[-1]
+    device = indices.device
     # no host reads in a trace: there every row is masked
     ragged = (
-        torch.compiler.is_compiling()
-        or nk % bs != 0
-        or nk != k.shape[2]
-        or bool((counts_flat != max_k).any())
+        torch.compiler.is_compiling() or nk % bs != 0 or nk != n_keys or bool((counts_flat != max_k).any())
     )
-    key_bias = None
-    if ragged or extra_blocks:
-        key_bias = torch.zeros(rows, max_k * bs, dtype=torch.float32, device=device)
-        if ragged:
-            slot_ok = torch.arange(max_k, device=device)[None, :] < counts_flat[:, None]  # [R, K]
-            tok = indices.view(rows, max_k).long()[..., None] * bs + torch.arange(bs, device=device)
-            key_bias.masked_fill_(~(slot_ok[..., None] & (tok < nk)).view(rows, -1), float("-inf"))
-        if extra_blocks:
-            key_bias = torch.cat([key_bias, extra_bias], dim=1)  # [R, L]
-    mask_dtype = torch.float32 if key_bias is not None and q.dtype != torch.float32 else q.dtype
+    if not ragged and extra_bias is None:
+        return None
+    key_bias = torch.zeros(rows, max_k * bs, dtype=torch.float32, device=device)
+    if ragged:
+        slot_ok = torch.arange(max_k, device=device)[None, :] < counts_flat[:, None]  # [R, K]
+        tok = indices.view(rows, max_k).long()[..., None] * bs + torch.arange(bs, device=device)
+        key_bias.masked_fill_(~(slot_ok[..., None] & (tok < nk)).view(rows, -1), float("-inf"))
+    if extra_bias is not None:
+        key_bias = torch.cat([key_bias, extra_bias], dim=1)  # [R, L]
+    return key_bias
 
+
+def _flash_rows(
+    q_blocks, k_blocks, v_blocks, flat_idx, key_bias, empty_rows, scale, scatter_out, input_bytes
+):
+    """PyTorch's CPU flash kernel over the key blocks each query block selected (``flat_idx``
+    ``[R, slots]``), gathered into slabs a chunk of rows at a time; rows in ``empty_rows`` give 0 (lse
+    -inf); ``input_bytes`` (the size of q) bounds a chunk's slabs. Returns ``(out [R, bs, D], lse
+    [R, bs])``, or ``(dest, None)`` with ``scatter_out``."""
+    rows, bs, d = q_blocks.shape
+    slots = flat_idx.shape[1]
+    keys = slots * bs
+    dtype, device = q_blocks.dtype, q_blocks.device
     if scatter_out is None:
-        out = torch.empty(rows, bs, d, dtype=q.dtype, device=device)
+        out = torch.empty(rows, bs, d, dtype=dtype, device=device)
         lse = torch.empty(rows, bs, dtype=torch.float32, device=device)
     else:
         dest, dest_rows = scatter_out
-    empty = counts == 0  # query blocks that attend to nothing: output 0 (and lse -inf)
-    if extra_blocks:
-        empty = empty & torch.isinf(extra_bias).all(-1).view(b, h, nqb)
-    empty_rows = empty.view(rows)
-    chunk = min(rows, _chunk_rows(slots, bs, d, q.element_size(), q.numel() * q.element_size()))
-    k_slab = torch.empty(chunk * slots, bs, d, dtype=q.dtype, device=device)
+    chunk = min(rows, _chunk_rows(slots, bs, d, q_blocks.element_size(), input_bytes))
+    k_slab = torch.empty(chunk * slots, bs, d, dtype=dtype, device=device)
     v_slab = torch.empty_like(k_slab)
     for start in range(0, rows, chunk):
         c = min(chunk, rows - start)
@@ -358,7 +375,7 @@ def gather_attention(
         idx = flat_idx[sl].reshape(-1)
         kg = torch.index_select(k_blocks, 0, idx, out=k_slab[: c * slots]).view(c, 1, keys, d)
         vg = torch.index_select(v_blocks, 0, idx, out=v_slab[: c * slots]).view(c, 1, keys, d)
-        bias = None if key_bias is None else key_bias[sl].to(mask_dtype).view(c, 1, 1, keys)
+        bias = None if key_bias is None else key_bias[sl].view(c, 1, 1, keys)  # fp32 for any q dtype
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_blocks[sl].view(c, 1, bs, d), kg, vg, 0.0, False, attn_mask=bias, scale=scale
         )
@@ -368,6 +385,4 @@ def gather_attention(
             lse[sl] = l.view(c, bs).masked_fill_(empty_rows[sl, None], float("-inf"))
         else:
             dest.index_copy_(0, dest_rows[start * bs : (start + c) * bs], o.view(c * bs, d))
-    if scatter_out is not None:
-        return dest, None
-    return out.view(b, h, nqb * bs, d)[:, :, :nq], lse.view(b, h, nqb * bs)[:, :, :nq]
+    return (dest, None) if scatter_out is not None else (out, lse)

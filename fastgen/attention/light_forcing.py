@@ -324,15 +324,19 @@ def hsa_tables(
     ``frame_keys [B, H, past_frames, D]`` the mean key of each past frame (hierarchical regime only).
     """
     check_sparsity(sparsity)
-    _, past_frames = _check_hsa_geometry(
-        num_queries,
-        num_keys,
-        block_size=block_size,
-        frame_tokens=frame_tokens,
-        keep_frames=keep_frames,
-        keep_sink=keep_sink,
-        keep_near=keep_near,
-    )
+    hsa = dict(block_size=block_size, frame_tokens=frame_tokens, keep_frames=keep_frames)
+    hsa.update(keep_sink=keep_sink, keep_near=keep_near)
+    _, past_frames = _check_hsa_geometry(num_queries, num_keys, **hsa)
+    return _hsa_tables(pooled_q, pooled_k, frame_keys, past_frames, sparsity, num_keys, **hsa)
+
+
+def _hsa_tables(
+    pooled_q, pooled_k, frame_keys, past_frames: int, sparsity: float, num_keys: int, **hsa
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hsa_tables` on arguments already checked (``hsa``: ``block_size``, ``frame_tokens``,
+    ``keep_frames``, ``keep_sink``, ``keep_near``)."""
+    block_size, frame_tokens, keep_frames = hsa["block_size"], hsa["frame_tokens"], hsa["keep_frames"]
+    keep_sink, keep_near = hsa["keep_sink"], hsa["keep_near"]
     b, h, nqb, _ = pooled_q.shape
     nkb = pooled_k.shape[2]
     device = pooled_q.device
@@ -408,30 +412,16 @@ def hsa_block_mask(
         torch.Size([1, 2, 6, 24])
     """
     check_qkv(q, k, k)
-    _, past_frames = _check_hsa_geometry(
-        q.shape[2],
-        k.shape[2],
-        block_size=block_size,
-        frame_tokens=frame_tokens,
-        keep_frames=keep_frames,
-        keep_sink=keep_sink,
-        keep_near=keep_near,
-    )
+    hsa = dict(block_size=block_size, frame_tokens=frame_tokens, keep_frames=keep_frames)
+    hsa.update(keep_sink=keep_sink, keep_near=keep_near)
+    _, past_frames = _check_hsa_geometry(q.shape[2], k.shape[2], **hsa)
+    check_sparsity(sparsity)
     pooled_q, _ = pool_blocks(q, block_size)
     pooled, _ = pool_keys(k, None, block_size, frame_tokens, past_frames * frame_tokens)
-    return hsa_select(
-        pooled_q,
-        pooled.block_keys,
-        pooled.frame_keys,
-        num_queries=q.shape[2],
-        num_keys=k.shape[2],
-        sparsity=sparsity,
-        block_size=block_size,
-        frame_tokens=frame_tokens,
-        keep_frames=keep_frames,
-        keep_sink=keep_sink,
-        keep_near=keep_near,
+    tables = _hsa_tables(
+        pooled_q, pooled.block_keys, pooled.frame_keys, past_frames, sparsity, k.shape[2], **hsa
     )
+    return tables_to_mask(*tables, pooled.block_keys.shape[2])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,18 +469,11 @@ def light_forcing_attention(
         (``block_mask`` all True, no plan).
     """
     check_qkv(q, k, v)
-    chunk_frames, past_frames = _check_hsa_geometry(
-        q.shape[2],
-        k.shape[2],
-        block_size=block_size,
-        frame_tokens=frame_tokens,
-        keep_frames=keep_frames,
-        keep_sink=keep_sink,
-        keep_near=keep_near,
-    )
+    hsa = dict(block_size=block_size, frame_tokens=frame_tokens, keep_frames=keep_frames)
+    hsa.update(keep_sink=keep_sink, keep_near=keep_near)
+    _, past_frames = _check_hsa_geometry(q.shape[2], k.shape[2], **hsa)
     check_sparsity(sparsity)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    past_tokens = past_frames * frame_tokens
     regime = hsa_regime(past_frames, keep_frames)
     nqb, nkb = num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size)
     info = {
@@ -506,39 +489,37 @@ def light_forcing_attention(
 
         info["block_mask"] = torch.ones(q.shape[0], q.shape[1], nqb, nkb, dtype=torch.bool, device=q.device)
         return dense_attention(q, k, v), info
-    everything, past = pool_keys(k, v if rectify else None, block_size, frame_tokens, past_tokens, pooled)
-    info["past"] = past
-    pooled_q, _ = pool_blocks(q, block_size)
-    indices, counts = hsa_tables(
-        pooled_q,
-        everything.block_keys,
-        everything.frame_keys,
-        num_queries=q.shape[2],
-        num_keys=k.shape[2],
-        sparsity=sparsity,
-        block_size=block_size,
-        frame_tokens=frame_tokens,
-        keep_frames=keep_frames,
-        keep_sink=keep_sink,
-        keep_near=keep_near,
+    past_tokens = past_frames * frame_tokens
+    everything, info["past"] = pool_keys(
+        k, v if rectify else None, block_size, frame_tokens, past_tokens, pooled
     )
-    block_mask = tables_to_mask(indices, counts, nkb)
-    info["block_mask"] = block_mask
+    pooled_q, _ = pool_blocks(q, block_size)
+    indices, counts = _hsa_tables(
+        pooled_q, everything.block_keys, everything.frame_keys, past_frames, sparsity, k.shape[2], **hsa
+    )
+    info["block_mask"] = tables_to_mask(indices, counts, nkb)
     extras = {}
     if rectify:
-        dropped = ~block_mask
-        query_deviation = pool_abs_deviation(q, pooled_q, block_size)
-        compensated = gapr_compensated(
-            pooled_q, everything.block_keys, query_deviation, everything.block_key_deviation, dropped
-        )
-        info["compensated"] = compensated
-        log_counts = torch.log(_key_block_counts(k.shape[2], block_size, q.device))
-        extras = {
-            "extra_k": everything.block_keys,
-            "extra_v": everything.block_values,
-            "extra_log_weight": log_counts.expand(q.shape[0], q.shape[1], nkb).contiguous(),
-            "extra_visible": compensated,
-        }
-    plan = SelectionPlan(block_size, q.shape[2], k.shape[2], indices, counts, **extras)
-    info["plan"] = plan
-    return execute_plan(q, k, v, plan, scale=scale, backend=backend), info
+        extras = _compensation_keys(q, pooled_q, everything, info["block_mask"], block_size, k.shape[2])
+        info["compensated"] = extras["extra_visible"]
+    info["plan"] = SelectionPlan(block_size, q.shape[2], k.shape[2], indices, counts, **extras)
+    return execute_plan(q, k, v, info["plan"], scale=scale, backend=backend), info
+
+
+def _compensation_keys(
+    q, pooled_q, everything: PooledKeys, block_mask, block_size: int, num_keys: int
+) -> dict:
+    """The plan's extra keys of the rectified form: one pooled key per key block (log-weight
+    ``log n_J``), visible to the query blocks where GAPR compensates the dropped block."""
+    query_deviation = pool_abs_deviation(q, pooled_q, block_size)
+    compensated = gapr_compensated(
+        pooled_q, everything.block_keys, query_deviation, everything.block_key_deviation, ~block_mask
+    )
+    b, h, nkb = q.shape[0], q.shape[1], everything.block_keys.shape[2]
+    log_counts = torch.log(_key_block_counts(num_keys, block_size, q.device))
+    return {
+        "extra_k": everything.block_keys,
+        "extra_v": everything.block_values,
+        "extra_log_weight": log_counts.expand(b, h, nkb).contiguous(),
+        "extra_visible": compensated,
+    }
