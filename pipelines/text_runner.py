@@ -8,7 +8,6 @@ lands in :func:`fastgen.cli.generate.generate_text_from_args`, which uses the fu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import time
 
@@ -65,11 +64,6 @@ def load_text_pipeline(
     if get_preset(preset).kind != "text":
         raise ValueError(f"preset={preset!r} makes video; text presets: tiny-llada-kv, tiny-llada")
     return load_preset(preset, device=device, dtype=dtype)
-
-
-def sparsed_available() -> bool:
-    """Whether the SparseD attention function for transformers LMs is installed."""
-    return importlib.util.find_spec("fastgen.processors.transformers_lm") is not None
 
 
 def default_sparsed_config(sequence_length: int, **fields):
@@ -191,9 +185,6 @@ def generate_text(
     gen_length = settings["gen_length"]
     if windowed and block_length is None:  # Window-Diffusion has no blocks in its reference: one block
         settings["block_length"] = gen_length
-    if method == "sparsed" and not sparsed_available():
-        logger.warning("SparseD (fastgen.processors.transformers_lm) is not installed yet; running dense")
-        method = "dense"
     if method == "sparsed" and config is None:
         prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"]) if pipe.tokenizer is not None else 0
         config = default_sparsed_config(prompt_tokens + gen_length)
@@ -266,6 +257,5 @@ __all__ = [
     "default_sparsed_config",
     "generate_text",
     "load_text_pipeline",
-    "sparsed_available",
     "text_defaults",
 ]
