@@ -189,10 +189,26 @@ class DemoBackend:
     video_note: str | None = None
     """A line shown with every video output (e.g. that the preset's weights are random)."""
     text_note: str | None = None
-    """A line shown with every text output."""
+    """A line shown with every text output of the served text model."""
+    text_name: str = "text model"
+    """Name of the served text model (``text_pipeline``): the Text tab's first choice and the model a
+    request without one runs."""
+    text_others: dict[str, tuple[LazyPipeline, str | None]] = field(default_factory=dict)
+    """More text models the Text tab offers, by name: each one's lazily loaded pipeline and note line."""
 
     def __post_init__(self):
         self.folders = RequestFolders(self.limits.keep_seconds)
+        # every text model a request may pick, the served one first: pipeline and note line by name
+        self.text_models = {self.text_name: (self.text_pipeline, self.text_note), **self.text_others}
+
+    def text_model_of(self, model: str | None) -> str:
+        """The text model a request runs: ``model``, or the served one when it is ``None`` or empty; a
+        ``gr.Error`` naming the value and the allowed models when it is not one of them."""
+        if model is None or model == "":
+            return self.text_name
+        if model not in self.text_models:
+            raise gr_error(f"model={model!r} is not allowed; allowed: {', '.join(self.text_models)}")
+        return model
 
     def _video_config(self, sparsity, block_size, dense_layers, warmup_steps, form):
         from fastgen.configs import RectifiedSpaAttnConfig
@@ -241,7 +257,7 @@ class DemoBackend:
         )  # fmt: skip
         return dense_path, sparse_path, table, metrics, *_mask_outputs(sparse.get("stats"), folder)
 
-    def _text_comparison(self, method, configs, prompt, seed, params, progress):
+    def _text_comparison(self, model, method, configs, prompt, seed, params, progress):
         from fastgen.compare import compare_with_dense, text_fidelity, text_warm_up
 
         def compare(pipe):
@@ -256,16 +272,20 @@ class DemoBackend:
             )  # fmt: skip
             return comparison, answer
 
-        comparison, answer = _locked_comparison(self.text_pipeline, "diffusion LM", progress, compare)
+        lazy = self.text_models[model][0]
+        comparison, answer = _locked_comparison(lazy, f"diffusion LM {model}", progress, compare)
         return comparison, answer
 
     def run_text(self, prompt, method, skip, select, block_size, window, active, refresh_cycle, steps, gen_length,
-                 block_length, temperature, seed, progress=None):  # fmt: skip
-        """Dense and ``method`` (SparseD, Window-Diffusion or both) with one seed; returns both texts, the
-        metrics, the block-mask heatmap (with its selectors and state) and the picture of the window sets."""
+                 block_length, temperature, seed, model=None, progress=None):  # fmt: skip
+        """Dense and ``method`` (SparseD, Window-Diffusion or both) with one seed on the text ``model`` (one
+        of :attr:`text_models`; ``None``: the served one); returns both texts, the metrics, the block-mask
+        heatmap (with its selectors and state) and the picture of the window sets. The answer check is the
+        picked model's task."""
         from .window_demo import draw_window_sets
 
         lim = self.limits
+        model = self.text_model_of(model)
         prompt = check_prompt(prompt, lim)
         if method not in TEXT_METHOD_NAMES:
             raise gr_error(f"method={method!r} is not allowed; allowed: {', '.join(TEXT_METHOD_NAMES)}")
@@ -279,9 +299,9 @@ class DemoBackend:
         seed = check_range("seed", seed, 0, 2**31 - 1)
         configs = _text_configs(method, skip, select, block_size, window, active, refresh_cycle, lim)
         folder = self.folders.new()
-        comparison, answer = self._text_comparison(method, configs, prompt, seed, params, progress)
+        comparison, answer = self._text_comparison(model, method, configs, prompt, seed, params, progress)
         stats = comparison.accelerated.get("stats") or {}
-        metrics, rows = self._text_metrics(method, configs, comparison, answer, seed)
+        metrics, rows = self._text_metrics(model, method, configs, comparison, answer, seed)
         windowed = "window_diffusion" in method
         sets_picture = draw_window_sets(
             stats.get("trace") if windowed else None,
@@ -298,13 +318,15 @@ class DemoBackend:
             sets_picture,
         )
 
-    def _text_metrics(self, method, configs, comparison, answer, seed):
-        """The metrics JSON and the table rows of a Text-tab comparison."""
+    def _text_metrics(self, model, method, configs, comparison, answer, seed):
+        """The metrics JSON and the table rows of a Text-tab comparison on ``model``."""
         dense, fast, fid = comparison.dense, comparison.accelerated, comparison.fidelity
+        note = self.text_models[model][1]
         stats = fast.get("stats") or {}
         name = TEXT_METHOD_NAMES[method]
         windowed = "window_diffusion" in method
         metrics = {
+            "model": model,
             "method": method,
             "dense_seconds": float(dense["seconds"]),
             "accelerated_seconds": float(fast["seconds"]),
@@ -314,10 +336,11 @@ class DemoBackend:
             "accelerated_tokens_per_s": float(fast["tokens_per_s"]),
             "seed": seed,
             "config": [c.to_dict() for c in configs] if windowed else configs[0].to_dict(),
-            "note": self.text_note,
+            "note": note,
         }
         rows = [
-            *_note_rows(self.text_note),
+            *_note_rows(note),
+            ("model", model),
             ("dense time (s)", metrics["dense_seconds"]),
             (f"{name} time (s)", metrics["accelerated_seconds"]),
             *comparison_rows(comparison),

@@ -19,7 +19,7 @@ from fastgen.optional import require
 
 from .backends import RANDOM_WEIGHTS_NOTE, CausalDemoBackend, DemoBackend
 from .causal_tab import add_causal_tab
-from .limits import DemoLimits, LazyPipeline
+from .limits import TRAINED_TEXT_PRESETS, DemoLimits, LazyPipeline
 from .text_tab import add_text_tab
 from .video_tab import add_video_tab
 
@@ -83,6 +83,16 @@ def video_takes_image(preset: str | None, model: str | None) -> bool:
         return False
 
 
+def text_choices(text_preset: str, text_model: str | None, custom_loader: bool) -> list[str]:
+    """The text models the Text tab offers, the served one first: with presets (no ``text_model``, no
+    custom loader) also the trained :data:`~fastgen.app.limits.TRAINED_TEXT_PRESETS`; else only the
+    served model."""
+    served = text_model or text_preset
+    if text_model is not None or custom_loader:
+        return [served]
+    return [served, *(p for p in TRAINED_TEXT_PRESETS if p != served)]
+
+
 def build_demo(
     video_loader: Callable[[], object] | None = None,
     text_loader: Callable[[], object] | None = None,
@@ -111,11 +121,14 @@ def build_demo(
     (dense vs Light Forcing) uses ``causal_loader`` / ``causal_generate`` (default
     ``causal_video_runner.generate_causal_video`` on ``causal_preset`` or ``causal_model``).
     ``video_image`` shows the first-frame upload (default: only for an image-to-video ``video_model``).
+    The Text tab starts on the served text model; started on presets it also offers the trained
+    ``tiny-llada-kv`` and ``tiny-llada-long`` (:func:`text_choices`), each loaded on first use.
     """
     gr = require("gradio")
     require("matplotlib")  # every tab draws its pictures with it (in the app extra)
 
     limits = limits or DemoLimits()
+    text_name, *text_more = text_choices(text_preset, text_model, text_loader is not None)
     backend = DemoBackend(
         video_pipeline=LazyPipeline(video_loader or _default_video_loader(video_preset, video_model)),
         text_pipeline=LazyPipeline(text_loader or _default_text_loader(text_preset, text_model)),
@@ -124,6 +137,8 @@ def build_demo(
         limits=limits,
         video_note=note_of(video_preset, video_model) if video_loader is None else None,
         text_note=note_of(text_preset, text_model) if text_loader is None else None,
+        text_name=text_name,
+        text_others={p: (LazyPipeline(_default_text_loader(p, None)), note_of(p, None)) for p in text_more},
     )
     causal_backend = CausalDemoBackend(
         pipeline=LazyPipeline(causal_loader or _default_video_loader(causal_preset, causal_model)),
@@ -141,7 +156,7 @@ def build_demo(
         )
         add_video_tab(backend, video_model or video_preset, video_defaults, takes_image)
         add_causal_tab(causal_backend, causal_model or causal_preset, causal_defaults)
-        add_text_tab(backend, text_model or text_preset, text_defaults)
+        add_text_tab(backend, text_name, text_defaults)
     demo.queue(max_size=32, default_concurrency_limit=limits.concurrency)
     demo.fastgen_backend = backend
     demo.fastgen_causal_backend = causal_backend
@@ -200,4 +215,4 @@ def launch(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["build_demo", "check_presets", "launch", "note_of", "video_takes_image"]
+__all__ = ["build_demo", "check_presets", "launch", "note_of", "text_choices", "video_takes_image"]

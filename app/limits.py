@@ -81,6 +81,10 @@ card's). ``tiny-llada-long``: its model card's 256 answer tokens at one token pe
 Window-Diffusion in one block of 256 (as ``fastgen generate --method window_diffusion`` runs it when no block
 length is given) at the authors' 64 / 16 / 32: 8 refresh steps, 248 pruned ones."""
 
+TRAINED_TEXT_PRESETS = ("tiny-llada-kv", "tiny-llada-long")
+"""The trained text presets the Text tab's model picker offers besides the served model (when the demo was
+started on presets)."""
+
 TEXT_EXAMPLE_SEEDS = (1_000_000, 1_000_001, 1_000_002)
 """Held-out task examples offered as prompts in the Text tab for ``tiny-llada-kv`` (seeds of ``KVTask.example``;
 ``tiny-llada-long`` offers the first three of ``LedgerTask.held_out``)."""
@@ -171,6 +175,7 @@ __all__ = [
     "TEXT_DEFAULTS",
     "TEXT_METHODS",
     "TEXT_PRESET_DEFAULTS",
+    "TRAINED_TEXT_PRESETS",
     "VIDEO_DEFAULTS",
     "DemoLimits",
     "LazyPipeline",

@@ -488,3 +488,148 @@ def test_text_handler_checks_the_long_answer_of_tiny_llada_long():
     assert metrics["accelerated_correct"] == (fast.split() == answer.split())
     assert (metrics["refresh_steps"], metrics["pruned_steps"]) == (2, 62)
     assert "expected answer" in table and "Window-Diffusion answer right" in table
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Text tab's model picker
+
+
+def _component(demo, elem_id):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def _picker(demo):
+    """The model picker's choices and whether the user can change it."""
+    picker = _component(demo, "text-model")
+    return [value for _, value in picker.choices], picker.interactive
+
+
+def _pick(demo, model):
+    """Run the page's own handler of the model picker; its outputs by elem_id, else label, else type."""
+    picker = _component(demo, "text-model")
+    fn = next(f for f in demo.fns.values() if [b._id for b in f.inputs] == [picker._id])
+    outputs = fn.fn(model)
+    names = [getattr(o, "elem_id", None) or getattr(o, "label", None) or type(o).__name__ for o in fn.outputs]
+    return dict(zip(names, outputs, strict=True))
+
+
+def test_text_model_picker_lists_the_served_model_then_the_trained_presets():
+    common = dict(video_loader=lambda: None, video_generate=fake_video_generate)
+    assert _picker(build_demo(**common, text_preset="tiny-llada")) == (
+        ["tiny-llada", "tiny-llada-kv", "tiny-llada-long"],
+        True,
+    )
+    assert _picker(build_demo(**common, text_preset="tiny-llada-long")) == (
+        ["tiny-llada-long", "tiny-llada-kv"],
+        True,
+    )
+    # a custom loader or a checkpoint path: that model only, and the picker is not interactive
+    custom = build_demo(**common, text_loader=lambda: None, text_generate=fake_text_generate)
+    assert _picker(custom) == (["tiny-llada-kv"], False)
+    assert list(custom.fastgen_backend.text_models) == ["tiny-llada-kv"]
+    assert _picker(build_demo(**common, text_model="/models/my-llada")) == (["/models/my-llada"], False)
+
+
+def test_picking_a_text_model_resets_the_tab_to_its_defaults_examples_and_note():
+    from fastgen.app.limits import task_examples, text_defaults_of
+    from fastgen.app.text_tab import text_model_values
+
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_preset="tiny-llada")
+    backend = demo.fastgen_backend
+    long = text_model_values(backend, "tiny-llada-long")
+    td = text_defaults_of("tiny-llada-long")
+    assert (long["method"], long["steps"], long["length"], long["block_length"]) == (
+        "window_diffusion",
+        256,
+        256,
+        256,
+    )
+    assert (long["window"], long["active"], long["refresh"]) == (
+        td["window"],
+        td["active"],
+        td["refresh_cycle"],
+    )
+    assert long["examples"] == task_examples("tiny-llada-long") and long["prompt"] == long["examples"][0]
+    # the page's handler: every control, the prompt, the example list and the model line follow the pick
+    out = _pick(demo, "tiny-llada-long")
+    assert (out["text-method"], out["steps"], out["generation length"], out["block length"]) == (
+        "window_diffusion",
+        256,
+        256,
+        256,
+    )
+    assert (out["skip (dense fraction of steps)"], out["block size"]) == (td["skip"], td["block_size"])
+    prompt = out["text-prompt"]
+    assert prompt.value == long["prompt"] and prompt.label.startswith("prompt (a held-out")
+    assert (
+        out["text-examples"].constructor_args["samples"] == [[e] for e in long["examples"]]
+        and out["State"] == long["examples"]
+    )
+    assert "`tiny-llada-long`" in out["text-model-line"] and "random weights" not in out["text-model-line"]
+    # back to the served model (random weights, no task): its card, no examples, the note
+    out = _pick(demo, "tiny-llada")
+    assert (out["text-method"], out["steps"], out["generation length"]) == ("sparsed", 4, 4)
+    assert out["text-prompt"].label == "prompt"
+    assert out["text-examples"].visible is False and out["State"] == []
+    assert "random weights" in out["text-model-line"]
+    with pytest.raises(
+        gr.Error, match=r"model='tiny-wan' is not allowed; allowed: tiny-llada, tiny-llada-kv"
+    ):
+        _pick(demo, "tiny-wan")
+    # nothing was loaded by picking
+    assert all(lazy.pipe is None for lazy, _ in backend.text_models.values())
+
+
+def test_text_api_takes_the_model_last_and_checks_it(fake_app):
+    from gradio_client import Client
+
+    demo, url, _ = fake_app
+    client = Client(url, verbose=False)
+    # old clients (no model) and the served model by name get the same run
+    *_, metrics, _mask, _layer, _head, _sets = client.predict(*TEXT_ARGS.values(), api_name="/generate_text")
+    assert metrics["model"] == "tiny-llada-kv"
+    *_, metrics, _mask, _layer, _head, _sets = client.predict(
+        *TEXT_ARGS.values(), "tiny-llada-kv", api_name="/generate_text"
+    )
+    assert metrics["model"] == "tiny-llada-kv"
+    with pytest.raises(
+        Exception, match=r"tiny-llada-long is not in the list of choices: \['tiny-llada-kv'\]"
+    ):
+        client.predict(*TEXT_ARGS.values(), "tiny-llada-long", api_name="/generate_text")
+    # the handler itself: one line naming the value and the allowed models, before any work
+    backend = demo.fastgen_backend
+    before = set(os.listdir(backend.folders.root))
+    with pytest.raises(gr.Error) as err:
+        backend.run_text(*TEXT_ARGS.values(), "tiny-llada-long")
+    assert err.value.message == "model='tiny-llada-long' is not allowed; allowed: tiny-llada-kv"
+    assert set(os.listdir(backend.folders.root)) == before
+    assert backend.run_text(*TEXT_ARGS.values(), None)[3]["model"] == "tiny-llada-kv"
+
+
+@pytest.mark.skipif(not _real_runner("text_runner"), reason="fastgen.pipelines.text_runner is not there yet")
+def test_text_handler_runs_the_picked_model_and_checks_its_task():
+    from fastgen.app.limits import task_examples
+    from fastgen.pipelines.kv_task import KVTask
+
+    # served: the random-weights tiny-llada (no task); picked: the trained tiny-llada-kv
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_preset="tiny-llada",
+                      limits=DemoLimits(rounds=1))  # fmt: skip
+    backend = demo.fastgen_backend
+    prompt = task_examples("tiny-llada-kv")[0]
+    args = {**TEXT_ARGS, "prompt": prompt, "steps": 4, "gen_length": 4, "block_length": 4}
+    dense, fast, table, metrics, *_ = backend.run_text(*args.values(), "tiny-llada-kv")
+    answer = KVTask().answer_of(prompt)
+    assert metrics["model"] == "tiny-llada-kv" and metrics["answer"] == answer and metrics["note"] is None
+    assert metrics["dense_correct"] == (dense.split() == answer.split())
+    assert "expected answer" in table and "| model | tiny-llada-kv |" in table.replace("  ", " ")
+    assert backend.text_models["tiny-llada-kv"][0].pipe is not None
+    assert (
+        backend.text_models["tiny-llada"][0].pipe is None
+        and backend.text_models["tiny-llada-long"][0].pipe is None
+    )
+    # the served model (no model given): no task, so no answer check; its random-weights note
+    *_, metrics, _mask, _layer, _head, _state, _sets = backend.run_text(
+        *{**TEXT_ARGS, "prompt": "Hello"}.values()
+    )
+    assert metrics["model"] == "tiny-llada" and "answer" not in metrics
+    assert metrics["note"] == "random weights: output is noise by design"
