@@ -633,3 +633,52 @@ def test_text_handler_runs_the_picked_model_and_checks_its_task():
     )
     assert metrics["model"] == "tiny-llada" and "answer" not in metrics
     assert metrics["note"] == "random weights: output is noise by design"
+
+
+def test_browser_picks_a_text_model_and_its_examples():
+    sync_playwright = _browser_or_skip()
+    from fastgen.app.limits import task_examples
+
+    # started on presets (the fake generator ignores the pipeline; picking loads nothing)
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_generate=fake_text_generate,
+                      text_preset="tiny-llada", limits=DemoLimits(rounds=1))  # fmt: skip
+    url = _launch(demo)
+    examples = task_examples("tiny-llada-long")
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+    ]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1500})
+                page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+                page.get_by_role("tab", name="Text").click()
+                prompt = page.locator("#text-prompt textarea")
+                assert "random weights" in page.inner_text("#text-model-line")
+                page.locator("#text-model input").click()
+                page.get_by_role("option", name="tiny-llada-long", exact=True).click()
+                page.wait_for_function(
+                    "e => document.querySelector('#text-prompt textarea').value === e",
+                    arg=examples[0],
+                    timeout=30_000,
+                )
+                assert "tiny-llada-long" in page.inner_text("#text-model-line")
+                assert "random weights" not in page.inner_text("#text-model-line")
+                # the example list is the picked model's: its second example fills the prompt
+                page.locator("#text-examples").get_by_role("button").nth(1).click()
+                page.wait_for_function(
+                    "e => document.querySelector('#text-prompt textarea').value === e",
+                    arg=examples[1],
+                    timeout=30_000,
+                )
+                assert prompt.input_value() == examples[1]
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    assert all(lazy.pipe is None for lazy, _ in demo.fastgen_backend.text_models.values())
