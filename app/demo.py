@@ -2,10 +2,11 @@
 
 The Video tab runs a video DiT (Wan / HunyuanVideo) with Rectified SpaAttn, the Causal tab the
 autoregressive (Self-Forcing) Wan with Light Forcing (per-chunk density and the mask of a chosen chunk /
-layer / head; the local attention window), the Text tab a diffusion LM with SparseD, Window-Diffusion or
-both. Generate runs dense and accelerated with the same seed in interleaved rounds and shows both
-outputs with the median speed-up (its range and the load average; none when sparse attention never
-ran), the fidelity and a heatmap of the block mask the sparse attention kept.
+layer / head; the local attention window), the Text tab a diffusion LM (picked in the tab: the served
+model, and the trained tiny presets when started on presets) with SparseD, Window-Diffusion or both.
+Generate runs dense and accelerated with the same seed in interleaved rounds and shows both outputs
+with the median speed-up (its range and the load average; none when sparse attention never ran), the
+fidelity and a heatmap of the block mask the sparse attention kept.
 
 The demo is split by role: :mod:`.limits` (bounds, input checks), :mod:`.plots` (pictures, tables),
 :mod:`.backends` (request handlers), :mod:`.video_tab`, :mod:`.text_tab`, :mod:`.causal_tab` (one

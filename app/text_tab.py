@@ -90,11 +90,12 @@ def _text_inputs(gr, limits, td: dict, examples: list[str]) -> dict:
     return c
 
 
-def _pick_model(gr, backend: DemoBackend, c: dict):
-    """The handler of the model picker: every reset control, the prompt, the examples and the model line."""
+def _pick_model(gr, backend: DemoBackend, c: dict, source: str, defaults: dict | None):
+    """The handler of the model picker: every reset control, the prompt, the examples and the model line
+    (``defaults`` update those of the model the tab started on, ``source``)."""
 
     def pick(model):
-        v = text_model_values(backend, model)
+        v = text_model_values(backend, model, defaults if model == source else None)
         examples = v["examples"]
         return (
             *(v[n] for n in _TEXT_CONTROLS),
@@ -111,7 +112,7 @@ def _pick_model(gr, backend: DemoBackend, c: dict):
 def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None) -> None:
     """The "Text" tab, built inside an open ``gr.Blocks``, with the model picker (``backend.text_models``;
     interactive when there are several); initial values are ``source``'s (:func:`text_model_values`),
-    updated by ``defaults``; picking another model resets them to its own."""
+    updated by ``defaults``; picking a model resets them to its own (``source``'s again with ``defaults``)."""
     gr = require("gradio")
     limits = backend.limits
     td = text_model_values(backend, source, defaults)
@@ -134,7 +135,7 @@ def add_text_tab(backend: DemoBackend, source: str, defaults: dict | None = None
         c = _text_inputs(gr, limits, td, td["examples"])
         c["line"] = line
         c["examples"].click(show_example, [c["examples"], c["example_list"]], c["prompt"], api_name=False)
-        pick, pick_outputs = _pick_model(gr, backend, c)
+        pick, pick_outputs = _pick_model(gr, backend, c, source, defaults)
         model.input(pick, model, pick_outputs, api_name=False)
         with gr.Row():
             dense_out = gr.Textbox(label="dense", lines=6, elem_id="text-dense")

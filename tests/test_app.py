@@ -578,6 +578,10 @@ def test_picking_a_text_model_resets_the_tab_to_its_defaults_examples_and_note()
         _pick(demo, "tiny-wan")
     # nothing was loaded by picking
     assert all(lazy.pipe is None for lazy, _ in backend.text_models.values())
+    # build_demo's text_defaults stay with the model the tab started on, also when it is picked again
+    demo = build_demo(video_loader=lambda: None, video_generate=fake_video_generate, text_preset="tiny-llada",
+                      text_defaults={"steps": 7})  # fmt: skip
+    assert (_pick(demo, "tiny-llada")["steps"], _pick(demo, "tiny-llada-kv")["steps"]) == (7, 4)
 
 
 def test_text_api_takes_the_model_last_and_checks_it(fake_app):
