@@ -206,7 +206,7 @@ class DemoBackend:
         ``gr.Error`` naming the value and the allowed models when it is not one of them."""
         if model is None or model == "":
             return self.text_name
-        if model not in self.text_models:
+        if not isinstance(model, str) or model not in self.text_models:
             raise gr_error(f"model={model!r} is not allowed; allowed: {', '.join(self.text_models)}")
         return model
 

@@ -607,6 +607,8 @@ def test_text_api_takes_the_model_last_and_checks_it(fake_app):
         backend.run_text(*TEXT_ARGS.values(), "tiny-llada-long")
     assert err.value.message == "model='tiny-llada-long' is not allowed; allowed: tiny-llada-kv"
     assert set(os.listdir(backend.folders.root)) == before
+    with pytest.raises(gr.Error, match=r"model=\[1\] is not allowed"):
+        backend.run_text(*TEXT_ARGS.values(), [1])
     assert backend.run_text(*TEXT_ARGS.values(), None)[3]["model"] == "tiny-llada-kv"
 
 
