@@ -12,7 +12,7 @@ timeout 480 python3 -m fastgen.bench.window --scale real --device cuda --dtype b
   --families llada dream --gen-lengths 256 1024 --rounds "${ROUNDS:-3}" --long-rounds 1 \
   --variants window_diffusion window_diffusion+sparsed --agreement-up-to 256 \
   --pruned-attention 0 --trained 0 --json "$out"
-# Fast-dLLM rows (issue 25): the per-step forward cost of its block-start full forward (= a dense step),
+# Fast-dLLM rows: the per-step forward cost of its block-start full forward (= a dense step),
 # a PrefixCache step and a DualCache step, middle block, same shapes (random weights, bf16), gen 256 and
 # 1024, prompt 512; writes ${out%.json}_fast_dllm.json. Tokens per step come from the trained CPU bench
 # (fastgen.bench.long_answers); multiply to compare wall clock per answer.
