@@ -403,16 +403,16 @@ def test_browser_clicks_generate_and_sees_results(fake_app, tmp_path):
             page.click("#text-generate")
             page.wait_for_selector("#text-metrics :text('refresh / pruned steps')", timeout=180_000)
             page.wait_for_selector("#text-window-sets img", timeout=60_000)
+            if save:  # the Text tab as it is now, before the Causal tab is opened
+                page.screenshot(
+                    path=os.path.join(REPO, "samples", "demo_screenshot_text.png"), full_page=True
+                )
             # and the Causal tab: dense vs Light Forcing, per-chunk density and a chunk's mask
             page.get_by_role("tab", name="Causal video (Light Forcing)").click()
             page.click("#causal-generate")
             page.wait_for_selector("#causal-metrics :text('density of chunk 1')", timeout=180_000)
             page.wait_for_selector("#causal-mask img", timeout=60_000)
             assert "speedup" in page.inner_text("#causal-metrics")
-            if save:
-                page.screenshot(
-                    path=os.path.join(REPO, "samples", "demo_screenshot_text.png"), full_page=True
-                )
         finally:
             browser.close()
             if demo is not fake_app[0]:
