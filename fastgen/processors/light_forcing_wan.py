@@ -44,7 +44,7 @@ import torch
 
 from fastgen._validation import log_once
 from fastgen.attention.light_forcing import PooledKeys, chunk_sparsities, light_forcing_attention
-from fastgen.attention_stats import DEFAULT_LEVEL, requested_level
+from fastgen.attention_stats import DEFAULT_LEVEL
 from fastgen.configs import LightForcingConfig
 
 from ._install import Support, head_dim_supported, is_wan
@@ -263,8 +263,6 @@ def apply(model, config: LightForcingConfig) -> None:
     install_causal_processors(
         model, self_attention=lambda layer, state: LightForcingWanProcessor(layer, state, config)
     )
-    for proc in processors(model):  # statistics at the level asked for on the model ("off" unless asked)
-        proc.record_stats = requested_level(model)
     setattr(model, _MARK_ATTR, True)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+from fastgen.attention_stats import requested_level
+
 from .._install import carry_backend, is_wan
 from ..wan import _STATE_ATTR as RECTIFIED_STATE_ATTR
 from .processors import (
@@ -48,7 +50,8 @@ def install_causal_processors(
     """Install the causal processors (``attn1``: ``self_attention(layer, state)``, default
     :class:`CausalWanSelfAttnProcessor`; ``attn2``: :class:`CausalWanCrossAttnProcessor`) and the RoPE hook
     on a diffusers ``WanTransformer3DModel``. Installing again replaces the previous causal processors.
-    The original processor objects are saved on the instance for :func:`remove_causal_processors`."""
+    Processors that keep statistics start at the level asked for on ``model``
+    (``fastgen.attention_stats.requested_level``). The original processor objects are saved on the instance for :func:`remove_causal_processors`."""
     from diffusers.hooks import HookRegistry
 
     check_causal_wan(model)
@@ -73,6 +76,8 @@ def install_causal_processors(
                     f"self_attention must build causal Wan processors, got {type(proc).__name__}"
                 )
             carry_backend(proc, saved[name])
+            if hasattr(proc, "record_stats"):  # statistics at the level asked for on the model
+                proc.record_stats = requested_level(model)
             new[name] = proc
     model.set_attn_processor(new)
     registry = HookRegistry.check_if_exists_or_initialize(model.rope)
