@@ -156,23 +156,32 @@ def word_level_tokenizer(vocabulary: list[str]):
     """A word-level ``PreTrainedTokenizerFast`` over ``vocabulary`` (ids in list order), built in code:
     whitespace split, the special tokens ``<|pad|>``, ``<|unk|>``, ``<|eos|>``, ``<|mdm_mask|>``, left padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(vocabulary)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return fast_tokenizer(tok)
+
+
+def fast_tokenizer(tok):
+    """The ``PreTrainedTokenizerFast`` around the ``tokenizers.Tokenizer`` ``tok`` with the tiny models'
+    :data:`SPECIAL_TOKENS` as pad / unk / eos / mask tokens and left padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    pad, unk, eos, mask = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<|pad|>",
-        unk_token="<|unk|>",
-        eos_token="<|eos|>",
-        mask_token="<|mdm_mask|>",
+        pad_token=pad,
+        unk_token=unk,
+        eos_token=eos,
+        mask_token=mask,
         padding_side="left",
     )
 
 
 __all__ = [
+    "fast_tokenizer",
     "word_level_tokenizer",
     "ANSWER_MARK",
     "FIELDS",

@@ -14,9 +14,7 @@ import string
 import torch
 
 from .diffusion_lm import DiffusionLMPipeline
-
-SPECIAL_TOKENS = ("<|pad|>", "<|unk|>", "<|eos|>", "<|mdm_mask|>")
-"""Special tokens of the tiny tokenizer, in id order (0, 1, 2, 3)."""
+from .kv_task import SPECIAL_TOKENS, fast_tokenizer  # the tiny tokenizers' special tokens, in id order
 
 TINY_MASK_TOKEN_ID = SPECIAL_TOKENS.index("<|mdm_mask|>")
 """Mask token id of the tiny tokenizer."""
@@ -25,7 +23,6 @@ TINY_MASK_TOKEN_ID = SPECIAL_TOKENS.index("<|mdm_mask|>")
 def build_char_tokenizer():
     """A character-level ``PreTrainedTokenizerFast`` over printable ASCII, built in code."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -34,14 +31,7 @@ def build_char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        unk_token="<|unk|>",
-        eos_token="<|eos|>",
-        mask_token="<|mdm_mask|>",
-        padding_side="left",
-    )
+    return fast_tokenizer(tok)
 
 
 def _resolve(device, dtype):
