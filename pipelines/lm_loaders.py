@@ -26,7 +26,7 @@ import os
 import re
 
 import torch
-from fastgen.pipelines.diffusion_lm import detect_family
+from fastgen.pipelines.lm_family import detect_family
 
 logger = logging.getLogger(__name__)
 

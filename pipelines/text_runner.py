@@ -83,7 +83,7 @@ def default_window_configs(pipe: DiffusionLMPipeline, method: str, sequence_leng
     ``"sparsed+window_diffusion"`` when the list has none."""
     from fastgen.configs import SparseDConfig, WindowDiffusionConfig
 
-    from .diffusion_lm import model_family
+    from .lm_family import model_family
 
     configs = list(config) if isinstance(config, (list, tuple)) else ([] if config is None else [config])
     family = model_family(pipe.model)
